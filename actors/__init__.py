@@ -1,0 +1,9 @@
+"""The Ray layer and the public API of kizuna-stream.
+
+``StreamManager`` is what a user drives; the actor classes are plain classes that the
+supervisor starts with ``ray.remote`` (see ``actors._spawn``).
+"""
+
+from actors.manager import StreamManager
+
+__all__ = ["StreamManager"]

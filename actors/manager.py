@@ -1,0 +1,183 @@
+"""StreamManager: the public Python API, a typed handle on the supervisor actor.
+
+    async with StreamManager.start() as manager:
+        session = await manager.start_camera_stream(StreamConfig(source="test"))
+        print(await manager.get_active_streams())
+        await manager.stop_stream(session.session_id)
+
+``start`` joins the Ray cluster named by ``address`` or ``RAY_ADDRESS`` if there is one,
+otherwise starts an embedded local cluster, then starts a supervisor.  Leaving the block stops
+every stream the manager started and the supervisor with them, even on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import ray
+
+from actors._spawn import NAMESPACE
+from actors.supervisor import CALL_TIMEOUT_S, Supervisor, unwrap
+from shared.errors import ConfigError, ResourceError
+from shared.models import (
+    RecordingSession,
+    ScreenConfig,
+    StreamConfig,
+    StreamQuality,
+    StreamSession,
+    StreamType,
+    ViewerPermissions,
+    ViewerStatus,
+    ViewerTicket,
+)
+from shared.resources import ResourceSnapshot
+
+__all__ = ["StreamManager"]
+
+#: Stopping every stream's actors can take a few seconds on a loaded machine.
+SHUTDOWN_TIMEOUT_S = 60.0
+
+
+def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = False) -> None:
+    """Connect to ``address`` / RAY_ADDRESS, or start a local cluster; no-op if connected."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict[str, Any] = {
+        "namespace": NAMESPACE,
+        "logging_level": logging.WARNING,
+        "log_to_driver": False,
+    }
+    if address is None:
+        kwargs.update(num_cpus=num_cpus or os.cpu_count() or 2, include_dashboard=dashboard)
+    try:
+        ray.init(address=address, **kwargs)
+    except ConnectionError as exc:
+        raise ResourceError(f"cannot join the Ray cluster at {address}: {exc}") from exc
+
+
+class StreamManager:
+    def __init__(self, supervisor: Any) -> None:
+        self._supervisor = supervisor
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def start(
+        cls,
+        *,
+        address: str | None = None,
+        num_cpus: int | None = None,
+        max_streams: int = 16,
+        dashboard: bool = False,
+    ) -> AsyncIterator[StreamManager]:
+        ensure_ray(address, num_cpus=num_cpus, dashboard=dashboard)
+        supervisor = (
+            ray.remote(Supervisor)
+            .options(namespace=NAMESPACE, num_cpus=0, max_restarts=0, max_concurrency=1000)
+            .remote(max_streams)
+        )
+        manager = cls(supervisor)
+        try:
+            await manager._call(supervisor.ready.remote())
+            yield manager
+        finally:
+            # Shielded so that a Ctrl-C (task cancellation) cannot leave actors behind.
+            await asyncio.shield(manager._shutdown())
+
+    async def _shutdown(self) -> None:
+        try:
+            await asyncio.wait_for(self._supervisor.shutdown.remote(), SHUTDOWN_TIMEOUT_S)
+        except Exception as exc:
+            logging.getLogger(__name__).warning("supervisor shutdown failed: %s", unwrap(exc))
+        finally:
+            ray.kill(self._supervisor, no_restart=True)
+
+    async def _call(self, ref: Any, timeout: float | None = CALL_TIMEOUT_S * 6) -> Any:
+        try:
+            return await asyncio.wait_for(ref, timeout)
+        except ray.exceptions.RayTaskError as exc:
+            raise unwrap(exc) from None
+
+    # --- the design's StreamManager ------------------------------------------------------
+
+    async def start_camera_stream(self, config: StreamConfig) -> StreamSession:
+        session: StreamSession = await self._call(self._supervisor.start_stream.remote(config, StreamType.CAMERA))
+        return session
+
+    async def start_screen_stream(self, screen: ScreenConfig, config: StreamConfig | None = None) -> StreamSession:
+        spec = "screen"
+        if screen.monitor_index is not None:
+            spec += f":{screen.monitor_index}"
+        if screen.region is not None:
+            r = screen.region
+            spec += f"@{r.x},{r.y},{r.width}x{r.height}"
+        base = config or StreamConfig()
+        if not base.source.startswith("screen") and base.source != "test":
+            raise ConfigError(f"start_screen_stream got a non-screen source {base.source!r}")
+        stream_config = StreamConfig(
+            source=spec,
+            quality=base.quality,
+            keyframe_interval_s=base.keyframe_interval_s,
+            pool_slots=base.pool_slots,
+            listen_host=base.listen_host,
+            record=base.record,
+            name=base.name,
+        )
+        session: StreamSession = await self._call(
+            self._supervisor.start_stream.remote(stream_config, StreamType.SCREEN)
+        )
+        return session
+
+    async def stop_stream(self, session_id: str) -> StreamSession | None:
+        """Stop a stream; returns its final state, or None if it was not running."""
+        session: StreamSession | None = await self._call(self._supervisor.stop_stream.remote(session_id))
+        return session
+
+    async def adjust_quality(self, session_id: str, quality: StreamQuality) -> StreamSession:
+        session: StreamSession = await self._call(self._supervisor.adjust_quality.remote(session_id, quality))
+        return session
+
+    async def get_active_streams(self) -> list[StreamSession]:
+        sessions: list[StreamSession] = await self._call(self._supervisor.get_active_streams.remote())
+        return sessions
+
+    async def get_stream(self, session_id: str) -> StreamSession:
+        session: StreamSession = await self._call(self._supervisor.get_stream.remote(session_id))
+        return session
+
+    # --- viewers (the design's ViewerManager) -------------------------------------------
+
+    async def add_viewer(
+        self,
+        session_id: str,
+        peer_id: str,
+        permissions: ViewerPermissions | None = None,
+        *,
+        port: int = 0,
+    ) -> ViewerTicket:
+        ticket: ViewerTicket = await self._call(
+            self._supervisor.add_viewer.remote(session_id, peer_id, permissions or ViewerPermissions(), port)
+        )
+        return ticket
+
+    async def remove_viewer(self, session_id: str, viewer_id: str) -> None:
+        await self._call(self._supervisor.remove_viewer.remote(session_id, viewer_id))
+
+    async def get_viewer_status(self, session_id: str) -> list[ViewerStatus]:
+        status: list[ViewerStatus] = await self._call(self._supervisor.get_viewer_status.remote(session_id))
+        return status
+
+    # --- monitoring ---------------------------------------------------------------------
+
+    async def resources(self) -> ResourceSnapshot:
+        snapshot: ResourceSnapshot = await self._call(self._supervisor.resources.remote())
+        return snapshot
+
+    async def recording_status(self, session_id: str) -> RecordingSession | None:
+        status: RecordingSession | None = await self._call(self._supervisor.recording_status.remote(session_id))
+        return status

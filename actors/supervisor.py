@@ -1,0 +1,409 @@
+"""Supervisor: the actor that owns every stream (the design's StreamScheduler and ResourceMonitor).
+
+For each stream it places the actors on one node, creates them in dependency order (capture
+creates the frame pool, the encoder the packet ring, then recorder, quality and per-viewer
+senders attach), reports the stream Active only once every stage is up, and on stop tears them
+down in reverse and removes the shared memory.  Stream actors are owned by the supervisor, so
+if it dies Ray kills them too; segments a crash leaves behind are swept at the next start.
+
+A health loop polls each stream's capture and encoder once a second; a dead actor or a stage
+that reported a failure moves the stream to the Error state with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import ray
+
+from actors._spawn import spawn
+from actors.capture import CaptureActor
+from actors.encoder import EncoderActor
+from actors.quality import QualityActor
+from actors.recorder import RecorderActor
+from actors.sender import SenderActor
+from shared.errors import ConfigError, KizunaError, PermissionError, StreamNotFoundError
+from shared.models import (
+    ConnectionQuality,
+    ErrorInfo,
+    RecordingSession,
+    StreamConfig,
+    StreamQuality,
+    StreamSession,
+    StreamState,
+    StreamStats,
+    StreamType,
+    ViewerPermissions,
+    ViewerStatus,
+    ViewerTicket,
+    parse_source,
+)
+from shared.resources import ResourceMonitor, ResourceSnapshot
+from shared.scheduler import NodeInfo, StreamScheduler
+from shared.shm import segment_name, sweep_stale_segments, unlink_segment
+
+logger = logging.getLogger(__name__)
+
+HEALTH_INTERVAL_S = 1.0
+CALL_TIMEOUT_S = 10.0
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The original error inside a Ray task error, so callers see ``CaptureError: ...``
+    rather than a remote traceback."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) else exc
+
+
+async def call(ref: Any, timeout: float = CALL_TIMEOUT_S) -> Any:
+    try:
+        return await asyncio.wait_for(ref, timeout)
+    except ray.exceptions.RayTaskError as exc:
+        raise unwrap(exc) from None
+
+
+@dataclass
+class _Viewer:
+    handle: Any
+    status: ViewerStatus
+
+
+@dataclass
+class _Stream:
+    session: StreamSession
+    config: StreamConfig
+    node_id: str
+    segments: list[str]
+    actors: dict[str, Any] = field(default_factory=dict)
+    pids: dict[str, int] = field(default_factory=dict)
+    viewers: dict[str, _Viewer] = field(default_factory=dict)
+    recorder: Any = None
+    started: float = field(default_factory=time.monotonic)
+    stop_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class Supervisor:
+    def __init__(self, max_streams: int = 16) -> None:
+        self._streams: dict[str, _Stream] = {}
+        self._scheduler = StreamScheduler(max_streams=max_streams)
+        self._monitor = ResourceMonitor()
+        self._node_id = ray.get_runtime_context().get_node_id()
+        self._health: asyncio.Task[None] | None = None
+        removed = sweep_stale_segments()
+        if removed:
+            logger.warning("removed %d shared-memory segments left by a crashed run: %s", len(removed), removed)
+
+    async def ready(self) -> str:
+        if self._health is None:
+            self._health = asyncio.create_task(self._health_loop(), name="health")
+        return self._node_id
+
+    # --- streams -----------------------------------------------------------------------
+
+    async def start_stream(self, config: StreamConfig, stream_type: StreamType | None = None) -> StreamSession:
+        source = parse_source(config.source)
+        session_id = uuid.uuid4().hex[:10]
+        nodes = [
+            NodeInfo(node_id=n["NodeID"], cpus=float(n["Resources"].get("CPU", 0)), alive=bool(n["Alive"]))
+            for n in ray.nodes()
+        ]
+        node_id = self._scheduler.place(session_id, config.quality, nodes, prefer=self._node_id)
+        pool_name = segment_name(session_id, "frames")
+        ring_name = segment_name(session_id, "video")
+        stream = _Stream(
+            session=StreamSession(
+                session_id=session_id,
+                stream_type=stream_type or StreamType.CAMERA,
+                source=source,
+                viewers=[],
+                quality=config.quality,
+                state=StreamState.STARTING,
+                stats=StreamStats(),
+                created_at=time.time(),
+            ),
+            config=config,
+            node_id=node_id,
+            segments=[pool_name, ring_name],
+        )
+        self._streams[session_id] = stream
+        try:
+            await self._start_actors(stream, pool_name, ring_name)
+        except BaseException as exc:
+            await self._teardown(stream)
+            self._streams.pop(session_id, None)
+            raise unwrap(exc) from None
+        stream.session.state = StreamState.ACTIVE
+        logger.info("stream %s active on node %s", session_id, node_id)
+        return stream.session
+
+    async def _start_actors(self, stream: _Stream, pool_name: str, ring_name: str) -> None:
+        sid, config, node = stream.session.session_id, stream.config, stream.node_id
+
+        def name(role: str) -> str:
+            return f"kz-{sid}-{role}"
+
+        capture = stream.actors["capture"] = spawn(
+            CaptureActor,
+            kind="capture",
+            name=name("capture"),
+            node_id=node,
+            args=(sid, stream.session.source, config.quality, pool_name, config.pool_slots),
+        )
+        stream.pids["capture"] = await call(capture.open.remote())
+        encoder = stream.actors["encoder"] = spawn(
+            EncoderActor,
+            kind="encoder",
+            name=name("encoder"),
+            node_id=node,
+            args=(sid, config.quality, config.keyframe_interval_s, pool_name, ring_name),
+        )
+        stream.pids["encoder"] = await call(encoder.open.remote())
+        if config.record is not None:
+            recorder = stream.actors["recorder"] = spawn(
+                RecorderActor,
+                kind="recorder",
+                name=name("recorder"),
+                node_id=node,
+                args=(sid, ring_name, config.record, config.quality),
+            )
+            stream.pids["recorder"] = await call(recorder.open.remote())
+            stream.recorder = recorder
+            await call(encoder.subscribe.remote("recorder", recorder))
+            # The recording starts at a keyframe; ask for one rather than wait a whole GOP.
+            await call(encoder.request_keyframe.remote())
+        quality = stream.actors["quality"] = spawn(
+            QualityActor,
+            kind="quality",
+            name=name("quality"),
+            node_id=node,
+            args=(sid, encoder, config.quality.bitrate),
+        )
+        await call(quality.start.remote())
+        await call(capture.start.remote(encoder))
+
+    async def stop_stream(self, session_id: str) -> StreamSession | None:
+        """Stop a stream; stopping one that is already stopped (or unknown) does nothing."""
+        stream = self._streams.get(session_id)
+        if stream is None:
+            return None
+        async with stream.stop_lock:
+            if session_id not in self._streams:
+                return None
+            stream.session.state = StreamState.STOPPING
+            await self._refresh_stats(stream)
+            await self._teardown(stream)
+            self._streams.pop(session_id, None)
+        stream.session.state = StreamState.STOPPED if stream.session.error is None else StreamState.ERROR
+        return stream.session
+
+    async def _teardown(self, stream: _Stream) -> None:
+        """Stop every actor (best effort, in pipeline order), kill them, remove shared memory."""
+        actors = stream.actors
+        for role in ("capture", "quality", "encoder"):
+            if role in actors:
+                await self._stop_actor(stream, role)
+        for viewer_id in list(stream.viewers):
+            await self._stop_actor(stream, f"sender-{viewer_id}")
+        if "recorder" in actors:
+            try:
+                stream.session.recording = await call(actors["recorder"].stop.remote())
+            except Exception as exc:
+                logger.warning("recorder of %s did not stop cleanly: %s", stream.session.session_id, exc)
+        for handle in actors.values():
+            with contextlib.suppress(Exception):
+                ray.kill(handle, no_restart=True)
+        actors.clear()
+        # Actors unlink what they created on a clean stop; this covers the ones that crashed.
+        for name in stream.segments:
+            unlink_segment(name)
+        self._scheduler.release(stream.session.session_id)
+
+    async def _stop_actor(self, stream: _Stream, role: str) -> None:
+        handle = stream.actors.get(role)
+        if handle is None:
+            return
+        try:
+            await call(handle.stop.remote())
+        except Exception as exc:
+            logger.warning("%s of %s did not stop cleanly: %s", role, stream.session.session_id, exc)
+
+    async def adjust_quality(self, session_id: str, quality: StreamQuality) -> StreamSession:
+        stream = self._get(session_id)
+        current = stream.session.quality
+        if (quality.resolution, quality.framerate) != (current.resolution, current.framerate):
+            raise ConfigError(
+                "a running stream can change its bitrate; resolution and frame rate are fixed "
+                f"at start ({current.resolution}@{current.framerate})"
+            )
+        await call(stream.actors["quality"].set_ceiling.remote(quality.bitrate))
+        stream.session.quality = quality
+        return stream.session
+
+    async def get_active_streams(self) -> list[StreamSession]:
+        for stream in list(self._streams.values()):
+            await self._refresh_stats(stream)
+        return [stream.session for stream in self._streams.values()]
+
+    async def get_stream(self, session_id: str) -> StreamSession:
+        stream = self._get(session_id)
+        await self._refresh_stats(stream)
+        return stream.session
+
+    def _get(self, session_id: str) -> _Stream:
+        try:
+            return self._streams[session_id]
+        except KeyError:
+            raise StreamNotFoundError(f"no active stream {session_id!r}") from None
+
+    # --- viewers ----------------------------------------------------------------------
+
+    async def add_viewer(
+        self, session_id: str, peer_id: str, permissions: ViewerPermissions, port: int = 0
+    ) -> ViewerTicket:
+        stream = self._get(session_id)
+        if not permissions.can_view:
+            raise PermissionError(f"peer {peer_id!r} is not allowed to view")
+        viewer_id = uuid.uuid4().hex[:8]
+        role = f"sender-{viewer_id}"
+        handle = stream.actors[role] = spawn(
+            SenderActor,
+            kind="sender",
+            name=f"kz-{session_id}-{role}",
+            node_id=stream.node_id,
+            args=(session_id, viewer_id, segment_name(session_id, "video"), stream.actors["encoder"]),
+        )
+        try:
+            url = await call(handle.open.remote(stream.config.listen_host, port))
+        except BaseException:
+            stream.actors.pop(role, None)
+            ray.kill(handle, no_restart=True)
+            raise
+        stream.pids[role] = (await call(handle.stats.remote())).pid
+        await call(stream.actors["encoder"].subscribe.remote(role, handle))
+        await call(stream.actors["quality"].add_sender.remote(viewer_id, handle))
+        stream.viewers[viewer_id] = _Viewer(
+            handle=handle,
+            status=ViewerStatus(
+                viewer_id=viewer_id,
+                peer_id=peer_id,
+                device_name=peer_id,
+                connection_quality=ConnectionQuality.DISCONNECTED,
+                permissions=permissions,
+                connected_at=time.time(),
+                bytes_sent=0,
+                current_quality=stream.session.quality,
+                url=url,
+            ),
+        )
+        stream.session.viewers.append(viewer_id)
+        return ViewerTicket(viewer_id=viewer_id, session_id=session_id, url=url)
+
+    async def remove_viewer(self, session_id: str, viewer_id: str) -> None:
+        stream = self._get(session_id)
+        viewer = stream.viewers.pop(viewer_id, None)
+        if viewer is None:
+            return
+        role = f"sender-{viewer_id}"
+        with contextlib.suppress(Exception):
+            await call(stream.actors["encoder"].unsubscribe.remote(role))
+            await call(stream.actors["quality"].remove_sender.remote(viewer_id))
+        await self._stop_actor(stream, role)
+        ray.kill(stream.actors.pop(role), no_restart=True)
+        stream.pids.pop(role, None)
+        stream.session.viewers.remove(viewer_id)
+
+    async def get_viewer_status(self, session_id: str) -> list[ViewerStatus]:
+        stream = self._get(session_id)
+        await self._refresh_stats(stream)
+        return [viewer.status for viewer in stream.viewers.values()]
+
+    # --- monitoring ---------------------------------------------------------------------
+
+    async def resources(self) -> ResourceSnapshot:
+        pids = {
+            f"{sid}/{role}": pid for sid, stream in self._streams.items() for role, pid in stream.pids.items()
+        }
+        return self._monitor.sample(pids)
+
+    async def recording_status(self, session_id: str) -> RecordingSession | None:
+        stream = self._get(session_id)
+        if stream.recorder is None:
+            return None
+        result: RecordingSession = await call(stream.recorder.status.remote())
+        return result
+
+    async def _refresh_stats(self, stream: _Stream) -> None:
+        actors = stream.actors
+        if "encoder" not in actors or "capture" not in actors:
+            return
+        try:
+            capture, encoder = await asyncio.gather(
+                call(actors["capture"].stats.remote()), call(actors["encoder"].stats.remote())
+            )
+            senders = await asyncio.gather(*(call(v.handle.stats.remote()) for v in stream.viewers.values()))
+            quality = await call(actors["quality"].connection_quality.remote())
+        except (ray.exceptions.RayActorError, TimeoutError, KizunaError) as exc:
+            self._fail(stream, exc)
+            return
+        for failed in (capture.error, encoder.error, *(s.error for s in senders)):
+            if failed:
+                self._fail(stream, RuntimeError(failed))
+        bytes_sent = sum(s.bytes_sent for s in senders)
+        peer_dropped = sum(p.frames_dropped for s in senders for p in s.peers)
+        frames_sent = sum(s.frames_sent for s in senders)
+        rtts = [p.rtt_ms for s in senders for p in s.peers]
+        elapsed = max(time.monotonic() - stream.started, 1e-3)
+        stream.session.stats = StreamStats(
+            bytes_sent=bytes_sent,
+            frames_encoded=encoder.frames_encoded,
+            frames_dropped=capture.frames_skipped + encoder.frames_dropped + peer_dropped,
+            current_bitrate=encoder.bitrate,
+            average_bitrate=int(bytes_sent * 8 / elapsed / max(len(senders), 1)),
+            # One-way network latency estimated as half the QUIC smoothed RTT (RFC 9002 §5.3).
+            latency_ms=int(max(rtts, default=0.0) / 2),
+            packet_loss_rate=peer_dropped / (frames_sent + peer_dropped) if frames_sent + peer_dropped else 0.0,
+            last_updated=time.time(),
+        )
+        for sender in senders:
+            viewer = stream.viewers.get(sender.viewer_id)
+            if viewer is not None:
+                viewer.status.bytes_sent = sender.bytes_sent
+                viewer.status.connection_quality = quality.get(sender.viewer_id, ConnectionQuality.DISCONNECTED)
+                if not sender.peers:
+                    viewer.status.connection_quality = ConnectionQuality.DISCONNECTED
+
+    def _fail(self, stream: _Stream, exc: BaseException) -> None:
+        if stream.session.error is None:
+            exc = unwrap(exc)
+            logger.error("stream %s failed: %s", stream.session.session_id, exc)
+            stream.session.error = ErrorInfo(kind=type(exc).__name__, message=str(exc))
+            stream.session.state = StreamState.ERROR
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(HEALTH_INTERVAL_S)
+            for stream in list(self._streams.values()):
+                if stream.session.state is StreamState.ACTIVE:
+                    await self._refresh_stats(stream)
+
+    async def shutdown(self) -> list[StreamSession]:
+        stopped = []
+        for session_id in list(self._streams):
+            session = await self.stop_stream(session_id)
+            if session is not None:
+                stopped.append(session)
+        if self._health is not None:
+            self._health.cancel()
+        return stopped
+
+
+def session_to_dict(session: StreamSession) -> dict[str, Any]:
+    result: dict[str, Any] = msgspec.to_builtins(session)
+    return result

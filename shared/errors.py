@@ -1,0 +1,67 @@
+"""One error hierarchy for the whole system, mirroring the design's streaming error types.
+
+Every error raised on purpose derives from :class:`KizunaError`.  Where a built-in exception
+already names the category, the error subclasses it too (as PyAV does), so callers can catch
+either ``kizuna.PermissionError`` or the built-in ``PermissionError``.
+
+The classes keep the plain ``Exception(message)`` constructor so they pickle across Ray actor
+boundaries unchanged: Ray re-raises a remote error as a subclass of the original class, so
+``except CaptureError`` works around ``await actor.method.remote()``.
+"""
+
+from __future__ import annotations
+
+import builtins
+
+__all__ = [
+    "CaptureError",
+    "ConfigError",
+    "EncodingError",
+    "KizunaError",
+    "NetworkError",
+    "PermissionError",
+    "ProtocolError",
+    "RecordingError",
+    "ResourceError",
+    "StreamNotFoundError",
+]
+
+
+class KizunaError(Exception):
+    """Base class of every error this project raises on purpose."""
+
+
+class ConfigError(KizunaError, ValueError):
+    """A configuration or argument that cannot work: unknown source, odd resolution, bad rate."""
+
+
+class CaptureError(KizunaError):
+    """Camera, screen or audio capture failed (device missing, busy, or stopped delivering)."""
+
+
+class EncodingError(KizunaError):
+    """Video encoding or hardware acceleration failed."""
+
+
+class NetworkError(KizunaError, ConnectionError):
+    """Stream transmission or connectivity failed (port in use, peer gone, handshake failed)."""
+
+
+class ProtocolError(NetworkError, ValueError):
+    """Bytes from the network that do not parse: truncated RTP, bad varint, unknown flow."""
+
+
+class PermissionError(KizunaError, builtins.PermissionError):
+    """Camera or screen access was denied, or a viewer lacks the permission it asked to use."""
+
+
+class ResourceError(KizunaError):
+    """Not enough CPU, memory, shared memory or bandwidth to do what was asked."""
+
+
+class RecordingError(KizunaError):
+    """A recording could not be written (disk full, muxer failure)."""
+
+
+class StreamNotFoundError(KizunaError, LookupError):
+    """No active stream (or viewer, or recording) has the given id."""

@@ -1,0 +1,416 @@
+"""The design's data models as msgspec Structs.
+
+These are the values that cross process boundaries (Ray calls, ``--json`` output), so each is a
+plain, immutable, typed record.  Enumerations are string-valued so the JSON reads well.
+
+Names follow the design document; where its Rust reads oddly in Python (``Error(StreamError)``
+inside an enum) the meaning is kept with a Pythonic shape (a state plus an optional error).
+Times are wall-clock seconds since the epoch as ``float`` (``created_at``) or integer
+microseconds (``capture_us``) where per-frame precision matters.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from pathlib import Path
+
+import msgspec
+
+from shared.errors import ConfigError
+
+__all__ = [
+    "CameraDevice",
+    "CameraSource",
+    "CaptureConfig",
+    "ConnectionQuality",
+    "CustomQuality",
+    "ErrorInfo",
+    "FileSource",
+    "PixelFormat",
+    "QualityPreset",
+    "RecordingConfig",
+    "RecordingSession",
+    "RecordingState",
+    "Resolution",
+    "ScreenConfig",
+    "ScreenRegion",
+    "ScreenSource",
+    "SessionId",
+    "StreamConfig",
+    "StreamQuality",
+    "StreamSession",
+    "StreamSource",
+    "StreamState",
+    "StreamStats",
+    "StreamType",
+    "TestPatternSource",
+    "VideoFormat",
+    "ViewerId",
+    "ViewerPermissions",
+    "ViewerStatus",
+    "ViewerTicket",
+    "parse_source",
+]
+
+SessionId = str
+ViewerId = str
+PeerId = str
+
+#: Largest frame edge accepted anywhere (H.264 level 6.2 tops out at 8192 pixels).
+MAX_DIMENSION = 8192
+MAX_FRAMERATE = 240
+
+
+class StreamType(enum.StrEnum):
+    CAMERA = "camera"
+    SCREEN = "screen"
+    AUDIO = "audio"
+    COMBINED = "combined"
+
+
+class StreamState(enum.StrEnum):
+    STARTING = "starting"
+    ACTIVE = "active"
+    PAUSED = "paused"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    ERROR = "error"
+
+
+class PixelFormat(enum.StrEnum):
+    """Pixel layouts a frame pool slot can hold (names as FFmpeg spells them)."""
+
+    YUV420P = "yuv420p"
+    NV12 = "nv12"
+    BGR24 = "bgr24"
+    RGB24 = "rgb24"
+    GRAY = "gray"
+
+
+class ConnectionQuality(enum.StrEnum):
+    EXCELLENT = "excellent"
+    GOOD = "good"
+    FAIR = "fair"
+    POOR = "poor"
+    DISCONNECTED = "disconnected"
+
+
+class RecordingState(enum.StrEnum):
+    RECORDING = "recording"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+    ERROR = "error"
+
+
+class VideoFormat(enum.StrEnum):
+    MP4 = "mp4"
+    WEBM = "webm"
+    AVI = "avi"
+    MOV = "mov"
+
+
+class QualityPreset(enum.StrEnum):
+    LOW = "low"  # 480p, 15 fps, 500 kbps
+    MEDIUM = "medium"  # 720p, 30 fps, 1.5 Mbps
+    HIGH = "high"  # 1080p, 30 fps, 3 Mbps
+    ULTRA = "ultra"  # 1080p, 60 fps, 6 Mbps
+    CUSTOM = "custom"
+
+
+class Resolution(msgspec.Struct, frozen=True):
+    width: int
+    height: int
+
+    def __post_init__(self) -> None:
+        if not (0 < self.width <= MAX_DIMENSION and 0 < self.height <= MAX_DIMENSION):
+            raise ConfigError(
+                f"resolution {self.width}x{self.height} is impossible: "
+                f"each edge must be between 1 and {MAX_DIMENSION} pixels"
+            )
+
+    def __str__(self) -> str:
+        return f"{self.width}x{self.height}"
+
+
+class CustomQuality(msgspec.Struct, frozen=True):
+    resolution: Resolution
+    framerate: int
+    bitrate: int
+
+
+class StreamQuality(msgspec.Struct, frozen=True, kw_only=True):
+    """What a stream is encoded at.  ``bitrate`` is in bits per second."""
+
+    resolution: Resolution
+    framerate: int
+    bitrate: int
+    quality_preset: QualityPreset = QualityPreset.CUSTOM
+    hardware_acceleration: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 < self.framerate <= MAX_FRAMERATE:
+            raise ConfigError(
+                f"frame rate {self.framerate} is impossible: it must be between 1 and "
+                f"{MAX_FRAMERATE} frames per second"
+            )
+        if self.bitrate <= 0:
+            raise ConfigError(f"bitrate {self.bitrate} is impossible: it must be positive")
+        # H.264 with 4:2:0 chroma subsampling needs even dimensions.
+        if self.resolution.width % 2 or self.resolution.height % 2:
+            raise ConfigError(
+                f"resolution {self.resolution} is impossible for 4:2:0 video: "
+                "width and height must be even"
+            )
+
+    @classmethod
+    def from_preset(cls, preset: QualityPreset, *, hardware_acceleration: bool = False) -> StreamQuality:
+        """The design's preset table."""
+        try:
+            width, height, fps, bitrate = _PRESETS[preset]
+        except KeyError:
+            raise ConfigError(
+                f"preset {preset!r} has no fixed values; build a StreamQuality directly"
+            ) from None
+        return cls(
+            resolution=Resolution(width, height),
+            framerate=fps,
+            bitrate=bitrate,
+            quality_preset=preset,
+            hardware_acceleration=hardware_acceleration,
+        )
+
+    @classmethod
+    def custom(cls, custom: CustomQuality) -> StreamQuality:
+        return cls(
+            resolution=custom.resolution,
+            framerate=custom.framerate,
+            bitrate=custom.bitrate,
+            quality_preset=QualityPreset.CUSTOM,
+        )
+
+
+_PRESETS: dict[QualityPreset, tuple[int, int, int, int]] = {
+    QualityPreset.LOW: (854, 480, 15, 500_000),
+    QualityPreset.MEDIUM: (1280, 720, 30, 1_500_000),
+    QualityPreset.HIGH: (1920, 1080, 30, 3_000_000),
+    QualityPreset.ULTRA: (1920, 1080, 60, 6_000_000),
+}
+
+
+class StreamStats(msgspec.Struct, kw_only=True):
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    frames_encoded: int = 0
+    frames_decoded: int = 0
+    frames_dropped: int = 0
+    current_bitrate: int = 0
+    average_bitrate: int = 0
+    latency_ms: int = 0
+    jitter_ms: int = 0
+    packet_loss_rate: float = 0.0
+    last_updated: float = 0.0
+
+
+# --- sources ---------------------------------------------------------------------------------
+
+
+class CameraDevice(msgspec.Struct, frozen=True, kw_only=True):
+    index: int | None = None
+    path: str | None = None
+    name: str = ""
+
+
+class ScreenRegion(msgspec.Struct, frozen=True):
+    x: int
+    y: int
+    width: int
+    height: int
+
+    def __post_init__(self) -> None:
+        if self.x < 0 or self.y < 0 or self.width <= 0 or self.height <= 0:
+            raise ConfigError(
+                f"screen region {self.width}x{self.height}+{self.x}+{self.y} is impossible: "
+                "offsets must be >= 0 and sizes > 0"
+            )
+
+
+class TestPatternSource(msgspec.Struct, frozen=True, tag="test"):
+    """The synthetic moving pattern with a machine-readable timestamp strip."""
+
+    __test__ = False  # not a pytest class
+
+
+class CameraSource(msgspec.Struct, frozen=True, tag="camera"):
+    device: CameraDevice
+
+
+class ScreenSource(msgspec.Struct, frozen=True, tag="screen"):
+    monitor_index: int | None = None
+    region: ScreenRegion | None = None
+
+
+class FileSource(msgspec.Struct, frozen=True, tag="file"):
+    path: str
+    loop: bool = False
+
+
+StreamSource = TestPatternSource | CameraSource | ScreenSource | FileSource
+
+_SCREEN_SPEC = re.compile(r"^screen(?::(?P<monitor>\d+))?(?:@(?P<x>\d+),(?P<y>\d+),(?P<w>\d+)x(?P<h>\d+))?$")
+
+
+def parse_source(spec: str) -> StreamSource:
+    """Parse a source as the CLI spells it: ``test``, ``camera:N``, ``camera:/dev/videoN``,
+    ``screen[:MONITOR][@X,Y,WxH]`` or ``file:PATH``."""
+    if spec == "test":
+        return TestPatternSource()
+    if spec.startswith("camera:"):
+        target = spec.removeprefix("camera:")
+        if target.isdigit():
+            return CameraSource(CameraDevice(index=int(target), name=f"camera {target}"))
+        if target.startswith("/"):
+            return CameraSource(CameraDevice(path=target, name=target))
+        raise ConfigError(f"camera source {spec!r}: expected camera:N or camera:/dev/videoN")
+    if spec.startswith("file:"):
+        path = spec.removeprefix("file:")
+        if not path:
+            raise ConfigError("file source needs a path: file:PATH")
+        return FileSource(path=str(Path(path)))
+    if spec.startswith("screen"):
+        match = _SCREEN_SPEC.match(spec)
+        if match is None:
+            raise ConfigError(f"screen source {spec!r}: expected screen[:MONITOR][@X,Y,WxH]")
+        region = None
+        if match["x"] is not None:
+            region = ScreenRegion(int(match["x"]), int(match["y"]), int(match["w"]), int(match["h"]))
+        monitor = int(match["monitor"]) if match["monitor"] is not None else None
+        return ScreenSource(monitor_index=monitor, region=region)
+    raise ConfigError(
+        f"unknown source {spec!r}: expected test, camera:N, camera:/dev/videoN, "
+        "screen[:MONITOR][@X,Y,WxH] or file:PATH"
+    )
+
+
+def source_stream_type(source: StreamSource) -> StreamType:
+    if isinstance(source, ScreenSource):
+        return StreamType.SCREEN
+    return StreamType.CAMERA
+
+
+# --- configuration -----------------------------------------------------------------------
+
+
+class CaptureConfig(msgspec.Struct, frozen=True, kw_only=True):
+    resolution: Resolution = Resolution(1280, 720)
+    framerate: int = 30
+    pixel_format: PixelFormat = PixelFormat.YUV420P
+    buffer_count: int = 4
+    auto_exposure: bool = True
+    auto_focus: bool = True
+
+
+class ScreenConfig(msgspec.Struct, frozen=True, kw_only=True):
+    region: ScreenRegion | None = None
+    capture_cursor: bool = False
+    capture_audio: bool = False
+    monitor_index: int | None = None
+
+
+class RecordingConfig(msgspec.Struct, frozen=True, kw_only=True):
+    output_path: str
+    format: VideoFormat = VideoFormat.MP4
+
+
+class StreamConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything needed to start one stream.
+
+    ``source`` is spelled as on the command line (see :func:`parse_source`).
+    """
+
+    source: str = "test"
+    #: What to encode at; defaults to the design's Medium preset (720p30, 1.5 Mbps).
+    quality: StreamQuality = msgspec.field(
+        default_factory=lambda: StreamQuality.from_preset(QualityPreset.MEDIUM)
+    )
+    #: Seconds between periodic IDR frames (a viewer joining waits at most this long).
+    keyframe_interval_s: float = 2.0
+    #: Frame pool slots between capture and encoder.
+    pool_slots: int = 4
+    #: Address the per-viewer QUIC senders listen on.
+    listen_host: str = "127.0.0.1"
+    #: Record the stream locally while it runs.
+    record: RecordingConfig | None = None
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        parse_source(self.source)  # raises ConfigError early, before any actor starts
+        if not 0.1 <= self.keyframe_interval_s <= 60:
+            raise ConfigError(
+                f"keyframe interval {self.keyframe_interval_s}s must be between 0.1 and 60 s"
+            )
+        if not 2 <= self.pool_slots <= 64:
+            raise ConfigError(f"pool_slots {self.pool_slots} must be between 2 and 64")
+
+
+# --- sessions and viewers ---------------------------------------------------------------
+
+
+class ErrorInfo(msgspec.Struct, frozen=True):
+    """Why a stream or recording is in its Error state: the error class name and message."""
+
+    kind: str
+    message: str
+
+
+class StreamSession(msgspec.Struct, kw_only=True):
+    session_id: SessionId
+    stream_type: StreamType
+    source: StreamSource
+    viewers: list[ViewerId]
+    quality: StreamQuality
+    state: StreamState
+    stats: StreamStats
+    created_at: float
+    error: ErrorInfo | None = None
+    recording: RecordingSession | None = None
+
+
+class ViewerPermissions(msgspec.Struct, frozen=True, kw_only=True):
+    can_view: bool = True
+    can_record: bool = False
+    can_control_quality: bool = False
+    max_quality: QualityPreset = QualityPreset.ULTRA
+
+
+class ViewerStatus(msgspec.Struct, kw_only=True):
+    viewer_id: ViewerId
+    peer_id: PeerId
+    device_name: str
+    connection_quality: ConnectionQuality
+    permissions: ViewerPermissions
+    connected_at: float
+    bytes_sent: int
+    current_quality: StreamQuality
+    url: str = ""
+
+
+class ViewerTicket(msgspec.Struct, frozen=True, kw_only=True):
+    """What a viewer needs to connect: the stream's URL with the pinned certificate."""
+
+    viewer_id: ViewerId
+    session_id: SessionId
+    url: str
+
+
+class RecordingSession(msgspec.Struct, kw_only=True):
+    session_id: SessionId
+    stream_session: SessionId
+    output_path: str
+    format: VideoFormat
+    state: RecordingState
+    file_size: int
+    duration: float
+    started_at: float
+    frames_written: int = 0
+    error: ErrorInfo | None = None

@@ -1,0 +1,62 @@
+"""Shared fixtures: one local Ray cluster for the whole session, tool checks, leak checks.
+
+A test that needs a system tool (ffprobe, ...) skips where it is missing, except in CI
+(CI=true), where a missing tool is a failure: CI must run every test.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from shared.shm import list_segments
+
+
+def require_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (bash deploy/quickstart.sh test installs it)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[str]:
+    """The session's Ray cluster; yields its GCS address so subprocesses can join it."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, namespace="kizuna", log_to_driver=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+def stream_actors(session_id: str | None = None) -> list[str]:
+    import ray
+
+    prefix = f"kz-{session_id}-" if session_id else "kz-"
+    return [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith(prefix)
+    ]
+
+
+def wait_for_no_leaks(session_id: str | None = None, timeout: float = 15.0) -> None:
+    """Fail unless every actor and shared-memory segment of the stream(s) is gone."""
+    prefix = f"kz_{session_id}_" if session_id else "kz_"
+    deadline = time.monotonic() + timeout
+    while True:
+        actors, segments = stream_actors(session_id), list_segments(prefix)
+        if not actors and not segments:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"leaked after stop: actors {actors}, shared memory {segments}")
+        time.sleep(0.2)
