@@ -9,6 +9,7 @@ rather than bursting to catch up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -32,7 +33,14 @@ class CaptureStats(msgspec.Struct, kw_only=True):
 
 
 class CaptureActor:
-    def __init__(self, session_id: str, source: StreamSource, quality: StreamQuality, pool_name: str, slots: int) -> None:
+    def __init__(
+        self,
+        session_id: str,
+        source: StreamSource,
+        quality: StreamQuality,
+        pool_name: str,
+        slots: int,
+    ) -> None:
         self._session_id = session_id
         self._source_spec = source
         self._quality = quality
@@ -50,7 +58,9 @@ class CaptureActor:
         """Open the source and create the pool; errors surface here, before the stream is Active."""
         self._source = open_source(self._source_spec, self._quality)
         width, height = self._source.width, self._source.height
-        self._pool = FramePool.create(self._pool_name, slot_bytes=width * height * 3 // 2, slots=self._slots)
+        self._pool = FramePool.create(
+            self._pool_name, slot_bytes=width * height * 3 // 2, slots=self._slots
+        )
         return os.getpid()
 
     async def start(self, encoder: Any) -> None:
@@ -104,10 +114,8 @@ class CaptureActor:
     async def stop(self) -> CaptureStats:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         stats = await self.stats()
         if self._source is not None:
             self._source.close()

@@ -23,7 +23,14 @@ from typing import Any
 import msgspec
 
 from shared.errors import KizunaError
-from shared.models import QualityPreset, RecordingConfig, Resolution, StreamConfig, StreamQuality, parse_source
+from shared.models import (
+    QualityPreset,
+    RecordingConfig,
+    Resolution,
+    StreamConfig,
+    StreamQuality,
+    parse_source,
+)
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -40,7 +47,9 @@ def _quality(args: argparse.Namespace) -> StreamQuality:
         try:
             width, height = (int(part) for part in args.size.lower().split("x"))
         except ValueError:
-            raise KizunaError(f"--size {args.size!r}: expected WIDTHxHEIGHT, e.g. 1280x720") from None
+            raise KizunaError(
+                f"--size {args.size!r}: expected WIDTHxHEIGHT, e.g. 1280x720"
+            ) from None
     return StreamQuality(
         resolution=Resolution(width, height),
         framerate=args.fps or base.framerate,
@@ -83,7 +92,10 @@ async def run_demo(args: argparse.Namespace, stop: asyncio.Event) -> dict[str, A
     async with StreamManager.start(address=args.address, dashboard=args.dashboard) as manager:
         session = await manager.start_camera_stream(config)
         sid = session.session_id
-        tickets = [await manager.add_viewer(sid, peer_id=f"demo-viewer-{i + 1}") for i in range(args.viewers)]
+        tickets = [
+            await manager.add_viewer(sid, peer_id=f"demo-viewer-{i + 1}")
+            for i in range(args.viewers)
+        ]
         viewers = [await Viewer.connect(ticket.url) for ticket in tickets]
 
         async def consume(viewer: Viewer) -> None:
@@ -109,7 +121,11 @@ async def run_demo(args: argparse.Namespace, stop: asyncio.Event) -> dict[str, A
                 ]
                 for index, viewer in enumerate(viewers, 1):
                     report = viewer.report()
-                    p50 = f"{report.latency_p50_ms:.0f}ms" if report.latency_p50_ms is not None else "-"
+                    p50 = (
+                        f"{report.latency_p50_ms:.0f}ms"
+                        if report.latency_p50_ms is not None
+                        else "-"
+                    )
                     parts.append(f"v{index} {report.frames_decoded} fr p50 {p50}")
                 status.show(" | ".join(parts))
         streamed = time.monotonic() - started
@@ -170,9 +186,13 @@ def _round(value: float | None) -> float | None:
 
 
 def _print_summary(result: dict[str, Any]) -> None:
-    print(f"stream {result['session_id']}: {result['resolution']}@{result['framerate']} for {result['seconds']} s")
+    print(
+        f"stream {result['session_id']}: {result['resolution']}@{result['framerate']} for {result['seconds']} s"
+    )
     encoder = result["encoder"]
-    print(f"  encoder: {encoder['frames_encoded']} frames, {encoder['fps']} fps, {encoder['bitrate'] / 1000:.0f} kbps")
+    print(
+        f"  encoder: {encoder['frames_encoded']} frames, {encoder['fps']} fps, {encoder['bitrate'] / 1000:.0f} kbps"
+    )
     for viewer in result["viewers"]:
         print(
             f"  viewer {viewer['viewer_id']}: {viewer['frames_decoded']} frames decoded, "
@@ -214,7 +234,12 @@ def _run_with_signals(args: argparse.Namespace) -> int:
 
 def _error(args: argparse.Namespace, exc: BaseException) -> None:
     if getattr(args, "json", False):
-        sys.stdout.write(msgspec.json.encode({"error": {"kind": type(exc).__name__, "message": str(exc)}}).decode() + "\n")
+        sys.stdout.write(
+            msgspec.json.encode(
+                {"error": {"kind": type(exc).__name__, "message": str(exc)}}
+            ).decode()
+            + "\n"
+        )
     print(f"kizuna-stream: error: {exc}", file=sys.stderr)
 
 
@@ -224,22 +249,37 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run a whole broadcast on this machine and report it")
     demo.add_argument("--seconds", type=float, default=10.0, help="how long to stream (default 10)")
     demo.add_argument("--viewers", type=int, default=2, help="viewer clients to start (default 2)")
-    demo.add_argument("--source", default="test", help="test (default), camera:N, screen[:M][@X,Y,WxH], file:PATH")
-    demo.add_argument("--preset", default="medium", choices=[p.value for p in QualityPreset if p is not QualityPreset.CUSTOM])
+    demo.add_argument(
+        "--source", default="test", help="test (default), camera:N, screen[:M][@X,Y,WxH], file:PATH"
+    )
+    demo.add_argument(
+        "--preset",
+        default="medium",
+        choices=[p.value for p in QualityPreset if p is not QualityPreset.CUSTOM],
+    )
     demo.add_argument("--size", help="override the preset's resolution, e.g. 640x360")
     demo.add_argument("--fps", type=int, help="override the preset's frame rate")
     demo.add_argument("--bitrate", type=float, help="override the preset's bitrate, in kbps")
     demo.add_argument("--record", metavar="FILE", help="record the stream to FILE (MP4)")
-    demo.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else start one)")
-    demo.add_argument("--dashboard", action="store_true", help="start the Ray dashboard with the local cluster")
-    demo.add_argument("--json", action="store_true", help="print one JSON line instead of a status line")
+    demo.add_argument(
+        "--address", help="join this Ray cluster (default: RAY_ADDRESS, else start one)"
+    )
+    demo.add_argument(
+        "--dashboard", action="store_true", help="start the Ray dashboard with the local cluster"
+    )
+    demo.add_argument(
+        "--json", action="store_true", help="print one JSON line instead of a status line"
+    )
     demo.add_argument("-v", "--verbose", action="store_true", help="log what the actors do")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     if args.command == "demo":
         if args.seconds <= 0:
             _error(args, KizunaError(f"--seconds must be positive, got {args.seconds}"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import time
@@ -123,10 +124,15 @@ class EncoderActor:
             self._origin_us = frame.capture_us
         # pts on the 90 kHz clock from capture time; forced monotonic in case the wall
         # clock steps backwards.
-        pts = max((frame.capture_us - self._origin_us) * TIME_BASE.denominator // 1_000_000, self._last_pts + 1)
+        pts = max(
+            (frame.capture_us - self._origin_us) * TIME_BASE.denominator // 1_000_000,
+            self._last_pts + 1,
+        )
         self._last_pts = pts
         started = time.perf_counter()
-        encoded = await asyncio.to_thread(self._encoder.encode, frame.pixels, pts=pts, capture_us=frame.capture_us)
+        encoded = await asyncio.to_thread(
+            self._encoder.encode, frame.pixels, pts=pts, capture_us=frame.capture_us
+        )
         self._encode_seconds += time.perf_counter() - started
         sequence = 0
         for access_unit in encoded:
@@ -161,10 +167,8 @@ class EncoderActor:
     async def stop(self) -> EncoderStats:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         stats = await self.stats()
         self._pool.close()
         self._ring.close()

@@ -43,7 +43,9 @@ __all__ = ["StreamManager"]
 SHUTDOWN_TIMEOUT_S = 60.0
 
 
-def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = False) -> None:
+def ensure_ray(
+    address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = False
+) -> None:
     """Connect to ``address`` / RAY_ADDRESS, or start a local cluster; no-op if connected."""
     if ray.is_initialized():
         return
@@ -76,7 +78,7 @@ class StreamManager:
         dashboard: bool = False,
     ) -> AsyncIterator[StreamManager]:
         ensure_ray(address, num_cpus=num_cpus, dashboard=dashboard)
-        supervisor = (
+        supervisor: Any = (
             ray.remote(Supervisor)
             .options(namespace=NAMESPACE, num_cpus=0, max_restarts=0, max_concurrency=1000)
             .remote(max_streams)
@@ -106,10 +108,14 @@ class StreamManager:
     # --- the design's StreamManager ------------------------------------------------------
 
     async def start_camera_stream(self, config: StreamConfig) -> StreamSession:
-        session: StreamSession = await self._call(self._supervisor.start_stream.remote(config, StreamType.CAMERA))
+        session: StreamSession = await self._call(
+            self._supervisor.start_stream.remote(config, StreamType.CAMERA)
+        )
         return session
 
-    async def start_screen_stream(self, screen: ScreenConfig, config: StreamConfig | None = None) -> StreamSession:
+    async def start_screen_stream(
+        self, screen: ScreenConfig, config: StreamConfig | None = None
+    ) -> StreamSession:
         spec = "screen"
         if screen.monitor_index is not None:
             spec += f":{screen.monitor_index}"
@@ -135,15 +141,21 @@ class StreamManager:
 
     async def stop_stream(self, session_id: str) -> StreamSession | None:
         """Stop a stream; returns its final state, or None if it was not running."""
-        session: StreamSession | None = await self._call(self._supervisor.stop_stream.remote(session_id))
+        session: StreamSession | None = await self._call(
+            self._supervisor.stop_stream.remote(session_id)
+        )
         return session
 
     async def adjust_quality(self, session_id: str, quality: StreamQuality) -> StreamSession:
-        session: StreamSession = await self._call(self._supervisor.adjust_quality.remote(session_id, quality))
+        session: StreamSession = await self._call(
+            self._supervisor.adjust_quality.remote(session_id, quality)
+        )
         return session
 
     async def get_active_streams(self) -> list[StreamSession]:
-        sessions: list[StreamSession] = await self._call(self._supervisor.get_active_streams.remote())
+        sessions: list[StreamSession] = await self._call(
+            self._supervisor.get_active_streams.remote()
+        )
         return sessions
 
     async def get_stream(self, session_id: str) -> StreamSession:
@@ -161,7 +173,9 @@ class StreamManager:
         port: int = 0,
     ) -> ViewerTicket:
         ticket: ViewerTicket = await self._call(
-            self._supervisor.add_viewer.remote(session_id, peer_id, permissions or ViewerPermissions(), port)
+            self._supervisor.add_viewer.remote(
+                session_id, peer_id, permissions or ViewerPermissions(), port
+            )
         )
         return ticket
 
@@ -169,7 +183,9 @@ class StreamManager:
         await self._call(self._supervisor.remove_viewer.remote(session_id, viewer_id))
 
     async def get_viewer_status(self, session_id: str) -> list[ViewerStatus]:
-        status: list[ViewerStatus] = await self._call(self._supervisor.get_viewer_status.remote(session_id))
+        status: list[ViewerStatus] = await self._call(
+            self._supervisor.get_viewer_status.remote(session_id)
+        )
         return status
 
     # --- monitoring ---------------------------------------------------------------------
@@ -179,5 +195,7 @@ class StreamManager:
         return snapshot
 
     async def recording_status(self, session_id: str) -> RecordingSession | None:
-        status: RecordingSession | None = await self._call(self._supervisor.recording_status.remote(session_id))
+        status: RecordingSession | None = await self._call(
+            self._supervisor.recording_status.remote(session_id)
+        )
         return status

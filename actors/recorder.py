@@ -7,12 +7,19 @@ so far behind that the ring laps it, it resumes at the next keyframe and counts 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
 
 from shared.errors import RecordingError
-from shared.models import ErrorInfo, RecordingConfig, RecordingSession, RecordingState, StreamQuality
+from shared.models import (
+    ErrorInfo,
+    RecordingConfig,
+    RecordingSession,
+    RecordingState,
+    StreamQuality,
+)
 from shared.packetring import PacketRing, PacketRingReader
 from shared.recording import StreamRecorder
 
@@ -20,7 +27,9 @@ logger = logging.getLogger(__name__)
 
 
 class RecorderActor:
-    def __init__(self, session_id: str, ring_name: str, config: RecordingConfig, quality: StreamQuality) -> None:
+    def __init__(
+        self, session_id: str, ring_name: str, config: RecordingConfig, quality: StreamQuality
+    ) -> None:
         self._session_id = session_id
         self._ring_name = ring_name
         self._config = config
@@ -87,10 +96,8 @@ class RecorderActor:
         """Write what is left in the ring, finish the file, and report it."""
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         if self._state is RecordingState.RECORDING:
             self._write_available()
         self._recorder.close()

@@ -11,6 +11,7 @@ encoder.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -88,7 +89,12 @@ class SenderActor:
         self._reader.read_available()
         self._task = asyncio.create_task(self._run(), name="send")
         self._url = str(
-            StreamUrl(host=host, port=self._server.port, session_id=self._session_id, fingerprint=identity.fingerprint)
+            StreamUrl(
+                host=host,
+                port=self._server.port,
+                session_id=self._session_id,
+                fingerprint=identity.fingerprint,
+            )
         )
         return self._url
 
@@ -159,10 +165,8 @@ class SenderActor:
     async def stop(self) -> SenderStats:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         stats = await self.stats()
         await self._server.close()
         # Give aioquic a moment to put the CONNECTION_CLOSE on the wire.

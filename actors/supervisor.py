@@ -98,7 +98,9 @@ class Supervisor:
         self._health: asyncio.Task[None] | None = None
         removed = sweep_stale_segments()
         if removed:
-            logger.warning("removed %d shared-memory segments left by a crashed run: %s", len(removed), removed)
+            logger.warning(
+                "removed %d shared-memory segments left by a crashed run: %s", len(removed), removed
+            )
 
     async def ready(self) -> str:
         if self._health is None:
@@ -107,11 +109,17 @@ class Supervisor:
 
     # --- streams -----------------------------------------------------------------------
 
-    async def start_stream(self, config: StreamConfig, stream_type: StreamType | None = None) -> StreamSession:
+    async def start_stream(
+        self, config: StreamConfig, stream_type: StreamType | None = None
+    ) -> StreamSession:
         source = parse_source(config.source)
         session_id = uuid.uuid4().hex[:10]
         nodes = [
-            NodeInfo(node_id=n["NodeID"], cpus=float(n["Resources"].get("CPU", 0)), alive=bool(n["Alive"]))
+            NodeInfo(
+                node_id=n["NodeID"],
+                cpus=float(n["Resources"].get("CPU", 0)),
+                alive=bool(n["Alive"]),
+            )
             for n in ray.nodes()
         ]
         node_id = self._scheduler.place(session_id, config.quality, nodes, prefer=self._node_id)
@@ -200,7 +208,9 @@ class Supervisor:
             await self._refresh_stats(stream)
             await self._teardown(stream)
             self._streams.pop(session_id, None)
-        stream.session.state = StreamState.STOPPED if stream.session.error is None else StreamState.ERROR
+        stream.session.state = (
+            StreamState.STOPPED if stream.session.error is None else StreamState.ERROR
+        )
         return stream.session
 
     async def _teardown(self, stream: _Stream) -> None:
@@ -215,7 +225,9 @@ class Supervisor:
             try:
                 stream.session.recording = await call(actors["recorder"].stop.remote())
             except Exception as exc:
-                logger.warning("recorder of %s did not stop cleanly: %s", stream.session.session_id, exc)
+                logger.warning(
+                    "recorder of %s did not stop cleanly: %s", stream.session.session_id, exc
+                )
         for handle in actors.values():
             with contextlib.suppress(Exception):
                 ray.kill(handle, no_restart=True)
@@ -232,7 +244,9 @@ class Supervisor:
         try:
             await call(handle.stop.remote())
         except Exception as exc:
-            logger.warning("%s of %s did not stop cleanly: %s", role, stream.session.session_id, exc)
+            logger.warning(
+                "%s of %s did not stop cleanly: %s", role, stream.session.session_id, exc
+            )
 
     async def adjust_quality(self, session_id: str, quality: StreamQuality) -> StreamSession:
         stream = self._get(session_id)
@@ -277,7 +291,12 @@ class Supervisor:
             kind="sender",
             name=f"kz-{session_id}-{role}",
             node_id=stream.node_id,
-            args=(session_id, viewer_id, segment_name(session_id, "video"), stream.actors["encoder"]),
+            args=(
+                session_id,
+                viewer_id,
+                segment_name(session_id, "video"),
+                stream.actors["encoder"],
+            ),
         )
         try:
             url = await call(handle.open.remote(stream.config.listen_host, port))
@@ -328,7 +347,9 @@ class Supervisor:
 
     async def resources(self) -> ResourceSnapshot:
         pids = {
-            f"{sid}/{role}": pid for sid, stream in self._streams.items() for role, pid in stream.pids.items()
+            f"{sid}/{role}": pid
+            for sid, stream in self._streams.items()
+            for role, pid in stream.pids.items()
         }
         return self._monitor.sample(pids)
 
@@ -347,7 +368,9 @@ class Supervisor:
             capture, encoder = await asyncio.gather(
                 call(actors["capture"].stats.remote()), call(actors["encoder"].stats.remote())
             )
-            senders = await asyncio.gather(*(call(v.handle.stats.remote()) for v in stream.viewers.values()))
+            senders = await asyncio.gather(
+                *(call(v.handle.stats.remote()) for v in stream.viewers.values())
+            )
             quality = await call(actors["quality"].connection_quality.remote())
         except (ray.exceptions.RayActorError, TimeoutError, KizunaError) as exc:
             self._fail(stream, exc)
@@ -368,14 +391,18 @@ class Supervisor:
             average_bitrate=int(bytes_sent * 8 / elapsed / max(len(senders), 1)),
             # One-way network latency estimated as half the QUIC smoothed RTT (RFC 9002 §5.3).
             latency_ms=int(max(rtts, default=0.0) / 2),
-            packet_loss_rate=peer_dropped / (frames_sent + peer_dropped) if frames_sent + peer_dropped else 0.0,
+            packet_loss_rate=peer_dropped / (frames_sent + peer_dropped)
+            if frames_sent + peer_dropped
+            else 0.0,
             last_updated=time.time(),
         )
         for sender in senders:
             viewer = stream.viewers.get(sender.viewer_id)
             if viewer is not None:
                 viewer.status.bytes_sent = sender.bytes_sent
-                viewer.status.connection_quality = quality.get(sender.viewer_id, ConnectionQuality.DISCONNECTED)
+                viewer.status.connection_quality = quality.get(
+                    sender.viewer_id, ConnectionQuality.DISCONNECTED
+                )
                 if not sender.peers:
                     viewer.status.connection_quality = ConnectionQuality.DISCONNECTED
 

@@ -91,7 +91,7 @@ class H264Encoder:
 
     def _open(self, config: EncoderConfig) -> Any:
         try:
-            context = av.CodecContext.create(config.codec, "w")
+            context: Any = av.CodecContext.create(config.codec, "w")
         except (av.error.FFmpegError, ValueError) as exc:  # unknown codec name
             raise EncodingError(f"encoder {config.codec!r} is not available: {exc}") from exc
         context.width = config.width
@@ -125,7 +125,9 @@ class H264Encoder:
         try:
             context.open()
         except av.error.FFmpegError as exc:
-            raise EncodingError(f"cannot open {config.codec} at {config.width}x{config.height}: {exc}") from exc
+            raise EncodingError(
+                f"cannot open {config.codec} at {config.width}x{config.height}: {exc}"
+            ) from exc
         return context
 
     @property
@@ -165,7 +167,12 @@ class H264Encoder:
         for packet in packets:
             keyframe = bool(packet.is_keyframe)
             out.append(
-                EncodedFrame(data=bytes(packet), pts=int(packet.pts), keyframe=keyframe, capture_us=capture_us)
+                EncodedFrame(
+                    data=bytes(packet),
+                    pts=int(packet.pts),
+                    keyframe=keyframe,
+                    capture_us=capture_us,
+                )
             )
             self.frames_encoded += 1
             self.keyframes_encoded += keyframe

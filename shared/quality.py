@@ -83,9 +83,11 @@ class QualityController:
                 estimate *= 1.0 + INCREASE_PER_SECOND * min(elapsed, 2.0)
             self._estimates[item.viewer_id] = min(max(estimate, floor), float(self._ceiling))
         target = int(min(self._estimates.values(), default=float(self._ceiling)))
-        if abs(target - self._applied) < self._applied * MIN_CHANGE_FRACTION and target != self._ceiling:
-            return None
         if target == self._applied:
+            return None
+        small = abs(target - self._applied) < self._applied * MIN_CHANGE_FRACTION
+        # Small moves are not worth a rate-control reconfiguration, except onto a bound.
+        if small and target not in (self._ceiling, int(floor)):
             return None
         self._applied = target
         return target

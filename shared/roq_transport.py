@@ -22,8 +22,9 @@ from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import msgspec
-from aioquic.asyncio import QuicConnectionProtocol, connect, serve
-from aioquic.asyncio.server import QuicServer
+from aioquic.asyncio.client import connect
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.asyncio.server import QuicServer, serve
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import (
     ConnectionTerminated,
@@ -121,7 +122,9 @@ class RoqServer:
             )
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise NetworkError(f"cannot listen on {host}:{port}: the port is already in use") from exc
+                raise NetworkError(
+                    f"cannot listen on {host}:{port}: the port is already in use"
+                ) from exc
             raise NetworkError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
         transport = self._server._transport
         assert transport is not None
@@ -238,7 +241,9 @@ class RoqClient:
         try:
             protocol = await asyncio.wait_for(
                 stack.enter_async_context(
-                    connect(host, port, configuration=configuration, create_protocol=_ClientProtocol)
+                    connect(
+                        host, port, configuration=configuration, create_protocol=_ClientProtocol
+                    )
                 ),
                 timeout,
             )

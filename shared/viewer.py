@@ -12,6 +12,7 @@ PLI (RFC 4585 §6.3.1), at most once per :data:`PLI_INTERVAL_S`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncIterator
@@ -132,7 +133,9 @@ class Viewer:
         pli = RtcpPli(sender_ssrc=VIEWER_SSRC, media_ssrc=self._media_ssrc)
         self._client.send(VIDEO_RTCP_FLOW_ID, pli.serialize())
 
-    async def watch(self, *, seconds: float | None = None, frames: int | None = None) -> ViewerReport:
+    async def watch(
+        self, *, seconds: float | None = None, frames: int | None = None
+    ) -> ViewerReport:
         """Decode until ``seconds`` pass, ``frames`` were decoded, or the stream ends."""
 
         async def consume() -> None:
@@ -140,10 +143,8 @@ class Viewer:
                 if frames is not None and self._report.frames_decoded >= frames:
                     return
 
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(consume(), seconds)
-        except TimeoutError:
-            pass
         return self.report()
 
     def report(self) -> ViewerReport:

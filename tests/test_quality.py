@@ -1,0 +1,97 @@
+"""QualityController and StreamScheduler: pure decisions, literal times."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.errors import ResourceError
+from shared.models import ConnectionQuality, QualityPreset, StreamQuality
+from shared.quality import QualityController, ViewerFeedback, classify_connection
+from shared.scheduler import NodeInfo, StreamScheduler
+
+
+def feedback(viewer: str, loss: float, rtt: float = 10.0) -> ViewerFeedback:
+    return ViewerFeedback(viewer_id=viewer, rtt_ms=rtt, loss_rate=loss)
+
+
+def test_clean_network_keeps_the_ceiling() -> None:
+    controller = QualityController(1_500_000, now=0.0)
+    for second in range(1, 10):
+        assert controller.update([feedback("a", 0.0)], now=float(second)) is None
+
+
+def test_heavy_loss_backs_off_then_recovers_to_the_ceiling() -> None:
+    controller = QualityController(1_000_000, now=0.0)
+    targets = [controller.update([feedback("a", 0.3)], now=float(t)) for t in range(1, 6)]
+    applied = [t for t in targets if t is not None]
+    assert applied and applied == sorted(applied, reverse=True)
+    assert applied[-1] < 600_000
+    now, last = 5.0, applied[-1]
+    for _ in range(60):
+        now += 1.0
+        target = controller.update([feedback("a", 0.0)], now=now)
+        if target is not None:
+            assert target > last
+            last = target
+    assert last == 1_000_000
+
+
+def test_target_is_the_worst_viewer_and_never_below_the_floor() -> None:
+    controller = QualityController(1_000_000, now=0.0)
+    target = None
+    for t in range(1, 40):
+        target = (
+            controller.update([feedback("good", 0.0), feedback("bad", 0.5)], now=float(t)) or target
+        )
+    assert target == 100_000  # 10% floor
+    controller.remove_viewer("bad")
+    assert controller.update([feedback("good", 0.0)], now=41.0) is not None
+
+
+def test_ceiling_change_applies_at_once() -> None:
+    controller = QualityController(1_000_000, now=0.0)
+    controller.set_ceiling(400_000)
+    assert controller.update([feedback("a", 0.0)], now=1.0) == 400_000
+
+
+@pytest.mark.parametrize(
+    ("loss", "rtt", "connected", "expected"),
+    [
+        (0.0, 5, True, ConnectionQuality.EXCELLENT),
+        (0.02, 100, True, ConnectionQuality.GOOD),
+        (0.05, 300, True, ConnectionQuality.FAIR),
+        (0.2, 30, True, ConnectionQuality.POOR),
+        (0.0, 5, False, ConnectionQuality.DISCONNECTED),
+    ],
+)
+def test_classify_connection(
+    loss: float, rtt: float, connected: bool, expected: ConnectionQuality
+) -> None:
+    item = ViewerFeedback(viewer_id="v", rtt_ms=rtt, loss_rate=loss, connected=connected)
+    assert classify_connection(item) == expected
+
+
+def test_scheduler_places_by_pixel_rate_and_refuses_when_full() -> None:
+    scheduler = StreamScheduler(max_streams=8)
+    nodes = [NodeInfo(node_id="n1", cpus=3), NodeInfo(node_id="n2", cpus=1)]
+    medium = StreamQuality.from_preset(QualityPreset.MEDIUM)  # 27.6 Mpx/s
+    ultra = StreamQuality.from_preset(QualityPreset.ULTRA)  # 124 Mpx/s
+    high = StreamQuality.from_preset(QualityPreset.HIGH)  # 62 Mpx/s
+    assert scheduler.place("a", medium, nodes, prefer="n2") == "n2"
+    assert scheduler.place("b", high, nodes, prefer="n2") == "n1"  # n2 has 32 Mpx/s left
+    with pytest.raises(ResourceError, match="no node has capacity"):
+        scheduler.place("c", ultra, nodes)
+    scheduler.release("a")
+    scheduler.release("b")
+    assert scheduler.place("c", ultra, nodes) == "n1"
+    assert scheduler.node_of("c") == "n1"
+
+
+def test_scheduler_stream_limit_and_dead_nodes() -> None:
+    scheduler = StreamScheduler(max_streams=1)
+    low = StreamQuality.from_preset(QualityPreset.LOW)
+    with pytest.raises(ResourceError):
+        scheduler.place("a", low, [NodeInfo(node_id="dead", cpus=8, alive=False)])
+    scheduler.place("a", low, [NodeInfo(node_id="n", cpus=8)])
+    with pytest.raises(ResourceError, match="limit is 1"):
+        scheduler.place("b", low, [NodeInfo(node_id="n", cpus=8)])

@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+import pytest
+
+from shared.errors import ConfigError
+from shared.stream_url import StreamUrl
+
+
+def test_round_trip() -> None:
+    url = StreamUrl(host="127.0.0.1", port=4433, session_id="abc123", fingerprint="sha256:00ff")
+    assert str(url) == "roq://127.0.0.1:4433/abc123?fp=sha256:00ff"
+    assert StreamUrl.parse(str(url)) == url
+
+
+def test_ipv6_host() -> None:
+    url = StreamUrl(host="::1", port=5000, session_id="s")
+    assert str(url) == "roq://[::1]:5000/s"
+    assert StreamUrl.parse(str(url)) == url
+
+
+@pytest.mark.parametrize(
+    "bad", ["http://h:1/s", "roq://h/s", "roq://:5/s", "roq://h:x/s", "roq://h:1/s?fp=md5:00"]
+)
+def test_bad_urls(bad: str) -> None:
+    with pytest.raises(ConfigError):
+        StreamUrl.parse(bad)
