@@ -52,8 +52,8 @@ def _quality(args: argparse.Namespace) -> StreamQuality:
             ) from None
     return StreamQuality(
         resolution=Resolution(width, height),
-        framerate=args.fps or base.framerate,
-        bitrate=int(args.bitrate * 1000) if args.bitrate else base.bitrate,
+        framerate=args.fps if args.fps is not None else base.framerate,
+        bitrate=int(args.bitrate * 1000) if args.bitrate is not None else base.bitrate,
     )
 
 
@@ -135,7 +135,6 @@ async def run_demo(args: argparse.Namespace, stop: asyncio.Event) -> dict[str, A
         reports = [viewer.report() for viewer in viewers]
         for viewer in viewers:
             await viewer.close()
-        active_s = time.time() - session.created_at
         final = await manager.stop_stream(sid)
     status.done()
     assert final is not None
@@ -163,7 +162,7 @@ async def run_demo(args: argparse.Namespace, stop: asyncio.Event) -> dict[str, A
         ],
         "encoder": {
             "frames_encoded": final.stats.frames_encoded,
-            "fps": round(final.stats.frames_encoded / active_s, 2) if active_s > 0 else 0.0,
+            "fps": round(final.stats.encoder_fps, 2),
             "bitrate": final.stats.current_bitrate,
         },
         "frames_dropped": final.stats.frames_dropped,

@@ -38,6 +38,7 @@ class EncoderStats(msgspec.Struct, kw_only=True):
     keyframes: int
     frames_dropped: int
     fps: float
+    average_fps: float
     bitrate: int
     target_bitrate: int
     encode_ms: float
@@ -65,6 +66,7 @@ class EncoderActor:
         self._encode_seconds = 0.0
         self._recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=300)
         self._origin_us: int | None = None
+        self._first_frame_at = 0.0
         self._last_pts = -1
         self._error: str | None = None
 
@@ -122,6 +124,7 @@ class EncoderActor:
         self._dropped += frame.missed
         if self._origin_us is None:
             self._origin_us = frame.capture_us
+            self._first_frame_at = time.monotonic()
         # pts on the 90 kHz clock from capture time; forced monotonic in case the wall
         # clock steps backwards.
         pts = max(
@@ -158,6 +161,7 @@ class EncoderActor:
             keyframes=self._encoder.keyframes_encoded,
             frames_dropped=self._dropped,
             fps=(len(window) - 1) / span if span > 0 else 0.0,
+            average_fps=(frames - 1) / (now - self._first_frame_at) if frames > 1 else 0.0,
             bitrate=int(sum(n for _, n in window[1:]) * 8 / span) if span > 0 else 0,
             target_bitrate=self._encoder.bitrate,
             encode_ms=self._encode_seconds * 1000 / frames if frames else 0.0,

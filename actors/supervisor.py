@@ -395,6 +395,7 @@ class Supervisor:
             if frames_sent + peer_dropped
             else 0.0,
             last_updated=time.time(),
+            encoder_fps=encoder.average_fps,
         )
         for sender in senders:
             viewer = stream.viewers.get(sender.viewer_id)

@@ -164,7 +164,9 @@ class StreamQuality(msgspec.Struct, frozen=True, kw_only=True):
             )
 
     @classmethod
-    def from_preset(cls, preset: QualityPreset, *, hardware_acceleration: bool = False) -> StreamQuality:
+    def from_preset(
+        cls, preset: QualityPreset, *, hardware_acceleration: bool = False
+    ) -> StreamQuality:
         """The design's preset table."""
         try:
             width, height, fps, bitrate = _PRESETS[preset]
@@ -210,6 +212,9 @@ class StreamStats(msgspec.Struct, kw_only=True):
     jitter_ms: int = 0
     packet_loss_rate: float = 0.0
     last_updated: float = 0.0
+    #: Frames per second the encoder achieved since its first frame (not in the design;
+    #: what a broadcaster checks first when a stream stutters).
+    encoder_fps: float = 0.0
 
 
 # --- sources ---------------------------------------------------------------------------------
@@ -257,7 +262,9 @@ class FileSource(msgspec.Struct, frozen=True, tag="file"):
 
 StreamSource = TestPatternSource | CameraSource | ScreenSource | FileSource
 
-_SCREEN_SPEC = re.compile(r"^screen(?::(?P<monitor>\d+))?(?:@(?P<x>\d+),(?P<y>\d+),(?P<w>\d+)x(?P<h>\d+))?$")
+_SCREEN_SPEC = re.compile(
+    r"^screen(?::(?P<monitor>\d+))?(?:@(?P<x>\d+),(?P<y>\d+),(?P<w>\d+)x(?P<h>\d+))?$"
+)
 
 
 def parse_source(spec: str) -> StreamSource:
@@ -283,7 +290,9 @@ def parse_source(spec: str) -> StreamSource:
             raise ConfigError(f"screen source {spec!r}: expected screen[:MONITOR][@X,Y,WxH]")
         region = None
         if match["x"] is not None:
-            region = ScreenRegion(int(match["x"]), int(match["y"]), int(match["w"]), int(match["h"]))
+            region = ScreenRegion(
+                int(match["x"]), int(match["y"]), int(match["w"]), int(match["h"])
+            )
         monitor = int(match["monitor"]) if match["monitor"] is not None else None
         return ScreenSource(monitor_index=monitor, region=region)
     raise ConfigError(

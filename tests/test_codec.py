@@ -8,8 +8,8 @@ import pytest
 from shared.codec import MIN_BITRATE, EncoderConfig, H264Decoder, H264Encoder
 from shared.errors import ConfigError, EncodingError
 from shared.h264_rtp import NAL_IDR, NAL_PPS, NAL_SPS, nal_type, split_annexb
-from shared.stamp import read_stamp
 from shared.testpattern import TestPattern
+from shared.viewer import read_frame_stamp
 
 WIDTH, HEIGHT, FPS = 320, 180, 30
 
@@ -62,7 +62,7 @@ def test_decoder_reads_back_every_stamp() -> None:
     stamps = []
     for index, data, _ in encode_frames(make_encoder(), 30):
         for frame in decoder.decode(data, pts=index * 3000):
-            stamp = read_stamp(frame.to_ndarray()[:HEIGHT])
+            stamp = read_frame_stamp(frame)
             assert stamp is not None
             stamps.append(stamp.frame_number)
     assert stamps == list(range(30))

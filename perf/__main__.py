@@ -1,0 +1,18 @@
+"""Run every benchmark: python -m perf [--json]."""
+
+from __future__ import annotations
+
+import sys
+
+import ray
+
+from perf import bench_latency, bench_pool_handoff
+
+if __name__ == "__main__":
+    flags = [arg for arg in sys.argv[1:] if arg == "--json"]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        bench_pool_handoff.main(flags)
+        bench_latency.main(flags)
+    finally:
+        ray.shutdown()
