@@ -1,0 +1,115 @@
+"""What every ``kizuna-stream`` command shares: exit codes, errors, signals, status output."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgspec
+
+from shared.errors import KizunaError
+from shared.models import QualityPreset, Resolution, StreamQuality
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+T = TypeVar("T")
+
+
+class UsageError(KizunaError):
+    """A command-line argument that cannot work (exit code 2)."""
+
+
+def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
+    presets = [p.value for p in QualityPreset if p is not QualityPreset.CUSTOM]
+    parser.add_argument(
+        "--preset",
+        default="medium",
+        choices=presets,
+        help="quality preset (default medium: 720p30, 1.5 Mbps)",
+    )
+    parser.add_argument("--size", help="override the preset's resolution, e.g. 640x360")
+    parser.add_argument("--fps", type=int, help="override the preset's frame rate")
+    parser.add_argument("--bitrate", type=float, help="override the preset's bitrate, in kbps")
+
+
+def quality_from_args(args: argparse.Namespace) -> StreamQuality:
+    base = StreamQuality.from_preset(QualityPreset(args.preset))
+    if args.size is None and args.fps is None and args.bitrate is None:
+        return base
+    width, height = base.resolution.width, base.resolution.height
+    if args.size is not None:
+        try:
+            width, height = (int(part) for part in args.size.lower().split("x"))
+        except ValueError:
+            raise UsageError(
+                f"--size {args.size!r}: expected WIDTHxHEIGHT, e.g. 1280x720"
+            ) from None
+    return StreamQuality(
+        resolution=Resolution(width, height),
+        framerate=args.fps if args.fps is not None else base.framerate,
+        bitrate=int(args.bitrate * 1000) if args.bitrate is not None else base.bitrate,
+    )
+
+
+class StatusLine:
+    """One line on stderr, rewritten in place while a long command runs."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._width = 0
+
+    def show(self, text: str) -> None:
+        if not self.enabled:
+            return
+        sys.stderr.write("\r" + text.ljust(self._width))
+        sys.stderr.flush()
+        self._width = len(text)
+
+    def done(self) -> None:
+        if self.enabled and self._width:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def report_error(args: argparse.Namespace, exc: BaseException) -> None:
+    """One clear line on stderr (and a JSON error object on stdout with --json), no traceback."""
+    if getattr(args, "json", False):
+        error = {"error": {"kind": type(exc).__name__, "message": str(exc)}}
+        sys.stdout.write(msgspec.json.encode(error).decode() + "\n")
+    print(f"kizuna-stream: error: {exc}", file=sys.stderr)
+
+
+def print_json(value: Any) -> None:
+    sys.stdout.write(msgspec.json.encode(value).decode() + "\n")
+
+
+def run_until_signalled(
+    args: argparse.Namespace, body: Callable[[asyncio.Event], Awaitable[T]]
+) -> T:
+    """Run ``body(stop)`` on a fresh event loop; SIGINT/SIGTERM set ``stop`` so the command
+    can shut down cleanly, and a second signal exits at once."""
+
+    async def main() -> T:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            if stop.is_set():
+                os._exit(EXIT_INTERRUPTED)
+            if not getattr(args, "json", False):
+                sys.stderr.write("\nstopping (Ctrl-C again to quit at once) ...\n")
+            stop.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal)
+        return await body(stop)
+
+    return asyncio.run(main())
