@@ -6,8 +6,8 @@ monitor keeps one object per pid and each ``sample`` covers the interval since t
 
 from __future__ import annotations
 
-import psutil
 import msgspec
+import psutil
 
 __all__ = ["ProcessUsage", "ResourceMonitor", "ResourceSnapshot"]
 
@@ -58,7 +58,9 @@ class ResourceMonitor:
                     )
             except psutil.Error:
                 self._processes.pop(pid, None)
-                usages.append(ProcessUsage(label=label, pid=pid, cpu_percent=0.0, rss_bytes=0, alive=False))
+                usages.append(
+                    ProcessUsage(label=label, pid=pid, cpu_percent=0.0, rss_bytes=0, alive=False)
+                )
         memory = psutil.virtual_memory()
         try:
             shm_free = psutil.disk_usage("/dev/shm").free

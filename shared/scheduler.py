@@ -30,7 +30,9 @@ def pixel_rate(quality: StreamQuality) -> int:
 
 
 class StreamScheduler:
-    def __init__(self, *, max_streams: int = 16, pixels_per_core: int = PIXELS_PER_CORE_PER_SECOND) -> None:
+    def __init__(
+        self, *, max_streams: int = 16, pixels_per_core: int = PIXELS_PER_CORE_PER_SECOND
+    ) -> None:
         self._max_streams = max_streams
         self._pixels_per_core = pixels_per_core
         self._placements: dict[str, tuple[str, int]] = {}
@@ -38,10 +40,19 @@ class StreamScheduler:
     def load(self, node_id: str) -> int:
         return sum(rate for node, rate in self._placements.values() if node == node_id)
 
-    def place(self, session_id: str, quality: StreamQuality, nodes: list[NodeInfo], *, prefer: str | None = None) -> str:
+    def place(
+        self,
+        session_id: str,
+        quality: StreamQuality,
+        nodes: list[NodeInfo],
+        *,
+        prefer: str | None = None,
+    ) -> str:
         """Choose a node for a new stream and record it; ResourceError if none can take it."""
         if len(self._placements) >= self._max_streams:
-            raise ResourceError(f"already running {len(self._placements)} streams (the limit is {self._max_streams})")
+            raise ResourceError(
+                f"already running {len(self._placements)} streams (the limit is {self._max_streams})"
+            )
         needed = pixel_rate(quality)
         candidates = []
         for node in nodes:

@@ -36,7 +36,9 @@ def certificate_fingerprint(der: bytes) -> str:
     return "sha256:" + hashlib.sha256(der).hexdigest()
 
 
-def generate_self_signed(host: str = "localhost", *, now: datetime.datetime | None = None) -> TlsIdentity:
+def generate_self_signed(
+    host: str = "localhost", *, now: datetime.datetime | None = None
+) -> TlsIdentity:
     """A certificate valid for ``host`` (name or IP) and localhost, for 7 days from ``now``."""
     now = now or datetime.datetime.now(datetime.UTC)
     key = ec.generate_private_key(ec.SECP256R1())

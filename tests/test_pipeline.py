@@ -271,14 +271,18 @@ def test_ctrl_c_during_the_demo_stops_cleanly(ray_cluster: str, tmp_path: Path) 
     assert os.path.getsize(recording) > 0
 
 
-def test_a_crashed_encoder_moves_the_stream_to_error_and_stop_still_cleans_up(ray_cluster: str) -> None:
+def test_a_crashed_encoder_moves_the_stream_to_error_and_stop_still_cleans_up(
+    ray_cluster: str,
+) -> None:
     import ray
 
     async def main() -> str:
         async with StreamManager.start() as manager:
             session = await manager.start_camera_stream(StreamConfig(source="test", quality=SMALL))
             sid = session.session_id
-            ray.kill(ray.get_actor(f"kz-{sid}-encoder", namespace="kizuna"))  # as if its process died
+            ray.kill(
+                ray.get_actor(f"kz-{sid}-encoder", namespace="kizuna")
+            )  # as if its process died
             deadline = time.monotonic() + 20
             current = await manager.get_stream(sid)
             while current.state is not StreamState.ERROR and time.monotonic() < deadline:
