@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
+import pkgutil
 import sys
 from collections.abc import Sequence
+from types import ModuleType
 
-from actors import cli_demo
+import actors
 from actors.cli_common import EXIT_USAGE
 
-COMMANDS = [cli_demo]
+
+def command_modules() -> list[ModuleType]:
+    """Every ``actors/cli_<command>.py`` module; each has ``register(subparsers)``."""
+    names = sorted(
+        info.name
+        for info in pkgutil.iter_modules(actors.__path__)
+        if info.name.startswith("cli_") and info.name != "cli_common"
+    )
+    return [importlib.import_module(f"actors.{name}") for name in names]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the actors do")
     commands = parser.add_subparsers(dest="command", required=True)
-    for command in COMMANDS:
+    for command in command_modules():
         command.register(commands)
     return parser
 

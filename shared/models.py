@@ -22,6 +22,7 @@ from shared.errors import ConfigError
 __all__ = [
     "CameraDevice",
     "CameraSource",
+    "AudioConfig",
     "CaptureConfig",
     "ConnectionQuality",
     "CustomQuality",
@@ -326,6 +327,27 @@ class ScreenConfig(msgspec.Struct, frozen=True, kw_only=True):
     monitor_index: int | None = None
 
 
+class AudioConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Audio capture for a stream (StreamType Combined with video, or Audio alone)."""
+
+    #: sounddevice device index or name; None picks the system default input.
+    device: int | str | None = None
+    sample_rate: int = 48_000
+    channels: int = 2
+    #: Opus target bitrate in bits per second.
+    bitrate: int = 64_000
+
+    def __post_init__(self) -> None:
+        if self.sample_rate not in (8_000, 12_000, 16_000, 24_000, 48_000):
+            raise ConfigError(
+                f"sample rate {self.sample_rate} Hz: Opus takes 8, 12, 16, 24 or 48 kHz"
+            )
+        if self.channels not in (1, 2):
+            raise ConfigError(f"{self.channels} channels: 1 or 2 are supported")
+        if not 6_000 <= self.bitrate <= 510_000:
+            raise ConfigError(f"audio bitrate {self.bitrate}: Opus takes 6 to 510 kbps")
+
+
 class RecordingConfig(msgspec.Struct, frozen=True, kw_only=True):
     output_path: str
     format: VideoFormat = VideoFormat.MP4
@@ -350,6 +372,10 @@ class StreamConfig(msgspec.Struct, frozen=True, kw_only=True):
     listen_host: str = "127.0.0.1"
     #: Record the stream locally while it runs.
     record: RecordingConfig | None = None
+    #: Capture audio too (None: video only).
+    audio: AudioConfig | None = None
+    #: Extra simulcast rungs below ``quality``, each encoded once (capped by the source).
+    rungs: tuple[QualityPreset, ...] = ()
     name: str = ""
 
     def __post_init__(self) -> None:
