@@ -20,9 +20,9 @@ import msgspec
 from shared.errors import ConfigError
 
 __all__ = [
+    "AudioConfig",
     "CameraDevice",
     "CameraSource",
-    "AudioConfig",
     "CaptureConfig",
     "ConnectionQuality",
     "CustomQuality",
