@@ -48,6 +48,7 @@ from shared.models import (
 from shared.resources import ResourceMonitor, ResourceSnapshot
 from shared.scheduler import NodeInfo, StreamScheduler
 from shared.shm import segment_name, sweep_stale_segments, unlink_segment
+from shared.tls import TlsIdentity, generate_self_signed, load_identity
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,9 @@ class _Stream:
     config: StreamConfig
     node_id: str
     segments: list[str]
+    #: One certificate per stream, so every sender of it (and every shard of one listen
+    #: address) presents the fingerprint in the stream's URL.
+    identity: TlsIdentity
     actors: dict[str, Any] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
     viewers: dict[str, _Viewer] = field(default_factory=dict)
@@ -122,6 +126,11 @@ class Supervisor:
             )
             for n in ray.nodes()
         ]
+        identity = (
+            load_identity(config.tls_cert_path, config.tls_key_path)
+            if config.tls_cert_path and config.tls_key_path
+            else generate_self_signed(config.listen_host)
+        )
         node_id = self._scheduler.place(session_id, config.quality, nodes, prefer=self._node_id)
         pool_name = segment_name(session_id, "frames")
         ring_name = segment_name(session_id, "video")
@@ -139,6 +148,7 @@ class Supervisor:
             config=config,
             node_id=node_id,
             segments=[pool_name, ring_name],
+            identity=identity,
         )
         self._streams[session_id] = stream
         try:
@@ -299,7 +309,7 @@ class Supervisor:
             ),
         )
         try:
-            url = await call(handle.open.remote(stream.config.listen_host, port))
+            url = await call(handle.open.remote(stream.config.listen_host, port, stream.identity))
         except BaseException:
             stream.actors.pop(role, None)
             ray.kill(handle, no_restart=True)

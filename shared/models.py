@@ -370,6 +370,9 @@ class StreamConfig(msgspec.Struct, frozen=True, kw_only=True):
     pool_slots: int = 4
     #: Address the per-viewer QUIC senders listen on.
     listen_host: str = "127.0.0.1"
+    #: PEM certificate and key for the senders; both None: a self-signed pair made at start.
+    tls_cert_path: str | None = None
+    tls_key_path: str | None = None
     #: Record the stream locally while it runs.
     record: RecordingConfig | None = None
     #: Capture audio too (None: video only).
@@ -384,6 +387,8 @@ class StreamConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError(
                 f"keyframe interval {self.keyframe_interval_s}s must be between 0.1 and 60 s"
             )
+        if (self.tls_cert_path is None) != (self.tls_key_path is None):
+            raise ConfigError("give both a TLS certificate and its key, or neither")
         if not 2 <= self.pool_slots <= 64:
             raise ConfigError(f"pool_slots {self.pool_slots} must be between 2 and 64")
 
