@@ -25,6 +25,7 @@ from actors._spawn import NAMESPACE
 from actors.supervisor import CALL_TIMEOUT_S, Supervisor, unwrap
 from shared.errors import ConfigError, ResourceError
 from shared.models import (
+    RecordingConfig,
     RecordingSession,
     ScreenConfig,
     StreamConfig,
@@ -193,6 +194,51 @@ class StreamManager:
     async def resources(self) -> ResourceSnapshot:
         snapshot: ResourceSnapshot = await self._call(self._supervisor.resources.remote())
         return snapshot
+
+    # --- recordings (the design's RecordingEngine) ----------------------------------------
+
+    async def start_recording(
+        self, session_id: str, config: RecordingConfig, *, viewer_id: str | None = None
+    ) -> RecordingSession:
+        """Record a running stream; with ``viewer_id``, on that viewer's behalf (needs can_record)."""
+        result: RecordingSession = await self._call(
+            self._supervisor.start_recording.remote(session_id, config, viewer_id)
+        )
+        return result
+
+    async def stop_recording(self, recording_id: str) -> RecordingSession:
+        """Finish the recording; the result lists every file (segment) it wrote."""
+        result: RecordingSession = await self._call(
+            self._supervisor.stop_recording.remote(recording_id)
+        )
+        return result
+
+    async def pause_recording(self, recording_id: str) -> RecordingSession:
+        result: RecordingSession = await self._call(
+            self._supervisor.pause_recording.remote(recording_id)
+        )
+        return result
+
+    async def resume_recording(self, recording_id: str) -> RecordingSession:
+        result: RecordingSession = await self._call(
+            self._supervisor.resume_recording.remote(recording_id)
+        )
+        return result
+
+    async def get_recording_status(self, recording_id: str) -> RecordingSession:
+        result: RecordingSession = await self._call(
+            self._supervisor.get_recording_status.remote(recording_id)
+        )
+        return result
+
+    async def schedule_recording(
+        self, session_id: str, config: RecordingConfig, *, start_at: float, duration_s: float
+    ) -> str:
+        """Record from ``start_at`` (wall-clock seconds) for ``duration_s``; returns its id."""
+        result: str = await self._call(
+            self._supervisor.schedule_recording.remote(session_id, config, start_at, duration_s)
+        )
+        return result
 
     async def recording_status(self, session_id: str) -> RecordingSession | None:
         status: RecordingSession | None = await self._call(

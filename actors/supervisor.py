@@ -27,12 +27,13 @@ from actors._spawn import spawn
 from actors.capture import CaptureActor
 from actors.encoder import EncoderActor
 from actors.quality import QualityActor
-from actors.recorder import RecorderActor
+from actors.recordings import Recordings, StreamContext
 from actors.sender import SenderActor
 from shared.errors import ConfigError, KizunaError, PermissionError, StreamNotFoundError
 from shared.models import (
     ConnectionQuality,
     ErrorInfo,
+    RecordingConfig,
     RecordingSession,
     StreamConfig,
     StreamQuality,
@@ -88,7 +89,9 @@ class _Stream:
     actors: dict[str, Any] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
     viewers: dict[str, _Viewer] = field(default_factory=dict)
-    recorder: Any = None
+    #: The recording StreamConfig.record asked for, if any (others are started by API).
+    primary_recording: str | None = None
+    context: StreamContext | None = None
     started: float = field(default_factory=time.monotonic)
     stop_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -100,6 +103,7 @@ class Supervisor:
         self._monitor = ResourceMonitor()
         self._node_id = ray.get_runtime_context().get_node_id()
         self._health: asyncio.Task[None] | None = None
+        self._recordings = Recordings(call)
         removed = sweep_stale_segments()
         if removed:
             logger.warning(
@@ -183,19 +187,17 @@ class Supervisor:
             args=(sid, config.quality, config.keyframe_interval_s, pool_name, ring_name),
         )
         stream.pids["encoder"] = await call(encoder.open.remote())
+        stream.context = StreamContext(
+            session_id=sid,
+            node_id=node,
+            quality=config.quality,
+            ring_names={"video": ring_name, "frames": pool_name}
+            | ({"audio": segment_name(sid, "audio")} if config.audio else {}),
+            encoder=encoder,
+        )
         if config.record is not None:
-            recorder = stream.actors["recorder"] = spawn(
-                RecorderActor,
-                kind="recorder",
-                name=name("recorder"),
-                node_id=node,
-                args=(sid, ring_name, config.record, config.quality),
-            )
-            stream.pids["recorder"] = await call(recorder.open.remote())
-            stream.recorder = recorder
-            await call(encoder.subscribe.remote("recorder", recorder))
-            # The recording starts at a keyframe; ask for one rather than wait a whole GOP.
-            await call(encoder.request_keyframe.remote())
+            started = await self._recordings.start(stream.context, config.record)
+            stream.primary_recording = started.session_id
         quality = stream.actors["quality"] = spawn(
             QualityActor,
             kind="quality",
@@ -231,13 +233,14 @@ class Supervisor:
                 await self._stop_actor(stream, role)
         for viewer_id in list(stream.viewers):
             await self._stop_actor(stream, f"sender-{viewer_id}")
-        if "recorder" in actors:
+        for recording_id in self._recordings.of_stream(stream.session.session_id):
             try:
-                stream.session.recording = await call(actors["recorder"].stop.remote())
+                final = await self._recordings.stop(recording_id)
             except Exception as exc:
-                logger.warning(
-                    "recorder of %s did not stop cleanly: %s", stream.session.session_id, exc
-                )
+                logger.warning("recording %s did not stop cleanly: %s", recording_id, exc)
+                continue
+            if recording_id == stream.primary_recording:
+                stream.session.recording = final
         for handle in actors.values():
             with contextlib.suppress(Exception):
                 ray.kill(handle, no_restart=True)
@@ -360,15 +363,52 @@ class Supervisor:
             f"{sid}/{role}": pid
             for sid, stream in self._streams.items()
             for role, pid in stream.pids.items()
-        }
+        } | self._recordings.pids()
         return self._monitor.sample(pids)
 
     async def recording_status(self, session_id: str) -> RecordingSession | None:
+        """The status of the recording the stream's config asked for, if any."""
         stream = self._get(session_id)
-        if stream.recorder is None:
+        if stream.primary_recording is None:
             return None
-        result: RecordingSession = await call(stream.recorder.status.remote())
-        return result
+        return await self._recordings.status(stream.primary_recording)
+
+    # --- recordings (the design's RecordingEngine) -----------------------------------------
+
+    async def start_recording(
+        self, session_id: str, config: RecordingConfig, viewer_id: str | None = None
+    ) -> RecordingSession:
+        """Start recording a stream; a viewer asking needs ``can_record``."""
+        stream = self._get(session_id)
+        permissions = None
+        if viewer_id is not None:
+            viewer = stream.viewers.get(viewer_id)
+            if viewer is None:
+                raise StreamNotFoundError(f"stream {session_id!r} has no viewer {viewer_id!r}")
+            permissions = viewer.status.permissions
+        assert stream.context is not None
+        return await self._recordings.start(stream.context, config, permissions=permissions)
+
+    async def stop_recording(self, recording_id: str) -> RecordingSession:
+        return await self._recordings.stop(recording_id)
+
+    async def pause_recording(self, recording_id: str) -> RecordingSession:
+        return await self._recordings.pause(recording_id)
+
+    async def resume_recording(self, recording_id: str) -> RecordingSession:
+        return await self._recordings.resume(recording_id)
+
+    async def get_recording_status(self, recording_id: str) -> RecordingSession:
+        return await self._recordings.status(recording_id)
+
+    async def schedule_recording(
+        self, session_id: str, config: RecordingConfig, start_at: float, duration_s: float
+    ) -> str:
+        stream = self._get(session_id)
+        assert stream.context is not None
+        return self._recordings.schedule(
+            stream.context, config, start_at=start_at, duration_s=duration_s
+        )
 
     async def _refresh_stats(self, stream: _Stream) -> None:
         actors = stream.actors
@@ -430,6 +470,10 @@ class Supervisor:
             for stream in list(self._streams.values()):
                 if stream.session.state is StreamState.ACTIVE:
                     await self._refresh_stats(stream)
+            try:
+                await self._recordings.check()
+            except Exception:
+                logger.exception("recording health check failed")
 
     async def shutdown(self) -> list[StreamSession]:
         stopped = []

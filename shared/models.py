@@ -28,6 +28,7 @@ __all__ = [
     "CustomQuality",
     "ErrorInfo",
     "FileSource",
+    "MotionTriggerConfig",
     "PixelFormat",
     "QualityPreset",
     "RecordingConfig",
@@ -348,9 +349,37 @@ class AudioConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError(f"audio bitrate {self.bitrate}: Opus takes 6 to 510 kbps")
 
 
+class MotionTriggerConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Record only while the picture moves, keeping ``pre_roll_s`` from before the motion."""
+
+    #: Mean absolute luma change (0..255) between pictures ~0.2 s apart that counts as motion.
+    threshold: float = 4.0
+    pre_roll_s: float = 3.0
+    #: Keep recording this long after the last motion.
+    hold_s: float = 5.0
+
+
 class RecordingConfig(msgspec.Struct, frozen=True, kw_only=True):
     output_path: str
-    format: VideoFormat = VideoFormat.MP4
+    format: VideoFormat | None = None
+    #: Rotate to a new numbered segment when a file reaches this size or duration.
+    max_bytes: int | None = None
+    max_duration_s: float | None = None
+    #: Delete the oldest recordings in the output folder beyond this many bytes.
+    quota_bytes: int | None = None
+    #: Motion-triggered instead of continuous.
+    trigger: MotionTriggerConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.format is None:
+            suffix = self.output_path.rsplit(".", 1)[-1].lower() if "." in self.output_path else ""
+            try:
+                msgspec.structs.force_setattr(self, "format", VideoFormat(suffix))
+            except ValueError:
+                raise ConfigError(
+                    f"cannot tell the recording format from {self.output_path!r}: "
+                    "use a .mp4, .mov, .avi or .webm name, or give format="
+                ) from None
 
 
 class StreamConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -454,3 +483,7 @@ class RecordingSession(msgspec.Struct, kw_only=True):
     started_at: float
     frames_written: int = 0
     error: ErrorInfo | None = None
+    #: Every file this recording has written so far, first to last.
+    segments: list[str] = msgspec.field(default_factory=list)
+    #: Segments deleted to stay within the folder's quota.
+    deleted: list[str] = msgspec.field(default_factory=list)

@@ -1,0 +1,206 @@
+"""The supervisor's recording bookkeeping: the design's RecordingEngine over RecorderActors.
+
+Each recording session is its own RecorderActor subscribed to its stream's encoder, so a stream
+can have several (a continuous one and a motion-triggered one, say), each started, paused,
+resumed and stopped on its own.  Scheduled recordings wait in a ``RecordingSchedule`` that the
+supervisor's health loop polls.  A recorder whose process dies (killed, out of memory) is
+restarted into the next numbered segment, so a crash costs at most the last fragment of the
+file it was writing plus the restart gap.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from actors._spawn import spawn
+from actors.recorder import RecorderActor
+from shared.errors import PermissionError, StreamNotFoundError
+from shared.models import (
+    RecordingConfig,
+    RecordingSession,
+    RecordingState,
+    StreamQuality,
+    ViewerPermissions,
+)
+from shared.recording_policy import RecordingSchedule, ScheduleAction, ScheduledRecording
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StreamContext:
+    """What a recording needs to know about its stream."""
+
+    session_id: str
+    node_id: str
+    quality: StreamQuality
+    ring_names: dict[str, str]
+    encoder: Any
+
+
+@dataclass
+class _Recording:
+    recording_id: str
+    stream: StreamContext
+    config: RecordingConfig
+    handle: Any = None
+    pid: int = 0
+    segment: int = 0
+    restarts: int = 0
+    last: RecordingSession | None = None
+    segments: list[str] = field(default_factory=list)
+
+
+class Recordings:
+    def __init__(self, call: Any) -> None:
+        self._call = call
+        self._recordings: dict[str, _Recording] = {}
+        self._schedule = RecordingSchedule()
+        self._scheduled: dict[str, tuple[StreamContext, RecordingConfig]] = {}
+        self._ids = itertools.count(1)
+
+    def _new_id(self, session_id: str) -> str:
+        return f"{session_id}-rec{next(self._ids)}"
+
+    def _get(self, recording_id: str) -> _Recording:
+        try:
+            return self._recordings[recording_id]
+        except KeyError:
+            raise StreamNotFoundError(f"no active recording {recording_id!r}") from None
+
+    def of_stream(self, session_id: str) -> list[str]:
+        return [rid for rid, r in self._recordings.items() if r.stream.session_id == session_id]
+
+    def pids(self) -> dict[str, int]:
+        return {rid: r.pid for rid, r in self._recordings.items() if r.pid}
+
+    async def start(
+        self,
+        stream: StreamContext,
+        config: RecordingConfig,
+        *,
+        permissions: ViewerPermissions | None = None,
+        recording_id: str | None = None,
+    ) -> RecordingSession:
+        """Start recording; ``permissions`` are the asking viewer's, if a viewer asked."""
+        if permissions is not None and not permissions.can_record:
+            raise PermissionError("this viewer is not allowed to record the stream")
+        recording = _Recording(recording_id or self._new_id(stream.session_id), stream, config)
+        await self._spawn(recording)
+        self._recordings[recording.recording_id] = recording
+        status: RecordingSession = await self._call(recording.handle.status.remote())
+        recording.last = status
+        return status
+
+    async def _spawn(self, recording: _Recording) -> None:
+        stream = recording.stream
+        handle = spawn(
+            RecorderActor,
+            kind="recorder",
+            name=f"kz-{stream.session_id}-{recording.recording_id.rsplit('-', 1)[-1]}-{recording.restarts}",
+            node_id=stream.node_id,
+            args=(
+                recording.recording_id,
+                stream.session_id,
+                recording.config,
+                stream.quality,
+                stream.ring_names,
+                stream.encoder,
+                recording.segment,
+            ),
+        )
+        try:
+            recording.pid = await self._call(handle.open.remote())
+        except BaseException:
+            ray.kill(handle, no_restart=True)
+            raise
+        recording.handle = handle
+        await self._call(stream.encoder.subscribe.remote(recording.recording_id, handle))
+
+    async def stop(self, recording_id: str) -> RecordingSession:
+        recording = self._get(recording_id)
+        del self._recordings[recording_id]
+        try:
+            await self._call(recording.stream.encoder.unsubscribe.remote(recording_id))
+        except Exception as exc:  # the encoder may already be gone when the stream stops
+            logger.debug("unsubscribe %s: %s", recording_id, exc)
+        try:
+            final: RecordingSession = await self._call(recording.handle.stop.remote())
+        finally:
+            ray.kill(recording.handle, no_restart=True)
+        final.segments = recording.segments + final.segments
+        return final
+
+    async def pause(self, recording_id: str) -> RecordingSession:
+        result: RecordingSession = await self._call(self._get(recording_id).handle.pause.remote())
+        return result
+
+    async def resume(self, recording_id: str) -> RecordingSession:
+        result: RecordingSession = await self._call(self._get(recording_id).handle.resume.remote())
+        return result
+
+    async def status(self, recording_id: str) -> RecordingSession:
+        recording = self._get(recording_id)
+        result: RecordingSession = await self._call(recording.handle.status.remote())
+        result.segments = recording.segments + result.segments
+        return result
+
+    def schedule(
+        self, stream: StreamContext, config: RecordingConfig, *, start_at: float, duration_s: float
+    ) -> str:
+        recording_id = self._new_id(stream.session_id)
+        self._schedule.add(
+            ScheduledRecording(recording_id=recording_id, start_at=start_at, duration_s=duration_s),
+            now=time.time(),
+        )
+        self._scheduled[recording_id] = (stream, config)
+        return recording_id
+
+    async def check(self) -> list[RecordingSession]:
+        """One health round: run the schedule, note progress, restart dead recorders.
+
+        Returns the final status of scheduled recordings that ended this round."""
+        finished = []
+        for action, entry in self._schedule.poll(now=time.time()):
+            stream, config = self._scheduled[entry.recording_id]
+            if action is ScheduleAction.START:
+                try:
+                    await self.start(stream, config, recording_id=entry.recording_id)
+                except Exception as exc:
+                    logger.error(
+                        "scheduled recording %s could not start: %s", entry.recording_id, exc
+                    )
+            elif entry.recording_id in self._recordings:
+                self._scheduled.pop(entry.recording_id, None)
+                finished.append(await self.stop(entry.recording_id))
+        for recording in list(self._recordings.values()):
+            try:
+                recording.last = await self._call(recording.handle.status.remote())
+            except ray.exceptions.RayActorError:
+                await self._restart(recording)
+        return finished
+
+    async def _restart(self, recording: _Recording) -> None:
+        last = recording.last
+        if last is not None:
+            recording.segments += last.segments
+        if last is not None and last.state is RecordingState.ERROR:
+            return  # it failed on purpose (disk full): restarting would fail the same way
+        recording.segment = recording.segment + max(1, len(last.segments) if last else 1)
+        recording.restarts += 1
+        logger.warning(
+            "recorder of %s died; restarting into segment %d",
+            recording.recording_id,
+            recording.segment,
+        )
+        try:
+            await self._spawn(recording)
+        except Exception as exc:
+            logger.error("could not restart recording %s: %s", recording.recording_id, exc)
+            self._recordings.pop(recording.recording_id, None)
