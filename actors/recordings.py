@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import ray
 
 from actors._spawn import spawn
@@ -146,8 +147,16 @@ class Recordings:
         return result
 
     async def status(self, recording_id: str) -> RecordingSession:
+        """The recording's status; while a dead recorder awaits its restart, the last known one."""
         recording = self._get(recording_id)
-        result: RecordingSession = await self._call(recording.handle.status.remote())
+        try:
+            result: RecordingSession = await self._call(recording.handle.status.remote())
+        except ray.exceptions.RayActorError:
+            if recording.last is None:
+                raise
+            return msgspec.structs.replace(
+                recording.last, segments=recording.segments + recording.last.segments
+            )
         result.segments = recording.segments + result.segments
         return result
 
