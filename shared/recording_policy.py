@@ -236,5 +236,11 @@ class RecordingSchedule:
                 actions.append((ScheduleAction.STOP, entry))
         return actions
 
+    def next_due(self) -> float | None:
+        """The wall-clock time of the next start or stop, or None if nothing is scheduled."""
+        times = [e.start_at for e in self._pending.values()]
+        times += [e.start_at + e.duration_s for e in self._running.values()]
+        return min(times, default=None)
+
     def pending(self) -> Iterable[ScheduledRecording]:
         return tuple(self._pending.values())

@@ -36,7 +36,9 @@ QUALITY = StreamQuality(resolution=Resolution(320, 180), framerate=30, bitrate=4
 @contextlib.asynccontextmanager
 async def live_stream() -> AsyncIterator[tuple[StreamManager, str]]:
     async with StreamManager.start() as manager:
-        session = await manager.start_camera_stream(StreamConfig(source="test", quality=QUALITY, keyframe_interval_s=2.0))
+        session = await manager.start_camera_stream(
+            StreamConfig(source="test", quality=QUALITY, keyframe_interval_s=2.0)
+        )
         try:
             yield manager, session.session_id
         finally:
@@ -52,7 +54,9 @@ def frames_and_duration(path: Path) -> tuple[int, float]:
 def test_pause_and_resume_keep_one_continuous_timeline(ray_cluster: str, tmp_path: Path) -> None:
     async def main() -> None:
         async with live_stream() as (manager, sid):
-            recording = await manager.start_recording(sid, RecordingConfig(output_path=str(tmp_path / "talk.mp4")))
+            recording = await manager.start_recording(
+                sid, RecordingConfig(output_path=str(tmp_path / "talk.mp4"))
+            )
             await asyncio.sleep(2.0)
             paused = await manager.pause_recording(recording.session_id)
             assert paused.state is RecordingState.PAUSED
@@ -61,7 +65,9 @@ def test_pause_and_resume_keep_one_continuous_timeline(ray_cluster: str, tmp_pat
             assert resumed.state is RecordingState.RECORDING
             await asyncio.sleep(2.0)
             final = await manager.stop_recording(recording.session_id)
-            assert final.state is RecordingState.STOPPED and final.segments == [str(tmp_path / "talk.mp4")]
+            assert final.state is RecordingState.STOPPED and final.segments == [
+                str(tmp_path / "talk.mp4")
+            ]
 
     asyncio.run(main())
     frames, duration = frames_and_duration(tmp_path / "talk.mp4")
@@ -88,7 +94,9 @@ def test_limits_rotate_into_numbered_segments(
 
     segments = asyncio.run(main())
     assert len(segments) >= min_segments
-    assert [Path(s).name for s in segments[:3]] == ["cam.mp4", "cam-001.mp4", "cam-002.mp4"][: min(3, len(segments))]
+    assert [Path(s).name for s in segments[:3]] == ["cam.mp4", "cam-001.mp4", "cam-002.mp4"][
+        : min(3, len(segments))
+    ]
     for segment in segments[:-1]:  # every full segment respects the limit (one frame of slack)
         frames, duration = frames_and_duration(Path(segment))
         assert frames > 0
@@ -101,7 +109,9 @@ def test_limits_rotate_into_numbered_segments(
 def test_quota_deletes_the_oldest_segments(ray_cluster: str, tmp_path: Path) -> None:
     async def main() -> tuple[list[str], list[str]]:
         async with live_stream() as (manager, sid):
-            config = RecordingConfig(output_path=str(tmp_path / "q.mp4"), max_duration_s=1.0, quota_bytes=150_000)
+            config = RecordingConfig(
+                output_path=str(tmp_path / "q.mp4"), max_duration_s=1.0, quota_bytes=150_000
+            )
             recording = await manager.start_recording(sid, config)
             await asyncio.sleep(6.0)
             final = await manager.stop_recording(recording.session_id)
@@ -111,7 +121,9 @@ def test_quota_deletes_the_oldest_segments(ray_cluster: str, tmp_path: Path) -> 
     assert deleted and deleted == segments[: len(deleted)]  # oldest first
     remaining = sorted(p for p in tmp_path.iterdir())
     assert all(not Path(d).exists() for d in deleted)
-    assert remaining and sum(p.stat().st_size for p in remaining) <= 150_000 + max(p.stat().st_size for p in remaining)
+    assert remaining and sum(p.stat().st_size for p in remaining) <= 150_000 + max(
+        p.stat().st_size for p in remaining
+    )
 
 
 @pytest.fixture
@@ -119,7 +131,11 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     """A 1 MiB tmpfs: a real full disk, not a simulated one."""
     mount_point = tmp_path / "tiny"
     mount_point.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], capture_output=True, text=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+    )
     if result.returncode != 0:
         message = f"cannot mount a tmpfs (needs root): {result.stderr.strip()}"
         if os.environ.get("CI", "").lower() == "true":
@@ -131,7 +147,9 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
-def test_disk_full_ends_the_recording_in_error_but_not_the_stream(ray_cluster: str, tiny_disk: Path) -> None:
+def test_disk_full_ends_the_recording_in_error_but_not_the_stream(
+    ray_cluster: str, tiny_disk: Path
+) -> None:
     path = tiny_disk / "full.mp4"
 
     async def main() -> None:
@@ -156,13 +174,21 @@ def test_disk_full_ends_the_recording_in_error_but_not_the_stream(ray_cluster: s
     assert frames > 30  # what was written before the disk filled still plays
 
 
-def test_a_killed_recorder_is_restarted_into_a_new_segment(ray_cluster: str, tmp_path: Path) -> None:
+def test_a_killed_recorder_is_restarted_into_a_new_segment(
+    ray_cluster: str, tmp_path: Path
+) -> None:
     async def main() -> tuple[list[str], float]:
         async with live_stream() as (manager, sid):
-            recording = await manager.start_recording(sid, RecordingConfig(output_path=str(tmp_path / "k.mp4")))
+            recording = await manager.start_recording(
+                sid, RecordingConfig(output_path=str(tmp_path / "k.mp4"))
+            )
             started = time.monotonic()
             await asyncio.sleep(3.0)
-            pid = next(p.pid for p in (await manager.resources()).processes if p.label == recording.session_id)
+            pid = next(
+                p.pid
+                for p in (await manager.resources()).processes
+                if p.label == recording.session_id
+            )
             os.kill(pid, signal.SIGKILL)
             recorded_before_kill = time.monotonic() - started
             deadline = time.monotonic() + 30
@@ -189,9 +215,15 @@ def test_only_viewers_allowed_to_record_may_start_one(ray_cluster: str, tmp_path
             watcher = await manager.add_viewer(sid, "watcher")
             recorder = await manager.add_viewer(sid, "recorder", ViewerPermissions(can_record=True))
             with pytest.raises(PermissionError):
-                await manager.start_recording(sid, RecordingConfig(output_path=str(tmp_path / "no.mp4")), viewer_id=watcher.viewer_id)
+                await manager.start_recording(
+                    sid,
+                    RecordingConfig(output_path=str(tmp_path / "no.mp4")),
+                    viewer_id=watcher.viewer_id,
+                )
             allowed = await manager.start_recording(
-                sid, RecordingConfig(output_path=str(tmp_path / "yes.mp4")), viewer_id=recorder.viewer_id
+                sid,
+                RecordingConfig(output_path=str(tmp_path / "yes.mp4")),
+                viewer_id=recorder.viewer_id,
             )
             await asyncio.sleep(1.0)
             await manager.stop_recording(allowed.session_id)
@@ -205,7 +237,10 @@ def test_scheduled_recording_starts_and_stops_on_time(ray_cluster: str, tmp_path
     async def main() -> None:
         async with live_stream() as (manager, sid):
             await manager.schedule_recording(
-                sid, RecordingConfig(output_path=str(tmp_path / "s.mp4")), start_at=time.time() + 1.0, duration_s=2.0
+                sid,
+                RecordingConfig(output_path=str(tmp_path / "s.mp4")),
+                start_at=time.time() + 1.0,
+                duration_s=2.0,
             )
             await asyncio.sleep(0.5)
             assert not (tmp_path / "s.mp4").exists()
@@ -216,14 +251,20 @@ def test_scheduled_recording_starts_and_stops_on_time(ray_cluster: str, tmp_path
     assert 1.0 <= duration <= 3.0  # the health loop runs once a second
 
 
-@pytest.mark.parametrize(("threshold", "records"), [(250.0, False), (0.5, True)], ids=["still", "moving"])
-def test_motion_triggered_recording(ray_cluster: str, tmp_path: Path, threshold: float, records: bool) -> None:
+@pytest.mark.parametrize(
+    ("threshold", "records"), [(250.0, False), (0.5, True)], ids=["still", "moving"]
+)
+def test_motion_triggered_recording(
+    ray_cluster: str, tmp_path: Path, threshold: float, records: bool
+) -> None:
     path = tmp_path / "motion.mp4"
 
     async def main() -> None:
         async with live_stream() as (manager, sid):
             trigger = MotionTriggerConfig(threshold=threshold, pre_roll_s=1.0, hold_s=1.0)
-            recording = await manager.start_recording(sid, RecordingConfig(output_path=str(path), trigger=trigger))
+            recording = await manager.start_recording(
+                sid, RecordingConfig(output_path=str(path), trigger=trigger)
+            )
             await asyncio.sleep(3.0)
             await manager.stop_recording(recording.session_id)
 
