@@ -2,14 +2,16 @@
 
 Each recording session is its own RecorderActor subscribed to its stream's encoder, so a stream
 can have several (a continuous one and a motion-triggered one, say), each started, paused,
-resumed and stopped on its own.  Scheduled recordings wait in a ``RecordingSchedule`` that the
-supervisor's health loop polls.  A recorder whose process dies (killed, out of memory) is
+resumed and stopped on its own.  Scheduled recordings wait in a ``RecordingSchedule`` whose timer
+wakes exactly when the next start or stop is due.  A recorder whose process dies (killed, out of memory) is
 restarted into the next numbered segment, so a crash costs at most the last fragment of the
 file it was writing plus the restart gap.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -63,6 +65,8 @@ class Recordings:
         self._call = call
         self._recordings: dict[str, _Recording] = {}
         self._schedule = RecordingSchedule()
+        self._timer: asyncio.Task[None] | None = None
+        self._timer_changed = asyncio.Event()
         self._scheduled: dict[str, tuple[StreamContext, RecordingConfig]] = {}
         self._ids = itertools.count(1)
 
@@ -169,31 +173,48 @@ class Recordings:
             now=time.time(),
         )
         self._scheduled[recording_id] = (stream, config)
+        if self._timer is None or self._timer.done():
+            self._timer = asyncio.create_task(self._run_schedule(), name="recording-schedule")
+        else:
+            self._timer_changed.set()
         return recording_id
 
-    async def check(self) -> list[RecordingSession]:
-        """One health round: run the schedule, note progress, restart dead recorders.
-
-        Returns the final status of scheduled recordings that ended this round."""
-        finished = []
-        for action, entry in self._schedule.poll(now=time.time()):
-            stream, config = self._scheduled[entry.recording_id]
-            if action is ScheduleAction.START:
+    async def _run_schedule(self) -> None:
+        """Sleep until the next scheduled start or stop (not a polling interval), then act."""
+        while (due := self._schedule.next_due()) is not None:
+            self._timer_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._timer_changed.wait(), max(0.0, due - time.time()))
+            for action, entry in self._schedule.poll(now=time.time()):
+                stream, config = self._scheduled[entry.recording_id]
                 try:
-                    await self.start(stream, config, recording_id=entry.recording_id)
+                    if action is ScheduleAction.START:
+                        await self.start(stream, config, recording_id=entry.recording_id)
+                    elif entry.recording_id in self._recordings:
+                        self._scheduled.pop(entry.recording_id, None)
+                        await self.stop(entry.recording_id)
                 except Exception as exc:
                     logger.error(
-                        "scheduled recording %s could not start: %s", entry.recording_id, exc
+                        "scheduled recording %s could not %s: %s",
+                        entry.recording_id,
+                        action.value,
+                        exc,
                     )
-            elif entry.recording_id in self._recordings:
-                self._scheduled.pop(entry.recording_id, None)
-                finished.append(await self.stop(entry.recording_id))
+
+    def cancel_stream(self, session_id: str) -> None:
+        """Forget scheduled recordings of a stream that stopped."""
+        for recording_id, (stream, _) in list(self._scheduled.items()):
+            if stream.session_id == session_id:
+                self._schedule.cancel(recording_id)
+                del self._scheduled[recording_id]
+
+    async def check(self) -> None:
+        """One health round: note each recording's progress and restart dead recorders."""
         for recording in list(self._recordings.values()):
             try:
                 recording.last = await self._call(recording.handle.status.remote())
             except ray.exceptions.RayActorError:
                 await self._restart(recording)
-        return finished
 
     async def _restart(self, recording: _Recording) -> None:
         last = recording.last

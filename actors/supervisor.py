@@ -233,6 +233,7 @@ class Supervisor:
                 await self._stop_actor(stream, role)
         for viewer_id in list(stream.viewers):
             await self._stop_actor(stream, f"sender-{viewer_id}")
+        self._recordings.cancel_stream(stream.session.session_id)
         for recording_id in self._recordings.of_stream(stream.session.session_id):
             try:
                 final = await self._recordings.stop(recording_id)

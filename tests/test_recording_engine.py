@@ -248,7 +248,7 @@ def test_scheduled_recording_starts_and_stops_on_time(ray_cluster: str, tmp_path
 
     asyncio.run(main())
     _, duration = frames_and_duration(tmp_path / "s.mp4")
-    assert 1.0 <= duration <= 3.0  # the health loop runs once a second
+    assert 1.7 <= duration <= 2.4  # started and stopped by a timer, give or take a keyframe
 
 
 @pytest.mark.parametrize(
