@@ -98,14 +98,17 @@ class RecorderActor:
     async def open(self) -> int:
         self._storage.check_writable()
         self._video = PacketRingReader(
-            PacketRing.attach(self._ring_names["video"]), start="latest_keyframe"
+            # From now on, not from the ring's newest keyframe: that could be a whole GOP old,
+            # and a recording starts when it is asked to (at the keyframe requested below).
+            PacketRing.attach(self._ring_names["video"]),
+            start="next",
         )
         self._audio: PacketRingReader | None = None
         self._audio_info: AudioTrackInfo | None = None
         if "audio" in self._ring_names:
             with contextlib.suppress(ResourceError):  # the stream may have no audio after all
                 self._audio = PacketRingReader(
-                    PacketRing.attach(self._ring_names["audio"]), start="latest_keyframe"
+                    PacketRing.attach(self._ring_names["audio"]), start="next"
                 )
                 self._audio_info = AudioTrackInfo()
         self._frames_reader: FramePoolReader | None = None
