@@ -63,6 +63,7 @@ class RecorderActor:
         ring_names: dict[str, str],
         encoder: Any,
         first_segment: int = 0,
+        start_at: float | None = None,
     ) -> None:
         self._id = recording_id
         self._session_id = session_id
@@ -94,6 +95,10 @@ class RecorderActor:
         self._pre_roll = PreRollBuffer(trigger.pre_roll_s) if trigger else None
         self._motion = MotionDetector()
         self._armed = trigger is not None  # waiting for motion: only the pre-roll is kept
+        # A scheduled recording is started ahead of time (a process takes a moment to start)
+        # and writes from the first keyframe at or after ``start_at``.
+        self._start_at_us = int(start_at * 1e6) if start_at is not None else None
+        self._start_keyframe_requested = start_at is None
 
     async def open(self) -> int:
         self._storage.check_writable()
@@ -114,7 +119,7 @@ class RecorderActor:
         self._frames_reader: FramePoolReader | None = None
         if self._trigger is not None:
             self._frames_reader = FramePoolReader(FramePool.attach(self._ring_names["frames"]))
-        else:
+        elif self._start_at_us is None:
             self._encoder.request_keyframe.remote()
         self._task = asyncio.create_task(self._run(), name="record")
         return os.getpid()
@@ -175,6 +180,14 @@ class RecorderActor:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), POLL_INTERVAL_S)
             self._wakeup.clear()
+            start_at_us = self._start_at_us
+            if (
+                not self._start_keyframe_requested
+                and start_at_us
+                and time.time_ns() // 1000 >= start_at_us
+            ):
+                self._start_keyframe_requested = True
+                self._encoder.request_keyframe.remote()
             check_motion = self._trigger is not None and time.monotonic() >= next_motion
             if check_motion:
                 next_motion = time.monotonic() + MOTION_INTERVAL_S
@@ -243,6 +256,8 @@ class RecorderActor:
 
     def _write_video(self, packet: RingPacket) -> None:
         if self._timeline.paused:
+            return
+        if self._start_at_us is not None and packet.capture_us < self._start_at_us:
             return
         if self._timeline.needs_keyframe and not packet.keyframe:
             return  # the file (or the part after a pause) must start at a keyframe

@@ -35,6 +35,9 @@ from shared.recording_policy import RecordingSchedule, ScheduleAction, Scheduled
 
 logger = logging.getLogger(__name__)
 
+#: A scheduled recorder is started this much before its time: starting a process takes a moment.
+SCHEDULE_LEAD_S = 2.0
+
 
 @dataclass
 class StreamContext:
@@ -58,6 +61,7 @@ class _Recording:
     restarts: int = 0
     last: RecordingSession | None = None
     segments: list[str] = field(default_factory=list)
+    start_at: float | None = None
 
 
 class Recordings:
@@ -67,7 +71,7 @@ class Recordings:
         self._schedule = RecordingSchedule()
         self._timer: asyncio.Task[None] | None = None
         self._timer_changed = asyncio.Event()
-        self._scheduled: dict[str, tuple[StreamContext, RecordingConfig]] = {}
+        self._scheduled: dict[str, tuple[StreamContext, RecordingConfig, float]] = {}
         self._ids = itertools.count(1)
 
     def _new_id(self, session_id: str) -> str:
@@ -92,11 +96,14 @@ class Recordings:
         *,
         permissions: ViewerPermissions | None = None,
         recording_id: str | None = None,
+        start_at: float | None = None,
     ) -> RecordingSession:
         """Start recording; ``permissions`` are the asking viewer's, if a viewer asked."""
         if permissions is not None and not permissions.can_record:
             raise PermissionError("this viewer is not allowed to record the stream")
-        recording = _Recording(recording_id or self._new_id(stream.session_id), stream, config)
+        recording = _Recording(
+            recording_id or self._new_id(stream.session_id), stream, config, start_at=start_at
+        )
         await self._spawn(recording)
         self._recordings[recording.recording_id] = recording
         status: RecordingSession = await self._call(recording.handle.status.remote())
@@ -118,6 +125,7 @@ class Recordings:
                 stream.ring_names,
                 stream.encoder,
                 recording.segment,
+                recording.start_at,
             ),
         )
         try:
@@ -168,11 +176,16 @@ class Recordings:
         self, stream: StreamContext, config: RecordingConfig, *, start_at: float, duration_s: float
     ) -> str:
         recording_id = self._new_id(stream.session_id)
+        now = time.time()
+        # Start the recorder's process SCHEDULE_LEAD_S early; it writes from start_at itself.
+        early = max(now, start_at - SCHEDULE_LEAD_S)
         self._schedule.add(
-            ScheduledRecording(recording_id=recording_id, start_at=start_at, duration_s=duration_s),
-            now=time.time(),
+            ScheduledRecording(
+                recording_id=recording_id, start_at=early, duration_s=start_at + duration_s - early
+            ),
+            now=now,
         )
-        self._scheduled[recording_id] = (stream, config)
+        self._scheduled[recording_id] = (stream, config, start_at)
         if self._timer is None or self._timer.done():
             self._timer = asyncio.create_task(self._run_schedule(), name="recording-schedule")
         else:
@@ -186,10 +199,12 @@ class Recordings:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._timer_changed.wait(), max(0.0, due - time.time()))
             for action, entry in self._schedule.poll(now=time.time()):
-                stream, config = self._scheduled[entry.recording_id]
+                stream, config, start_at = self._scheduled[entry.recording_id]
                 try:
                     if action is ScheduleAction.START:
-                        await self.start(stream, config, recording_id=entry.recording_id)
+                        await self.start(
+                            stream, config, recording_id=entry.recording_id, start_at=start_at
+                        )
                     elif entry.recording_id in self._recordings:
                         self._scheduled.pop(entry.recording_id, None)
                         await self.stop(entry.recording_id)
@@ -203,7 +218,7 @@ class Recordings:
 
     def cancel_stream(self, session_id: str) -> None:
         """Forget scheduled recordings of a stream that stopped."""
-        for recording_id, (stream, _) in list(self._scheduled.items()):
+        for recording_id, (stream, _, _) in list(self._scheduled.items()):
             if stream.session_id == session_id:
                 self._schedule.cancel(recording_id)
                 del self._scheduled[recording_id]
