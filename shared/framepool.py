@@ -35,8 +35,7 @@ import dataclasses
 import enum
 from collections.abc import Iterator
 from contextlib import contextmanager
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final
 
 import msgspec
 import numpy as np
@@ -44,7 +43,7 @@ import numpy.typing as npt
 
 from shared.errors import ConfigError, ResourceError
 from shared.models import PixelFormat
-from shared.shm import Segment, SegmentKind, attach_segment, create_segment
+from shared.shm import Segment, SegmentHandle, SegmentKind, attach_segment, create_segment
 
 __all__ = [
     "FramePool",
@@ -121,11 +120,13 @@ class FrameReaderStats(msgspec.Struct, kw_only=True):
     torn_failures: int = 0
 
 
-class FramePool:
+class FramePool(SegmentHandle):
     """A frame pool segment.  The creating handle writes; attached handles only read."""
 
+    kind_name = "frame pool"
+
     def __init__(self, segment: Segment) -> None:
-        self._segment: Final = segment
+        super().__init__(segment)
         buf = segment.buf
         self._words: memoryview = buf.cast("q")
         self.slots: Final = self._words[_P_SLOTS]
@@ -169,27 +170,9 @@ class FramePool:
             segment.close()
             raise
 
-    @property
-    def name(self) -> str:
-        return self._segment.name
-
-    @property
-    def is_writer(self) -> bool:
-        return self._segment.owner
-
-    @property
-    def writer_closed(self) -> bool:
-        """Whether the writer has closed the pool (no more frames will come)."""
-        return self._live_segment().creator_closed
-
     def latest_sequence(self) -> int:
         """Newest committed sequence number (0 before the first frame)."""
         return int(self._words[_P_LATEST])
-
-    def _live_segment(self) -> Segment:
-        if self._segment.closed:
-            raise ResourceError(f"frame pool {self.name} is closed")
-        return self._segment
 
     # --- writer ---------------------------------------------------------------------------
 
@@ -295,32 +278,6 @@ class FramePool:
     def _release_views(self) -> None:
         self._payloads = np.empty((0, 0), np.uint8)
         self._words.release()
-
-    def close(self) -> None:
-        """Unmap this handle (idempotent).  Closing the writer marks the pool closed."""
-        if not self._segment.closed:
-            self._release_views()
-            self._segment.close()
-
-    def unlink(self) -> None:
-        """Remove the pool's name (idempotent).  Normally done by the writer."""
-        self._segment.unlink()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Close; the writer (the creator) also unlinks."""
-        try:
-            if self._segment.owner:
-                self.unlink()
-        finally:
-            self.close()
 
 
 class FramePoolReader:

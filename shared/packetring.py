@@ -35,15 +35,14 @@ Layout after the common shm header (offsets multiples of 64)::
 
 from __future__ import annotations
 
-from types import TracebackType
-from typing import Final, Literal, Self
+from typing import Final, Literal
 
 import msgspec
 import numpy as np
 import numpy.typing as npt
 
 from shared.errors import ConfigError, ResourceError
-from shared.shm import Segment, SegmentKind, attach_segment, create_segment
+from shared.shm import Segment, SegmentHandle, SegmentKind, attach_segment, create_segment
 
 __all__ = ["PacketBatch", "PacketReaderStats", "PacketRing", "PacketRingReader", "RingPacket"]
 
@@ -81,11 +80,13 @@ class PacketReaderStats(msgspec.Struct, kw_only=True):
     resyncs: int = 0
 
 
-class PacketRing:
+class PacketRing(SegmentHandle):
     """A packet ring segment.  The creating handle appends; attached handles only read."""
 
+    kind_name = "packet ring"
+
     def __init__(self, segment: Segment) -> None:
-        self._segment: Final = segment
+        super().__init__(segment)
         buf = segment.buf
         head_words = buf[:_LINE].cast("q")
         self.capacity: Final = head_words[_H_CAPACITY]
@@ -129,19 +130,6 @@ class PacketRing:
             raise
 
     @property
-    def name(self) -> str:
-        return self._segment.name
-
-    @property
-    def is_writer(self) -> bool:
-        return self._segment.owner
-
-    @property
-    def writer_closed(self) -> bool:
-        """Whether the writer has closed the ring (no more packets will come)."""
-        return self._live_segment().creator_closed
-
-    @property
     def max_packet_bytes(self) -> int:
         """Largest packet accepted: a quarter of the ring, so at least four always fit."""
         return int(self.capacity) // 4
@@ -149,11 +137,6 @@ class PacketRing:
     def last_sequence(self) -> int:
         """Newest committed sequence number (0 before the first packet)."""
         return int(self._words[_H_LAST_SEQ])
-
-    def _live_segment(self) -> Segment:
-        if self._segment.closed:
-            raise ResourceError(f"packet ring {self.name} is closed")
-        return self._segment
 
     def append(
         self,
@@ -250,33 +233,10 @@ class PacketRing:
         sequences: npt.NDArray[np.int64] = snapshot[usable, _E_SEQ]
         return sequences
 
-    def close(self) -> None:
-        """Unmap this handle (idempotent).  Closing the writer marks the ring closed."""
-        if not self._segment.closed:
-            self._index = np.empty((0, _WORDS_PER_LINE), np.int64)
-            self._words.release()
-            self._data.release()
-            self._segment.close()
-
-    def unlink(self) -> None:
-        """Remove the ring's name (idempotent).  Normally done by the writer."""
-        self._segment.unlink()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Close; the writer (the creator) also unlinks."""
-        try:
-            if self._segment.owner:
-                self.unlink()
-        finally:
-            self.close()
+    def _release_views(self) -> None:
+        self._index = np.empty((0, _WORDS_PER_LINE), np.int64)
+        self._words.release()
+        self._data.release()
 
 
 class PacketRingReader:

@@ -51,7 +51,8 @@ from collections.abc import Callable
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
-from typing import Any, Final
+from types import TracebackType
+from typing import Any, ClassVar, Final, Self
 
 import psutil
 
@@ -401,3 +402,64 @@ def sweep_stale_segments(prefix: str = "kz_", *, now: float | None = None) -> li
         if verdict is _Verdict.STALE and _shm_unlink(name):
             removed.append(name)
     return removed
+
+
+class SegmentHandle:
+    """The lifetime every structure laid over a segment shares (frame pool, packet ring).
+
+    The creating handle is the writer; ``close`` unmaps (marking the segment closed when the
+    writer closes), ``unlink`` removes the name, and leaving a ``with`` block does both for the
+    writer and closes a reader.
+    """
+
+    #: What the structure is called in error messages.
+    kind_name: ClassVar[str] = "segment"
+
+    def __init__(self, segment: Segment) -> None:
+        self._segment: Final = segment
+
+    @property
+    def name(self) -> str:
+        return self._segment.name
+
+    @property
+    def is_writer(self) -> bool:
+        return self._segment.owner
+
+    @property
+    def writer_closed(self) -> bool:
+        """Whether the writer has closed it (nothing more will be written)."""
+        return self._live_segment().creator_closed
+
+    def _live_segment(self) -> Segment:
+        if self._segment.closed:
+            raise ResourceError(f"{self.kind_name} {self.name} is closed")
+        return self._segment
+
+    def _release_views(self) -> None:
+        """Drop every view into the mapping; a mapping with live views cannot be unmapped."""
+
+    def close(self) -> None:
+        """Unmap this handle (idempotent)."""
+        if not self._segment.closed:
+            self._release_views()
+            self._segment.close()
+
+    def unlink(self) -> None:
+        """Remove the name (idempotent).  Normally done by the writer."""
+        self._segment.unlink()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if self._segment.owner:
+                self.unlink()
+        finally:
+            self.close()
