@@ -27,6 +27,15 @@ if ! "$python" -c 'import ensurepip, venv' >/dev/null 2>&1; then
 fi
 if [ "$mode" = test ]; then
   command -v ffprobe >/dev/null 2>&1 || packages+=("ffmpeg")
+  # Capture tests: an X server to capture (Xvfb, libXfixes for the cursor), a sound server
+  # with a null sink (PulseAudio; paplay plays the test tone), PortAudio for sounddevice and
+  # the ALSA plugin that routes PortAudio's ALSA devices to PulseAudio.
+  command -v Xvfb >/dev/null 2>&1 || packages+=("xvfb")
+  command -v pulseaudio >/dev/null 2>&1 || packages+=("pulseaudio")
+  command -v paplay >/dev/null 2>&1 || packages+=("pulseaudio-utils")
+  for lib in libportaudio2 libasound2-plugins libx11-6 libxfixes3; do
+    dpkg -s "$lib" >/dev/null 2>&1 || packages+=("$lib")
+  done
 fi
 if [ ${#packages[@]} -gt 0 ]; then
   apt_line="apt-get install -y --no-install-recommends ${packages[*]}"
