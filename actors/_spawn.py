@@ -26,7 +26,15 @@ CPU_RESERVATION: dict[str, float] = {
 }
 
 
-def spawn(cls: type, *, kind: str, name: str, node_id: str, args: tuple[Any, ...] = ()) -> Any:
+def spawn(
+    cls: type,
+    *,
+    kind: str,
+    name: str,
+    node_id: str,
+    args: tuple[Any, ...] = (),
+    options: dict[str, Any] | None = None,
+) -> Any:
     """Start ``cls`` as an actor on ``node_id``; it dies with its owner (the supervisor)."""
     return (
         ray.remote(cls)
@@ -36,6 +44,7 @@ def spawn(cls: type, *, kind: str, name: str, node_id: str, args: tuple[Any, ...
             num_cpus=CPU_RESERVATION[kind],
             max_restarts=0,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
+            **(options or {}),
         )
         .remote(*args)
     )

@@ -30,13 +30,22 @@ from actors.cli_common import (
     run_until_signalled,
 )
 from shared.errors import KizunaError
-from shared.models import RecordingConfig, StreamConfig, parse_source
+from shared.models import AudioConfig, RecordingConfig, StreamConfig, parse_source
 
 
 def register(commands: Any) -> None:
     demo = commands.add_parser("demo", help="run a whole broadcast on this machine and report it")
     demo.add_argument("--seconds", type=float, default=10.0, help="how long to stream (default 10)")
     demo.add_argument("--viewers", type=int, default=2, help="viewer clients to start (default 2)")
+    demo.add_argument(
+        "--audio",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="DEVICE",
+        help="capture audio too: the default input, or DEVICE (index or name); "
+        "with a file source, the file's own audio track",
+    )
     demo.add_argument(
         "--source", default="test", help="test (default), camera:N, screen[:M][@X,Y,WxH], file:PATH"
     )
@@ -83,7 +92,15 @@ async def run_demo(args: argparse.Namespace, stop: asyncio.Event) -> dict[str, A
     if args.record:
         path = Path(args.record).resolve()
         record = RecordingConfig(output_path=str(path))
-    config = StreamConfig(source=args.source, quality=quality_from_args(args), record=record)
+    audio = None
+    if args.audio is not None:
+        device: int | str | None = args.audio or None
+        if isinstance(device, str) and device.isdigit():
+            device = int(device)
+        audio = AudioConfig(device=device)
+    config = StreamConfig(
+        source=args.source, quality=quality_from_args(args), record=record, audio=audio
+    )
     status = StatusLine(enabled=not args.json)
     status.show("starting Ray and the stream actors ...")
     async with StreamManager.start(address=args.address, dashboard=args.dashboard) as manager:

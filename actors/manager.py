@@ -19,6 +19,7 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
 import ray
 
 from actors._spawn import NAMESPACE
@@ -117,6 +118,7 @@ class StreamManager:
     async def start_screen_stream(
         self, screen: ScreenConfig, config: StreamConfig | None = None
     ) -> StreamSession:
+        """Stream a monitor or a region of it; ``config`` sets quality, recording and so on."""
         spec = "screen"
         if screen.monitor_index is not None:
             spec += f":{screen.monitor_index}"
@@ -126,17 +128,26 @@ class StreamManager:
         base = config or StreamConfig()
         if not base.source.startswith("screen") and base.source != "test":
             raise ConfigError(f"start_screen_stream got a non-screen source {base.source!r}")
-        stream_config = StreamConfig(
-            source=spec,
-            quality=base.quality,
-            keyframe_interval_s=base.keyframe_interval_s,
-            pool_slots=base.pool_slots,
-            listen_host=base.listen_host,
-            record=base.record,
-            name=base.name,
-        )
+        stream_config = msgspec.structs.replace(base, source=spec)
         session: StreamSession = await self._call(
-            self._supervisor.start_stream.remote(stream_config, StreamType.SCREEN)
+            self._supervisor.start_stream.remote(stream_config, StreamType.SCREEN, screen)
+        )
+        return session
+
+    async def start_audio_stream(self, config: StreamConfig) -> StreamSession:
+        """Audio only (StreamType Audio): ``config.audio`` says which input."""
+        if config.audio is None:
+            raise ConfigError("start_audio_stream needs StreamConfig(audio=AudioConfig(...))")
+        session: StreamSession = await self._call(
+            self._supervisor.start_stream.remote(config, StreamType.AUDIO)
+        )
+        return session
+
+    async def switch_source(self, session_id: str, source: str) -> StreamSession:
+        """Switch a running stream's video source (``camera:N``, ``screen``, ``file:PATH``, ``test``)
+        without viewers reconnecting."""
+        session: StreamSession = await self._call(
+            self._supervisor.switch_source.remote(session_id, source)
         )
         return session
 

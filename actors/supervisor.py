@@ -25,16 +25,18 @@ import ray
 
 from actors._spawn import spawn
 from actors.capture import CaptureActor
-from actors.encoder import EncoderActor
+from actors.encoder import EncoderActor, encoder_actor_options, ladder_ring_names
 from actors.quality import QualityActor
 from actors.recordings import Recordings, StreamContext
 from actors.sender import SenderActor
 from shared.errors import ConfigError, KizunaError, PermissionError, StreamNotFoundError
 from shared.models import (
+    AudioConfig,
     ConnectionQuality,
     ErrorInfo,
     RecordingConfig,
     RecordingSession,
+    ScreenConfig,
     StreamConfig,
     StreamQuality,
     StreamSession,
@@ -45,8 +47,10 @@ from shared.models import (
     ViewerStatus,
     ViewerTicket,
     parse_source,
+    source_stream_type,
 )
-from shared.resources import ResourceMonitor, ResourceSnapshot
+from shared.resources import ResourceMonitor, ResourceSnapshot, StreamLoad
+from shared.scaler import plan_ladder
 from shared.scheduler import NodeInfo, StreamScheduler
 from shared.shm import segment_name, sweep_stale_segments, unlink_segment
 from shared.tls import TlsIdentity, generate_self_signed, load_identity
@@ -86,6 +90,7 @@ class _Stream:
     #: One certificate per stream, so every sender of it (and every shard of one listen
     #: address) presents the fingerprint in the stream's URL.
     identity: TlsIdentity
+    screen: ScreenConfig | None = None
     actors: dict[str, Any] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
     viewers: dict[str, _Viewer] = field(default_factory=dict)
@@ -118,9 +123,24 @@ class Supervisor:
     # --- streams -----------------------------------------------------------------------
 
     async def start_stream(
-        self, config: StreamConfig, stream_type: StreamType | None = None
+        self,
+        config: StreamConfig,
+        stream_type: StreamType | None = None,
+        screen: ScreenConfig | None = None,
     ) -> StreamSession:
         source = parse_source(config.source)
+        if screen is not None and screen.capture_audio and config.audio is None:
+            config = msgspec.structs.replace(config, audio=AudioConfig())
+        if stream_type is None or (
+            config.audio is not None and stream_type is not StreamType.AUDIO
+        ):
+            stream_type = StreamType.COMBINED if config.audio else source_stream_type(source)
+        if stream_type is StreamType.AUDIO and config.audio is None:
+            raise ConfigError("an audio stream needs StreamConfig.audio")
+        if stream_type is StreamType.AUDIO and config.record is not None:
+            raise ConfigError(
+                "recording an audio-only stream is not supported yet; record a combined stream"
+            )
         session_id = uuid.uuid4().hex[:10]
         nodes = [
             NodeInfo(
@@ -137,11 +157,14 @@ class Supervisor:
         )
         node_id = self._scheduler.place(session_id, config.quality, nodes, prefer=self._node_id)
         pool_name = segment_name(session_id, "frames")
-        ring_name = segment_name(session_id, "video")
+        ladder = plan_ladder(config.quality, config.rungs)  # a ConfigError before any actor starts
+        ring_names = ladder_ring_names(session_id, ladder.rungs)
+        ring_name = ring_names[0]
+        audio_ring = segment_name(session_id, "audio") if config.audio else None
         stream = _Stream(
             session=StreamSession(
                 session_id=session_id,
-                stream_type=stream_type or StreamType.CAMERA,
+                stream_type=stream_type,
                 source=source,
                 viewers=[],
                 quality=config.quality,
@@ -151,8 +174,9 @@ class Supervisor:
             ),
             config=config,
             node_id=node_id,
-            segments=[pool_name, ring_name],
+            segments=[pool_name, *ring_names] + ([audio_ring] if audio_ring else []),
             identity=identity,
+            screen=screen,
         )
         self._streams[session_id] = stream
         try:
@@ -167,31 +191,63 @@ class Supervisor:
 
     async def _start_actors(self, stream: _Stream, pool_name: str, ring_name: str) -> None:
         sid, config, node = stream.session.session_id, stream.config, stream.node_id
+        video = stream.session.stream_type is not StreamType.AUDIO
 
         def name(role: str) -> str:
             return f"kz-{sid}-{role}"
 
+        # Capture opens every source before it creates the frame pool and the audio ring, so
+        # a bad source fails here, before anything else exists; the encoder and the senders
+        # attach to what it created, so it goes first.
         capture = stream.actors["capture"] = spawn(
             CaptureActor,
             kind="capture",
             name=name("capture"),
             node_id=node,
-            args=(sid, stream.session.source, config.quality, pool_name, config.pool_slots),
+            args=(
+                sid,
+                stream.session.source,
+                config.quality,
+                pool_name,
+                config.pool_slots,
+                config.audio,
+                segment_name(sid, "audio") if config.audio else None,
+                stream.screen,
+                None,
+                video,
+            ),
         )
         stream.pids["capture"] = await call(capture.open.remote())
+        if not video:
+            await call(capture.start.remote(None))
+            return
         encoder = stream.actors["encoder"] = spawn(
             EncoderActor,
             kind="encoder",
             name=name("encoder"),
             node_id=node,
-            args=(sid, config.quality, config.keyframe_interval_s, pool_name, ring_name),
+            args=(
+                sid,
+                config.quality,
+                config.keyframe_interval_s,
+                pool_name,
+                ring_name,
+                config.rungs,
+            ),
+            # A hardware encoder asks Ray for a GPU, but only where the chosen node has one:
+            # with hard node affinity, asking elsewhere would never schedule.
+            options=encoder_actor_options(
+                config.quality.hardware_acceleration, node_gpus=_node_gpus(node)
+            ),
         )
         stream.pids["encoder"] = await call(encoder.open.remote())
+        rung_rings = await call(encoder.rung_names.remote())
         stream.context = StreamContext(
             session_id=sid,
             node_id=node,
             quality=config.quality,
             ring_names={"video": ring_name, "frames": pool_name}
+            | {f"video{n}": r for n, r in enumerate(rung_rings[1:], 1)}
             | ({"audio": segment_name(sid, "audio")} if config.audio else {}),
             encoder=encoder,
         )
@@ -262,16 +318,32 @@ class Supervisor:
                 "%s of %s did not stop cleanly: %s", role, stream.session.session_id, exc
             )
 
-    async def adjust_quality(self, session_id: str, quality: StreamQuality) -> StreamSession:
+    async def switch_source(self, session_id: str, source: str) -> StreamSession:
+        """Switch a running stream to another source; viewers stay connected (the capture
+        actor opens the new source first, swaps it in at the next frame and asks for a
+        keyframe)."""
         stream = self._get(session_id)
-        current = stream.session.quality
-        if (quality.resolution, quality.framerate) != (current.resolution, current.framerate):
-            raise ConfigError(
-                "a running stream can change its bitrate; resolution and frame rate are fixed "
-                f"at start ({current.resolution}@{current.framerate})"
-            )
-        await call(stream.actors["quality"].set_ceiling.remote(quality.bitrate))
-        stream.session.quality = quality
+        if stream.session.stream_type is StreamType.AUDIO:
+            raise ConfigError("an audio-only stream has no video source to switch")
+        parse_source(source)  # a ConfigError here, before any actor is asked
+        info = await call(stream.actors["capture"].switch_source.remote(source))
+        stream.session.source = info.spec
+        if stream.session.stream_type is not StreamType.COMBINED:
+            stream.session.stream_type = source_stream_type(info.spec)
+        return stream.session
+
+    async def adjust_quality(self, session_id: str, quality: StreamQuality) -> StreamSession:
+        """Change a running stream's quality: bitrate within one GOP, resolution or frame rate
+        at an IDR with continuous timestamps (the encoder reopens and scales the pool's
+        frames); viewers stay connected."""
+        stream = self._get(session_id)
+        if "encoder" not in stream.actors:
+            raise ConfigError("an audio-only stream has no video quality to adjust")
+        # The encoder first, so a raised ceiling reopens it once before the quality actor
+        # retargets the rate.
+        applied: StreamQuality = await call(stream.actors["encoder"].configure.remote(quality))
+        await call(stream.actors["quality"].set_ceiling.remote(applied.bitrate))
+        stream.session.quality = applied
         return stream.session
 
     async def get_active_streams(self) -> list[StreamSession]:
@@ -309,7 +381,7 @@ class Supervisor:
                 session_id,
                 viewer_id,
                 segment_name(session_id, "video"),
-                stream.actors["encoder"],
+                stream.actors.get("encoder"),
             ),
         )
         try:
@@ -319,8 +391,9 @@ class Supervisor:
             ray.kill(handle, no_restart=True)
             raise
         stream.pids[role] = (await call(handle.stats.remote())).pid
-        await call(stream.actors["encoder"].subscribe.remote(role, handle))
-        await call(stream.actors["quality"].add_sender.remote(viewer_id, handle))
+        if "encoder" in stream.actors:
+            await call(stream.actors["encoder"].subscribe.remote(role, handle))
+            await call(stream.actors["quality"].add_sender.remote(viewer_id, handle))
         stream.viewers[viewer_id] = _Viewer(
             handle=handle,
             status=ViewerStatus(
@@ -365,7 +438,24 @@ class Supervisor:
             for sid, stream in self._streams.items()
             for role, pid in stream.pids.items()
         } | self._recordings.pids()
-        return self._monitor.sample(pids)
+        loads = []
+        for sid, stream in list(self._streams.items()):
+            if "capture" not in stream.actors:
+                continue
+            try:
+                capture = await call(stream.actors["capture"].stats.remote())
+            except Exception:  # a stream stopping meanwhile; its processes show as gone
+                continue
+            loads.append(
+                StreamLoad(
+                    session_id=sid,
+                    capture_fps=capture.fps,
+                    frames_skipped=capture.frames_skipped,
+                    frames_decimated=capture.frames_decimated,
+                    audio_overflows=capture.audio.overflows if capture.audio else 0,
+                )
+            )
+        return self._monitor.sample(pids, loads)
 
     async def recording_status(self, session_id: str) -> RecordingSession | None:
         """The status of the recording the stream's config asked for, if any."""
@@ -447,6 +537,7 @@ class Supervisor:
             else 0.0,
             last_updated=time.time(),
             encoder_fps=encoder.average_fps,
+            hardware_fallbacks=encoder.hardware_fallbacks,
         )
         for sender in senders:
             viewer = stream.viewers.get(sender.viewer_id)
@@ -490,3 +581,9 @@ class Supervisor:
 def session_to_dict(session: StreamSession) -> dict[str, Any]:
     result: dict[str, Any] = msgspec.to_builtins(session)
     return result
+
+
+def _node_gpus(node_id: str) -> float:
+    return next(
+        (float(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n["NodeID"] == node_id), 0.0
+    )

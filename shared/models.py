@@ -217,6 +217,8 @@ class StreamStats(msgspec.Struct, kw_only=True):
     #: Frames per second the encoder achieved since its first frame (not in the design;
     #: what a broadcaster checks first when a stream stutters).
     encoder_fps: float = 0.0
+    #: Times a hardware encoder failed mid-stream and libx264 took over.
+    hardware_fallbacks: int = 0
 
 
 # --- sources ---------------------------------------------------------------------------------

