@@ -81,6 +81,10 @@ def test_the_issue_example_starts_lists_and_stops(ray_cluster: str) -> None:
             active = await manager.get_active_streams()
             assert [s.session_id for s in active] == [session.session_id]
             assert active[0].state is StreamState.ACTIVE
+            deadline = time.monotonic() + 20  # Active means every stage is up; frames follow
+            while (await manager.get_stream(session.session_id)).stats.frames_encoded == 0:
+                assert time.monotonic() < deadline, "no frame encoded"
+                await asyncio.sleep(0.2)
             stopped = await manager.stop_stream(session.session_id)
             assert stopped is not None and stopped.state is StreamState.STOPPED
             assert stopped.stats.frames_encoded > 0
