@@ -71,10 +71,16 @@ class QualityActor:
             self._previous[viewer_id] = (sent, dropped)
             delta_sent, delta_dropped = sent - previous_sent, dropped - previous_dropped
             total = delta_sent + delta_dropped
+            # Network loss from the viewers' reports, or frames the sender had to drop for a
+            # viewer that could not keep up, whichever is worse.  With sharded senders one
+            # "viewer" here is a shard of peers: the weakest sets the shared encoder's rate.
             item = ViewerFeedback(
                 viewer_id=viewer_id,
                 rtt_ms=max(peer.rtt_ms for peer in stats.peers),
-                loss_rate=delta_dropped / total if total else 0.0,
+                loss_rate=max(
+                    max(peer.loss for peer in stats.peers), delta_dropped / total if total else 0.0
+                ),
+                estimate_bps=min((peer.estimate_bps for peer in stats.peers), default=None) or None,
             )
             self._connection[viewer_id] = classify_connection(item)
             feedback.append(item)

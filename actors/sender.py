@@ -1,11 +1,25 @@
-"""SenderActor: one viewer's RTP-over-QUIC server, fed from the shared packet ring.
+"""SenderActor: a QUIC server for a stream's viewers, fed from the shared packet rings.
 
-Each viewer gets its own actor (and so its own process and event loop): a viewer on a slow
-network, or one whose QUIC connection is being torn down, never delays the others, and viewers
-fan out in parallel across cores.  The actor reads access units from the packet ring the
-encoder fills, packetizes them for RTP (RFC 6184) and sends them in QUIC DATAGRAM frames
-(draft-ietf-avtcore-rtp-over-quic-14 §5.3).  A viewer's PLI becomes a keyframe request to the
-encoder.
+It is the sending half of the design's NetworkStreamer (the receiving half is
+``shared/viewer.py``):
+
+- ``start_streaming(peer, stream)`` is ``StreamManager.add_viewer``, which starts this actor;
+  each viewer that connects to its URL gets a connection and its own RTP state;
+- ``adjust_bitrate(connection, bitrate)`` is :meth:`SenderActor.adjust_bitrate` (a cap on that
+  connection's bandwidth estimate; the shared encoder's target is the QualityActor's);
+- ``get_stream_stats(connection)`` is :meth:`SenderActor.get_stream_stats`;
+- ``close_stream(connection)`` is :meth:`SenderActor.close_stream` (or ``remove_viewer``).
+
+The actor is its own process and event loop, so viewers fan out in parallel across cores and
+one slow viewer never delays the others.  Several actors can serve one listen address: each
+binds the port with ``SO_REUSEPORT`` and the kernel keeps each client on one of them.
+
+Tracks are generic: video from the encoder's ring (H.264, flows 0/1, 90 kHz) and, when the
+stream has audio, Opus from the ``audio`` ring (flows 2/3, 48 kHz).  Each frame is packetized
+once and handed to every connection through :class:`shared.rtp_sender.BroadcastSender`, which
+answers RTCP (NACK from a bounded history, PLI, RR, transport-wide feedback for the bandwidth
+estimate).  A PLI becomes a keyframe request to the encoder, at most every
+:data:`KEYFRAME_REQUEST_INTERVAL_S`.
 """
 
 from __future__ import annotations
@@ -14,26 +28,31 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
+import time
 from typing import Any
 
 import msgspec
 
-from shared.errors import ProtocolError
+from shared.errors import ResourceError
+from shared.models import StreamStats
 from shared.packetring import PacketRing, PacketRingReader, RingPacket
-from shared.roq import VIDEO_FLOW_ID, VIDEO_RTCP_FLOW_ID, encode_datagram
-from shared.roq_transport import PeerStats, RoqServer
-from shared.rtp import RtcpPli, parse_rtcp_compound
-from shared.rtp_sender import H264RtpSender
+from shared.roq import RoqErrorCode
+from shared.roq_transport import PeerStats, RoqConnection, RoqServer
+from shared.rtp_sender import AUDIO_TRACK, VIDEO_TRACK, BroadcastSender, MediaTrack
+from shared.shm import segment_name
 from shared.stream_url import StreamUrl
 from shared.tls import TlsIdentity, generate_self_signed
 
 logger = logging.getLogger(__name__)
 
-
 #: A batch spanning more capture time than this is a backlog (the actor stalled): live viewers
 #: are better served from its newest keyframe than by a burst of stale frames.
 STALE_BATCH_US = 250_000
+#: How often the actor wakes without a ``packets_ready`` call: RTCP timers, and audio.
+POLL_INTERVAL_S = 0.01
+KEYFRAME_REQUEST_INTERVAL_S = 0.25
+#: Where each viewer's bandwidth estimate starts (it adapts within a few seconds).
+INITIAL_ESTIMATE_BPS = 2_000_000
 
 
 def skip_to_fresh_keyframe(packets: list[RingPacket]) -> list[RingPacket]:
@@ -45,48 +64,106 @@ def skip_to_fresh_keyframe(packets: list[RingPacket]) -> list[RingPacket]:
     return packets
 
 
+class PeerStatus(PeerStats, kw_only=True):
+    """A connection's transport counters and what its viewer's feedback says."""
+
+    loss: float = 0.0
+    """Fraction lost over the last feedback interval (transport-wide feedback, else RR)."""
+    jitter_ms: float = 0.0
+    estimate_bps: int = 0
+    """The send-side bandwidth estimate for this viewer (GCC-style, ``shared.bandwidth``)."""
+    nacks_received: int = 0
+    retransmissions: int = 0
+    keyframe_requests: int = 0
+
+
 class SenderStats(msgspec.Struct, kw_only=True):
     pid: int
     viewer_id: str
     url: str
-    peers: list[PeerStats]
+    peers: list[PeerStatus]
     frames_sent: int
     frames_missed: int
     packets_sent: int
     bytes_sent: int
+    """Every connection's, including those that have left."""
     keyframe_requests: int
+    tracks: list[str] = msgspec.field(default_factory=list)
     error: str | None = None
 
 
+class _TrackSource:
+    def __init__(self, index: int, spec: MediaTrack, ring: PacketRing, start: Any) -> None:
+        self.index, self.spec, self.ring = index, spec, ring
+        self.reader = PacketRingReader(ring, start=start)
+        # Nobody is connected yet: what is in the ring now is history, not something to send.
+        self.reader.read_available()
+
+
 class SenderActor:
-    def __init__(self, session_id: str, viewer_id: str, ring_name: str, encoder: Any) -> None:
+    def __init__(
+        self,
+        session_id: str,
+        viewer_id: str,
+        ring_name: str,
+        encoder: Any,
+        audio_ring_name: str | None = None,
+    ) -> None:
         self._session_id = session_id
         self._viewer_id = viewer_id
         self._ring_name = ring_name
+        self._audio_ring_name = audio_ring_name or segment_name(session_id, "audio")
         self._encoder = encoder
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._frames_sent = 0
+        self._sources: list[_TrackSource] = []
         self._frames_missed = 0
         self._keyframe_requests = 0
+        self._last_keyframe_request = -1e9
+        self._keyframe_pending = False
         self._url = ""
         self._error: str | None = None
-        self._rtp = H264RtpSender(
-            ssrc=random.getrandbits(32),
-            initial_sequence=random.getrandbits(16),
-            timestamp_offset=random.getrandbits(32),
-        )
+        self._started = time.monotonic()
+        self._departed_bytes = 0
 
-    async def open(self, host: str, port: int, identity: TlsIdentity | None = None) -> str:
-        """Listen for the viewer; returns the URL it connects to."""
+    async def open(
+        self,
+        host: str,
+        port: int,
+        identity: TlsIdentity | None = None,
+        reuse_port: bool | None = None,
+    ) -> str:
+        """Listen for viewers; returns the URL they connect to.
+
+        ``reuse_port`` (default: whenever a fixed port is given) lets several senders share
+        the port; a port held by a socket without SO_REUSEPORT is still "already in use".
+        """
         identity = identity or generate_self_signed(host)
-        self._server = RoqServer(identity, on_rtcp=self._on_rtcp)
-        self._server.on_connect = self._on_connect
-        await self._server.start(host, port)
-        self._ring = PacketRing.attach(self._ring_name)
-        self._reader = PacketRingReader(self._ring, start="latest_keyframe")
-        # Nobody is connected yet: what is in the ring now is history, not something to send.
-        self._reader.read_available()
+        video = PacketRing.attach(self._ring_name)
+        self._sources = [_TrackSource(0, VIDEO_TRACK, video, "latest_keyframe")]
+        try:
+            audio = PacketRing.attach(self._audio_ring_name)
+        except ResourceError:
+            pass  # the stream has no audio
+        else:
+            self._sources.append(_TrackSource(1, AUDIO_TRACK, audio, "next"))
+        self._broadcast = BroadcastSender(
+            [source.spec for source in self._sources], initial_bps=INITIAL_ESTIMATE_BPS
+        )
+        self._server = RoqServer(
+            identity,
+            on_packet=self._on_packet,
+            on_connect=self._on_connect,
+            on_disconnect=self._on_disconnect,
+        )
+        try:
+            await self._server.start(
+                host, port, reuse_port=port != 0 if reuse_port is None else reuse_port
+            )
+        except BaseException:
+            for source in self._sources:
+                source.ring.close()
+            raise
         self._task = asyncio.create_task(self._run(), name="send")
         self._url = str(
             StreamUrl(
@@ -104,61 +181,131 @@ class SenderActor:
     async def _run(self) -> None:
         try:
             while True:
-                await self._wakeup.wait()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), POLL_INTERVAL_S)
                 self._wakeup.clear()
-                self._send_available()
+                now = time.time()
+                self._send_available(now)
+                self._broadcast.poll(now)
+                self._forward_keyframe_request(time.monotonic())
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             logger.exception("sender %s failed", self._viewer_id)
             self._error = f"{type(exc).__name__}: {exc}"
 
-    def _send_available(self) -> None:
-        batch = self._reader.read_available()
-        if batch.missed:
-            # We fell behind the ring and resumed at a keyframe; the viewer sees a sequence
-            # gap only if it was mid-GOP, and its PLI will follow.
+    def _send_available(self, now: float) -> None:
+        for source in self._sources:
+            batch = source.reader.read_available()
+            # A lapped reader resumed at a keyframe; the skipped frames never got sequence
+            # numbers, so viewers see no gap, only a jump to that keyframe.
             self._frames_missed += batch.missed
-        packets = skip_to_fresh_keyframe(batch.packets)
-        self._frames_missed += len(batch.packets) - len(packets)
-        for packet in packets:
-            rtp_packets = self._rtp.packetize(packet.data, pts=packet.pts)
-            datagrams = [encode_datagram(VIDEO_FLOW_ID, rtp) for rtp in rtp_packets]
-            self._server.send_frame(datagrams, keyframe=packet.keyframe)
-            self._frames_sent += 1
+            packets = batch.packets
+            if source.spec.kind == "video":
+                packets = skip_to_fresh_keyframe(packets)
+                self._frames_missed += len(batch.packets) - len(packets)
+            for packet in packets:
+                self._broadcast.send(
+                    source.index,
+                    packet.data,
+                    pts=packet.pts,
+                    capture_us=packet.capture_us,
+                    keyframe=packet.keyframe,
+                    now=now,
+                )
 
-    def _on_connect(self, peer: PeerStats) -> None:
-        # Start the newcomer on a fresh IDR instead of making it wait for the next periodic one.
-        self._request_keyframe()
+    def _on_connect(self, connection: RoqConnection) -> None:
+        self._broadcast.add(connection, time.time())
+        self._forward_keyframe_request(time.monotonic())
 
-    def _on_rtcp(self, peer: PeerStats, flow_id: int, data: bytes) -> None:
-        if flow_id != VIDEO_RTCP_FLOW_ID:
-            peer.datagrams_malformed += 1
+    def _on_disconnect(self, connection: RoqConnection) -> None:
+        self._departed_bytes += connection.stats.bytes_sent
+        self._broadcast.remove(connection)
+
+    def _on_packet(self, connection: RoqConnection, flow_id: int, data: bytes) -> None:
+        if flow_id not in {source.spec.rtcp_flow_id for source in self._sources}:
+            connection.stats.unknown_flows += 1  # counted and dropped; the connection goes on
             return
-        try:
-            packets = parse_rtcp_compound(data)
-        except ProtocolError:
-            peer.datagrams_malformed += 1
-            return
-        if any(isinstance(packet, RtcpPli) for packet in packets):
-            self._request_keyframe()
+        self._broadcast.on_rtcp(connection, data, time.time())
+        self._forward_keyframe_request(time.monotonic())
 
-    def _request_keyframe(self) -> None:
-        self._keyframe_requests += 1
-        self._encoder.request_keyframe.remote()
+    def _forward_keyframe_request(self, now: float) -> None:
+        self._keyframe_pending |= self._broadcast.take_keyframe_request()
+        if (
+            self._keyframe_pending
+            and now - self._last_keyframe_request >= KEYFRAME_REQUEST_INTERVAL_S
+        ):
+            self._keyframe_pending = False
+            self._last_keyframe_request = now
+            self._keyframe_requests += 1
+            self._encoder.request_keyframe.remote()
+
+    # -- the design's NetworkStreamer, per connection --------------------------------------
+
+    def _connection(self, peer_id: str | None) -> list[RoqConnection]:
+        return [c for c in self._server.connections if peer_id is None or c.peer_id == peer_id]
+
+    async def adjust_bitrate(self, bitrate: int, peer_id: str | None = None) -> None:
+        """Cap the bandwidth estimate of one connection (or all) at ``bitrate``."""
+        for connection in self._connection(peer_id):
+            peer = self._broadcast.peers.get(connection)
+            if peer is not None:
+                estimator = peer.estimator
+                estimator.max_bps = max(bitrate, estimator.min_bps)
+
+    async def get_stream_stats(self, peer_id: str | None = None) -> StreamStats:
+        """StreamStats for one connection (or all of this actor's), sender side."""
+        peers = [self._peer_stats(c) for c in self._connection(peer_id)]
+        sent = sum(p.bytes_sent for p in peers)
+        elapsed = max(time.monotonic() - self._started, 1e-3)
+        return StreamStats(
+            bytes_sent=sent,
+            bytes_received=sum(p.bytes_received for p in peers),
+            frames_dropped=sum(p.frames_dropped for p in peers),
+            current_bitrate=sum(p.estimate_bps for p in peers),
+            average_bitrate=int(sent * 8 / elapsed),
+            latency_ms=int(max((p.rtt_ms for p in peers), default=0.0) / 2),
+            jitter_ms=int(max((p.jitter_ms for p in peers), default=0.0)),
+            packet_loss_rate=max((p.loss for p in peers), default=0.0),
+            last_updated=time.time(),
+        )
+
+    async def close_stream(self, peer_id: str) -> bool:
+        """Close one viewer's connection; False if no such connection."""
+        connections = self._connection(peer_id)
+        for connection in connections:
+            connection.close(RoqErrorCode.ROQ_NO_ERROR, "stream stopped")
+        return bool(connections)
+
+    def _peer_stats(self, connection: RoqConnection) -> PeerStatus:
+        stats = PeerStatus(**msgspec.structs.asdict(connection.refresh()))
+        peer = self._broadcast.peers.get(connection)
+        if peer is not None:
+            peer.set_transport_rtt(connection.transport_rtt_s)
+            feedback = peer.feedback
+            stats.rtt_ms = peer.rtt_s * 1000
+            stats.loss = feedback.loss
+            stats.jitter_ms = feedback.jitter_ms
+            stats.estimate_bps = peer.estimator.estimate_bps
+            stats.frames_dropped = feedback.frames_skipped
+            stats.nacks_received = feedback.nacks_received
+            stats.retransmissions = feedback.retransmissions
+            stats.keyframe_requests = feedback.keyframe_requests
+        return stats
 
     async def stats(self) -> SenderStats:
-        peers = self._server.peers
+        peers = [self._peer_stats(c) for c in self._server.connections]
         return SenderStats(
             pid=os.getpid(),
             viewer_id=self._viewer_id,
             url=self._url,
             peers=peers,
-            frames_sent=self._frames_sent,
+            frames_sent=self._broadcast.frames_sent,
             frames_missed=self._frames_missed,
-            packets_sent=self._rtp.packets_sent,
-            bytes_sent=sum(p.bytes_sent for p in peers),
+            packets_sent=self._broadcast.packets_sent,
+            bytes_sent=self._departed_bytes + sum(p.bytes_sent for p in peers),
             keyframe_requests=self._keyframe_requests,
+            tracks=[source.spec.kind for source in self._sources],
             error=self._error,
         )
 
@@ -171,5 +318,6 @@ class SenderActor:
         await self._server.close()
         # Give aioquic a moment to put the CONNECTION_CLOSE on the wire.
         await asyncio.sleep(0.05)
-        self._ring.close()
+        for source in self._sources:
+            source.ring.close()
         return stats

@@ -29,7 +29,13 @@ from actors.encoder import EncoderActor, encoder_actor_options, ladder_ring_name
 from actors.quality import QualityActor
 from actors.recordings import Recordings, StreamContext
 from actors.sender import SenderActor
-from shared.errors import ConfigError, KizunaError, PermissionError, StreamNotFoundError
+from shared.errors import (
+    ConfigError,
+    KizunaError,
+    NetworkError,
+    PermissionError,
+    StreamNotFoundError,
+)
 from shared.models import (
     AudioConfig,
     ConnectionQuality,
@@ -91,6 +97,8 @@ class _Stream:
     #: address) presents the fingerprint in the stream's URL.
     identity: TlsIdentity
     screen: ScreenConfig | None = None
+    #: Fixed ports this stream's senders listen on (shards share one with SO_REUSEPORT).
+    ports: set[int] = field(default_factory=set)
     actors: dict[str, Any] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
     viewers: dict[str, _Viewer] = field(default_factory=dict)
@@ -370,6 +378,14 @@ class Supervisor:
         stream = self._get(session_id)
         if not permissions.can_view:
             raise PermissionError(f"peer {peer_id!r} is not allowed to view")
+        if port:
+            # Another stream's shards on this port would share its SO_REUSEPORT group, and the
+            # kernel would hand each stream's viewers to the other's senders.
+            for other in self._streams.values():
+                if other is not stream and port in other.ports:
+                    raise NetworkError(
+                        f"port {port} is already serving stream {other.session.session_id}"
+                    )
         viewer_id = uuid.uuid4().hex[:8]
         role = f"sender-{viewer_id}"
         handle = stream.actors[role] = spawn(
@@ -391,6 +407,8 @@ class Supervisor:
             ray.kill(handle, no_restart=True)
             raise
         stream.pids[role] = (await call(handle.stats.remote())).pid
+        if port:
+            stream.ports.add(port)
         if "encoder" in stream.actors:
             await call(stream.actors["encoder"].subscribe.remote(role, handle))
             await call(stream.actors["quality"].add_sender.remote(viewer_id, handle))
@@ -520,21 +538,23 @@ class Supervisor:
             if failed:
                 self._fail(stream, RuntimeError(failed))
         bytes_sent = sum(s.bytes_sent for s in senders)
-        peer_dropped = sum(p.frames_dropped for s in senders for p in s.peers)
-        frames_sent = sum(s.frames_sent for s in senders)
-        rtts = [p.rtt_ms for s in senders for p in s.peers]
+        peers = [p for s in senders for p in s.peers]
+        peer_dropped = sum(p.frames_dropped for p in peers)
+        rtts = [p.rtt_ms for p in peers]
         elapsed = max(time.monotonic() - stream.started, 1e-3)
+        # frames_decoded is only known at the viewers (Viewer.stream_stats()); everything else
+        # comes from the stages and from what viewers report back (RTCP RR, transport feedback).
         stream.session.stats = StreamStats(
             bytes_sent=bytes_sent,
+            bytes_received=sum(p.bytes_received for p in peers),
             frames_encoded=encoder.frames_encoded,
             frames_dropped=capture.frames_skipped + encoder.frames_dropped + peer_dropped,
             current_bitrate=encoder.bitrate,
             average_bitrate=int(bytes_sent * 8 / elapsed / max(len(senders), 1)),
-            # One-way network latency estimated as half the QUIC smoothed RTT (RFC 9002 §5.3).
+            # One-way latency as half the RTT: RTCP's LSR/DLSR RTT when known, else QUIC's.
             latency_ms=int(max(rtts, default=0.0) / 2),
-            packet_loss_rate=peer_dropped / (frames_sent + peer_dropped)
-            if frames_sent + peer_dropped
-            else 0.0,
+            jitter_ms=int(max((p.jitter_ms for p in peers), default=0.0)),
+            packet_loss_rate=max((p.loss for p in peers), default=0.0),
             last_updated=time.time(),
             encoder_fps=encoder.average_fps,
             hardware_fallbacks=encoder.hardware_fallbacks,

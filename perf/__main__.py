@@ -6,7 +6,14 @@ import sys
 
 import ray
 
-from perf import bench_encoder, bench_ladder, bench_latency, bench_pool_handoff
+from perf import (
+    bench_encoder,
+    bench_ladder,
+    bench_latency,
+    bench_network_latency,
+    bench_pool_handoff,
+    bench_sender,
+)
 
 if __name__ == "__main__":
     flags = [arg for arg in sys.argv[1:] if arg == "--json"]
@@ -14,6 +21,8 @@ if __name__ == "__main__":
     try:
         bench_pool_handoff.main(flags)
         bench_latency.main(flags)
+        bench_sender.main(flags)
+        bench_network_latency.main(flags)
         bench_encoder.main(flags)
         bench_ladder.main(flags)
     finally:

@@ -10,16 +10,24 @@ The receiver pushes payloads in sequence order into :class:`H264Depacketizer`, w
 NAL units as soon as they are whole.  It does not see sequence numbers, so the caller calls
 :meth:`H264Depacketizer.reset` when it detects a gap; a payload that breaks the rules raises
 :class:`ProtocolError` and leaves the depacketizer empty, ready for the next one.
+:class:`H264PayloadFormat` is what the viewer's jitter buffer (:mod:`shared.jitter_buffer`)
+uses: whole access units from a frame's payloads, and which first packet starts one.
+
+:class:`ParameterSets` makes the sender's promise hold whatever the encoder does: SPS and PPS
+travel in front of every IDR access unit, so any keyframe is a starting point on its own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from shared.errors import ConfigError, ProtocolError
+from shared.rtp import RtpStream
 
 __all__ = [
     "DEFAULT_MAX_NAL_SIZE",
+    "DEFAULT_MTU",
+    "H264_PAYLOAD_TYPE",
     "NAL_AUD",
     "NAL_FU_A",
     "NAL_IDR",
@@ -29,6 +37,9 @@ __all__ = [
     "NAL_STAP_A",
     "H264Depacketizer",
     "H264Packetizer",
+    "H264PayloadFormat",
+    "H264RtpSender",
+    "ParameterSets",
     "is_keyframe",
     "nal_type",
     "split_annexb",
@@ -248,3 +259,119 @@ class H264Depacketizer:
         nal = bytes(self._fragments)
         self._fragments = None
         return [nal]
+
+
+class ParameterSets:
+    """Remembers the latest SPS and PPS and puts them in front of any IDR that lacks them."""
+
+    def __init__(self) -> None:
+        self.sps: bytes | None = None
+        self.pps: bytes | None = None
+
+    def complete(self, nal_units: list[bytes]) -> list[bytes]:
+        types = [nal[0] & 0x1F for nal in nal_units]
+        for nal, kind in zip(nal_units, types, strict=True):
+            if kind == NAL_SPS:
+                self.sps = nal
+            elif kind == NAL_PPS:
+                self.pps = nal
+        if NAL_IDR not in types or self.sps is None or self.pps is None:
+            return nal_units
+        if NAL_SPS in types and NAL_PPS in types:
+            return nal_units
+        # H.264 §7.4.1.2.3: parameter sets precede the first slice; an AUD, if any, stays first.
+        head = 1 if types[0] == NAL_AUD else 0
+        rest = [
+            nal
+            for nal, kind in zip(nal_units, types, strict=True)
+            if kind not in (NAL_SPS, NAL_PPS)
+        ]
+        return [*rest[:head], self.sps, self.pps, *rest[head:]]
+
+
+def _first_nal_type(payload: bytes) -> int | None:
+    """Type of the first NAL unit a payload carries (None for an FU-A continuation)."""
+    if not payload:
+        return None
+    kind = payload[0] & 0x1F
+    if kind == NAL_STAP_A:
+        return payload[3] & 0x1F if len(payload) > 3 else None
+    if kind == NAL_FU_A:
+        return payload[1] & 0x1F if len(payload) > 1 and payload[1] & 0x80 else None
+    return kind
+
+
+class H264PayloadFormat:
+    """RFC 6184 as :class:`shared.jitter_buffer.JitterBuffer` needs it."""
+
+    independent_frames = False
+
+    def __init__(self, max_nal_size: int = DEFAULT_MAX_NAL_SIZE) -> None:
+        self._depacketizer = H264Depacketizer(max_nal_size)
+
+    def starts_frame(self, payload: bytes) -> bool:
+        """An access unit that begins with SPS (or an AUD) needs nothing sent before it."""
+        return _first_nal_type(payload) in (NAL_SPS, NAL_AUD)
+
+    def assemble(self, payloads: Sequence[bytes]) -> tuple[list[bytes], bool]:
+        depacketizer = self._depacketizer
+        depacketizer.reset()
+        nal_units: list[bytes] = []
+        for payload in payloads:
+            nal_units += depacketizer.push(payload)
+        if depacketizer.in_fragment:
+            depacketizer.reset()
+            raise ProtocolError("access unit ends inside an FU-A NAL unit")
+        if not nal_units:
+            raise ProtocolError("access unit without NAL units")
+        return nal_units, is_keyframe(nal_units)
+
+
+#: Dynamic payload type for H.264 (RFC 3551 §6 leaves 96-127 to signalling).
+H264_PAYLOAD_TYPE = 96
+#: RTP payload budget: a QUIC packet of 1200 bytes minus QUIC, DATAGRAM frame, flow id, RTP
+#: header and the 8-byte transport-wide extension leaves about 1120 bytes; 1100 keeps a margin.
+DEFAULT_MTU = 1100
+
+
+class H264RtpSender:
+    """Encoded access units -> serialized RTP packets for one receiver (RFC 6184 §5.1).
+
+    Parameter sets go in front of every IDR (:class:`ParameterSets`); the marker bit is set on
+    each access unit's last packet.  :class:`shared.rtp_sender.BroadcastSender` is the
+    many-viewer sender; this one serves a single receiver, tests and benchmarks.
+    """
+
+    def __init__(
+        self,
+        *,
+        ssrc: int,
+        initial_sequence: int,
+        timestamp_offset: int,
+        payload_type: int = H264_PAYLOAD_TYPE,
+        mtu: int = DEFAULT_MTU,
+    ) -> None:
+        self.ssrc = ssrc
+        self.payload_type = payload_type
+        self._stream = RtpStream(
+            ssrc=ssrc,
+            initial_sequence=initial_sequence,
+            timestamp_offset=timestamp_offset,
+            payload_type=payload_type,
+        )
+        self._packetizer = H264Packetizer(mtu=mtu)
+        self._parameter_sets = ParameterSets()
+
+    @property
+    def packets_sent(self) -> int:
+        return self._stream.packets_sent
+
+    @property
+    def octets_sent(self) -> int:
+        return self._stream.octets_sent
+
+    def packetize(self, access_unit: bytes, *, pts: int) -> list[bytes]:
+        """All RTP packets of one access unit; the marker bit is set on the last (§5.1)."""
+        nal_units = self._parameter_sets.complete(split_annexb(access_unit))
+        payloads = self._packetizer.packetize(nal_units)
+        return [packet.serialize() for packet in self._stream.packets(payloads, pts=pts)]

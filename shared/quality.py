@@ -33,6 +33,8 @@ class ViewerFeedback(msgspec.Struct, frozen=True, kw_only=True):
     #: Fraction of media lost or dropped for this viewer since the previous feedback.
     loss_rate: float
     connected: bool = True
+    #: The sender's bandwidth estimate for this viewer (shared.bandwidth), if it has one.
+    estimate_bps: int | None = None
 
 
 def classify_connection(feedback: ViewerFeedback) -> ConnectionQuality:
@@ -81,6 +83,9 @@ class QualityController:
                 estimate *= DECREASE_FACTOR
             elif item.loss_rate < LOW_LOSS:
                 estimate *= 1.0 + INCREASE_PER_SECOND * min(elapsed, 2.0)
+            if item.estimate_bps:
+                # Never ask for more than the delay-based estimate says the path carries.
+                estimate = min(estimate, float(item.estimate_bps))
             self._estimates[item.viewer_id] = min(max(estimate, floor), float(self._ceiling))
         target = int(min(self._estimates.values(), default=float(self._ceiling)))
         if target == self._applied:

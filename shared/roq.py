@@ -8,7 +8,9 @@ identifier*, a QUIC variable-length integer (RFC 9000 §16) that precedes the pa
   packet``.  :func:`encode_datagram` / :func:`decode_datagram`.
 - Stream mode ("QUIC Streams"): a unidirectional stream opens with the flow id, then carries
   RoQ frames of ``length (varint) || packet``.  :func:`encode_stream_header`,
-  :func:`encode_stream_packet`, and :class:`RoqStreamReader` to cut the byte stream apart again.
+  :func:`encode_stream_packet`, and :class:`RoqStreamReader` to cut the byte stream apart again;
+  :class:`RoqStreamDemux` keeps one reader per inbound stream, :class:`StaleFrames` decides
+  which outbound frame streams to cancel with ``ROQ_FRAME_CANCELLED``.
 
 This project puts RTCP on its own flow next to each media flow (:data:`VIDEO_RTCP_FLOW_ID`
 beside :data:`VIDEO_FLOW_ID`), so a receiver dispatches on the flow id without looking inside
@@ -18,6 +20,7 @@ and is what a peer may use instead.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import IntEnum
 
 from shared.errors import ConfigError, ProtocolError
@@ -31,7 +34,9 @@ __all__ = [
     "VIDEO_FLOW_ID",
     "VIDEO_RTCP_FLOW_ID",
     "RoqErrorCode",
+    "RoqStreamDemux",
     "RoqStreamReader",
+    "StaleFrames",
     "decode_datagram",
     "decode_varint",
     "encode_datagram",
@@ -176,3 +181,75 @@ def _peek_varint(data: bytearray, offset: int) -> tuple[int, int] | None:
     if offset >= len(data) or offset + (1 << (data[offset] >> 6)) > len(data):
         return None
     return decode_varint(data, offset)
+
+
+class RoqStreamDemux:
+    """The inbound unidirectional RoQ streams of one connection -> ``(flow id, packet)``.
+
+    Each stream gets a :class:`RoqStreamReader`; at most ``max_streams`` are open at once (a
+    peer opening more is refused: :meth:`accepts`).  A stream that breaks the framing raises
+    :class:`ProtocolError` from :meth:`feed` and is forgotten; the caller stops it with
+    ``ROQ_PACKET_ERROR`` and the connection goes on.
+    """
+
+    def __init__(self, *, max_streams: int = 64, max_packet_size: int = DEFAULT_MAX_PACKET_SIZE):
+        self.max_streams = max_streams
+        self.max_packet_size = max_packet_size
+        self._readers: dict[int, RoqStreamReader] = {}
+
+    def accepts(self, stream_id: int) -> bool:
+        return stream_id in self._readers or len(self._readers) < self.max_streams
+
+    def feed(self, stream_id: int, data: bytes, end_stream: bool) -> list[tuple[int, bytes]]:
+        reader = self._readers.get(stream_id)
+        if reader is None:
+            reader = self._readers[stream_id] = RoqStreamReader(self.max_packet_size)
+        try:
+            packets = reader.feed(data)
+            if end_stream:
+                reader.finish()
+        except ProtocolError:
+            del self._readers[stream_id]
+            raise
+        if end_stream:
+            del self._readers[stream_id]
+        flow_id = reader.flow_id
+        return [(flow_id, packet) for packet in packets] if flow_id is not None else []
+
+    def reset(self, stream_id: int) -> None:
+        """The peer reset the stream (a cancelled frame): its partial packets are lost."""
+        self._readers.pop(stream_id, None)
+
+
+class StaleFrames:
+    """Which outbound media frames, one stream each, to cancel (stream mode).
+
+    A frame still partly unsent when a keyframe supersedes it, or when it is older than
+    ``max_age_s``, is no longer worth sending: the draft's stream mode lets the sender reset
+    its stream with ``ROQ_FRAME_CANCELLED`` rather than deliver it late and hold back the
+    frames after it.  A frame whose bytes are all on the wire is left for QUIC to finish.
+    """
+
+    def __init__(self, max_age_s: float = 0.3) -> None:
+        self.max_age_s = max_age_s
+        self._open: list[tuple[int, float]] = []
+
+    def opened(self, stream_id: int, now: float) -> None:
+        self._open.append((stream_id, now))
+
+    def to_cancel(self, now: float, *, keyframe: bool, state: Callable[[int], str]) -> list[int]:
+        """Streams to reset now; ``state(id)`` is ``done``, ``sent`` or ``unsent``."""
+        kept, cancel = [], []
+        for stream_id, opened in self._open:
+            current = state(stream_id)
+            if current == "done":
+                continue
+            if current == "unsent" and (keyframe or now - opened > self.max_age_s):
+                cancel.append(stream_id)
+            else:
+                kept.append((stream_id, opened))
+        self._open = kept
+        return cancel
+
+    def unsent(self, state: Callable[[int], str]) -> int:
+        return sum(1 for stream_id, _ in self._open if state(stream_id) == "unsent")

@@ -1,59 +1,53 @@
-"""RTP packets (RFC 3550 §5.1), the RTCP messages the spine uses, and 16-bit sequence arithmetic.
+"""RTP packets (RFC 3550 §5.1), header extensions (RFC 8285) and 16-bit sequence arithmetic.
 
 Theory of operation: everything here is a pure value with ``parse(bytes)`` and ``serialize()``.
 Parsing keeps every octet that a valid packet may carry (padding content, CSRCs, header
-extension, SR/RR profile extensions, unknown RTCP packets), so ``parse(b).serialize() == b``
-holds for any valid input; the tests check that.  Bad bytes from the network raise
-:class:`ProtocolError`; field values a caller sets that cannot be encoded raise
-:class:`ConfigError` at ``serialize()``.
+extension), so ``parse(b).serialize() == b`` holds for any valid input; the tests check that.
+Bad bytes from the network raise :class:`ProtocolError`; field values a caller sets that cannot
+be encoded raise :class:`ConfigError` at ``serialize()``.  RTCP lives in :mod:`shared.rtcp`.
+
+Header extensions this project sends (one-byte form, RFC 8285 §4.2).  There is no SDP to
+negotiate ids, so they are fixed here and documented as part of the stream's profile:
+
+- id :data:`TRANSPORT_CC_EXTENSION_ID`: the transport-wide sequence number of
+  draft-holmer-rmcat-transport-wide-cc-extensions-01 §2, 16 bits, one space per QUIC connection
+  across all tracks.  The viewer reports each one's arrival time in transport-wide feedback
+  (:class:`shared.rtcp.RtcpTransportFeedback`), from which the sender computes per-packet delay
+  variation for its bandwidth estimate (:mod:`shared.bandwidth`).
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from shared.errors import ConfigError, ProtocolError
 
 __all__ = [
     "ONE_BYTE_PROFILE",
-    "RTCP_PSFB",
-    "RTCP_RR",
-    "RTCP_RTPFB",
-    "RTCP_SR",
     "RTP_VERSION",
+    "TRANSPORT_CC_EXTENSION_ID",
     "HeaderExtension",
-    "ReportBlock",
-    "RtcpNack",
-    "RtcpPacket",
-    "RtcpPli",
-    "RtcpReceiverReport",
-    "RtcpSenderReport",
-    "RtcpUnknown",
     "RtpPacket",
     "RtpSequenceExtender",
+    "RtpStream",
     "is_rtcp",
-    "nack_pairs",
-    "nack_sequences",
-    "parse_rtcp_compound",
     "seq_diff",
     "seq_lt",
+    "transport_sequence",
+    "with_transport_sequence",
 ]
 
 RTP_VERSION = 2
 #: "defined by profile" value of an RFC 8285 §4.2 one-byte header extension block.
 ONE_BYTE_PROFILE = 0xBEDE
-RTCP_SR, RTCP_RR, RTCP_RTPFB, RTCP_PSFB = 200, 201, 205, 206
-_FMT_GENERIC_NACK = 1  # RFC 4585 §6.2.1
-_FMT_PLI = 1  # RFC 4585 §6.3.1
+#: RFC 8285 one-byte element id of the transport-wide sequence number (see module doc).
+TRANSPORT_CC_EXTENSION_ID = 5
+_TRANSPORT_CC_HEADER = bytes([TRANSPORT_CC_EXTENSION_ID << 4 | 1])
 
 _RTP_HEADER = struct.Struct("!BBHII")
 _WORD_PAIR = struct.Struct("!HH")
-_RTCP_HEADER = struct.Struct("!BBH")
-_SR_INFO = struct.Struct("!IQIII")
-_REPORT_BLOCK = struct.Struct("!IIIIII")
-_TWO_SSRC = struct.Struct("!II")
 
 
 def _padding_length(data: bytes, start: int, end: int) -> int:
@@ -237,229 +231,87 @@ class RtpSequenceExtender:
         return extended
 
 
-# -- RTCP ----------------------------------------------------------------------------------
+# -- sending ---------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class ReportBlock:
-    """One reception report block of an SR or RR (RFC 3550 §6.4.1)."""
+class RtpStream:
+    """One RTP stream's header state (RFC 3550 §5.1): SSRC, sequence numbers, timestamps.
 
-    ssrc: int
-    fraction_lost: int
-    cumulative_lost: int
-    """Signed 24-bit: duplicates can make it negative (RFC 3550 §6.4.1)."""
-    highest_sequence: int
-    jitter: int
-    last_sr: int
-    delay_since_last_sr: int
-
-    @classmethod
-    def parse(cls, data: bytes, offset: int) -> ReportBlock:
-        ssrc, lost, highest, jitter, lsr, dlsr = _REPORT_BLOCK.unpack_from(data, offset)
-        cumulative = lost & 0xFFFFFF
-        cumulative -= 0x1000000 if cumulative & 0x800000 else 0
-        return cls(ssrc, lost >> 24, cumulative, highest, jitter, lsr, dlsr)
-
-    def serialize(self) -> bytes:
-        if not 0 <= self.fraction_lost <= 0xFF or not -0x800000 <= self.cumulative_lost < 0x800000:
-            raise ConfigError("fraction_lost or cumulative_lost out of range")
-        lost = self.fraction_lost << 24 | (self.cumulative_lost & 0xFFFFFF)
-        values = (self.highest_sequence, self.jitter, self.last_sr, self.delay_since_last_sr)
-        try:
-            return _REPORT_BLOCK.pack(self.ssrc, lost, *values)
-        except struct.error as exc:
-            raise ConfigError(f"report block field out of range: {exc}") from exc
-
-
-@dataclass(slots=True, kw_only=True)
-class RtcpPacket:
-    """Base of all RTCP packets: owns the common header (RFC 3550 §6.4.1) and padding."""
-
-    padding: bytes = b""
-    """Padding octets including the final count octet (only the last packet of a compound)."""
-
-    def _content(self) -> tuple[int, int, bytes]:
-        """(count or FMT field, packet type, body after the 4-byte common header)."""
-        raise NotImplementedError
-
-    def serialize(self) -> bytes:
-        """Encode the packet; :class:`ConfigError` for a field that does not fit its width."""
-        try:
-            count, packet_type, body = self._content()
-        except struct.error as exc:
-            raise ConfigError(f"RTCP field out of range: {exc}") from exc
-        _check_padding(self.padding)
-        size = 4 + len(body) + len(self.padding)
-        if size % 4 or not 0 <= count <= 31 or size > 0x40000:
-            raise ConfigError(f"RTCP packet of {size} bytes with count {count} cannot be encoded")
-        first = 0x80 | (0x20 if self.padding else 0) | count
-        try:
-            header = _RTCP_HEADER.pack(first, packet_type, size // 4 - 1)
-        except struct.error as exc:
-            raise ConfigError(f"RTCP packet type {packet_type} out of range") from exc
-        return header + body + self.padding
-
-
-@dataclass(slots=True)
-class RtcpSenderReport(RtcpPacket):
-    """SR (RFC 3550 §6.4.1), PT=200."""
-
-    ssrc: int
-    ntp_timestamp: int
-    rtp_timestamp: int
-    packet_count: int
-    octet_count: int
-    reports: list[ReportBlock] = field(default_factory=list)
-    extension: bytes = b""
-    """Profile-specific extension after the report blocks, kept verbatim."""
-
-    def _content(self) -> tuple[int, int, bytes]:
-        info = (self.ntp_timestamp, self.rtp_timestamp, self.packet_count, self.octet_count)
-        head = _SR_INFO.pack(self.ssrc, *info)
-        blocks = b"".join(block.serialize() for block in self.reports)
-        return len(self.reports), RTCP_SR, head + blocks + self.extension
-
-
-@dataclass(slots=True)
-class RtcpReceiverReport(RtcpPacket):
-    """RR (RFC 3550 §6.4.2), PT=201."""
-
-    ssrc: int
-    reports: list[ReportBlock] = field(default_factory=list)
-    extension: bytes = b""
-
-    def _content(self) -> tuple[int, int, bytes]:
-        blocks = b"".join(block.serialize() for block in self.reports)
-        return len(self.reports), RTCP_RR, struct.pack("!I", self.ssrc) + blocks + self.extension
-
-
-@dataclass(slots=True)
-class RtcpPli(RtcpPacket):
-    """Picture Loss Indication (RFC 4585 §6.3.1): PSFB, FMT=1, no FCI."""
-
-    sender_ssrc: int
-    media_ssrc: int
-
-    def _content(self) -> tuple[int, int, bytes]:
-        return _FMT_PLI, RTCP_PSFB, _TWO_SSRC.pack(self.sender_ssrc, self.media_ssrc)
-
-
-@dataclass(slots=True)
-class RtcpNack(RtcpPacket):
-    """Generic NACK (RFC 4585 §6.2.1): RTPFB, FMT=1, FCI entries of (PID, BLP)."""
-
-    sender_ssrc: int
-    media_ssrc: int
-    pairs: list[tuple[int, int]] = field(default_factory=list)
-
-    @classmethod
-    def from_sequences(cls, sender_ssrc: int, media_ssrc: int, seqs: Iterable[int]) -> RtcpNack:
-        return cls(sender_ssrc=sender_ssrc, media_ssrc=media_ssrc, pairs=nack_pairs(seqs))
-
-    def sequences(self) -> list[int]:
-        """Every sequence number this NACK reports lost."""
-        return nack_sequences(self.pairs)
-
-    def _content(self) -> tuple[int, int, bytes]:
-        fci = b"".join(_WORD_PAIR.pack(pid, blp) for pid, blp in self.pairs)
-        return (
-            _FMT_GENERIC_NACK,
-            RTCP_RTPFB,
-            _TWO_SSRC.pack(self.sender_ssrc, self.media_ssrc) + fci,
-        )
-
-
-@dataclass(slots=True)
-class RtcpUnknown(RtcpPacket):
-    """Any other RTCP packet (SDES, BYE, APP, other feedback), kept verbatim."""
-
-    packet_type: int
-    count: int
-    body: bytes
-
-    def _content(self) -> tuple[int, int, bytes]:
-        return self.count, self.packet_type, self.body
-
-
-def nack_pairs(seqs: Iterable[int]) -> list[tuple[int, int]]:
-    """Pack lost sequence numbers into (PID, BLP) entries (RFC 4585 §6.2.1), wrap-aware."""
-    unique = set(seqs)
-    if not unique:
-        return []
-    if any(not 0 <= seq <= 0xFFFF for seq in unique):
-        raise ConfigError("NACK sequence numbers must be 16-bit")
-    anchor = next(iter(unique))
-    pairs: list[tuple[int, int]] = []
-    for seq in sorted(unique, key=lambda s: seq_diff(s, anchor)):
-        offset = seq_diff(seq, pairs[-1][0]) if pairs else 0
-        if pairs and 1 <= offset <= 16:  # BLP bit i means PID + i + 1 is lost too
-            pairs[-1] = (pairs[-1][0], pairs[-1][1] | 1 << (offset - 1))
-        else:
-            pairs.append((seq, 0))
-    return pairs
-
-
-def nack_sequences(pairs: Iterable[tuple[int, int]]) -> list[int]:
-    """Expand (PID, BLP) entries into the sequence numbers they report lost."""
-    seqs: list[int] = []
-    for pid, blp in pairs:
-        seqs.append(pid)
-        seqs.extend((pid + bit + 1) & 0xFFFF for bit in range(16) if blp >> bit & 1)
-    return seqs
-
-
-def _parse_rtcp(count: int, packet_type: int, body: bytes, padding: bytes) -> RtcpPacket:
-    size = len(body)
-    if packet_type == RTCP_SR:
-        if size < _SR_INFO.size + 24 * count:
-            raise ProtocolError(f"SR with {count} report blocks truncated at {size} bytes")
-        blocks = [ReportBlock.parse(body, _SR_INFO.size + 24 * i) for i in range(count)]
-        extension = body[_SR_INFO.size + 24 * count :]
-        ssrc, ntp, rtp_ts, packets, octets = _SR_INFO.unpack_from(body)
-        return RtcpSenderReport(
-            ssrc, ntp, rtp_ts, packets, octets, blocks, extension, padding=padding
-        )
-    if packet_type == RTCP_RR:
-        if size < 4 + 24 * count:
-            raise ProtocolError(f"RR with {count} report blocks truncated at {size} bytes")
-        blocks = [ReportBlock.parse(body, 4 + 24 * i) for i in range(count)]
-        ssrc = int.from_bytes(body[:4], "big")
-        return RtcpReceiverReport(ssrc, blocks, body[4 + 24 * count :], padding=padding)
-    if packet_type == RTCP_PSFB and count == _FMT_PLI:
-        if size != 8:
-            raise ProtocolError(f"PLI must carry exactly two SSRCs, got {size} bytes")
-        sender, media = _TWO_SSRC.unpack_from(body)
-        return RtcpPli(sender_ssrc=sender, media_ssrc=media, padding=padding)
-    if packet_type == RTCP_RTPFB and count == _FMT_GENERIC_NACK:
-        if size < 8 or size % 4:
-            raise ProtocolError(f"generic NACK of {size} bytes")
-        sender, media = _TWO_SSRC.unpack_from(body)
-        pairs = [_WORD_PAIR.unpack_from(body, pos) for pos in range(8, size, 4)]
-        return RtcpNack(sender_ssrc=sender, media_ssrc=media, pairs=pairs, padding=padding)
-    return RtcpUnknown(packet_type=packet_type, count=count, body=body, padding=padding)
-
-
-def parse_rtcp_compound(data: bytes) -> list[RtcpPacket]:
-    """Split a compound RTCP packet (RFC 3550 §6.1) and parse each part.
-
-    The first packet is not required to be an SR or RR, so reduced-size RTCP (RFC 5506), such
-    as a lone PLI, parses too.
+    Sequence number and timestamp offset start where the caller says (random in production,
+    §5.1; fixed in tests).  ``pts`` is already on the RTP clock, so the timestamp is ``pts``
+    plus the offset, modulo 2**32.
     """
-    if not data:
-        raise ProtocolError("empty RTCP packet")
-    packets: list[RtcpPacket] = []
-    pos, size = 0, len(data)
-    while pos < size:
-        if size - pos < _RTCP_HEADER.size:
-            raise ProtocolError(f"RTCP header truncated at offset {pos}")
-        first, packet_type, length = _RTCP_HEADER.unpack_from(data, pos)
-        if first >> 6 != RTP_VERSION:
-            raise ProtocolError(f"RTCP version {first >> 6}, expected 2")
-        end = pos + 4 * (length + 1)
-        if end > size:
-            raise ProtocolError(f"RTCP packet of {end - pos} bytes truncated at {size - pos}")
-        body_end = end - _padding_length(data, pos + 4, end) if first & 0x20 else end
-        body, padding = data[pos + 4 : body_end], data[body_end:end]
-        packets.append(_parse_rtcp(first & 0x1F, packet_type, body, padding))
-        pos = end
-    return packets
+
+    def __init__(
+        self,
+        *,
+        ssrc: int,
+        initial_sequence: int,
+        timestamp_offset: int,
+        payload_type: int,
+        clock_rate: int = 90_000,
+    ) -> None:
+        self.ssrc = ssrc
+        self.payload_type = payload_type
+        self.clock_rate = clock_rate
+        self._sequence = initial_sequence & 0xFFFF
+        self._offset = timestamp_offset
+        self.packets_sent = 0
+        self.octets_sent = 0
+        self._last_timestamp: int | None = None
+        self._last_capture_s = 0.0
+
+    def timestamp(self, pts: int) -> int:
+        return (pts + self._offset) & 0xFFFF_FFFF
+
+    def packets(
+        self, payloads: Sequence[bytes], *, pts: int, capture_us: int = 0, marker: bool = True
+    ) -> list[RtpPacket]:
+        """RTP packets for one frame; ``marker`` sets M on the last one (RFC 6184 §5.1)."""
+        timestamp = self.timestamp(pts)
+        packets = []
+        last = len(payloads) - 1
+        for index, payload in enumerate(payloads):
+            packets.append(
+                RtpPacket(
+                    payload_type=self.payload_type,
+                    marker=marker and index == last,
+                    sequence_number=self._sequence,
+                    timestamp=timestamp,
+                    ssrc=self.ssrc,
+                    payload=payload,
+                )
+            )
+            self._sequence = (self._sequence + 1) & 0xFFFF
+            self.octets_sent += len(payload)
+        self.packets_sent += len(packets)
+        self._last_timestamp, self._last_capture_s = timestamp, capture_us / 1e6
+        return packets
+
+    def timestamp_at(self, now: float) -> int | None:
+        """The RTP timestamp that ``now`` (Unix seconds) has on the capture clock, for an SR
+        (RFC 3550 §6.4.1); None before the first packet."""
+        if self._last_timestamp is None:
+            return None
+        elapsed = round((now - self._last_capture_s) * self.clock_rate)
+        return (self._last_timestamp + elapsed) & 0xFFFF_FFFF
+
+
+# -- transport-wide sequence numbers (draft-holmer-rmcat-transport-wide-cc-extensions-01 §2) --
+
+
+def transport_sequence(packet: RtpPacket) -> int | None:
+    """The packet's transport-wide sequence number, or None when it carries none."""
+    value = packet.extensions.get(TRANSPORT_CC_EXTENSION_ID)
+    if value is None or len(value) != 2:
+        return None
+    return int.from_bytes(value, "big")
+
+
+def with_transport_sequence(packet: RtpPacket, sequence: int) -> RtpPacket:
+    """Set the packet's transport-wide sequence number (replacing any other extension)."""
+    # RFC 8285 §4.2: element header (id, length - 1), two value octets, one padding octet;
+    # what HeaderExtension.one_byte() makes, built directly since it is done per packet.
+    data = _TRANSPORT_CC_HEADER + (sequence & 0xFFFF).to_bytes(2, "big") + b"\x00"
+    packet.extension = HeaderExtension(ONE_BYTE_PROFILE, data)
+    return packet

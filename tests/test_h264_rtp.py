@@ -21,6 +21,8 @@ from shared.h264_rtp import (
     NAL_STAP_A,
     H264Depacketizer,
     H264Packetizer,
+    H264PayloadFormat,
+    ParameterSets,
     is_keyframe,
     nal_type,
     split_annexb,
@@ -250,3 +252,71 @@ def test_split_annexb_start_codes_and_trailing_zeros() -> None:
 @given(st.lists(st.binary(min_size=1, max_size=50).map(lambda b: b.replace(b"\x00", b"\x03"))))
 def test_annexb_round_trip(nal_units: list[bytes]) -> None:
     assert split_annexb(to_annexb(nal_units)) == nal_units
+
+
+# -- interop with an independent implementation (aiortc's RFC 6184 code) ---------------------
+
+
+@pytest.mark.parametrize("mtu", MTUS)
+def test_interop_our_packets_depacketize_with_aiortc_and_decode(
+    access_units: list[bytes], mtu: int
+) -> None:
+    """Our packetizer's payloads -> aiortc's depacketizer -> FFmpeg decodes every frame."""
+    from aiortc.codecs.h264 import H264PayloadDescriptor
+
+    packetizer = H264Packetizer(mtu=mtu)
+    rebuilt = []
+    for unit in access_units:
+        payloads = packetizer.packetize(split_annexb(unit))
+        # aiortc returns Annex B per payload (a start code before each whole NAL unit or first
+        # FU-A fragment); concatenated in order they are the access unit again.
+        rebuilt.append(b"".join(H264PayloadDescriptor.parse(p)[1] for p in payloads))
+        assert split_annexb(rebuilt[-1]) == split_annexb(unit)
+    frames = decode_access_units(rebuilt)
+    assert len(frames) == len(access_units)
+    reference = decode_access_units(access_units)
+    for ours, theirs in zip(frames, reference, strict=True):
+        assert np.array_equal(ours.to_ndarray(), theirs.to_ndarray())
+
+
+def test_interop_aiortc_packets_depacketize_here_and_decode(access_units: list[bytes]) -> None:
+    """aiortc's packetizer (its own STAP-A/FU-A choices) -> our depacketizer -> decodes."""
+    from aiortc.codecs.h264 import H264Encoder
+
+    rebuilt = []
+    for unit in access_units:
+        payloads = H264Encoder._packetize(split_annexb(unit))
+        assert any(nal_type(p) == NAL_FU_A for p in payloads)  # big frames: fragmented
+        rebuilt.append(to_annexb(depacketize(payloads)))
+        assert split_annexb(rebuilt[-1]) == split_annexb(unit)
+    frames = decode_access_units(rebuilt)
+    reference = decode_access_units(access_units)
+    assert len(frames) == len(reference) == len(access_units)
+    for ours, theirs in zip(frames, reference, strict=True):
+        assert np.array_equal(ours.to_ndarray(), theirs.to_ndarray())
+
+
+def test_parameter_sets_go_in_front_of_every_idr() -> None:
+    sps, pps, idr, p = b"\x67\x42", b"\x68\xce", b"\x65\x88", b"\x41\x9a"
+    cache = ParameterSets()
+    assert cache.complete([sps, pps, idr]) == [sps, pps, idr]
+    assert cache.complete([p]) == [p]  # P-frames are left alone
+    assert cache.complete([idr]) == [sps, pps, idr]  # an IDR without them gets them back
+    assert cache.complete([b"\x09\x10", idr]) == [b"\x09\x10", sps, pps, idr]  # after an AUD
+    assert ParameterSets().complete([idr]) == [idr]  # nothing known yet: nothing to add
+
+
+def test_payload_format_for_the_jitter_buffer(access_units: list[bytes]) -> None:
+    payload_format = H264PayloadFormat()
+    payloads = H264Packetizer(mtu=300).packetize(split_annexb(access_units[0]))
+    assert payload_format.starts_frame(payloads[0])  # STAP-A led by SPS
+    assert not any(payload_format.starts_frame(p) for p in payloads[1:])
+    units, keyframe = payload_format.assemble(payloads)
+    assert keyframe and units == split_annexb(access_units[0])
+    with pytest.raises(ProtocolError):
+        payload_format.assemble(payloads[:-1])  # ends inside an FU-A
+    middle = next(i for i, p in enumerate(payloads) if nal_type(p) == NAL_FU_A and not p[1] & 0x80)
+    with pytest.raises(ProtocolError):
+        payload_format.assemble(payloads[middle:])  # starts with an FU-A continuation
+    units, keyframe = payload_format.assemble(payloads)  # and it recovers afterwards
+    assert keyframe

@@ -17,7 +17,9 @@ from shared.roq import (
     VIDEO_FLOW_ID,
     VIDEO_RTCP_FLOW_ID,
     RoqErrorCode,
+    RoqStreamDemux,
     RoqStreamReader,
+    StaleFrames,
     decode_datagram,
     decode_varint,
     encode_datagram,
@@ -154,3 +156,51 @@ def test_stream_reader_finish_inside_frame() -> None:
     reader.feed(STREAM[:-1])
     with pytest.raises(ProtocolError):
         reader.finish()
+
+
+def test_stream_demux_streams_limits_and_bad_framing() -> None:
+    demux = RoqStreamDemux(max_streams=2, max_packet_size=100)
+    first = encode_stream_header(1) + encode_stream_packet(b"rtcp")
+    assert demux.feed(2, first[:1], False) == []
+    assert demux.feed(2, first[1:], False) == [(1, b"rtcp")]
+    assert demux.feed(6, encode_stream_header(0), False) == []
+    assert not demux.accepts(10) and demux.accepts(2)  # two open: a third is refused
+    demux.reset(6)  # a cancelled frame
+    assert demux.accepts(10)
+    with pytest.raises(ProtocolError):
+        demux.feed(10, encode_stream_header(0) + encode_stream_packet(bytes(101)), False)
+    assert demux.accepts(14)  # the broken stream was forgotten
+    with pytest.raises(ProtocolError):
+        demux.feed(2, b"\x05ab", True)  # FIN inside a frame
+    assert demux.feed(18, encode_stream_header(3) + encode_stream_packet(b"x"), True) == [(3, b"x")]
+
+
+@SETTINGS
+@given(st.lists(st.tuples(st.integers(0, 20), st.binary(max_size=30), st.booleans()), max_size=60))
+def test_stream_demux_survives_any_bytes(chunks: list[tuple[int, bytes, bool]]) -> None:
+    demux = RoqStreamDemux(max_streams=4, max_packet_size=64)
+    for stream_id, data, fin in chunks:
+        if not demux.accepts(stream_id):
+            continue
+        try:
+            for _, packet in demux.feed(stream_id, data, fin):
+                assert 1 <= len(packet) <= 64
+        except ProtocolError:
+            pass
+        assert len(demux._readers) <= 4
+
+
+def test_stale_frames_cancels_only_unsent_ones() -> None:
+    stale = StaleFrames(max_age_s=0.3)
+    states = {1: "sent", 5: "unsent", 9: "unsent", 13: "done"}
+    for stream_id in states:
+        stale.opened(stream_id, 0.0)
+    assert stale.unsent(states.__getitem__) == 2
+    assert stale.to_cancel(0.1, keyframe=False, state=states.__getitem__) == []
+    assert stale.to_cancel(0.31, keyframe=False, state=states.__getitem__) == [5, 9]
+    stale.opened(17, 0.4)
+    states[17] = "unsent"
+    assert stale.to_cancel(0.41, keyframe=True, state=states.__getitem__) == [17]  # superseded
+    states[1] = "done"
+    assert stale.to_cancel(0.5, keyframe=False, state=states.__getitem__) == []
+    assert stale.unsent(states.__getitem__) == 0

@@ -3,49 +3,109 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
+import ipaddress
+import random
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pytest
 
 from shared.codec import EncoderConfig, H264Encoder
 from shared.errors import NetworkError
-from shared.roq import VIDEO_FLOW_ID, VIDEO_RTCP_FLOW_ID, encode_datagram
-from shared.roq_transport import PeerStats, RoqServer
-from shared.rtp import RtcpPli, parse_rtcp_compound
-from shared.rtp_sender import H264RtpSender
+from shared.roq_transport import RoqConnection, RoqServer
+from shared.rtp import RtpPacket
+from shared.rtp_sender import VIDEO_TRACK, BroadcastSender, MediaTrack
 from shared.stream_url import StreamUrl
 from shared.testpattern import TestPattern
-from shared.tls import generate_self_signed
+from shared.tls import TlsIdentity, generate_self_signed, load_identity
 from shared.viewer import Viewer
 
 WIDTH, HEIGHT, FPS = 320, 180, 30
 
+#: Decides per outgoing RTP packet whether the network "loses" it.
+Drop = Callable[[RtpPacket], bool]
+
+
+class LossyConnection:
+    """A RoqConnection whose outgoing media packets pass a drop rule first."""
+
+    def __init__(self, inner: RoqConnection, drop: Drop) -> None:
+        self.inner, self.drop = inner, drop
+
+    @property
+    def backlog(self) -> int:
+        return self.inner.backlog
+
+    @property
+    def transport_rtt_s(self) -> float:
+        return self.inner.transport_rtt_s
+
+    def send_media(
+        self, flow_id: int, packets: Sequence[bytes], *, keyframe: bool, urgent: bool = False
+    ) -> None:
+        kept = [p for p in packets if not self.drop(RtpPacket.parse(p))]
+        if kept:
+            self.inner.send_media(flow_id, kept, keyframe=keyframe, urgent=urgent)
+
+    def send_rtcp(self, flow_id: int, packet: bytes) -> None:
+        self.inner.send_rtcp(flow_id, packet)
+
 
 class Broadcast:
-    """Encoder + RTP sender + QUIC server in one loop, as the actors are across processes."""
+    """Encoder + BroadcastSender + QUIC server in one loop, as the actors are across processes."""
 
-    def __init__(self) -> None:
-        self.identity = generate_self_signed("127.0.0.1")
+    def __init__(
+        self,
+        *,
+        identity: TlsIdentity | None = None,
+        tracks: Sequence[MediaTrack] = (VIDEO_TRACK,),
+        drop: Drop | None = None,
+        keyframe_interval: int = 300,
+        size: tuple[int, int] = (WIDTH, HEIGHT),
+        bitrate: int = 300_000,
+    ) -> None:
+        self.identity = identity or generate_self_signed("127.0.0.1")
         self.plis = 0
-        self.server = RoqServer(self.identity, on_rtcp=self._on_rtcp)
+        self.drop = drop
+        self.sender = BroadcastSender(tracks, initial_bps=bitrate, rng=random.Random(7))
+        self._wrapped: dict[RoqConnection, LossyConnection | RoqConnection] = {}
+        self.server = RoqServer(
+            self.identity,
+            on_packet=self._on_packet,
+            on_connect=self._on_connect,
+            on_disconnect=self._on_disconnect,
+        )
+        width, height = size
         self.encoder = H264Encoder(
             EncoderConfig(
-                width=WIDTH, height=HEIGHT, framerate=FPS, bitrate=300_000, keyframe_interval=300
+                width=width,
+                height=height,
+                framerate=FPS,
+                bitrate=bitrate,
+                keyframe_interval=keyframe_interval,
             )
         )
-        self.rtp = H264RtpSender(ssrc=0x1234, initial_sequence=65500, timestamp_offset=2**32 - 5000)
-        self.pattern = TestPattern(WIDTH, HEIGHT, FPS)
+        self.pattern = TestPattern(width, height, FPS)
 
-    def _on_rtcp(self, peer: PeerStats, flow_id: int, data: bytes) -> None:
-        assert flow_id == VIDEO_RTCP_FLOW_ID
-        if any(isinstance(p, RtcpPli) for p in parse_rtcp_compound(data)):
+    def _on_connect(self, connection: RoqConnection) -> None:
+        wrapped = LossyConnection(connection, self.drop) if self.drop else connection
+        self._wrapped[connection] = wrapped
+        self.sender.add(wrapped, time.time())
+
+    def _on_disconnect(self, connection: RoqConnection) -> None:
+        self.sender.remove(self._wrapped.pop(connection, connection))
+
+    def _on_packet(self, connection: RoqConnection, flow_id: int, data: bytes) -> None:
+        self.sender.on_rtcp(self._wrapped.get(connection, connection), data, time.time())
+        if self.sender.take_keyframe_request():
             self.plis += 1
             self.encoder.request_keyframe()
 
-    async def start(self) -> StreamUrl:
-        await self.server.start("127.0.0.1", 0)
+    async def start(self, port: int = 0) -> StreamUrl:
+        await self.server.start("127.0.0.1", port)
         return StreamUrl(
             host="127.0.0.1",
             port=self.server.port,
@@ -53,22 +113,25 @@ class Broadcast:
             fingerprint=self.identity.fingerprint,
         )
 
-    async def send(
-        self, frames: range, *, mangle: Callable[[int, list[bytes]], list[bytes]] | None = None
-    ) -> None:
-        for index in frames:
-            capture_us = time.time_ns() // 1000
-            for unit in self.encoder.encode(
-                self.pattern.render(index, capture_us), pts=index * 3000, capture_us=capture_us
-            ):
-                datagrams = [
-                    encode_datagram(VIDEO_FLOW_ID, p)
-                    for p in self.rtp.packetize(unit.data, pts=unit.pts)
-                ]
-                if mangle is not None:
-                    datagrams = mangle(index, datagrams)
-                self.server.send_frame(datagrams, keyframe=unit.keyframe)
-            await asyncio.sleep(1 / FPS)
+    def send_one(self, index: int) -> None:
+        capture_us = time.time_ns() // 1000
+        pixels = self.pattern.render(index, capture_us)
+        for unit in self.encoder.encode(pixels, pts=index * 3000, capture_us=capture_us):
+            self.sender.send(
+                0,
+                unit.data,
+                pts=unit.pts,
+                capture_us=unit.capture_us,
+                keyframe=unit.keyframe,
+                now=time.time(),
+            )
+
+    async def send(self, frames: range) -> None:
+        started = time.monotonic()
+        for number, index in enumerate(frames):
+            self.send_one(index)
+            # Paced on the frame clock, so a slow encode does not stretch the stream.
+            await asyncio.sleep(max(0.0, started + (number + 1) / FPS - time.monotonic()))
 
 
 async def collect(viewer: Viewer, into: list[int]) -> None:
@@ -77,62 +140,89 @@ async def collect(viewer: Viewer, into: list[int]) -> None:
         into.append(frame.stamp.frame_number)
 
 
-def test_every_frame_arrives_decodes_and_carries_its_stamp() -> None:
-    async def main() -> tuple[list[int], object]:
-        broadcast = Broadcast()
-        url = await broadcast.start()
-        viewer = await Viewer.connect(url)
-        seen: list[int] = []
-        task = asyncio.create_task(collect(viewer, seen))
-        await asyncio.sleep(0.05)
-        await broadcast.send(range(60))
-        await asyncio.sleep(0.3)
-        await broadcast.server.close()
-        await asyncio.wait_for(task, 5)  # the stream ends when the server closes
-        await viewer.close()
-        return seen, viewer.report()
+async def run_stream(
+    broadcast: Broadcast, frames: range, *, datagrams: bool = True
+) -> tuple[list[int], Viewer]:
+    url = await broadcast.start()
+    viewer = await Viewer.connect(url, datagrams=datagrams, reconnect=False)
+    seen: list[int] = []
+    task = asyncio.create_task(collect(viewer, seen))
+    await asyncio.sleep(0.1)
+    await broadcast.send(frames)
+    await asyncio.sleep(0.4)
+    await broadcast.server.close()
+    await asyncio.wait_for(task, 5)  # the stream ends when the server closes
+    await viewer.close()
+    return seen, viewer
 
-    seen, report = asyncio.run(main())
+
+@pytest.mark.parametrize("datagrams", [True, False], ids=["datagram-mode", "stream-mode"])
+def test_every_frame_arrives_decodes_and_carries_its_stamp(datagrams: bool) -> None:
+    seen, viewer = asyncio.run(run_stream(Broadcast(), range(60), datagrams=datagrams))
+    report = viewer.report()
     assert seen == list(range(60))
-    assert report.decode_errors == 0 and report.frames_dropped == 0  # type: ignore[attr-defined]
-    assert report.latency_p50_ms is not None and report.latency_p50_ms < 1000  # type: ignore[attr-defined]
+    assert report.mode == ("datagram" if datagrams else "stream")
+    assert report.decode_errors == 0 and report.frames_dropped == 0
+    assert report.latency_p50_ms is not None and report.latency_p50_ms < 1000
 
 
-def test_lost_packet_drops_until_a_requested_keyframe_and_nothing_corrupt_is_decoded() -> None:
-    def lose_one(index: int, datagrams: list[bytes]) -> list[bytes]:
-        return datagrams[:-1] if index == 10 else datagrams  # frame 10 loses its last packet
+def test_a_lost_packet_is_nacked_and_recovered() -> None:
+    lost: set[int] = set()
 
-    async def main() -> tuple[list[int], object, int]:
-        broadcast = Broadcast()
-        url = await broadcast.start()
-        viewer = await Viewer.connect(url)
-        seen: list[int] = []
-        task = asyncio.create_task(collect(viewer, seen))
-        await asyncio.sleep(0.05)
-        await broadcast.send(range(40), mangle=lose_one)
-        await asyncio.sleep(0.3)
-        await broadcast.server.close()
-        await asyncio.wait_for(task, 5)
-        await viewer.close()
-        return seen, viewer.report(), broadcast.plis
+    def lose_once(packet: RtpPacket) -> bool:
+        # The 40th packet is lost on its first trip only; the retransmission gets through.
+        if len(lost) < 40 and packet.sequence_number not in lost:
+            lost.add(packet.sequence_number)
+            return len(lost) == 40
+        return False
 
-    seen, report, plis = asyncio.run(main())
-    assert plis >= 1
-    assert seen[:10] == list(range(10))
-    assert 10 not in seen
+    broadcast = Broadcast(drop=lose_once)
+    seen, viewer = asyncio.run(run_stream(broadcast, range(40)))
+    report = viewer.report()
+    assert seen == list(range(40))
+    assert report.nacks_sent >= 1 and report.packets_recovered == 1
+    assert report.frames_recovered == 1 and report.frames_dropped == 0
+    assert broadcast.plis <= 1  # only the join keyframe request
+
+
+def test_a_packet_lost_for_good_is_skipped_cleanly_after_a_keyframe_request() -> None:
+    doomed: list[int] = []
+
+    def lose_forever(packet: RtpPacket) -> bool:
+        # Frame 10's marker packet never arrives, however often it is resent.
+        if (
+            packet.marker
+            and not doomed
+            and packet.timestamp % 2**32
+            == (
+                broadcast.sender.peers[next(iter(broadcast.sender.peers))]
+                .streams[0]
+                .timestamp(30000)
+            )
+        ):
+            doomed.append(packet.sequence_number)
+        return packet.sequence_number in doomed
+
+    broadcast = Broadcast(drop=lose_forever)
+    seen, viewer = asyncio.run(run_stream(broadcast, range(45)))
+    report = viewer.report()
+    assert doomed and broadcast.plis >= 2  # the join request, then the viewer's PLI
+    assert seen[:10] == list(range(10)) and 10 not in seen
     resumed = [n for n in seen if n > 10]
-    assert resumed and resumed == sorted(resumed) and resumed[-1] == 39
-    assert report.decode_errors == 0 and report.frames_dropped >= 1  # type: ignore[attr-defined]
+    assert resumed and resumed == sorted(resumed) and resumed[-1] == 44
+    assert report.decode_errors == 0 and report.frames_dropped >= 1
+    assert report.keyframe_requests >= 1
 
 
 def test_one_viewer_leaving_does_not_disturb_another() -> None:
     async def main() -> tuple[list[int], int]:
         broadcast = Broadcast()
         url = await broadcast.start()
-        stays, leaves = await Viewer.connect(url), await Viewer.connect(url)
+        stays = await Viewer.connect(url, reconnect=False)
+        leaves = await Viewer.connect(url, reconnect=False)
         seen: list[int] = []
         task = asyncio.create_task(collect(stays, seen))
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)
         await broadcast.send(range(15))
         await leaves.close()
         await broadcast.send(range(15, 30))
@@ -169,11 +259,94 @@ def test_port_in_use_and_nobody_listening_are_network_errors() -> None:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
             taken.bind(("127.0.0.1", 0))
             port = taken.getsockname()[1]
-            with pytest.raises(NetworkError, match="already in use"):
-                await RoqServer(generate_self_signed()).start("127.0.0.1", port)
+            for reuse_port in (False, True):
+                with pytest.raises(NetworkError, match="already in use"):
+                    await RoqServer(generate_self_signed()).start(
+                        "127.0.0.1", port, reuse_port=reuse_port
+                    )
         with pytest.raises(NetworkError, match="cannot connect"):
             await Viewer.connect(
                 StreamUrl(host="127.0.0.1", port=port, session_id="t"), timeout=1.0
             )
 
     asyncio.run(main())
+
+
+def _ca_signed_identity(tmp_path: Path) -> tuple[TlsIdentity, Path, Path]:
+    """A CA, and a server certificate for 127.0.0.1 it signed; returns (identity, CA, other CA)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def ca(name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256())
+        )
+        return cert, key
+
+    authority, authority_key = ca("test CA")
+    other, _ = ca("another CA")
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(authority.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(authority_key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "server.pem", tmp_path / "server.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    ca_path, other_path = tmp_path / "ca.pem", tmp_path / "other.pem"
+    ca_path.write_bytes(authority.public_bytes(serialization.Encoding.PEM))
+    other_path.write_bytes(other.public_bytes(serialization.Encoding.PEM))
+    return load_identity(cert_path, key_path), ca_path, other_path
+
+
+def test_a_viewer_can_trust_a_ca_instead_of_pinning(tmp_path: Path) -> None:
+    identity, ca_path, other_path = _ca_signed_identity(tmp_path)
+
+    async def main() -> list[int]:
+        broadcast = Broadcast(identity=identity)
+        url = await broadcast.start()
+        unpinned = StreamUrl(host=url.host, port=url.port, session_id="t")  # no fp=
+        with pytest.raises(NetworkError, match="cannot connect"):
+            await Viewer.connect(unpinned, ca_file=str(other_path), timeout=2.0)
+        viewer = await Viewer.connect(unpinned, ca_file=str(ca_path), reconnect=False)
+        seen: list[int] = []
+        task = asyncio.create_task(collect(viewer, seen))
+        await asyncio.sleep(0.1)
+        await broadcast.send(range(10))
+        await asyncio.sleep(0.3)
+        await broadcast.server.close()
+        await asyncio.wait_for(task, 5)
+        await viewer.close()
+        return seen
+
+    assert asyncio.run(main()) == list(range(10))

@@ -1,32 +1,24 @@
-"""RTP (RFC 3550 §5.1), RTCP SR/RR/PLI/NACK and sequence arithmetic: byte-exact round trips."""
+"""RTP (RFC 3550 §5.1), header extensions and sequence arithmetic: byte-exact round trips."""
 
 from __future__ import annotations
-
-import struct
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.errors import ConfigError, ProtocolError
+from shared.rtcp import RtcpPli
 from shared.rtp import (
     ONE_BYTE_PROFILE,
+    TRANSPORT_CC_EXTENSION_ID,
     HeaderExtension,
-    ReportBlock,
-    RtcpNack,
-    RtcpPacket,
-    RtcpPli,
-    RtcpReceiverReport,
-    RtcpSenderReport,
-    RtcpUnknown,
     RtpPacket,
     RtpSequenceExtender,
     is_rtcp,
-    nack_pairs,
-    nack_sequences,
-    parse_rtcp_compound,
     seq_diff,
     seq_lt,
+    transport_sequence,
+    with_transport_sequence,
 )
 
 SETTINGS = settings(max_examples=300, derandomize=True, deadline=None)
@@ -202,163 +194,60 @@ def test_extender_recovers_true_sequence(start: int, steps: list[int]) -> None:
         assert extender.extend(true_seq & 0xFFFF) == true_seq
 
 
-# -- RTCP ----------------------------------------------------------------------------------
-
-PLI = bytes.fromhex("81ce0002 00000001 00000002")
-NACK = bytes.fromhex("81cd0003 00000001 00000002 000a0005")
-RR_EMPTY = bytes.fromhex("80c90001 0000abcd")
-BLOCK = ReportBlock(0x1234, 25, -3, 0x0001_0005, 17, 0xAABBCCDD, 6553)
-SR = (
-    bytes.fromhex("81c8000c 11111111")
-    + struct.pack("!QIII", 0xE1234567_89ABCDEF, 90000, 42, 4200)
-    + struct.pack("!IIIIII", 0x1234, 25 << 24 | 0xFFFFFD, 0x0001_0005, 17, 0xAABBCCDD, 6553)
-)
-SDES_PADDED = bytes.fromhex("a1ca0003 11111111 0103616263 000003")  # CNAME "abc", padded
-
-
-def test_rtcp_vectors() -> None:
-    assert parse_rtcp_compound(PLI) == [RtcpPli(sender_ssrc=1, media_ssrc=2)]
-    [nack] = parse_rtcp_compound(NACK)
-    assert isinstance(nack, RtcpNack) and nack.sequences() == [10, 11, 13]
-    assert parse_rtcp_compound(RR_EMPTY) == [RtcpReceiverReport(ssrc=0xABCD)]
-    [sr] = parse_rtcp_compound(SR)
-    assert sr == RtcpSenderReport(
-        ssrc=0x11111111,
-        ntp_timestamp=0xE1234567_89ABCDEF,
-        rtp_timestamp=90000,
-        packet_count=42,
-        octet_count=4200,
-        reports=[BLOCK],
+def test_transport_wide_sequence_extension() -> None:
+    packet = RtpPacket(payload_type=96, sequence_number=7, timestamp=1, ssrc=2, payload=b"x")
+    assert transport_sequence(packet) is None
+    data = with_transport_sequence(packet, 0x1_2345).serialize()
+    # X bit, one-byte profile, one word: id 5, length 2 (L=1), 0x2345, one padding octet.
+    assert data[0] == 0x90 and data[12:20] == bytes.fromhex("bede0001 51234500")
+    parsed = RtpPacket.parse(data)
+    assert transport_sequence(parsed) == 0x2345 and parsed.payload == b"x"
+    odd = RtpPacket(
+        payload_type=96,
+        sequence_number=7,
+        timestamp=1,
+        ssrc=2,
+        extension=HeaderExtension.one_byte({TRANSPORT_CC_EXTENSION_ID: b"\x01"}),
     )
-    for data in (PLI, NACK, RR_EMPTY, SR):
-        assert b"".join(p.serialize() for p in parse_rtcp_compound(data)) == data
+    assert transport_sequence(odd) is None  # wrong length: ignored, not trusted
 
 
-def test_rtcp_compound_with_unknown_and_padding() -> None:
-    compound = SR + NACK + SDES_PADDED
-    packets = parse_rtcp_compound(compound)
-    assert [type(p) for p in packets] == [RtcpSenderReport, RtcpNack, RtcpUnknown]
-    sdes = packets[2]
-    assert isinstance(sdes, RtcpUnknown)
-    assert (sdes.packet_type, sdes.count, sdes.padding) == (202, 1, b"\x00\x00\x03")
-    assert b"".join(p.serialize() for p in packets) == compound
+def test_interop_aiortc_parses_our_rtp_and_we_parse_its() -> None:
+    """aiortc, an independent RTP stack, reads what we write and the other way round."""
+    from aiortc import rtp as other
+    from aiortc.rtcrtpparameters import RTCRtpHeaderExtensionParameters, RTCRtpParameters
 
-
-def test_rtcp_truncations_raise_protocol_error() -> None:
-    compound = SR + PLI + NACK + SDES_PADDED
-    boundaries = {len(SR), len(SR + PLI), len(SR + PLI + NACK), len(compound)}
-    for cut in range(len(compound)):
-        if cut in boundaries:
-            assert parse_rtcp_compound(compound[:cut])
-            continue
-        with pytest.raises(ProtocolError):
-            parse_rtcp_compound(compound[:cut])
-
-
-@pytest.mark.parametrize(
-    "data",
-    [
-        bytes.fromhex("41ce0002 00000001 00000002"),  # version 1
-        bytes.fromhex("81ce0003 00000001 00000002 00000003"),  # PLI with an FCI
-        bytes.fromhex("82c80006") + bytes(24),  # SR claims two blocks, has none
-        bytes.fromhex("81c90001 00000001"),  # RR claims a block, has none
-        bytes.fromhex("a1ca0001 00000000"),  # padding count 0
-        bytes.fromhex("a1ca0001 00000009"),  # padding count beyond the packet
-    ],
-)
-def test_invalid_rtcp(data: bytes) -> None:
-    with pytest.raises(ProtocolError):
-        parse_rtcp_compound(data)
-
-
-@pytest.mark.parametrize(
-    "packet",
-    [
-        RtcpPli(sender_ssrc=1 << 32, media_ssrc=0),
-        RtcpNack(sender_ssrc=0, media_ssrc=0, pairs=[(1 << 16, 0)]),
-        RtcpReceiverReport(ssrc=-1),
-        RtcpReceiverReport(ssrc=0, reports=[ReportBlock(0, 256, 0, 0, 0, 0, 0)]),
-        RtcpReceiverReport(ssrc=0, reports=[ReportBlock(0, 0, 1 << 23, 0, 0, 0, 0)]),
-        RtcpSenderReport(0, 1 << 64, 0, 0, 0),
-        RtcpUnknown(packet_type=256, count=0, body=b""),
-        RtcpUnknown(packet_type=204, count=32, body=b""),
-        RtcpUnknown(packet_type=204, count=0, body=b"abc"),
-        RtcpPli(sender_ssrc=0, media_ssrc=0, padding=b"\x00\x00\x00\x03"),
-    ],
-)
-def test_unencodable_rtcp_raises_config_error(packet: RtcpPacket) -> None:
-    with pytest.raises(ConfigError):
-        packet.serialize()
-
-
-def test_nack_pairs_wrap_and_split() -> None:
-    pairs = nack_pairs([0, 65534, 5, 40, 65535, 5])
-    assert pairs == [(65534, 0b1000011), (40, 0)]
-    assert nack_sequences(pairs) == [65534, 65535, 0, 5, 40]
-    assert nack_pairs([]) == []
-    with pytest.raises(ConfigError):
-        nack_pairs([70000])
-
-
-@SETTINGS
-@given(st.integers(0, 0xFFFF), st.sets(st.integers(0, 2000), max_size=100))
-def test_nack_pairs_cover_exactly(base: int, offsets: set[int]) -> None:
-    seqs = {(base + offset) & 0xFFFF for offset in offsets}
-    pairs = nack_pairs(seqs)
-    expanded = nack_sequences(pairs)
-    assert len(expanded) == len(seqs) and set(expanded) == seqs
-    packet = RtcpNack.from_sequences(1, 2, seqs)
-    assert parse_rtcp_compound(packet.serialize()) == [packet]
-
-
-report_blocks = st.builds(
-    ReportBlock,
-    u32,
-    st.integers(0, 255),
-    st.integers(-(1 << 23), (1 << 23) - 1),
-    u32,
-    u32,
-    u32,
-    u32,
-)
-words = st.binary(max_size=12).map(lambda b: b + bytes(-len(b) % 4))
-rtcp_packets: st.SearchStrategy[RtcpPacket] = st.one_of(
-    st.builds(
-        RtcpSenderReport,
-        ssrc=u32,
-        ntp_timestamp=st.integers(0, (1 << 64) - 1),
-        rtp_timestamp=u32,
-        packet_count=u32,
-        octet_count=u32,
-        reports=st.lists(report_blocks, max_size=3),
-        extension=words,
-    ),
-    st.builds(
-        RtcpReceiverReport, ssrc=u32, reports=st.lists(report_blocks, max_size=3), extension=words
-    ),
-    st.builds(RtcpPli, sender_ssrc=u32, media_ssrc=u32),
-    st.builds(RtcpNack, sender_ssrc=u32, media_ssrc=u32, pairs=st.lists(st.tuples(u16, u16))),
-    st.builds(
-        RtcpUnknown,
-        packet_type=st.sampled_from([202, 203, 204, 207]),
-        count=st.integers(0, 31),
-        body=words,
-    ),
-)
-
-
-@SETTINGS
-@given(st.lists(rtcp_packets, min_size=1, max_size=4))
-def test_rtcp_round_trip(packets: list[RtcpPacket]) -> None:
-    data = b"".join(p.serialize() for p in packets)
-    assert parse_rtcp_compound(data) == packets
-
-
-@SETTINGS
-@given(st.binary(max_size=80))
-def test_rtcp_parse_arbitrary_bytes(data: bytes) -> None:
-    try:
-        packets = parse_rtcp_compound(data)
-    except ProtocolError:
-        return
-    assert b"".join(p.serialize() for p in packets) == data
+    extensions = other.HeaderExtensionsMap()
+    extensions.configure(
+        RTCRtpParameters(
+            headerExtensions=[
+                RTCRtpHeaderExtensionParameters(
+                    id=TRANSPORT_CC_EXTENSION_ID,
+                    uri="http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01",
+                )
+            ]
+        )
+    )
+    ours = with_transport_sequence(
+        RtpPacket(
+            payload_type=96,
+            sequence_number=65535,
+            timestamp=0xDEADBEEF,
+            ssrc=0x12345678,
+            payload=b"payload",
+            marker=True,
+            csrc=[1, 2],
+        ),
+        513,
+    ).serialize()
+    theirs = other.RtpPacket.parse(ours, extensions)
+    assert (theirs.sequence_number, theirs.timestamp, theirs.ssrc) == (
+        65535,
+        0xDEADBEEF,
+        0x12345678,
+    )
+    assert theirs.marker == 1 and theirs.csrc == [1, 2] and theirs.payload == b"payload"
+    assert theirs.extensions.transport_sequence_number == 513
+    theirs.extensions.transport_sequence_number = 514
+    back = RtpPacket.parse(theirs.serialize(extensions))
+    assert transport_sequence(back) == 514 and back.payload == b"payload" and back.csrc == [1, 2]
