@@ -129,6 +129,8 @@ class StreamRecorder:
         self._last_audio_pts = -1
         self.frames_written = 0
         self.audio_packets_written = 0
+        # Bytes handed to the muxer: the file on disk lags by up to one unfinished fragment.
+        self._bytes_muxed = 0
         self.duration_us = 0
 
     @property
@@ -180,6 +182,7 @@ class StreamRecorder:
         self.audio_packets_written += 1
 
     def _mux(self, packet: Any) -> None:
+        self._bytes_muxed += packet.size
         try:
             self._container.mux(packet)
         except (av.error.FFmpegError, OSError) as exc:
@@ -230,10 +233,12 @@ class StreamRecorder:
 
     @property
     def size_bytes(self) -> int:
+        """The file's size so far, counting what the muxer holds for its current fragment."""
         try:
-            return self.path.stat().st_size
+            on_disk = self.path.stat().st_size
         except FileNotFoundError:
-            return 0
+            on_disk = 0
+        return max(on_disk, self._bytes_muxed)
 
     def close(self) -> None:
         """Flush encoders and the last fragment; safe to call twice, and after a disk error."""
