@@ -7,7 +7,7 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import msgspec
@@ -113,3 +113,48 @@ def run_until_signalled(
         return await body(stop)
 
     return asyncio.run(main())
+
+
+def run_command(
+    args: argparse.Namespace,
+    body: Callable[[asyncio.Event], Awaitable[dict[str, Any]]],
+    summary: Callable[[dict[str, Any]], None],
+) -> int:
+    """Run a command's ``body`` until it ends or is signalled, then print its result.
+
+    Errors become one clear line (exit 2 for a usage error, 1 for any other project error);
+    the result is one JSON line with ``--json``, else ``summary``; exit 130 when interrupted.
+    """
+    try:
+        result = run_until_signalled(args, body)
+    except UsageError as exc:
+        report_error(args, exc)
+        return EXIT_USAGE
+    except KizunaError as exc:
+        report_error(args, exc)
+        return EXIT_ERROR
+    if getattr(args, "json", False):
+        print_json(result)
+    else:
+        summary(result)
+    return EXIT_INTERRUPTED if result.get("interrupted") else EXIT_OK
+
+
+async def consume_until_stopped(
+    consume: Coroutine[Any, Any, None], stop: asyncio.Event, timeout: float | None
+) -> None:
+    """Run ``consume`` until it returns, ``stop`` is set or ``timeout`` passes; a project
+    error it raised is raised here (after both tasks are cancelled and awaited)."""
+    consumer = asyncio.create_task(consume)
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait(
+            [consumer, stopper], timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        for task in (consumer, stopper):
+            task.cancel()
+        results = await asyncio.gather(consumer, stopper, return_exceptions=True)
+    for result in results:
+        if isinstance(result, KizunaError):
+            raise result

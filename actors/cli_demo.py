@@ -17,19 +17,12 @@ from typing import Any
 import msgspec
 
 from actors.cli_common import (
-    EXIT_ERROR,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_USAGE,
     StatusLine,
     UsageError,
     add_quality_arguments,
-    print_json,
     quality_from_args,
-    report_error,
-    run_until_signalled,
+    run_command,
 )
-from shared.errors import KizunaError
 from shared.models import AudioConfig, RecordingConfig, StreamConfig, parse_source
 
 
@@ -64,29 +57,17 @@ def register(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        if args.seconds <= 0:
-            raise UsageError(f"--seconds must be positive, got {args.seconds}")
-        if args.viewers < 0:
-            raise UsageError(f"--viewers must be >= 0, got {args.viewers}")
-        result = run_until_signalled(args, lambda stop: run_demo(args, stop))
-    except UsageError as exc:
-        report_error(args, exc)
-        return EXIT_USAGE
-    except KizunaError as exc:
-        report_error(args, exc)
-        return EXIT_ERROR
-    if args.json:
-        print_json(result)
-    else:
-        _print_summary(result)
-    return EXIT_INTERRUPTED if result["interrupted"] else EXIT_OK
+    return run_command(args, lambda stop: run_demo(args, stop), _print_summary)
 
 
 async def run_demo(args: argparse.Namespace, stop: asyncio.Event) -> dict[str, Any]:
     from actors.manager import StreamManager
     from shared.viewer import Viewer
 
+    if args.seconds <= 0:
+        raise UsageError(f"--seconds must be positive, got {args.seconds}")
+    if args.viewers < 0:
+        raise UsageError(f"--viewers must be >= 0, got {args.viewers}")
     parse_source(args.source)
     record = None
     if args.record:

@@ -21,17 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from actors.cli_common import (
-    EXIT_ERROR,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_USAGE,
     StatusLine,
     UsageError,
-    print_json,
-    report_error,
-    run_until_signalled,
+    consume_until_stopped,
+    run_command,
 )
-from shared.errors import KizunaError
 from shared.models import VideoFormat
 from shared.recording import StreamRecorder
 from shared.recording_policy import FileLimits
@@ -138,23 +132,15 @@ class _SegmentWriter:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        result = run_until_signalled(args, lambda stop: record(args, stop))
-    except UsageError as exc:
-        report_error(args, exc)
-        return EXIT_USAGE
-    except KizunaError as exc:
-        report_error(args, exc)
-        return EXIT_ERROR
-    if args.json:
-        print_json(result)
-    else:
-        segments = result["segments"]
-        print(
-            f"recorded {result['frames']} frames, {result['size_bytes']} bytes in "
-            f"{len(segments)} file(s): {', '.join(segments) or '-'}"
-        )
-    return EXIT_INTERRUPTED if result["interrupted"] else EXIT_OK
+    return run_command(args, lambda stop: record(args, stop), _print_summary)
+
+
+def _print_summary(result: dict[str, Any]) -> None:
+    segments = result["segments"]
+    print(
+        f"recorded {result['frames']} frames, {result['size_bytes']} bytes in "
+        f"{len(segments)} file(s): {', '.join(segments) or '-'}"
+    )
 
 
 async def record(args: argparse.Namespace, stop: asyncio.Event) -> dict[str, Any]:
@@ -200,22 +186,12 @@ async def record(args: argparse.Namespace, stop: asyncio.Event) -> dict[str, Any
                     f" | {len(writer.segments)} file(s) | {writer.segments[-1] if writer.segments else '-'}"
                 )
 
-    consumer = asyncio.create_task(consume())
-    stopper = asyncio.create_task(stop.wait())
     try:
-        await asyncio.wait(
-            [consumer, stopper], timeout=args.seconds, return_when=asyncio.FIRST_COMPLETED
-        )
+        await consume_until_stopped(consume(), stop, args.seconds)
     finally:
-        for task in (consumer, stopper):
-            task.cancel()
-        results = await asyncio.gather(consumer, stopper, return_exceptions=True)
         await viewer.close()
         writer.close()
         status.done()
-    for result in results:
-        if isinstance(result, KizunaError):
-            raise result
     return {
         "url": args.url,
         "seconds": round(time.monotonic() - started, 2),

@@ -23,17 +23,11 @@ from typing import Any
 import msgspec
 
 from actors.cli_common import (
-    EXIT_ERROR,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_USAGE,
     StatusLine,
     UsageError,
-    print_json,
-    report_error,
-    run_until_signalled,
+    consume_until_stopped,
+    run_command,
 )
-from shared.errors import KizunaError
 from shared.stream_url import StreamUrl
 
 _TIME_BASE = fractions.Fraction(1, 90_000)
@@ -150,31 +144,23 @@ class _VideoSink:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        StreamUrl.parse(args.url)
-        if args.frames is not None and args.frames <= 0:
-            raise UsageError(f"--frames must be positive, got {args.frames}")
-        if args.seconds is not None and args.seconds <= 0:
-            raise UsageError(f"--seconds must be positive, got {args.seconds}")
-        result = run_until_signalled(args, lambda stop: watch(args, stop))
-    except UsageError as exc:
-        report_error(args, exc)
-        return EXIT_USAGE
-    except KizunaError as exc:
-        report_error(args, exc)
-        return EXIT_ERROR
-    if args.json:
-        print_json(result)
-    else:
-        report = result["report"]
-        print(
-            f"{report['frames_decoded']} frames decoded, {report['frames_dropped']} dropped, "
-            f"latency p50 {report['latency_p50_ms']} ms, {report['reconnects']} reconnects"
-        )
-    return EXIT_INTERRUPTED if result["interrupted"] else EXIT_OK
+    return run_command(args, lambda stop: watch(args, stop), _print_summary)
+
+
+def _print_summary(result: dict[str, Any]) -> None:
+    report = result["report"]
+    print(
+        f"{report['frames_decoded']} frames decoded, {report['frames_dropped']} dropped, "
+        f"latency p50 {report['latency_p50_ms']} ms, {report['reconnects']} reconnects"
+    )
 
 
 async def watch(args: argparse.Namespace, stop: asyncio.Event) -> dict[str, Any]:
+    StreamUrl.parse(args.url)
+    if args.frames is not None and args.frames <= 0:
+        raise UsageError(f"--frames must be positive, got {args.frames}")
+    if args.seconds is not None and args.seconds <= 0:
+        raise UsageError(f"--seconds must be positive, got {args.seconds}")
     from shared.viewer import DecodedFrame, Viewer
 
     sink = _VideoSink(args.out, args.display)
@@ -209,24 +195,14 @@ async def watch(args: argparse.Namespace, stop: asyncio.Event) -> dict[str, Any]
                         + f" recovered {report.packets_recovered}"
                     )
 
-    consumer = asyncio.create_task(consume())
-    stopper = asyncio.create_task(stop.wait())
     try:
-        await asyncio.wait(
-            [consumer, stopper], timeout=args.seconds, return_when=asyncio.FIRST_COMPLETED
-        )
+        await consume_until_stopped(consume(), stop, args.seconds)
     finally:
-        for task in (consumer, stopper):
-            task.cancel()
-        results = await asyncio.gather(consumer, stopper, return_exceptions=True)
         report = viewer.report()
         stats = viewer.stream_stats()
         await viewer.close()
         sink.close()
         status.done()
-    for result in results:
-        if isinstance(result, KizunaError):
-            raise result
     return {
         "url": args.url,
         "seconds": round(time.monotonic() - started, 2),
