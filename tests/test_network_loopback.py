@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 from shared.stream_url import StreamUrl
@@ -20,6 +21,13 @@ async def through_relay(broadcast: Broadcast, relay: ImpairmentRelay) -> StreamU
     return StreamUrl(host="127.0.0.1", port=port, session_id="t", fingerprint=direct.fingerprint)
 
 
+async def end_of_stream(task: asyncio.Task[None]) -> None:
+    """Wait for the viewer to see the stream end, or stop waiting: on a lossy path the server's
+    one CONNECTION_CLOSE can be lost, and only the idle timeout would end the connection."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(task, 5)
+
+
 def test_thirty_seconds_at_five_percent_loss_skip_at_most_one_percent() -> None:
     frames = 30 * FPS
 
@@ -34,7 +42,7 @@ def test_thirty_seconds_at_five_percent_loss_skip_at_most_one_percent() -> None:
         await broadcast.send(range(frames))
         await asyncio.sleep(0.6)
         await broadcast.server.close()
-        await asyncio.wait_for(task, 5)
+        await end_of_stream(task)
         await viewer.close()
         relay.close()
         return seen, viewer, relay, broadcast
@@ -64,7 +72,7 @@ def test_stream_mode_through_a_lossy_relay() -> None:
         await broadcast.send(range(90))
         await asyncio.sleep(0.6)
         await broadcast.server.close()
-        await asyncio.wait_for(task, 5)
+        await end_of_stream(task)
         await viewer.close()
         relay.close()
         return seen, viewer
