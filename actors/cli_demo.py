@@ -124,12 +124,13 @@ async def run_demo(args: argparse.Namespace, stop: asyncio.Event) -> dict[str, A
                     parts.append(f"v{index} {report.frames_decoded} fr p50 {p50}")
                 status.show(" | ".join(parts))
         streamed = time.monotonic() - started
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
         reports = [viewer.report() for viewer in viewers]
+        # Closing a viewer ends its frame iterator; cancel as well, and never wait unbounded.
         for viewer in viewers:
             await viewer.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks, timeout=5) if tasks else None
         final = await manager.stop_stream(sid)
     status.done()
     assert final is not None

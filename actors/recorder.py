@@ -177,8 +177,10 @@ class RecorderActor:
     async def _run(self) -> None:
         next_motion = 0.0
         while self._state is not RecordingState.ERROR:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the cancel stop() sends.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), POLL_INTERVAL_S)
+                async with asyncio.timeout(POLL_INTERVAL_S):
+                    await self._wakeup.wait()
             self._wakeup.clear()
             start_at_us = self._start_at_us
             if (

@@ -197,7 +197,8 @@ class Recordings:
         while (due := self._schedule.next_due()) is not None:
             self._timer_changed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._timer_changed.wait(), max(0.0, due - time.time()))
+                async with asyncio.timeout(max(0.0, due - time.time())):
+                    await self._timer_changed.wait()
             for action, entry in self._schedule.poll(now=time.time()):
                 stream, config, start_at = self._scheduled[entry.recording_id]
                 try:

@@ -181,8 +181,10 @@ class SenderActor:
     async def _run(self) -> None:
         try:
             while True:
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), POLL_INTERVAL_S)
+                    async with asyncio.timeout(POLL_INTERVAL_S):
+                        await self._wakeup.wait()
                 self._wakeup.clear()
                 now = time.time()
                 self._send_available(now)

@@ -198,7 +198,10 @@ class Viewer:
             wait = self._next_tick - time.monotonic()
             if item is None and wait > 0:
                 try:
-                    item = await asyncio.wait_for(self._client.receive_timed(), wait)
+                    # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel
+                    # that lands as the receive completes, and the loop would never stop.
+                    async with asyncio.timeout(wait):
+                        item = await self._client.receive_timed()
                 except TimeoutError:
                     item = None
                 else:
