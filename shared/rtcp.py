@@ -17,7 +17,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from shared.errors import ConfigError, ProtocolError
-from shared.rtp import RTP_VERSION, seq_diff
+
+# RTCP padding follows the same rule as RTP's (RFC 3550 §6.4.1 refers back to §5.1).
+from shared.rtp import RTP_VERSION, _check_padding, _padding_length, seq_diff
 
 __all__ = [
     "RTCP_PSFB",
@@ -70,19 +72,6 @@ def ntp_to_unix(ntp: int) -> float:
 def ntp_middle(ntp: int) -> int:
     """The middle 32 bits of an NTP timestamp: what LSR echoes (RFC 3550 §6.4.1)."""
     return (ntp >> 16) & 0xFFFF_FFFF
-
-
-def _padding_length(data: bytes, start: int, end: int) -> int:
-    """Padding octets ending ``data[start:end]`` (RFC 3550 §6.4.1: the last one counts them)."""
-    count = data[end - 1] if end > start else 0
-    if count == 0 or count > end - start:
-        raise ProtocolError(f"padding count {count} does not fit the {end - start} bytes left")
-    return count
-
-
-def _check_padding(padding: bytes) -> None:
-    if padding and padding[-1] != len(padding):
-        raise ConfigError("the last padding octet must equal the padding length")
 
 
 @dataclass(slots=True)
