@@ -1,7 +1,7 @@
 """The Ray layer and the public API of kizuna-stream.
 
 ``StreamManager`` is what a user drives; the actor classes are plain classes that the
-supervisor starts with ``ray.remote`` (see ``actors._spawn``).
+supervisor starts with ``ray.remote`` (see ``actors.placement``).
 """
 
 from actors.manager import StreamManager

@@ -22,8 +22,9 @@ from typing import Any
 import msgspec
 import ray
 
-from actors._spawn import NAMESPACE
+from actors.placement import NAMESPACE
 from actors.supervisor import CALL_TIMEOUT_S, Supervisor, unwrap
+from shared.control.resources import ResourceSnapshot
 from shared.errors import ConfigError, ResourceError
 from shared.models import (
     RecordingConfig,
@@ -37,7 +38,6 @@ from shared.models import (
     ViewerStatus,
     ViewerTicket,
 )
-from shared.resources import ResourceSnapshot
 
 __all__ = ["StreamManager"]
 

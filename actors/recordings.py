@@ -21,8 +21,8 @@ from typing import Any
 import msgspec
 import ray
 
-from actors._spawn import spawn
-from actors.recorder import RecorderActor
+from actors.placement import spawn
+from actors.stages.recorder import RecorderActor
 from shared.errors import PermissionError, StreamNotFoundError
 from shared.models import (
     RecordingConfig,
@@ -31,7 +31,7 @@ from shared.models import (
     StreamQuality,
     ViewerPermissions,
 )
-from shared.recording_policy import RecordingSchedule, ScheduleAction, ScheduledRecording
+from shared.recording.policy import RecordingSchedule, ScheduleAction, ScheduledRecording
 
 logger = logging.getLogger(__name__)
 

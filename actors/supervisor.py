@@ -23,12 +23,14 @@ from typing import Any
 import msgspec
 import ray
 
-from actors._spawn import spawn
-from actors.capture import CaptureActor
-from actors.encoder import EncoderActor, encoder_actor_options, ladder_ring_names
-from actors.quality import QualityActor
+from actors.placement import spawn
 from actors.recordings import Recordings, StreamContext
-from actors.sender import SenderActor
+from actors.stages.capture import CaptureActor
+from actors.stages.encoder import EncoderActor, encoder_actor_options, ladder_ring_names
+from actors.stages.quality import QualityActor
+from actors.stages.sender import SenderActor
+from shared.control.resources import ResourceMonitor, ResourceSnapshot, StreamLoad
+from shared.control.scheduler import NodeInfo, StreamScheduler
 from shared.errors import (
     ConfigError,
     KizunaError,
@@ -36,6 +38,7 @@ from shared.errors import (
     PermissionError,
     StreamNotFoundError,
 )
+from shared.media.scaler import plan_ladder
 from shared.models import (
     AudioConfig,
     ConnectionQuality,
@@ -55,11 +58,8 @@ from shared.models import (
     parse_source,
     source_stream_type,
 )
-from shared.resources import ResourceMonitor, ResourceSnapshot, StreamLoad
-from shared.scaler import plan_ladder
-from shared.scheduler import NodeInfo, StreamScheduler
-from shared.shm import segment_name, sweep_stale_segments, unlink_segment
-from shared.tls import TlsIdentity, generate_self_signed, load_identity
+from shared.pool.shm import segment_name, sweep_stale_segments, unlink_segment
+from shared.roq.tls import TlsIdentity, generate_self_signed, load_identity
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Both encode the same pre-rendered test pattern frames with the same encoder settings (libx264
 veryfast zerolatency, threads as the actor picks them).  The baseline is a plain loop in this
-process over PyAV (``shared.codec`` sessions), frames handed over with no copy.  The actor
+process over PyAV (``shared.media.codec`` sessions), frames handed over with no copy.  The actor
 figure is the pipeline's path: each frame written into a shared-memory pool, announced to the
 actor with a Ray call, copied out, encoded on a worker thread and appended to the packet ring.
 
@@ -27,14 +27,14 @@ import numpy as np
 import psutil
 import ray
 
-from actors.encoder import EncoderActor, EncoderStats
+from actors.stages.encoder import EncoderActor, EncoderStats
 from perf._report import emit
-from shared.codec import TIME_BASE, EncoderConfig, H264Encoder
-from shared.framepool import FramePool, frame_bytes
+from shared.capture.testpattern import TestPattern
+from shared.media.codec import TIME_BASE, EncoderConfig, H264Encoder
 from shared.models import PixelFormat, QualityPreset, Resolution, StreamQuality
-from shared.packetring import PacketRing
-from shared.shm import segment_name, unlink_segment
-from shared.testpattern import TestPattern
+from shared.pool.frame_pool import FramePool, frame_bytes
+from shared.pool.packet_ring import PacketRing
+from shared.pool.shm import segment_name, unlink_segment
 
 SIZES = {"720p": (1280, 720), "1080p": (1920, 1080)}
 FPS = 30

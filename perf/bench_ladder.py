@@ -24,9 +24,9 @@ import ray
 
 from perf._report import emit
 from perf.bench_encoder import render, through_actor
-from shared.codec import EncoderConfig, H264Encoder
+from shared.media.codec import EncoderConfig, H264Encoder
+from shared.media.scaler import FrameDecimator, QualityScaler, plan_ladder
 from shared.models import QualityPreset, StreamQuality
-from shared.scaler import FrameDecimator, QualityScaler, plan_ladder
 
 SOURCE = StreamQuality.from_preset(QualityPreset.HIGH)
 RUNGS = (QualityPreset.MEDIUM, QualityPreset.LOW)

@@ -20,13 +20,13 @@ import ray
 
 from actors import StreamManager
 from perf._report import emit, percentiles_ms
-from shared.codec import EncoderConfig, H264Decoder, H264Encoder
-from shared.frame_assembler import FrameAssembler
+from perf.frame_assembler import FrameAssembler
+from perf.rtp_single import H264RtpSender
+from shared.capture.testpattern import TestPattern
+from shared.media.codec import EncoderConfig, H264Decoder, H264Encoder
 from shared.models import QualityPreset, StreamConfig, StreamQuality
-from shared.rtp import RtpPacket
-from shared.rtp_sender import H264RtpSender
-from shared.testpattern import TestPattern
-from shared.viewer import Viewer, read_frame_stamp
+from shared.rtp.packet import RtpPacket
+from shared.viewer.client import Viewer, read_frame_stamp
 
 QUALITY = StreamQuality.from_preset(QualityPreset.MEDIUM)
 

@@ -22,13 +22,13 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from perf._report import emit, percentiles_ms
-from shared.codec import EncoderConfig, H264Encoder
-from shared.roq_transport import RoqConnection, RoqServer
-from shared.rtp_sender import VIDEO_TRACK, BroadcastSender
-from shared.stream_url import StreamUrl
-from shared.testpattern import TestPattern
-from shared.tls import generate_self_signed
-from shared.viewer import Viewer
+from shared.capture.testpattern import TestPattern
+from shared.media.codec import EncoderConfig, H264Encoder
+from shared.roq.tls import generate_self_signed
+from shared.roq.transport import RoqConnection, RoqServer
+from shared.roq.url import StreamUrl
+from shared.rtp.sender import VIDEO_TRACK, BroadcastSender
+from shared.viewer.client import Viewer
 from tests.impairment import Impairment, ImpairmentRelay
 
 FPS = 30

@@ -22,9 +22,9 @@ import numpy as np
 import ray
 
 from perf._report import emit, percentiles_ms
-from shared.framepool import FramePool, FramePoolReader
 from shared.models import PixelFormat
-from shared.shm import segment_name, unlink_segment
+from shared.pool.frame_pool import FramePool, FramePoolReader
+from shared.pool.shm import segment_name, unlink_segment
 
 SIZES = {"720p": (1280, 720), "1080p": (1920, 1080)}
 

@@ -25,9 +25,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from perf._report import emit
-from shared.codec import EncoderConfig, H264Encoder
-from shared.rtp_sender import VIDEO_TRACK, BroadcastSender, H264RtpSender
-from shared.testpattern import TestPattern
+from perf.rtp_single import H264RtpSender
+from shared.capture.testpattern import TestPattern
+from shared.media.codec import EncoderConfig, H264Encoder
+from shared.rtp.sender import VIDEO_TRACK, BroadcastSender
 
 WIDTH, HEIGHT, FPS = 1280, 720, 30
 

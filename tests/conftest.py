@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from shared.shm import list_segments
+from shared.pool.shm import list_segments
 
 
 def require_tool(name: str) -> str:

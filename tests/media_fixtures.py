@@ -30,7 +30,7 @@ import av
 import numpy as np
 import pytest
 
-from shared.testpattern import TestPattern
+from shared.capture.testpattern import TestPattern
 from tests.conftest import require_tool
 
 __all__ = [
@@ -476,7 +476,7 @@ class FrameCollector:
     """Copies frames out of a pool as they come (one reader, attached once)."""
 
     def __init__(self, pool_name: str) -> None:
-        from shared.framepool import FramePool, FramePoolReader
+        from shared.pool.frame_pool import FramePool, FramePoolReader
 
         self._pool = FramePool.attach(pool_name)
         self._reader = FramePoolReader(self._pool)

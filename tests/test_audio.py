@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from actors.capture import CaptureActor
-from shared.audio_capture import (
+from actors.stages.capture import CaptureActor
+from shared.capture.audio import (
     AudioClock,
     AudioPipeline,
     DeviceAudioSource,
@@ -21,10 +21,10 @@ from shared.audio_capture import (
     list_audio_inputs,
 )
 from shared.errors import CaptureError
+from shared.media.opus import OPUS_CLOCK, OpusDecoder, OpusEncoder
 from shared.models import AudioConfig, Resolution, StreamQuality, TestPatternSource
-from shared.opus import OPUS_CLOCK, OpusDecoder, OpusEncoder
-from shared.packetring import PacketRing, PacketRingReader, RingPacket
-from shared.shm import list_segments, segment_name
+from shared.pool.packet_ring import PacketRing, PacketRingReader, RingPacket
+from shared.pool.shm import list_segments, segment_name
 from tests import media_fixtures
 from tests.media_fixtures import (
     FakeAudioSubscriber,

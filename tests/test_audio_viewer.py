@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from actors.capture import CaptureActor
-from actors.encoder import EncoderActor
-from actors.sender import SenderActor
+from actors.stages.capture import CaptureActor
+from actors.stages.encoder import EncoderActor
+from actors.stages.sender import SenderActor
 from shared.models import (
     AudioConfig,
     FileSource,
@@ -24,8 +24,8 @@ from shared.models import (
     StreamSource,
     TestPatternSource,
 )
-from shared.shm import list_segments, segment_name
-from shared.viewer import DecodedAudio, DecodedFrame, Viewer
+from shared.pool.shm import list_segments, segment_name
+from shared.viewer.client import DecodedAudio, DecodedFrame, Viewer
 from tests import media_fixtures
 from tests.media_fixtures import (
     LocalHandle,

@@ -9,9 +9,11 @@ from pathlib import Path
 import cv2
 import pytest
 
-from actors.capture import CaptureActor
-from shared.camera import CameraCapture, applied_capture, camera_target, check_device_node
-from shared.capture import CaptureEngine, FrameSource
+from actors.stages.capture import CaptureActor
+from shared.capture.camera import CameraCapture, applied_capture, camera_target, check_device_node
+from shared.capture.engine import CaptureEngine
+from shared.capture.source import FrameSource
+from shared.capture.stamp import planes, read_stamp
 from shared.errors import CaptureError, PermissionError
 from shared.models import (
     CameraDevice,
@@ -21,8 +23,7 @@ from shared.models import (
     Resolution,
     StreamQuality,
 )
-from shared.shm import list_segments, segment_name
-from shared.stamp import planes, read_stamp
+from shared.pool.shm import list_segments, segment_name
 from tests import media_fixtures
 from tests.media_fixtures import (
     CLIP_FPS,

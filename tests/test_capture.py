@@ -12,15 +12,12 @@ import av
 import numpy as np
 import pytest
 
-from actors.capture import CaptureActor
-from shared.capture import CameraMode, EndOfSource
-from shared.capture_optimizer import (
-    FrameGate,
-    FramePacer,
-    PlaybackClock,
-    RateMeter,
-    choose_mode,
-)
+from actors.stages.capture import CaptureActor
+from shared.capture.optimizer import choose_mode
+from shared.capture.pacing import FrameGate, FramePacer, PlaybackClock, RateMeter
+from shared.capture.pixels import FitRect, I420Converter, fit_rect
+from shared.capture.source import CameraMode, EndOfSource
+from shared.capture.stamp import planes, read_stamp
 from shared.errors import CaptureError, ConfigError
 from shared.models import (
     CaptureConfig,
@@ -30,9 +27,7 @@ from shared.models import (
     StreamQuality,
     TestPatternSource,
 )
-from shared.pixels import FitRect, I420Converter, fit_rect
-from shared.shm import list_segments, segment_name
-from shared.stamp import planes, read_stamp
+from shared.pool.shm import list_segments, segment_name
 from tests.media_fixtures import (
     CLIP_FPS,
     FakeEncoder,

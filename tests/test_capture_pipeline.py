@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from actors import StreamManager
-from actors.cli_cameras import format_cameras
-from shared.capture import CameraInfo, CameraMode, CaptureCapabilities
+from actors.cli.cameras import format_cameras
+from shared.capture.source import CameraInfo, CameraMode, CaptureCapabilities
 from shared.errors import CaptureError, ConfigError
 from shared.models import CameraDevice, Resolution, StreamConfig, StreamQuality, StreamState
-from shared.viewer import DecodedFrame, Viewer
+from shared.viewer.client import DecodedFrame, Viewer
 from tests import media_fixtures
 from tests.conftest import stream_actors, wait_for_no_leaks
 from tests.media_fixtures import REPO, XServer, make_clip

@@ -8,7 +8,10 @@ import av
 import numpy as np
 import pytest
 
-from shared.codec import (
+from shared.capture.stamp import Stamp, read_stamp
+from shared.capture.testpattern import TestPattern
+from shared.errors import ConfigError, EncodingError
+from shared.media.codec import (
     MIN_BITRATE,
     EncoderConfig,
     EncoderConfigError,
@@ -16,10 +19,7 @@ from shared.codec import (
     H264Encoder,
     get_encoder_capabilities,
 )
-from shared.errors import ConfigError, EncodingError
-from shared.h264_rtp import NAL_IDR, NAL_PPS, NAL_SPS, nal_type, split_annexb
-from shared.stamp import Stamp, read_stamp
-from shared.testpattern import TestPattern
+from shared.rtp.h264 import NAL_IDR, NAL_PPS, NAL_SPS, nal_type, split_annexb
 
 WIDTH, HEIGHT, FPS = 320, 180, 30
 

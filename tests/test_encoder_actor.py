@@ -16,15 +16,15 @@ from typing import Any
 import pytest
 import ray
 
-from actors._spawn import NAMESPACE
-from actors.encoder import EncoderActor, EncoderStats, ladder_ring_names
-from shared.codec import H264Decoder
-from shared.framepool import FramePool, frame_bytes
-from shared.hwaccel import SOFTWARE_ENCODER
+from actors.placement import NAMESPACE
+from actors.stages.encoder import EncoderActor, EncoderStats, ladder_ring_names
+from shared.capture.testpattern import TestPattern
+from shared.media.codec import H264Decoder
+from shared.media.hwaccel import SOFTWARE_ENCODER
 from shared.models import PixelFormat, QualityPreset, Resolution, StreamQuality
-from shared.packetring import PacketRing, PacketRingReader, RingPacket
-from shared.shm import segment_name
-from shared.testpattern import TestPattern
+from shared.pool.frame_pool import FramePool, frame_bytes
+from shared.pool.packet_ring import PacketRing, PacketRingReader, RingPacket
+from shared.pool.shm import segment_name
 from tests.conftest import wait_for_no_leaks
 from tests.test_hwaccel import FailingHardwareOpener
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared.codec import EncoderConfig, H264Decoder, H264Encoder
+from shared.capture.testpattern import TestPattern
 from shared.errors import ConfigError
-from shared.rate_control import (
+from shared.media.codec import EncoderConfig, H264Decoder, H264Encoder
+from shared.media.rate_control import (
     INITIAL_GAIN,
     MAX_GAIN,
     MIN_GAIN,
@@ -15,7 +16,6 @@ from shared.rate_control import (
     SceneCutDetector,
     encoder_threads,
 )
-from shared.testpattern import TestPattern
 
 FPS = 30
 

@@ -11,16 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from actors.capture import CaptureActor
-from shared.audio_capture import AudioBlock
-from shared.capture import EndOfSource
+from actors.stages.capture import CaptureActor
+from shared.capture.audio import AudioBlock
+from shared.capture.file import FilePlayback
+from shared.capture.source import EndOfSource
+from shared.capture.stamp import planes, read_stamp
 from shared.errors import CaptureError, PermissionError
-from shared.file_source import FilePlayback
+from shared.media.opus import OpusDecoder
 from shared.models import AudioConfig, FileSource, Resolution, StreamQuality
-from shared.opus import OpusDecoder
-from shared.packetring import PacketRing, PacketRingReader
-from shared.shm import list_segments, segment_name
-from shared.stamp import planes, read_stamp
+from shared.pool.packet_ring import PacketRing, PacketRingReader
+from shared.pool.shm import list_segments, segment_name
 from tests import media_fixtures
 from tests.media_fixtures import (
     CLIP_FPS,

@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from perf.frame_assembler import AssembledFrame, FrameAssembler
 from shared.errors import ConfigError
-from shared.frame_assembler import AssembledFrame, FrameAssembler
-from shared.h264_rtp import H264Packetizer, split_annexb, to_annexb
-from shared.rtp import RtpPacket
+from shared.rtp.h264 import H264Packetizer, split_annexb, to_annexb
+from shared.rtp.packet import RtpPacket
 
 SETTINGS = settings(max_examples=100, derandomize=True, deadline=None)
 SSRC = 0x1234

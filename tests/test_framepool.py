@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 
 from shared.errors import ConfigError, ResourceError
-from shared.framepool import FramePool, FramePoolReader, frame_bytes
 from shared.models import PixelFormat
-from shared.shm import (
+from shared.pool.frame_pool import FramePool, FramePoolReader, frame_bytes
+from shared.pool.shm import (
     SegmentKind,
     attach_segment,
     create_segment,
@@ -475,7 +475,7 @@ def test_killing_a_reader_mid_read_affects_nobody(prefix: str, children: list[Ba
 
 _ATTACH_AND_READ = """
 import sys
-from shared.framepool import FramePool, FramePoolReader
+from shared.pool.frame_pool import FramePool, FramePoolReader
 pool = FramePool.attach(sys.argv[1])
 frame = FramePoolReader(pool).read_latest()
 assert frame is not None and frame.sequence == 1

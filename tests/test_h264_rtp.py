@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.errors import ConfigError, ProtocolError
-from shared.h264_rtp import (
+from shared.rtp.h264 import (
     NAL_AUD,
     NAL_FU_A,
     NAL_IDR,

@@ -19,8 +19,9 @@ from typing import Any
 import av
 import pytest
 
-from actors.encoder import encoder_actor_options
-from shared.codec import (
+from actors.stages.encoder import encoder_actor_options
+from shared.capture.testpattern import TestPattern
+from shared.media.codec import (
     EncoderConfig,
     EncoderSession,
     H264Decoder,
@@ -28,8 +29,7 @@ from shared.codec import (
     get_encoder_capabilities,
     open_session,
 )
-from shared.h264_rtp import NAL_IDR, NAL_SPS, nal_type, split_annexb
-from shared.hwaccel import (
+from shared.media.hwaccel import (
     HARDWARE_ENCODERS,
     SOFTWARE_ENCODER,
     EncoderCandidate,
@@ -37,7 +37,7 @@ from shared.hwaccel import (
     HardwareAccelerator,
     needs_gpu,
 )
-from shared.testpattern import TestPattern
+from shared.rtp.h264 import NAL_IDR, NAL_SPS, nal_type, split_annexb
 
 REPO = Path(__file__).resolve().parent.parent
 WIDTH, HEIGHT, FPS = 320, 240, 30

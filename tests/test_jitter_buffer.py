@@ -9,10 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.errors import ConfigError
-from shared.h264_rtp import H264Packetizer, H264PayloadFormat
-from shared.jitter_buffer import BufferedFrame, JitterBuffer
-from shared.opus_rtp import OpusPayloadFormat
-from shared.rtp import RtpPacket
+from shared.rtp.h264 import H264Packetizer, H264PayloadFormat
+from shared.rtp.jitter_buffer import BufferedFrame, JitterBuffer
+from shared.rtp.opus import OpusPayloadFormat
+from shared.rtp.packet import RtpPacket
 
 SETTINGS = settings(max_examples=150, derandomize=True, deadline=None)
 SPS, PPS = b"\x67\x42\x00\x1f\xab", b"\x68\xce\x38\x80"

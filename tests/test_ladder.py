@@ -7,12 +7,12 @@ import av
 import numpy as np
 import pytest
 
-from actors.encoder import ladder_ring_names
-from shared.codec import EncoderConfig, H264Decoder, H264Encoder
+from actors.stages.encoder import ladder_ring_names
+from shared.capture.testpattern import TestPattern
 from shared.errors import ConfigError
+from shared.media.codec import EncoderConfig, H264Decoder, H264Encoder
+from shared.media.scaler import FrameDecimator, QualityScaler, Rung, plan_ladder
 from shared.models import QualityPreset, Resolution, StreamQuality
-from shared.scaler import FrameDecimator, QualityScaler, Rung, plan_ladder
-from shared.testpattern import TestPattern
 
 LOW, MEDIUM, HIGH, ULTRA = (
     QualityPreset.LOW,

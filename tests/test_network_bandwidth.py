@@ -6,8 +6,9 @@ import random
 
 import pytest
 
-from shared.bandwidth import BandwidthEstimator, BandwidthUsage, TransportFeedbackRecorder
 from shared.errors import ConfigError
+from shared.rtp.bandwidth import BandwidthEstimator, BandwidthUsage
+from shared.rtp.feedback import TransportFeedbackRecorder
 
 PACKET = 1200
 

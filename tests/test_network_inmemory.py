@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from shared.codec import EncoderConfig, H264Decoder, H264Encoder
-from shared.frame_assembler import ReceiverSession
-from shared.h264_rtp import H264PayloadFormat, split_annexb
-from shared.rtp_sender import VIDEO_TRACK, BroadcastSender
-from shared.testpattern import TestPattern
-from shared.viewer import read_frame_stamp
+from shared.capture.testpattern import TestPattern
+from shared.media.codec import EncoderConfig, H264Decoder, H264Encoder
+from shared.rtp.h264 import H264PayloadFormat, split_annexb
+from shared.rtp.receiver import ReceiverSession
+from shared.rtp.sender import VIDEO_TRACK, BroadcastSender
+from shared.viewer.client import read_frame_stamp
 
 FPS, WIDTH, HEIGHT = 30, 320, 180
 ONE_WAY_S = 0.02

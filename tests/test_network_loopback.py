@@ -6,8 +6,8 @@ import asyncio
 import contextlib
 import time
 
-from shared.stream_url import StreamUrl
-from shared.viewer import Viewer
+from shared.roq.url import StreamUrl
+from shared.viewer.client import Viewer
 from tests.impairment import Impairment, ImpairmentRelay
 from tests.test_roq_loopback import FPS, Broadcast, collect
 

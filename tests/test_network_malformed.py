@@ -12,15 +12,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.errors import ProtocolError
-from shared.frame_assembler import ReceiverSession
-from shared.h264_rtp import H264Depacketizer, H264PayloadFormat
-from shared.jitter_buffer import JitterBuffer, PayloadFormat
-from shared.opus_rtp import OpusPayloadFormat
-from shared.roq_transport import RoqClient
-from shared.rtcp import ReportBlock, RtcpNack, RtcpPli, RtcpReceiverReport
-from shared.rtp import RtpPacket
-from shared.rtp_sender import AUDIO_TRACK, VIDEO_TRACK, MediaTrack, PeerSender
-from shared.viewer import Viewer
+from shared.roq.transport import RoqClient
+from shared.rtp.h264 import H264Depacketizer, H264PayloadFormat
+from shared.rtp.jitter_buffer import JitterBuffer, PayloadFormat
+from shared.rtp.opus import OpusPayloadFormat
+from shared.rtp.packet import RtpPacket
+from shared.rtp.receiver import ReceiverSession
+from shared.rtp.rtcp import ReportBlock, RtcpNack, RtcpPli, RtcpReceiverReport
+from shared.rtp.sender import AUDIO_TRACK, VIDEO_TRACK, MediaTrack, PeerSender
+from shared.viewer.client import Viewer
 from tests.test_roq_loopback import Broadcast, collect
 
 SETTINGS = settings(max_examples=300, derandomize=True, deadline=None)

@@ -13,13 +13,13 @@ import socket
 import time
 import uuid
 
-from actors.sender import SenderActor, SenderStats
-from shared.codec import EncoderConfig, H264Encoder
-from shared.packetring import PacketRing
-from shared.shm import segment_name
-from shared.testpattern import TestPattern
-from shared.tls import generate_self_signed
-from shared.viewer import DecodedFrame, Viewer
+from actors.stages.sender import SenderActor, SenderStats
+from shared.capture.testpattern import TestPattern
+from shared.media.codec import EncoderConfig, H264Encoder
+from shared.pool.packet_ring import PacketRing
+from shared.pool.shm import segment_name
+from shared.roq.tls import generate_self_signed
+from shared.viewer.client import DecodedFrame, Viewer
 
 WIDTH, HEIGHT, FPS = 320, 180, 30
 

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 from shared.errors import ConfigError, ResourceError
-from shared.packetring import PacketRing, PacketRingReader, RingPacket
-from shared.shm import list_segments, sweep_stale_segments, unlink_segment
+from shared.pool.packet_ring import PacketRing, PacketRingReader, RingPacket
+from shared.pool.shm import list_segments, sweep_stale_segments, unlink_segment
 
 SPAWN = mp.get_context("spawn")
 _COUNTER = itertools.count()

@@ -31,8 +31,8 @@ from shared.models import (
     StreamState,
     ViewerPermissions,
 )
-from shared.shm import list_segments
-from shared.viewer import Viewer
+from shared.pool.shm import list_segments
+from shared.viewer.client import Viewer
 from tests.conftest import require_tool, wait_for_no_leaks
 
 pytestmark = pytest.mark.ray

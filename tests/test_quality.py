@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from shared.control.quality import QualityController, ViewerFeedback, classify_connection
+from shared.control.scheduler import NodeInfo, StreamScheduler
 from shared.errors import ResourceError
 from shared.models import ConnectionQuality, QualityPreset, StreamQuality
-from shared.quality import QualityController, ViewerFeedback, classify_connection
-from shared.scheduler import NodeInfo, StreamScheduler
 
 
 def feedback(viewer: str, loss: float, rtt: float = 10.0) -> ViewerFeedback:

@@ -12,11 +12,11 @@ import av
 import numpy as np
 import pytest
 
-from shared.codec import EncoderConfig, H264Encoder
+from shared.capture.testpattern import TestPattern
 from shared.errors import RecordingError
+from shared.media.codec import EncoderConfig, H264Encoder
 from shared.models import VideoFormat
-from shared.recording import AudioTrackInfo, StreamRecorder
-from shared.testpattern import TestPattern
+from shared.recording.muxer import AudioTrackInfo, StreamRecorder
 from tests.conftest import require_tool
 
 WIDTH, HEIGHT, FPS = 320, 180, 30

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from shared.errors import ConfigError, RecordingError
-from shared.recording_policy import (
+from shared.recording.policy import (
     FileLimits,
     MotionDetector,
     MotionTrigger,
@@ -20,7 +20,7 @@ from shared.recording_policy import (
     ScheduledRecording,
     Timeline,
 )
-from shared.storage import StorageManager, segment_path
+from shared.recording.storage import StorageManager, segment_path
 
 
 def test_timeline_starts_at_zero_and_cuts_out_pauses() -> None:

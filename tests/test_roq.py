@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.errors import ConfigError, ProtocolError
-from shared.roq import (
+from shared.roq.framing import (
     ALPN,
     AUDIO_FLOW_ID,
     AUDIO_RTCP_FLOW_ID,

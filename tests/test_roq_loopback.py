@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from shared.codec import EncoderConfig, H264Encoder
+from shared.capture.testpattern import TestPattern
 from shared.errors import NetworkError
-from shared.roq_transport import RoqConnection, RoqServer
-from shared.rtp import RtpPacket
-from shared.rtp_sender import VIDEO_TRACK, BroadcastSender, MediaTrack
-from shared.stream_url import StreamUrl
-from shared.testpattern import TestPattern
-from shared.tls import TlsIdentity, generate_self_signed, load_identity
-from shared.viewer import Viewer
+from shared.media.codec import EncoderConfig, H264Encoder
+from shared.roq.tls import TlsIdentity, generate_self_signed, load_identity
+from shared.roq.transport import RoqConnection, RoqServer
+from shared.roq.url import StreamUrl
+from shared.rtp.packet import RtpPacket
+from shared.rtp.sender import VIDEO_TRACK, BroadcastSender, MediaTrack
+from shared.viewer.client import Viewer
 
 WIDTH, HEIGHT, FPS = 320, 180, 30
 

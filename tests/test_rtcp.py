@@ -8,9 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.bandwidth import ReceptionStats, build_transport_feedback, round_trip_time
 from shared.errors import ConfigError, ProtocolError
-from shared.rtcp import (
+from shared.rtp.bandwidth import round_trip_time
+from shared.rtp.feedback import ReceptionStats, build_transport_feedback
+from shared.rtp.rtcp import (
     ReportBlock,
     RtcpNack,
     RtcpPacket,

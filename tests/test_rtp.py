@@ -7,8 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.errors import ConfigError, ProtocolError
-from shared.rtcp import RtcpPli
-from shared.rtp import (
+from shared.rtp.packet import (
     ONE_BYTE_PROFILE,
     TRANSPORT_CC_EXTENSION_ID,
     HeaderExtension,
@@ -20,6 +19,7 @@ from shared.rtp import (
     transport_sequence,
     with_transport_sequence,
 )
+from shared.rtp.rtcp import RtcpPli
 
 SETTINGS = settings(max_examples=300, derandomize=True, deadline=None)
 

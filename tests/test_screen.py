@@ -11,8 +11,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from actors.capture import CaptureActor
-from shared.capture import CaptureEngine
+from actors.stages.capture import CaptureActor
+from shared.capture.engine import CaptureEngine
+from shared.capture.screen import (
+    CursorImage,
+    ScreenCapture,
+    capture_box,
+    composite_cursor,
+    x11_display,
+)
 from shared.errors import CaptureError, ConfigError
 from shared.models import (
     CaptureConfig,
@@ -23,8 +30,7 @@ from shared.models import (
     StreamQuality,
     parse_source,
 )
-from shared.screen import CursorImage, ScreenCapture, capture_box, composite_cursor, x11_display
-from shared.shm import list_segments, segment_name
+from shared.pool.shm import list_segments, segment_name
 from tests import media_fixtures
 from tests.media_fixtures import (
     FakeEncoder,

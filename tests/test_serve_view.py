@@ -20,9 +20,9 @@ import pytest
 
 from actors import StreamManager
 from shared.models import Resolution, StreamConfig, StreamQuality
-from shared.packetring import PacketRing
-from shared.shm import segment_name
-from shared.viewer import DecodedAudio, DecodedFrame, Viewer
+from shared.pool.packet_ring import PacketRing
+from shared.pool.shm import segment_name
+from shared.viewer.client import DecodedAudio, DecodedFrame, Viewer
 from tests.conftest import require_tool, wait_for_no_leaks
 
 pytestmark = pytest.mark.ray

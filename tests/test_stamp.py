@@ -10,8 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.errors import ConfigError
-from shared.stamp import (
+from shared.capture.stamp import (
     STAMP_MIN_HEIGHT,
     STAMP_MIN_WIDTH,
     Stamp,
@@ -23,7 +22,8 @@ from shared.stamp import (
     stamp_block_size,
     stamp_rows,
 )
-from shared.testpattern import TestPattern
+from shared.capture.testpattern import TestPattern
+from shared.errors import ConfigError
 
 SIZES = [(176, 144), (320, 180), (640, 360), (1280, 720), (1920, 1080)]
 STAMPS = [

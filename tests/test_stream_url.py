@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from shared.errors import ConfigError
-from shared.stream_url import StreamUrl
+from shared.roq.url import StreamUrl
 
 
 def test_round_trip() -> None:

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shared.capture.stamp import Stamp, U8Array, read_stamp, stamp_rows
+from shared.capture.testpattern import TestPattern, planes
 from shared.errors import ConfigError
-from shared.stamp import Stamp, U8Array, read_stamp, stamp_rows
-from shared.testpattern import TestPattern, planes
 
 US = 1_700_000_000_000_000
 

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.capture import CameraMode
-from shared.errors import CaptureError
-from shared.v4l2 import (
+from shared.capture.source import CameraMode
+from shared.capture.v4l2 import (
     VIDIOC_ENUM_FMT,
     VIDIOC_ENUM_FRAMEINTERVALS,
     VIDIOC_ENUM_FRAMESIZES,
@@ -30,6 +29,7 @@ from shared.v4l2 import (
     parse_queryctrl,
     query_capabilities,
 )
+from shared.errors import CaptureError
 from tests import media_fixtures
 from tests.media_fixtures import run_as_nobody
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from shared.errors import ProtocolError
-from shared.opus_rtp import OpusDecoder, OpusPayloadFormat, check_opus_packet, opus_frame_count
-from shared.rtp_sender import AUDIO_TRACK, VIDEO_TRACK
-from shared.viewer import DecodedAudio, DecodedFrame, Viewer
+from shared.rtp.opus import OpusDecoder, OpusPayloadFormat, check_opus_packet, opus_frame_count
+from shared.rtp.sender import AUDIO_TRACK, VIDEO_TRACK
+from shared.viewer.client import DecodedAudio, DecodedFrame, Viewer
 from tests.test_roq_loopback import FPS, Broadcast
 
 SAMPLES = 960  # 20 ms at 48 kHz

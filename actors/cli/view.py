@@ -1,0 +1,208 @@
+"""``kizuna-stream view URL``: watch a stream, optionally save or show it, and report.
+
+Runs the viewer (``shared.viewer.client``) in this process; no Ray.  ``--out FILE`` remuxes the
+received H.264 without re-encoding (``.h264`` writes the raw Annex B stream; any other
+extension a container PyAV can write, e.g. ``.mp4`` or ``.mkv``); ``--display`` pipes the
+same bitstream into ``ffplay``.  A status line updates as it runs; ``--json`` prints one JSON
+line at the end instead.  It ends after ``--frames`` pictures, ``--seconds``, when the server
+ends the stream, or on Ctrl-C (exit code 130).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fractions
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from actors.cli.common import StatusLine, UsageError, consume_until_stopped, run_command
+from shared.roq.url import StreamUrl
+
+_TIME_BASE = fractions.Fraction(1, 90_000)
+
+
+def register(commands: Any) -> None:
+    view = commands.add_parser("view", help="watch a stream URL (roq://...) and report")
+    view.add_argument("url", help="the stream URL that serve printed")
+    view.add_argument("--out", metavar="FILE", help="save the received video (.h264, .mp4, .mkv)")
+    view.add_argument("--display", action="store_true", help="show the video (needs ffplay)")
+    view.add_argument("--frames", type=int, help="stop after this many decoded pictures")
+    view.add_argument("--seconds", type=float, help="stop after this long")
+    view.add_argument("--ca", metavar="FILE", help="trust this CA for a URL without fp=")
+    view.add_argument(
+        "--streams", action="store_true", help="ask for QUIC stream mode instead of datagrams"
+    )
+    view.add_argument(
+        "--latency-budget",
+        type=float,
+        default=200.0,
+        metavar="MS",
+        help="how long to wait for a retransmission before skipping (default 200 ms)",
+    )
+    view.add_argument(
+        "--json", action="store_true", help="print one JSON line instead of a status line"
+    )
+    view.set_defaults(run=run)
+
+
+class _VideoSink:
+    """Received access units to a file (remuxed, not re-encoded) and/or to ffplay."""
+
+    def __init__(self, out: str | None, display: bool) -> None:
+        self._raw: Any = None
+        self._container: Any = None
+        self._stream: Any = None
+        self._player: subprocess.Popen[bytes] | None = None
+        self._first_ts: int | None = None
+        self._last_pts = -1
+        if out is not None:
+            path = Path(out)
+            if not path.parent.exists():
+                raise UsageError(f"--out {out}: folder {path.parent} does not exist")
+            if path.suffix.lower() in (".h264", ".264"):
+                self._raw = path.open("wb")
+            else:
+                import av
+
+                self._container = av.open(str(path), "w")
+        if display:
+            player = shutil.which("ffplay")
+            if player is None:
+                raise UsageError("--display needs ffplay (FFmpeg) on the PATH")
+            self._player = subprocess.Popen(
+                [
+                    player,
+                    "-loglevel",
+                    "error",
+                    "-fflags",
+                    "nobuffer",
+                    "-flags",
+                    "low_delay",
+                    "-framedrop",
+                    "-f",
+                    "h264",
+                    "-i",
+                    "-",
+                ],
+                stdin=subprocess.PIPE,
+            )
+
+    def write(self, frame: Any) -> None:
+        data: bytes = frame.access_unit
+        if self._raw is not None:
+            self._raw.write(data)
+        if self._player is not None and self._player.stdin is not None:
+            with contextlib.suppress(BrokenPipeError):
+                self._player.stdin.write(data)
+                self._player.stdin.flush()
+        if self._container is not None:
+            self._mux(frame, data)
+
+    def _mux(self, frame: Any, data: bytes) -> None:
+        import av
+
+        if self._stream is None:
+            if not frame.keyframe:
+                return  # a file starts at a keyframe
+            self._stream = self._container.add_stream("h264", rate=30)
+            self._stream.width, self._stream.height = frame.frame.width, frame.frame.height
+            self._stream.time_base = _TIME_BASE
+            self._first_ts = frame.rtp_timestamp
+        assert self._first_ts is not None
+        pts = (frame.rtp_timestamp - self._first_ts) % 2**32
+        pts = max(pts, self._last_pts + 1)  # the muxer needs strictly increasing timestamps
+        self._last_pts = pts
+        packet = av.Packet(data)
+        packet.pts = packet.dts = pts
+        packet.time_base = _TIME_BASE
+        packet.stream = self._stream
+        packet.is_keyframe = frame.keyframe
+        self._container.mux(packet)
+
+    def close(self) -> None:
+        if self._raw is not None:
+            self._raw.close()
+        if self._container is not None:
+            self._container.close()
+        if self._player is not None:
+            if self._player.stdin is not None:
+                with contextlib.suppress(BrokenPipeError):
+                    self._player.stdin.close()
+            self._player.wait()
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_command(args, lambda stop: watch(args, stop), _print_summary)
+
+
+def _print_summary(result: dict[str, Any]) -> None:
+    report = result["report"]
+    print(
+        f"{report['frames_decoded']} frames decoded, {report['frames_dropped']} dropped, "
+        f"latency p50 {report['latency_p50_ms']} ms, {report['reconnects']} reconnects"
+    )
+
+
+async def watch(args: argparse.Namespace, stop: asyncio.Event) -> dict[str, Any]:
+    StreamUrl.parse(args.url)
+    if args.frames is not None and args.frames <= 0:
+        raise UsageError(f"--frames must be positive, got {args.frames}")
+    if args.seconds is not None and args.seconds <= 0:
+        raise UsageError(f"--seconds must be positive, got {args.seconds}")
+    from shared.viewer.client import DecodedFrame, Viewer
+
+    sink = _VideoSink(args.out, args.display)
+    status = StatusLine(enabled=not args.json)
+    status.show(f"connecting to {args.url} ...")
+    viewer = await Viewer.connect(
+        args.url,
+        ca_file=args.ca,
+        datagrams=not args.streams,
+        latency_budget_s=args.latency_budget / 1000,
+    )
+    started = time.monotonic()
+    last_status = 0.0
+
+    async def consume() -> None:
+        nonlocal last_status
+        async for item in viewer.media():
+            if isinstance(item, DecodedFrame):
+                sink.write(item)
+                report = viewer.report()
+                if args.frames is not None and report.frames_decoded >= args.frames:
+                    return
+                now = time.monotonic()
+                if status.enabled and now - last_status >= 0.5:
+                    last_status = now
+                    p50 = report.latency_p50_ms
+                    status.show(
+                        f"[{now - started:5.1f}s] {report.mode} | {report.frames_decoded} frames"
+                        f" | {report.frames_dropped} dropped | p50 "
+                        + (f"{p50:.0f} ms" if p50 is not None else "-")
+                        + f" | rtt {report.rtt_ms:.0f} ms | lost {report.packets_lost}"
+                        + f" recovered {report.packets_recovered}"
+                    )
+
+    try:
+        await consume_until_stopped(consume(), stop, args.seconds)
+    finally:
+        report = viewer.report()
+        stats = viewer.stream_stats()
+        await viewer.close()
+        sink.close()
+        status.done()
+    return {
+        "url": args.url,
+        "seconds": round(time.monotonic() - started, 2),
+        "interrupted": stop.is_set(),
+        "report": msgspec.to_builtins(report),
+        "stats": msgspec.to_builtins(stats),
+        "out": str(Path(args.out).resolve()) if args.out else None,
+    }

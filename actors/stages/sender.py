@@ -1,0 +1,325 @@
+"""SenderActor: a QUIC server for a stream's viewers, fed from the shared packet rings.
+
+It is the sending half of the design's NetworkStreamer (the receiving half is
+``shared/viewer/client.py``):
+
+- ``start_streaming(peer, stream)`` is ``StreamManager.add_viewer``, which starts this actor;
+  each viewer that connects to its URL gets a connection and its own RTP state;
+- ``adjust_bitrate(connection, bitrate)`` is :meth:`SenderActor.adjust_bitrate` (a cap on that
+  connection's bandwidth estimate; the shared encoder's target is the QualityActor's);
+- ``get_stream_stats(connection)`` is :meth:`SenderActor.get_stream_stats`;
+- ``close_stream(connection)`` is :meth:`SenderActor.close_stream` (or ``remove_viewer``).
+
+The actor is its own process and event loop, so viewers fan out in parallel across cores and
+one slow viewer never delays the others.  Several actors can serve one listen address: each
+binds the port with ``SO_REUSEPORT`` and the kernel keeps each client on one of them.
+
+Tracks are generic: video from the encoder's ring (H.264, flows 0/1, 90 kHz) and, when the
+stream has audio, Opus from the ``audio`` ring (flows 2/3, 48 kHz).  Each frame is packetized
+once and handed to every connection through :class:`shared.rtp.sender.BroadcastSender`, which
+answers RTCP (NACK from a bounded history, PLI, RR, transport-wide feedback for the bandwidth
+estimate).  A PLI becomes a keyframe request to the encoder, at most every
+:data:`KEYFRAME_REQUEST_INTERVAL_S`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from typing import Any
+
+import msgspec
+
+from shared.errors import ResourceError
+from shared.models import StreamStats
+from shared.pool.packet_ring import PacketRing, PacketRingReader, RingPacket
+from shared.pool.shm import segment_name
+from shared.roq.framing import RoqErrorCode
+from shared.roq.tls import TlsIdentity, generate_self_signed
+from shared.roq.transport import PeerStats, RoqConnection, RoqServer
+from shared.roq.url import StreamUrl
+from shared.rtp.sender import AUDIO_TRACK, VIDEO_TRACK, BroadcastSender, MediaTrack
+
+logger = logging.getLogger(__name__)
+
+#: A batch spanning more capture time than this is a backlog (the actor stalled): live viewers
+#: are better served from its newest keyframe than by a burst of stale frames.
+STALE_BATCH_US = 250_000
+#: How often the actor wakes without a ``packets_ready`` call: RTCP timers, and audio.
+POLL_INTERVAL_S = 0.01
+KEYFRAME_REQUEST_INTERVAL_S = 0.25
+#: Where each viewer's bandwidth estimate starts (it adapts within a few seconds).
+INITIAL_ESTIMATE_BPS = 2_000_000
+
+
+def skip_to_fresh_keyframe(packets: list[RingPacket]) -> list[RingPacket]:
+    if len(packets) < 2 or packets[-1].capture_us - packets[0].capture_us <= STALE_BATCH_US:
+        return packets
+    for index in range(len(packets) - 1, 0, -1):
+        if packets[index].keyframe:
+            return packets[index:]
+    return packets
+
+
+class PeerStatus(PeerStats, kw_only=True):
+    """A connection's transport counters and what its viewer's feedback says."""
+
+    loss: float = 0.0
+    """Fraction lost over the last feedback interval (transport-wide feedback, else RR)."""
+    jitter_ms: float = 0.0
+    estimate_bps: int = 0
+    """The send-side bandwidth estimate for this viewer (GCC-style, ``shared.rtp.bandwidth``)."""
+    nacks_received: int = 0
+    retransmissions: int = 0
+    keyframe_requests: int = 0
+
+
+class SenderStats(msgspec.Struct, kw_only=True):
+    pid: int
+    viewer_id: str
+    url: str
+    peers: list[PeerStatus]
+    frames_sent: int
+    frames_missed: int
+    packets_sent: int
+    bytes_sent: int
+    """Every connection's, including those that have left."""
+    keyframe_requests: int
+    tracks: list[str] = msgspec.field(default_factory=list)
+    error: str | None = None
+
+
+class _TrackSource:
+    def __init__(self, index: int, spec: MediaTrack, ring: PacketRing, start: Any) -> None:
+        self.index, self.spec, self.ring = index, spec, ring
+        self.reader = PacketRingReader(ring, start=start)
+        # Nobody is connected yet: what is in the ring now is history, not something to send.
+        self.reader.read_available()
+
+
+class SenderActor:
+    def __init__(
+        self,
+        session_id: str,
+        viewer_id: str,
+        ring_name: str,
+        encoder: Any,
+        audio_ring_name: str | None = None,
+    ) -> None:
+        self._session_id = session_id
+        self._viewer_id = viewer_id
+        self._ring_name = ring_name
+        self._audio_ring_name = audio_ring_name or segment_name(session_id, "audio")
+        self._encoder = encoder
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._sources: list[_TrackSource] = []
+        self._frames_missed = 0
+        self._keyframe_requests = 0
+        self._last_keyframe_request = -1e9
+        self._keyframe_pending = False
+        self._url = ""
+        self._error: str | None = None
+        self._started = time.monotonic()
+        self._departed_bytes = 0
+
+    async def open(
+        self,
+        host: str,
+        port: int,
+        identity: TlsIdentity | None = None,
+        reuse_port: bool | None = None,
+    ) -> str:
+        """Listen for viewers; returns the URL they connect to.
+
+        ``reuse_port`` (default: whenever a fixed port is given) lets several senders share
+        the port; a port held by a socket without SO_REUSEPORT is still "already in use".
+        """
+        identity = identity or generate_self_signed(host)
+        video = PacketRing.attach(self._ring_name)
+        self._sources = [_TrackSource(0, VIDEO_TRACK, video, "latest_keyframe")]
+        try:
+            audio = PacketRing.attach(self._audio_ring_name)
+        except ResourceError:
+            pass  # the stream has no audio
+        else:
+            self._sources.append(_TrackSource(1, AUDIO_TRACK, audio, "next"))
+        self._broadcast = BroadcastSender(
+            [source.spec for source in self._sources], initial_bps=INITIAL_ESTIMATE_BPS
+        )
+        self._server = RoqServer(
+            identity,
+            on_packet=self._on_packet,
+            on_connect=self._on_connect,
+            on_disconnect=self._on_disconnect,
+        )
+        try:
+            await self._server.start(
+                host, port, reuse_port=port != 0 if reuse_port is None else reuse_port
+            )
+        except BaseException:
+            for source in self._sources:
+                source.ring.close()
+            raise
+        self._task = asyncio.create_task(self._run(), name="send")
+        self._url = str(
+            StreamUrl(
+                host=host,
+                port=self._server.port,
+                session_id=self._session_id,
+                fingerprint=identity.fingerprint,
+            )
+        )
+        return self._url
+
+    def packets_ready(self, sequence: int) -> None:
+        self._wakeup.set()
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(POLL_INTERVAL_S):
+                        await self._wakeup.wait()
+                self._wakeup.clear()
+                now = time.time()
+                self._send_available(now)
+                self._broadcast.poll(now)
+                self._forward_keyframe_request(time.monotonic())
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.exception("sender %s failed", self._viewer_id)
+            self._error = f"{type(exc).__name__}: {exc}"
+
+    def _send_available(self, now: float) -> None:
+        for source in self._sources:
+            batch = source.reader.read_available()
+            # A lapped reader resumed at a keyframe; the skipped frames never got sequence
+            # numbers, so viewers see no gap, only a jump to that keyframe.
+            self._frames_missed += batch.missed
+            packets = batch.packets
+            if source.spec.kind == "video":
+                packets = skip_to_fresh_keyframe(packets)
+                self._frames_missed += len(batch.packets) - len(packets)
+            for packet in packets:
+                self._broadcast.send(
+                    source.index,
+                    packet.data,
+                    pts=packet.pts,
+                    capture_us=packet.capture_us,
+                    keyframe=packet.keyframe,
+                    now=now,
+                )
+
+    def _on_connect(self, connection: RoqConnection) -> None:
+        self._broadcast.add(connection, time.time())
+        self._forward_keyframe_request(time.monotonic())
+
+    def _on_disconnect(self, connection: RoqConnection) -> None:
+        self._departed_bytes += connection.stats.bytes_sent
+        self._broadcast.remove(connection)
+
+    def _on_packet(self, connection: RoqConnection, flow_id: int, data: bytes) -> None:
+        if flow_id not in {source.spec.rtcp_flow_id for source in self._sources}:
+            connection.stats.unknown_flows += 1  # counted and dropped; the connection goes on
+            return
+        self._broadcast.on_rtcp(connection, data, time.time())
+        self._forward_keyframe_request(time.monotonic())
+
+    def _forward_keyframe_request(self, now: float) -> None:
+        self._keyframe_pending |= self._broadcast.take_keyframe_request()
+        if (
+            self._keyframe_pending
+            and now - self._last_keyframe_request >= KEYFRAME_REQUEST_INTERVAL_S
+        ):
+            self._keyframe_pending = False
+            self._last_keyframe_request = now
+            self._keyframe_requests += 1
+            self._encoder.request_keyframe.remote()
+
+    # -- the design's NetworkStreamer, per connection --------------------------------------
+
+    def _connection(self, peer_id: str | None) -> list[RoqConnection]:
+        return [c for c in self._server.connections if peer_id is None or c.peer_id == peer_id]
+
+    async def adjust_bitrate(self, bitrate: int, peer_id: str | None = None) -> None:
+        """Cap the bandwidth estimate of one connection (or all) at ``bitrate``."""
+        for connection in self._connection(peer_id):
+            peer = self._broadcast.peers.get(connection)
+            if peer is not None:
+                estimator = peer.estimator
+                estimator.max_bps = max(bitrate, estimator.min_bps)
+
+    async def get_stream_stats(self, peer_id: str | None = None) -> StreamStats:
+        """StreamStats for one connection (or all of this actor's), sender side."""
+        peers = [self._peer_stats(c) for c in self._connection(peer_id)]
+        sent = sum(p.bytes_sent for p in peers)
+        elapsed = max(time.monotonic() - self._started, 1e-3)
+        return StreamStats(
+            bytes_sent=sent,
+            bytes_received=sum(p.bytes_received for p in peers),
+            frames_dropped=sum(p.frames_dropped for p in peers),
+            current_bitrate=sum(p.estimate_bps for p in peers),
+            average_bitrate=int(sent * 8 / elapsed),
+            latency_ms=int(max((p.rtt_ms for p in peers), default=0.0) / 2),
+            jitter_ms=int(max((p.jitter_ms for p in peers), default=0.0)),
+            packet_loss_rate=max((p.loss for p in peers), default=0.0),
+            last_updated=time.time(),
+        )
+
+    async def close_stream(self, peer_id: str) -> bool:
+        """Close one viewer's connection; False if no such connection."""
+        connections = self._connection(peer_id)
+        for connection in connections:
+            connection.close(RoqErrorCode.ROQ_NO_ERROR, "stream stopped")
+        return bool(connections)
+
+    def _peer_stats(self, connection: RoqConnection) -> PeerStatus:
+        stats = PeerStatus(**msgspec.structs.asdict(connection.refresh()))
+        peer = self._broadcast.peers.get(connection)
+        if peer is not None:
+            peer.set_transport_rtt(connection.transport_rtt_s)
+            feedback = peer.feedback
+            stats.rtt_ms = peer.rtt_s * 1000
+            stats.loss = feedback.loss
+            stats.jitter_ms = feedback.jitter_ms
+            stats.estimate_bps = peer.estimator.estimate_bps
+            stats.frames_dropped = feedback.frames_skipped
+            stats.nacks_received = feedback.nacks_received
+            stats.retransmissions = feedback.retransmissions
+            stats.keyframe_requests = feedback.keyframe_requests
+        return stats
+
+    async def stats(self) -> SenderStats:
+        peers = [self._peer_stats(c) for c in self._server.connections]
+        return SenderStats(
+            pid=os.getpid(),
+            viewer_id=self._viewer_id,
+            url=self._url,
+            peers=peers,
+            frames_sent=self._broadcast.frames_sent,
+            frames_missed=self._frames_missed,
+            packets_sent=self._broadcast.packets_sent,
+            bytes_sent=self._departed_bytes + sum(p.bytes_sent for p in peers),
+            keyframe_requests=self._keyframe_requests,
+            tracks=[source.spec.kind for source in self._sources],
+            error=self._error,
+        )
+
+    async def stop(self) -> SenderStats:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        stats = await self.stats()
+        await self._server.close()
+        # Give aioquic a moment to put the CONNECTION_CLOSE on the wire.
+        await asyncio.sleep(0.05)
+        for source in self._sources:
+            source.ring.close()
+        return stats

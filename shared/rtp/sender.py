@@ -1,0 +1,423 @@
+"""The sending side of RTP, sans-I/O: per-viewer RTP streams, feedback, and the fan-out.
+
+Theory of operation
+-------------------
+A stream has tracks (:class:`MediaTrack`: video H.264 on flows 0/1 at 90 kHz, audio Opus on
+flows 2/3 at 48 kHz).  Each frame is packetized once (:class:`BroadcastSender`), then every
+viewer connection gets its own RTP headers from its :class:`PeerSender`: its own SSRC, sequence
+numbers and timestamp offset per track (random, RFC 3550 §5.1), and one transport-wide sequence
+number space across tracks (draft-holmer-rmcat-transport-wide-cc-extensions-01 §2).  Own
+sequence spaces let one viewer skip frames (joining mid-GOP, or congested) without the gaps
+looking like loss to it, and let NACKs be answered from that viewer's own history.
+
+A :class:`PeerSender` answers its viewer's RTCP:
+
+- RR (RFC 3550 §6.4.2): loss, jitter, and RTT from LSR/DLSR (§6.4.1);
+- generic NACK (RFC 4585 §6.2.1): resend from a bounded :class:`SendHistory`, within a
+  :class:`RetransmissionBudget` (a share of what this viewer is sent), with a fresh transport-wide number (the same SSRC and sequence
+  number: plain retransmission, as WebRTC does without RTX);
+- PLI (RFC 4585 §6.3.1): :attr:`PeerSender.keyframe_requested`;
+- transport-wide feedback: the :class:`BandwidthEstimator`.
+
+It sends an SR per track (RFC 3550 §6.4.1) right after the track's first packet and then every
+:data:`SR_INTERVAL_S`, mapping the RTP timestamp to the capture wall clock, which is what the
+viewer needs for RTT and for lining audio up with video.
+
+Every method takes ``now``: Unix time in seconds (the SR's NTP timestamp is made from it).
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+from collections.abc import Sequence
+from typing import Protocol
+
+import msgspec
+
+from shared.errors import ProtocolError
+from shared.roq.framing import AUDIO_FLOW_ID, AUDIO_RTCP_FLOW_ID, VIDEO_FLOW_ID, VIDEO_RTCP_FLOW_ID
+from shared.rtp.bandwidth import BandwidthEstimator, round_trip_time
+from shared.rtp.h264 import (
+    DEFAULT_MTU,
+    H264_PAYLOAD_TYPE,
+    H264Packetizer,
+    ParameterSets,
+    split_annexb,
+)
+from shared.rtp.opus import OPUS_CLOCK_RATE, OPUS_PAYLOAD_TYPE
+from shared.rtp.packet import RtpPacket, RtpStream, with_transport_sequence
+from shared.rtp.rtcp import (
+    RtcpNack,
+    RtcpPli,
+    RtcpReceiverReport,
+    RtcpSenderReport,
+    RtcpTransportFeedback,
+    ntp_timestamp,
+    parse_rtcp_compound,
+)
+from shared.rtp.send_history import RetransmissionBudget, SendHistory
+
+__all__ = [
+    "AUDIO_TRACK",
+    "DEFAULT_MTU",
+    "H264_PAYLOAD_TYPE",
+    "VIDEO_TRACK",
+    "BroadcastSender",
+    "MediaConnection",
+    "MediaTrack",
+    "PeerFeedback",
+    "PeerSender",
+    "RtpStream",
+]
+
+SR_INTERVAL_S = 0.5
+#: Datagrams queued for one viewer beyond which its video is dropped until a keyframe.
+MAX_BACKLOG = 1200
+
+
+class MediaTrack(msgspec.Struct, frozen=True, kw_only=True):
+    kind: str
+    """``video`` or ``audio``."""
+    flow_id: int
+    rtcp_flow_id: int
+    payload_type: int
+    clock_rate: int
+
+
+VIDEO_TRACK = MediaTrack(
+    kind="video",
+    flow_id=VIDEO_FLOW_ID,
+    rtcp_flow_id=VIDEO_RTCP_FLOW_ID,
+    payload_type=H264_PAYLOAD_TYPE,
+    clock_rate=90_000,
+)
+AUDIO_TRACK = MediaTrack(
+    kind="audio",
+    flow_id=AUDIO_FLOW_ID,
+    rtcp_flow_id=AUDIO_RTCP_FLOW_ID,
+    payload_type=OPUS_PAYLOAD_TYPE,
+    clock_rate=OPUS_CLOCK_RATE,
+)
+
+
+class PeerFeedback(msgspec.Struct, kw_only=True):
+    """What one viewer's feedback says about its connection (per-peer sender stats)."""
+
+    rtt_ms: float = 0.0
+    loss: float = 0.0
+    """Fraction lost over the last feedback interval (transport-wide feedback, else RR)."""
+    jitter_ms: float = 0.0
+    packets_lost: int = 0
+    """Cumulative, from the video RR."""
+    estimate_bps: int = 0
+    acked_bps: int = 0
+    usage: str = "normal"
+    packets_sent: int = 0
+    rtp_bytes_sent: int = 0
+    frames_sent: int = 0
+    frames_skipped: int = 0
+    """Video frames not sent: before the viewer's first keyframe, or while congested."""
+    nacks_received: int = 0
+    retransmissions: int = 0
+    retransmissions_refused: int = 0
+    keyframe_requests: int = 0
+    rtcp_received: int = 0
+    rtcp_malformed: int = 0
+
+
+class PeerSender:
+    """One viewer connection's RTP state and feedback handling (see the module doc)."""
+
+    def __init__(
+        self,
+        tracks: Sequence[MediaTrack],
+        *,
+        now: float,
+        initial_bps: int,
+        rng: random.Random | None = None,
+        max_backlog: int = MAX_BACKLOG,
+    ) -> None:
+        rng = rng or random.Random()
+        self.tracks = list(tracks)
+        self.streams = [
+            RtpStream(
+                ssrc=rng.getrandbits(32),
+                initial_sequence=rng.getrandbits(16),
+                timestamp_offset=rng.getrandbits(32),
+                payload_type=track.payload_type,
+                clock_rate=track.clock_rate,
+            )
+            for track in self.tracks
+        ]
+        self._by_ssrc = {stream.ssrc: index for index, stream in enumerate(self.streams)}
+        self._histories = [SendHistory() for _ in self.tracks]
+        self._next_sr = [float("inf")] * len(self.tracks)
+        self._budget = RetransmissionBudget()
+        self.estimator = BandwidthEstimator(initial_bps=initial_bps, now=now)
+        self._transport_sequence = rng.getrandbits(16)
+        self._awaiting_keyframe = True
+        self._dropping = False
+        self._max_backlog = max_backlog
+        self._rtcp_rtt: float | None = None
+        self._transport_rtt = 0.0
+        self.keyframe_requested = False
+        self.feedback = PeerFeedback(estimate_bps=initial_bps)
+        self._sent_recently: collections.deque[tuple[float, int]] = collections.deque()
+
+    @property
+    def rtt_s(self) -> float:
+        return self._rtcp_rtt if self._rtcp_rtt is not None else self._transport_rtt
+
+    def set_transport_rtt(self, rtt_s: float) -> None:
+        """QUIC's smoothed RTT (RFC 9002 §5.3): used until RTCP yields one."""
+        self._transport_rtt = rtt_s
+        self.estimator.on_rtt(self.rtt_s)
+
+    def send_frame(
+        self,
+        track: int,
+        payloads: Sequence[bytes],
+        *,
+        pts: int,
+        capture_us: int,
+        keyframe: bool,
+        now: float,
+        backlog: int = 0,
+    ) -> list[bytes]:
+        """Serialized RTP packets of one frame for this viewer; [] when it skips the frame."""
+        if self.tracks[track].kind == "video" and not self._admit_video(keyframe, backlog):
+            return []
+        stream, history = self.streams[track], self._histories[track]
+        packets = stream.packets(payloads, pts=pts, capture_us=capture_us)
+        out = [self._stamp(packet, history, now) for packet in packets]
+        self._sent_recently.append((now, sum(map(len, out))))
+        if self._next_sr[track] == float("inf"):
+            self._next_sr[track] = now  # the first SR goes out with the first packets
+        self.feedback.frames_sent += self.tracks[track].kind == "video"
+        return out
+
+    def _admit_video(self, keyframe: bool, backlog: int) -> bool:
+        if self._awaiting_keyframe:
+            # A viewer that joins mid-GOP could not decode anything before the next IDR.
+            if not keyframe:
+                return False
+            self._awaiting_keyframe = False
+        if backlog > self._max_backlog:
+            self._dropping = True
+        if self._dropping:
+            # Congested: drop whole frames, resume at a keyframe once the queue has drained.
+            if not keyframe or backlog > self._max_backlog // 2:
+                self.feedback.frames_skipped += 1
+                return False
+            self._dropping = False
+        return True
+
+    def _stamp(self, packet: RtpPacket, history: SendHistory | None, now: float) -> bytes:
+        with_transport_sequence(packet, self._transport_sequence)
+        data = packet.serialize()
+        self.estimator.on_packet_sent(self._transport_sequence, len(data), now)
+        self._transport_sequence = (self._transport_sequence + 1) & 0xFFFF
+        if history is not None:
+            history.put(packet, len(data), now)
+        self.feedback.packets_sent += 1
+        self.feedback.rtp_bytes_sent += len(data)
+        return data
+
+    def poll(self, now: float) -> list[tuple[int, bytes]]:
+        """RTCP due now: ``(flow id, packet)`` sender reports."""
+        due = []
+        for index, stream in enumerate(self.streams):
+            if now < self._next_sr[index]:
+                continue
+            timestamp = stream.timestamp_at(now)
+            if timestamp is not None:
+                report = RtcpSenderReport(
+                    ssrc=stream.ssrc,
+                    ntp_timestamp=ntp_timestamp(now),
+                    rtp_timestamp=timestamp,
+                    packet_count=stream.packets_sent & 0xFFFF_FFFF,
+                    octet_count=stream.octets_sent & 0xFFFF_FFFF,
+                )
+                due.append((self.tracks[index].rtcp_flow_id, report.serialize()))
+            self._next_sr[index] = now + SR_INTERVAL_S
+        return due
+
+    def next_poll(self) -> float:
+        return min(self._next_sr, default=float("inf"))
+
+    def on_rtcp(self, data: bytes, now: float) -> list[tuple[int, bytes]]:
+        """Handle one compound RTCP packet; returns retransmissions as ``(flow id, packet)``."""
+        self.feedback.rtcp_received += 1
+        try:
+            packets = parse_rtcp_compound(data)
+        except ProtocolError:
+            self.feedback.rtcp_malformed += 1
+            return []
+        out: list[tuple[int, bytes]] = []
+        for packet in packets:
+            if isinstance(packet, RtcpReceiverReport | RtcpSenderReport):
+                self._on_report(packet, now)
+            elif isinstance(packet, RtcpNack):
+                out += self._on_nack(packet, now)
+            elif isinstance(packet, RtcpPli):
+                if packet.media_ssrc in self._by_ssrc:
+                    self.keyframe_requested = True
+                    self.feedback.keyframe_requests += 1
+            elif isinstance(packet, RtcpTransportFeedback):
+                self.estimator.on_transport_feedback(packet, now)
+        self._refresh(now)
+        return out
+
+    def _on_report(self, report: RtcpReceiverReport | RtcpSenderReport, now: float) -> None:
+        for block in report.reports:
+            index = self._by_ssrc.get(block.ssrc)
+            if index is None:
+                continue
+            rtt = round_trip_time(block, now)
+            if rtt is not None:
+                self._rtcp_rtt = rtt
+                self.estimator.on_rtt(rtt)
+            if self.tracks[index].kind == "video":
+                self.feedback.packets_lost = block.cumulative_lost
+                self.feedback.jitter_ms = block.jitter / self.tracks[index].clock_rate * 1000
+                self.estimator.on_receiver_report(block.fraction_lost / 256, now)
+
+    def _on_nack(self, nack: RtcpNack, now: float) -> list[tuple[int, bytes]]:
+        index = self._by_ssrc.get(nack.media_ssrc)
+        if index is None:
+            return []
+        history, flow_id = self._histories[index], self.tracks[index].flow_id
+        sequences = nack.sequences()
+        self.feedback.nacks_received += len(sequences)
+        out = []
+        for sequence in sequences:
+            packet = history.take_for_resend(sequence, now, self.rtt_s)
+            if packet is None:
+                self.feedback.retransmissions_refused += 1
+                continue
+            rate = max(self.estimator.estimate_bps, self._send_rate(now))
+            if not self._budget.allow(len(packet.payload) + 20, rate, now):
+                self.feedback.retransmissions_refused += 1
+                continue
+            out.append((flow_id, self._stamp(packet, None, now)))
+            self.feedback.retransmissions += 1
+        return out
+
+    def _send_rate(self, now: float) -> int:
+        """Bits per second of media sent to this viewer over the last second."""
+        recent = self._sent_recently
+        while recent and now - recent[0][0] > 1.0:
+            recent.popleft()
+        return sum(size for _, size in recent) * 8
+
+    def _refresh(self, now: float) -> None:
+        feedback, estimator = self.feedback, self.estimator
+        feedback.rtt_ms = self.rtt_s * 1000
+        feedback.loss = estimator.loss
+        feedback.estimate_bps = estimator.estimate_bps
+        feedback.acked_bps = estimator.acked_bps
+        feedback.usage = str(estimator.usage)
+
+
+class MediaConnection(Protocol):
+    """What :class:`BroadcastSender` needs from a viewer's transport connection."""
+
+    @property
+    def backlog(self) -> int:
+        """Packets queued but not yet on the wire."""
+        ...
+
+    @property
+    def transport_rtt_s(self) -> float: ...
+
+    def send_media(
+        self, flow_id: int, packets: Sequence[bytes], *, keyframe: bool, urgent: bool = False
+    ) -> None:
+        """One frame's packets (stream mode puts them on one stream, cancellable as a unit);
+        ``urgent`` (retransmissions) may jump the connection's send queue."""
+        ...
+
+    def send_rtcp(self, flow_id: int, packet: bytes) -> None: ...
+
+
+class BroadcastSender:
+    """Packetizes each frame once and hands every connected viewer its own RTP packets."""
+
+    def __init__(
+        self,
+        tracks: Sequence[MediaTrack],
+        *,
+        initial_bps: int,
+        mtu: int = DEFAULT_MTU,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.tracks = list(tracks)
+        self.initial_bps = initial_bps
+        self._rng = rng or random.Random()
+        self._packetizer = H264Packetizer(mtu=mtu)
+        self._parameter_sets = ParameterSets()
+        self.peers: dict[MediaConnection, PeerSender] = {}
+        #: Video frames handed to the connections (audio frames are not counted).
+        self.frames_sent = 0
+        self.packets_sent = 0
+        self._keyframe_requested = False
+
+    def add(self, connection: MediaConnection, now: float) -> PeerSender:
+        peer = PeerSender(self.tracks, now=now, initial_bps=self.initial_bps, rng=self._rng)
+        self.peers[connection] = peer
+        # Start the newcomer on a fresh IDR instead of making it wait for the next periodic one.
+        self._keyframe_requested = True
+        return peer
+
+    def remove(self, connection: MediaConnection) -> PeerSender | None:
+        return self.peers.pop(connection, None)
+
+    def take_keyframe_request(self) -> bool:
+        """Whether a viewer asked for a keyframe since the last call."""
+        requested, self._keyframe_requested = self._keyframe_requested, False
+        return requested
+
+    def payloads(self, track: int, data: bytes) -> list[bytes]:
+        """One encoded frame as RTP payloads: H.264 per RFC 6184, Opus as is (RFC 7587)."""
+        if self.tracks[track].kind != "video":
+            return [data]
+        nal_units = self._parameter_sets.complete(split_annexb(data))
+        return self._packetizer.packetize(nal_units)
+
+    def send(
+        self, track: int, data: bytes, *, pts: int, capture_us: int, keyframe: bool, now: float
+    ) -> None:
+        payloads = self.payloads(track, data)
+        flow_id = self.tracks[track].flow_id
+        self.frames_sent += self.tracks[track].kind == "video"
+        for connection, peer in self.peers.items():
+            packets = peer.send_frame(
+                track,
+                payloads,
+                pts=pts,
+                capture_us=capture_us,
+                keyframe=keyframe,
+                now=now,
+                backlog=connection.backlog,
+            )
+            if packets:
+                connection.send_media(flow_id, packets, keyframe=keyframe)
+                self.packets_sent += len(packets)
+        self.poll(now)
+
+    def on_rtcp(self, connection: MediaConnection, data: bytes, now: float) -> None:
+        peer = self.peers.get(connection)
+        if peer is None:
+            return
+        peer.set_transport_rtt(connection.transport_rtt_s)
+        for flow_id, packet in peer.on_rtcp(data, now):
+            connection.send_media(flow_id, [packet], keyframe=False, urgent=True)
+        if peer.keyframe_requested:
+            peer.keyframe_requested = False
+            self._keyframe_requested = True
+
+    def poll(self, now: float) -> None:
+        for connection, peer in self.peers.items():
+            for flow_id, packet in peer.poll(now):
+                connection.send_rtcp(flow_id, packet)
