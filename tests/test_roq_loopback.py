@@ -93,13 +93,13 @@ class Broadcast:
     def _on_connect(self, connection: RoqConnection) -> None:
         wrapped = LossyConnection(connection, self.drop) if self.drop else connection
         self._wrapped[connection] = wrapped
-        self.sender.add(wrapped, time.time())
+        self.sender.add(wrapped, time.monotonic())
 
     def _on_disconnect(self, connection: RoqConnection) -> None:
         self.sender.remove(self._wrapped.pop(connection, connection))
 
     def _on_packet(self, connection: RoqConnection, flow_id: int, data: bytes) -> None:
-        self.sender.on_rtcp(self._wrapped.get(connection, connection), data, time.time())
+        self.sender.on_rtcp(self._wrapped.get(connection, connection), data, time.monotonic())
         if self.sender.take_keyframe_request():
             self.plis += 1
             self.encoder.request_keyframe()
@@ -123,7 +123,8 @@ class Broadcast:
                 pts=unit.pts,
                 capture_us=unit.capture_us,
                 keyframe=unit.keyframe,
-                now=time.time(),
+                now=time.monotonic(),
+                wall_now=time.time(),
             )
 
     async def send(self, frames: range) -> None:

@@ -95,7 +95,8 @@ def test_audio_and_video_arrive_decode_and_line_up() -> None:
                         pts=audio_index * SAMPLES,
                         capture_us=capture_us,
                         keyframe=True,
-                        now=time.time(),
+                        now=time.monotonic(),
+                        wall_now=time.time(),
                     )
                 audio_index += 1
             await asyncio.sleep(max(0.0, started + (index + 1) / FPS - time.monotonic()))
