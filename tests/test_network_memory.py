@@ -20,6 +20,7 @@ from shared.roq.url import StreamUrl
 from shared.rtp.rate_window import RateWindow
 from shared.rtp.sender import VIDEO_TRACK, PeerSender
 from shared.viewer.client import Viewer
+from shared.viewer.latency import LatencyStats
 
 
 def test_rate_window_is_bounded_by_its_buckets_at_any_packet_rate() -> None:
@@ -99,3 +100,13 @@ def test_a_viewer_that_is_never_asked_for_stats_keeps_a_bounded_receive_record()
     assert not items and viewer.report().unknown_flows == 20_000
     # Trimmed as packets came, though stream_stats() was never called: one second's buckets.
     assert 0 < len(viewer.received_window) <= 101
+
+
+def test_latency_stats_keep_the_newest_samples_in_a_fixed_ring() -> None:
+    stats = LatencyStats(max_samples=100)
+    assert stats.percentile(50) is None
+    for value in range(1000):  # only 900..999 are kept
+        stats.add(float(value))
+    assert len(stats) == 100
+    assert stats.percentile(0) == 900.0 and stats.percentile(100) == 999.0
+    assert stats.percentile(50) == pytest.approx(949.5)
