@@ -49,12 +49,12 @@ async def _send(width: int, height: int, frames: int, conn: Connection) -> None:
     )
 
     def on_packet(connection: RoqConnection, flow_id: int, data: bytes) -> None:
-        sender.on_rtcp(connection, data, time.time())
+        sender.on_rtcp(connection, data, time.monotonic())
         if sender.take_keyframe_request():
             encoder.request_keyframe()
 
     def on_connect(connection: RoqConnection) -> None:
-        sender.add(connection, time.time())
+        sender.add(connection, time.monotonic())
 
     def on_disconnect(connection: RoqConnection) -> None:
         sender.remove(connection)
@@ -81,7 +81,8 @@ async def _send(width: int, height: int, frames: int, conn: Connection) -> None:
                 pts=unit.pts,
                 capture_us=capture_us,
                 keyframe=unit.keyframe,
-                now=time.time(),
+                now=time.monotonic(),
+                wall_now=time.time(),
             )
         await asyncio.sleep(max(0.0, started + (index + 1) / FPS - time.monotonic()))
     await asyncio.sleep(0.5)

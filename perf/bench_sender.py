@@ -85,7 +85,13 @@ def measure_broadcast(units: list[tuple[bytes, int, bool]], viewers: int, second
         data, pts, keyframe = units[frames % len(units)]
         now += 1 / FPS
         sender.send(
-            0, data, pts=pts + frames * 3000, capture_us=int(now * 1e6), keyframe=keyframe, now=now
+            0,
+            data,
+            pts=pts + frames * 3000,
+            capture_us=int(now * 1e6),
+            keyframe=keyframe,
+            now=now,
+            wall_now=now,
         )
         frames += 1
     elapsed = time.perf_counter() - started

@@ -1,6 +1,6 @@
 """Sender and viewer cores wired together in memory, on a virtual clock, with fixed loss.
 
-No sockets and no wall clock: the :class:`BroadcastSender` (per-viewer RTP, NACK history,
+No sockets and no real clock: the :class:`BroadcastSender` (per-viewer RTP, NACK history,
 SR, bandwidth estimate) talks to a :class:`ReceiverSession` (jitter buffer, NACK/PLI, RR,
 transport-wide feedback) through a simulated link with a fixed one-way delay and a loss
 pattern drawn from a seeded generator, in both directions.  The encoder and decoder are real
@@ -26,6 +26,9 @@ from shared.rtp.sender import VIDEO_TRACK, BroadcastSender
 from shared.viewer.client import read_frame_stamp
 
 FPS, WIDTH, HEIGHT = 30, 320, 180
+#: The virtual wall clock (capture stamps, the SRs' NTP time) runs this far ahead of the
+#: virtual monotonic one, as the real ones do.
+WALL_OFFSET_S = 1_700_000_000.0
 ONE_WAY_S = 0.02
 TICK_S = 0.01
 
@@ -148,7 +151,7 @@ def simulate(down: LossPattern, up: LossPattern, *, frames: int = 300) -> Outcom
             assert isinstance(data, int)
             if sender.take_keyframe_request():
                 encoder.request_keyframe()
-            capture_us = int(sim.now * 1e6)
+            capture_us = int((sim.now + WALL_OFFSET_S) * 1e6)
             for unit in encoder.encode(
                 pattern.render(data, capture_us), pts=data * 3000, capture_us=capture_us
             ):
@@ -160,6 +163,7 @@ def simulate(down: LossPattern, up: LossPattern, *, frames: int = 300) -> Outcom
                     capture_us=capture_us,
                     keyframe=unit.keyframe,
                     now=sim.now,
+                    wall_now=sim.now + WALL_OFFSET_S,
                 )
         elif kind == "down":
             assert isinstance(data, tuple)
@@ -173,7 +177,7 @@ def simulate(down: LossPattern, up: LossPattern, *, frames: int = 300) -> Outcom
             for _, packet in feedback:
                 if sim.up.passes():
                     sim.at(sim.now + ONE_WAY_S, "up", packet)
-            sender.poll(sim.now)
+            sender.poll(sim.now, sim.now + WALL_OFFSET_S)
     video = receiver.tracks[VIDEO_TRACK.flow_id]
     outcome.plis = receiver.keyframe_requests
     outcome.nacks = video.buffer.nacks_sent

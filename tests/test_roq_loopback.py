@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import inspect
 import ipaddress
 import random
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -93,13 +94,13 @@ class Broadcast:
     def _on_connect(self, connection: RoqConnection) -> None:
         wrapped = LossyConnection(connection, self.drop) if self.drop else connection
         self._wrapped[connection] = wrapped
-        self.sender.add(wrapped, time.time())
+        self.sender.add(wrapped, time.monotonic())
 
     def _on_disconnect(self, connection: RoqConnection) -> None:
         self.sender.remove(self._wrapped.pop(connection, connection))
 
     def _on_packet(self, connection: RoqConnection, flow_id: int, data: bytes) -> None:
-        self.sender.on_rtcp(self._wrapped.get(connection, connection), data, time.time())
+        self.sender.on_rtcp(self._wrapped.get(connection, connection), data, time.monotonic())
         if self.sender.take_keyframe_request():
             self.plis += 1
             self.encoder.request_keyframe()
@@ -123,7 +124,8 @@ class Broadcast:
                 pts=unit.pts,
                 capture_us=unit.capture_us,
                 keyframe=unit.keyframe,
-                now=time.time(),
+                now=time.monotonic(),
+                wall_now=time.time(),
             )
 
     async def send(self, frames: range) -> None:
@@ -132,6 +134,40 @@ class Broadcast:
             self.send_one(index)
             # Paced on the frame clock, so a slow encode does not stretch the stream.
             await asyncio.sleep(max(0.0, started + (number + 1) / FPS - time.monotonic()))
+
+
+async def until(
+    condition: Callable[[], bool | Awaitable[bool]],
+    what: str,
+    *,
+    timeout: float = 10.0,
+    required: bool = True,
+) -> bool:
+    """Wait until ``condition()`` holds (it may be async), checking every 10 ms, for at most
+    ``timeout`` seconds.
+
+    Past the deadline it fails the test with ``what``, or, when not ``required`` (a lossy path
+    may legitimately never get there), returns False and leaves the verdict to the assertions
+    that follow.
+    """
+    deadline = time.monotonic() + timeout
+
+    async def holds() -> bool:
+        result = condition()
+        return await result if inspect.isawaitable(result) else result
+
+    while not await holds():
+        if time.monotonic() > deadline:
+            if required:
+                raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+def received(seen: list[int], last: int) -> Callable[[], bool]:
+    """The viewer has decoded frame ``last`` (the newest sent)."""
+    return lambda: bool(seen) and seen[-1] >= last
 
 
 async def collect(viewer: Viewer, into: list[int]) -> None:
@@ -147,9 +183,11 @@ async def run_stream(
     viewer = await Viewer.connect(url, datagrams=datagrams, reconnect=False)
     seen: list[int] = []
     task = asyncio.create_task(collect(viewer, seen))
-    await asyncio.sleep(0.1)
+    # The client's handshake can complete before the server's: frames sent before the server
+    # knows the viewer would never reach it.
+    await until(lambda: len(broadcast.sender.peers) == 1, "the server to see the viewer")
     await broadcast.send(frames)
-    await asyncio.sleep(0.4)
+    await until(received(seen, frames[-1]), f"frame {frames[-1]} at the viewer")
     await broadcast.server.close()
     await asyncio.wait_for(task, 5)  # the stream ends when the server closes
     await viewer.close()
@@ -222,12 +260,14 @@ def test_one_viewer_leaving_does_not_disturb_another() -> None:
         leaves = await Viewer.connect(url, reconnect=False)
         seen: list[int] = []
         task = asyncio.create_task(collect(stays, seen))
-        await asyncio.sleep(0.1)
+        await until(lambda: len(broadcast.sender.peers) == 2, "the server to see both viewers")
         await broadcast.send(range(15))
         await leaves.close()
         await broadcast.send(range(15, 30))
+        # The server lets a closed connection go after its draining period (RFC 9000 §10.2).
+        await until(lambda: len(broadcast.server.peers) == 1, "the server to drop the leaver")
         peers = len(broadcast.server.peers)
-        await asyncio.sleep(0.2)
+        await until(received(seen, 29), "frame 29 at the viewer that stayed")
         await broadcast.server.close()
         await asyncio.wait_for(task, 5)
         await stays.close()
@@ -341,9 +381,9 @@ def test_a_viewer_can_trust_a_ca_instead_of_pinning(tmp_path: Path) -> None:
         viewer = await Viewer.connect(unpinned, ca_file=str(ca_path), reconnect=False)
         seen: list[int] = []
         task = asyncio.create_task(collect(viewer, seen))
-        await asyncio.sleep(0.1)
+        await until(lambda: len(broadcast.sender.peers) == 1, "the server to see the viewer")
         await broadcast.send(range(10))
-        await asyncio.sleep(0.3)
+        await until(received(seen, 9), "frame 9 at the viewer")
         await broadcast.server.close()
         await asyncio.wait_for(task, 5)
         await viewer.close()

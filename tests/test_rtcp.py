@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.errors import ConfigError, ProtocolError
-from shared.rtp.bandwidth import round_trip_time
+from shared.rtp.bandwidth import SenderReportTimes
 from shared.rtp.feedback import ReceptionStats, build_transport_feedback
 from shared.rtp.rtcp import (
     ReportBlock,
@@ -301,13 +301,43 @@ def test_reception_stats_loss_jitter_and_lsr() -> None:
     assert 60 < block.jitter < 180 and stats.jitter_s == pytest.approx(
         block.jitter / 90_000, abs=1e-4
     )
-    # The sender sent the SR at 1000.5 and gets the block at 1000.5 + 0.25 + 0.040.
-    assert round_trip_time(block, 1000.79) == pytest.approx(0.040, abs=1e-4)
+    # The sender sent the SR at 7.0 on its monotonic clock (wall 1000.5, the SR's data) and
+    # gets the block at 7.0 + 0.25 + 0.040.
+    sent = SenderReportTimes()
+    sent.on_sent(sr.ntp_timestamp, 7.0)
+    assert sent.round_trip_time(block, 7.29) == pytest.approx(0.040, abs=1e-4)
     assert stats.report_block(102.0) is not None and stats.fraction_lost == 0.0  # new interval
 
 
-def test_round_trip_time_without_sr_is_unknown() -> None:
-    assert round_trip_time(ReportBlock(1, 0, 0, 0, 0, 0, 0), 5.0) is None
+def test_round_trip_time_without_a_known_sr_is_unknown() -> None:
+    sent = SenderReportTimes()
+    assert sent.round_trip_time(ReportBlock(1, 0, 0, 0, 0, 0, 0), 5.0) is None  # LSR = 0
+    sent.on_sent(ntp_timestamp(1000.5), 3.0)
+    other = ntp_middle(ntp_timestamp(2000.0))
+    assert sent.round_trip_time(ReportBlock(1, 0, 0, 0, 0, other, 0), 5.0) is None
+
+
+def test_round_trip_time_is_immune_to_a_wall_clock_step() -> None:
+    # SRs at monotonic 10.0 and 10.5; between them NTP steps the wall clock back an hour.
+    sent = SenderReportTimes()
+    first, second = ntp_timestamp(1_700_000_000.0), ntp_timestamp(1_699_996_400.5)
+    sent.on_sent(first, 10.0)
+    sent.on_sent(second, 10.5)
+    # Each echo arrives 30 ms of network plus 0.1 s held at the receiver after its SR.
+    for ntp, sent_at in ((first, 10.0), (second, 10.5)):
+        block = ReportBlock(1, 0, 0, 0, 0, ntp_middle(ntp), 65536 // 10)
+        assert sent.round_trip_time(block, sent_at + 0.13) == pytest.approx(0.030, abs=1e-4)
+
+
+def test_sender_report_times_are_bounded_and_a_negative_rtt_is_zero() -> None:
+    sent = SenderReportTimes(max_reports=4)
+    for index in range(100):
+        sent.on_sent(ntp_timestamp(1000.0 + index), float(index))
+    assert len(sent) == 4
+    oldest = ReportBlock(1, 0, 0, 0, 0, ntp_middle(ntp_timestamp(1095.0)), 0)
+    assert sent.round_trip_time(oldest, 100.0) is None  # forgotten
+    newest = ReportBlock(1, 0, 0, 0, 0, ntp_middle(ntp_timestamp(1099.0)), 65536)
+    assert sent.round_trip_time(newest, 99.9) == 0.0  # DLSR rounding past the arrival
 
 
 # -- interop: aiortc's RTCP parser and serializer ------------------------------------------

@@ -14,7 +14,7 @@ from shared.errors import ProtocolError
 from shared.rtp.opus import OpusDecoder, OpusPayloadFormat, check_opus_packet, opus_frame_count
 from shared.rtp.sender import AUDIO_TRACK, VIDEO_TRACK
 from shared.viewer.client import DecodedAudio, DecodedFrame, Viewer
-from tests.test_roq_loopback import FPS, Broadcast
+from tests.test_roq_loopback import FPS, Broadcast, until
 
 SAMPLES = 960  # 20 ms at 48 kHz
 
@@ -80,7 +80,7 @@ def test_audio_and_video_arrive_decode_and_line_up() -> None:
                 (pictures if isinstance(item, DecodedFrame) else sounds).append(item)  # type: ignore[arg-type]
 
         task = asyncio.create_task(consume())
-        await asyncio.sleep(0.1)
+        await until(lambda: len(broadcast.sender.peers) == 1, "the server to see the viewer")
         encoder = opus_encoder()
         started = time.monotonic()
         audio_index = 0
@@ -95,11 +95,14 @@ def test_audio_and_video_arrive_decode_and_line_up() -> None:
                         pts=audio_index * SAMPLES,
                         capture_us=capture_us,
                         keyframe=True,
-                        now=time.time(),
+                        now=time.monotonic(),
+                        wall_now=time.time(),
                     )
                 audio_index += 1
             await asyncio.sleep(max(0.0, started + (index + 1) / FPS - time.monotonic()))
-        await asyncio.sleep(0.6)  # SRs (every 0.5 s) and the last frames
+        await until(
+            lambda: len(pictures) == 90 and len(sounds) >= 140, "the last pictures and sound"
+        )
         await broadcast.server.close()
         await asyncio.wait_for(task, 5)
         await viewer.close()

@@ -18,8 +18,11 @@ Tracks are generic: video from the encoder's ring (H.264, flows 0/1, 90 kHz) and
 stream has audio, Opus from the ``audio`` ring (flows 2/3, 48 kHz).  Each frame is packetized
 once and handed to every connection through :class:`shared.rtp.sender.BroadcastSender`, which
 answers RTCP (NACK from a bounded history, PLI, RR, transport-wide feedback for the bandwidth
-estimate).  A PLI becomes a keyframe request to the encoder, at most every
-:data:`KEYFRAME_REQUEST_INTERVAL_S`.
+estimate).  What to skip when the actor falls behind, and when a PLI (or a newcomer, or a
+viewer resuming after congestion) becomes a keyframe request to the encoder, is decided by
+:class:`shared.rtp.keyframes.KeyframePolicy`; this shell reads the rings, moves bytes, and
+wakes for the earliest of the cores' deadlines.  The cores run on ``time.monotonic()``; the
+wall clock is read only for what is wall-clock data (the SRs' NTP timestamps, stats stamps).
 """
 
 from __future__ import annotations
@@ -35,33 +38,22 @@ import msgspec
 
 from shared.errors import ResourceError
 from shared.models import StreamStats
-from shared.pool.packet_ring import PacketRing, PacketRingReader, RingPacket
+from shared.pool.packet_ring import PacketRing, PacketRingReader
 from shared.pool.shm import segment_name
 from shared.roq.framing import RoqErrorCode
 from shared.roq.tls import TlsIdentity, generate_self_signed
 from shared.roq.transport import PeerStats, RoqConnection, RoqServer
 from shared.roq.url import StreamUrl
+from shared.rtp.keyframes import KeyframePolicy
 from shared.rtp.sender import AUDIO_TRACK, VIDEO_TRACK, BroadcastSender, MediaTrack
 
 logger = logging.getLogger(__name__)
 
-#: A batch spanning more capture time than this is a backlog (the actor stalled): live viewers
-#: are better served from its newest keyframe than by a burst of stale frames.
-STALE_BATCH_US = 250_000
-#: How often the actor wakes without a ``packets_ready`` call: RTCP timers, and audio.
+#: The longest the actor sleeps without a ``packets_ready`` call: the audio ring has no
+#: wake-up of its own.  The cores' deadlines (SRs, a held keyframe request) can wake it sooner.
 POLL_INTERVAL_S = 0.01
-KEYFRAME_REQUEST_INTERVAL_S = 0.25
 #: Where each viewer's bandwidth estimate starts (it adapts within a few seconds).
 INITIAL_ESTIMATE_BPS = 2_000_000
-
-
-def skip_to_fresh_keyframe(packets: list[RingPacket]) -> list[RingPacket]:
-    if len(packets) < 2 or packets[-1].capture_us - packets[0].capture_us <= STALE_BATCH_US:
-        return packets
-    for index in range(len(packets) - 1, 0, -1):
-        if packets[index].keyframe:
-            return packets[index:]
-    return packets
 
 
 class PeerStatus(PeerStats, kw_only=True):
@@ -117,10 +109,7 @@ class SenderActor:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._sources: list[_TrackSource] = []
-        self._frames_missed = 0
-        self._keyframe_requests = 0
-        self._last_keyframe_request = -1e9
-        self._keyframe_pending = False
+        self._keyframes = KeyframePolicy()
         self._url = ""
         self._error: str | None = None
         self._started = time.monotonic()
@@ -178,34 +167,40 @@ class SenderActor:
     def packets_ready(self, sequence: int) -> None:
         self._wakeup.set()
 
+    def _sleep_s(self, now: float) -> float:
+        """Until the earliest core deadline, and never longer than the audio poll."""
+        deadline = self._broadcast.next_poll()
+        held = self._keyframes.next_deadline()
+        if held is not None:
+            deadline = min(deadline, held)
+        return min(POLL_INTERVAL_S, max(deadline - now, 0.0))
+
     async def _run(self) -> None:
         try:
             while True:
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel.
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(POLL_INTERVAL_S):
+                    async with asyncio.timeout(self._sleep_s(time.monotonic())):
                         await self._wakeup.wait()
                 self._wakeup.clear()
-                now = time.time()
-                self._send_available(now)
-                self._broadcast.poll(now)
-                self._forward_keyframe_request(time.monotonic())
+                now, wall_now = time.monotonic(), time.time()
+                self._send_available(now, wall_now)
+                self._broadcast.poll(now, wall_now)
+                self._forward_keyframe_request(now)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             logger.exception("sender %s failed", self._viewer_id)
             self._error = f"{type(exc).__name__}: {exc}"
 
-    def _send_available(self, now: float) -> None:
+    def _send_available(self, now: float, wall_now: float) -> None:
         for source in self._sources:
             batch = source.reader.read_available()
-            # A lapped reader resumed at a keyframe; the skipped frames never got sequence
-            # numbers, so viewers see no gap, only a jump to that keyframe.
-            self._frames_missed += batch.missed
-            packets = batch.packets
-            if source.spec.kind == "video":
-                packets = skip_to_fresh_keyframe(packets)
-                self._frames_missed += len(batch.packets) - len(packets)
+            # Skipped frames never get sequence numbers, so viewers see no gap, only a jump
+            # to a keyframe.
+            packets = self._keyframes.select(
+                batch.packets, missed=batch.missed, video=source.spec.kind == "video"
+            )
             for packet in packets:
                 self._broadcast.send(
                     source.index,
@@ -214,11 +209,13 @@ class SenderActor:
                     capture_us=packet.capture_us,
                     keyframe=packet.keyframe,
                     now=now,
+                    wall_now=wall_now,
                 )
 
     def _on_connect(self, connection: RoqConnection) -> None:
-        self._broadcast.add(connection, time.time())
-        self._forward_keyframe_request(time.monotonic())
+        now = time.monotonic()
+        self._broadcast.add(connection, now)
+        self._forward_keyframe_request(now)
 
     def _on_disconnect(self, connection: RoqConnection) -> None:
         self._departed_bytes += connection.stats.bytes_sent
@@ -228,19 +225,17 @@ class SenderActor:
         if flow_id not in {source.spec.rtcp_flow_id for source in self._sources}:
             connection.stats.unknown_flows += 1  # counted and dropped; the connection goes on
             return
-        self._broadcast.on_rtcp(connection, data, time.time())
-        self._forward_keyframe_request(time.monotonic())
+        now = time.monotonic()
+        self._broadcast.on_rtcp(connection, data, now)
+        self._forward_keyframe_request(now)
 
     def _forward_keyframe_request(self, now: float) -> None:
-        self._keyframe_pending |= self._broadcast.take_keyframe_request()
-        if (
-            self._keyframe_pending
-            and now - self._last_keyframe_request >= KEYFRAME_REQUEST_INTERVAL_S
-        ):
-            self._keyframe_pending = False
-            self._last_keyframe_request = now
-            self._keyframe_requests += 1
+        if self._broadcast.take_keyframe_request():
+            self._keyframes.request()
+        if self._keyframes.poll(now):
             self._encoder.request_keyframe.remote()
+        elif self._keyframes.next_deadline() is not None:
+            self._wakeup.set()  # held by the throttle: let the loop re-arm its timer for it
 
     # -- the design's NetworkStreamer, per connection --------------------------------------
 
@@ -303,10 +298,10 @@ class SenderActor:
             url=self._url,
             peers=peers,
             frames_sent=self._broadcast.frames_sent,
-            frames_missed=self._frames_missed,
+            frames_missed=self._keyframes.frames_missed,
             packets_sent=self._broadcast.packets_sent,
             bytes_sent=self._departed_bytes + sum(p.bytes_sent for p in peers),
-            keyframe_requests=self._keyframe_requests,
+            keyframe_requests=self._keyframes.requests_forwarded,
             tracks=[source.spec.kind for source in self._sources],
             error=self._error,
         )

@@ -377,9 +377,16 @@ class RoqServer:
 class RoqClient:
     """The viewer's end: one QUIC connection, media in, RTCP feedback out."""
 
-    def __init__(self, stack: contextlib.AsyncExitStack, protocol: _RoqProtocol) -> None:
+    def __init__(
+        self,
+        stack: contextlib.AsyncExitStack,
+        protocol: _RoqProtocol,
+        *,
+        max_queued: int = MAX_RECEIVE_QUEUE,
+    ) -> None:
         self._stack = stack
         self._protocol = protocol
+        self.max_queued = max_queued
         self._queue: collections.deque[tuple[int, bytes, float] | None] = collections.deque()
         self._ready = asyncio.Event()
         self.overflow = 0
@@ -391,7 +398,7 @@ class RoqClient:
         protocol.early.clear()
 
     def _enqueue(self, flow_id: int, packet: bytes) -> None:
-        if len(self._queue) >= MAX_RECEIVE_QUEUE:
+        if len(self._queue) >= self.max_queued:
             self._queue.popleft()  # the oldest is the least useful to a live viewer
             self.overflow += 1
         self._queue.append((flow_id, packet, time.monotonic()))
@@ -414,10 +421,12 @@ class RoqClient:
         datagrams: bool = True,
         timeout: float = 10.0,
         idle_timeout: float = IDLE_TIMEOUT_S,
+        max_queued: int = MAX_RECEIVE_QUEUE,
     ) -> RoqClient:
         """Connect; pin ``fingerprint`` (self-signed server) or verify against ``ca_file``.
 
         ``datagrams=False`` does not offer DATAGRAM support, so the server uses stream mode.
+        ``max_queued`` packets wait for the reader; beyond that the oldest are dropped.
         """
         configuration = _configuration(
             is_client=True,
@@ -441,7 +450,7 @@ class RoqClient:
         except (TimeoutError, ConnectionError, OSError) as exc:
             await stack.aclose()
             raise NetworkError(f"cannot connect to {host}:{port}: {exc or 'timed out'}") from exc
-        client = cls(stack, cast(_RoqProtocol, protocol))
+        client = cls(stack, cast(_RoqProtocol, protocol), max_queued=max_queued)
         presented = client._protocol.peer_fingerprint
         if fingerprint is not None and presented != fingerprint:
             client._protocol.close(RoqErrorCode.ROQ_EXPECTATION_UNMET, "certificate mismatch")

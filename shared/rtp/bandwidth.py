@@ -15,9 +15,11 @@ the sender as libwebrtc does with transport-wide feedback:
   below 2 % grow by 5 %, in between hold.
 - the estimate is the smaller of the two, clamped to ``[min_bps, max_bps]``.
 
-QUIC's own RTT and the RTCP RTT both feed :attr:`BandwidthEstimator.rtt_s`.  Every method takes
-the time as an argument (``now``: seconds on any monotonic clock; arrival times in the
-receiver's microseconds); nothing here reads a clock.
+QUIC's own RTT and the RTCP RTT (:class:`SenderReportTimes`) both feed
+:attr:`BandwidthEstimator.rtt_s`.  Every method takes the time as an argument (``now``: the
+sender's monotonic seconds, never the wall clock, which NTP can step; arrival times in the
+receiver's microseconds, whose offset from ours cancels out of every delay difference);
+nothing here reads a clock.
 """
 
 from __future__ import annotations
@@ -28,31 +30,52 @@ from collections.abc import Sequence
 from enum import StrEnum
 
 from shared.errors import ConfigError
-from shared.rtp.rtcp import (
-    ReportBlock,
-    RtcpTransportFeedback,
-    ntp_middle,
-    ntp_timestamp,
-)
+from shared.rtp.rtcp import ReportBlock, RtcpTransportFeedback, ntp_middle
 
-__all__ = ["BandwidthEstimator", "BandwidthUsage", "round_trip_time"]
+__all__ = ["BandwidthEstimator", "BandwidthUsage", "SenderReportTimes"]
 
 # -- round-trip time (RFC 3550 §6.4.1) -------------------------------------------------------
 
 
-def round_trip_time(block: ReportBlock, now: float) -> float | None:
-    """RTT in seconds from a report block about this sender's SRs (RFC 3550 §6.4.1).
+class SenderReportTimes:
+    """When this sender's recent SRs went out, for the RTT of the report blocks that echo them.
 
-    ``now`` is the sender's Unix time when the block arrived; None before the receiver has
-    seen an SR (LSR = 0).
+    RFC 3550 §6.4.1 gives RTT = A - LSR - DLSR, with A the block's arrival as an NTP time.
+    Taking A from the wall clock would let an NTP step (or slew) turn into a wrong RTT, and the
+    RTT feeds the bandwidth estimate and the NACK timing.  So, as libwebrtc does, each SR's
+    send time is kept on the monotonic clock under the middle 32 bits of its NTP timestamp
+    (what LSR echoes), and RTT = now - sent_at(LSR) - DLSR, all on one clock.  The wall clock
+    only ever appears as data, inside the SR.  At most ``max_reports`` are kept (SRs go out
+    every half second; a block echoing an older one is too stale to time anything).
     """
-    if not block.last_sr:
-        return None
-    ticks = ntp_middle(ntp_timestamp(now)) - block.last_sr - block.delay_since_last_sr
-    ticks &= 0xFFFF_FFFF
-    if ticks >= 0x8000_0000:  # "negative": DLSR rounding on a sub-tick RTT
-        return 0.0
-    return ticks / 65536
+
+    def __init__(self, max_reports: int = 16) -> None:
+        if max_reports < 1:
+            raise ConfigError(f"max_reports must be positive, got {max_reports}")
+        self.max_reports = max_reports
+        self._sent: collections.OrderedDict[int, float] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._sent)
+
+    def on_sent(self, ntp: int, now: float) -> None:
+        """An SR with 64-bit NTP timestamp ``ntp`` went out at monotonic time ``now``."""
+        middle = ntp_middle(ntp)
+        self._sent.pop(middle, None)
+        self._sent[middle] = now
+        while len(self._sent) > self.max_reports:
+            self._sent.popitem(last=False)
+
+    def round_trip_time(self, block: ReportBlock, now: float) -> float | None:
+        """RTT in seconds from a block that arrived at monotonic ``now``; None before the
+        receiver has seen an SR (LSR = 0) or when LSR names no SR this sender remembers."""
+        if not block.last_sr:
+            return None
+        sent_at = self._sent.get(block.last_sr)
+        if sent_at is None:
+            return None
+        # DLSR rounding can make a sub-tick RTT slightly negative: that is a zero RTT.
+        return max(now - sent_at - block.delay_since_last_sr / 65536, 0.0)
 
 
 # -- sender: the estimate (draft-ietf-rmcat-gcc-02) ------------------------------------------

@@ -9,7 +9,7 @@ The receiver half of the congestion feedback loop (the sender half is
   (draft-holmer-rmcat-transport-wide-cc-extensions-01 §2), reported in transport-wide feedback
   packets (§3.1, :class:`shared.rtp.rtcp.RtcpTransportFeedback`) a few times a second.
 
-Every method takes the time as an argument; nothing here reads a clock.
+Every method takes the time as an argument (monotonic seconds); nothing here reads a clock.
 """
 
 from __future__ import annotations
@@ -35,8 +35,10 @@ __all__ = ["ReceptionStats", "TransportFeedbackRecorder", "build_transport_feedb
 class ReceptionStats:
     """What a receiver knows about one source, and the report block it sends back.
 
-    ``now`` is Unix seconds here: the DLSR it reports is a difference of two of them, and the
-    jitter is in RTP clock units, so only its rate matters.
+    ``now`` is the receiver's monotonic seconds: the DLSR it reports is a difference of two of
+    them, and the jitter is in RTP clock units, so only its rate matters.  The SR's NTP
+    timestamp is only echoed (LSR), never compared with ``now``, so neither end's wall clock
+    enters the RTT (RFC 3550 §6.4.1).
     """
 
     def __init__(self, ssrc: int, clock_rate: int) -> None:

@@ -3,7 +3,9 @@
 :class:`ReceiverSession` is the whole receiving RTP session of one connection: per track a
 :class:`shared.rtp.jitter_buffer.JitterBuffer` (which waits for retransmissions within a
 budget) and reception statistics (:mod:`shared.rtp.feedback`), plus the RTCP feedback the sender
-needs: NACKs, PLIs, receiver reports and transport-wide feedback.  Time is passed in.
+needs: NACKs, PLIs, receiver reports and transport-wide feedback.  Time is passed in: ``now``
+is monotonic seconds for everything timed here; the wall clock appears only as data, the SR's
+NTP timestamp that maps RTP time to the sender's capture clock (:meth:`ReceiverTrack.capture_us`).
 """
 
 from __future__ import annotations

@@ -12,23 +12,29 @@ looking like loss to it, and let NACKs be answered from that viewer's own histor
 
 A :class:`PeerSender` answers its viewer's RTCP:
 
-- RR (RFC 3550 §6.4.2): loss, jitter, and RTT from LSR/DLSR (§6.4.1);
+- RR (RFC 3550 §6.4.2): loss, jitter, and RTT from LSR/DLSR (§6.4.1, timed on the monotonic
+  clock by :class:`SenderReportTimes`);
 - generic NACK (RFC 4585 §6.2.1): resend from a bounded :class:`SendHistory`, within a
   :class:`RetransmissionBudget` (a share of what this viewer is sent), with a fresh transport-wide number (the same SSRC and sequence
   number: plain retransmission, as WebRTC does without RTX);
-- PLI (RFC 4585 §6.3.1): :attr:`PeerSender.keyframe_requested`;
+- PLI (RFC 4585 §6.3.1): :attr:`PeerSender.keyframe_requested`, as when a congested viewer is
+  ready to resume (:class:`shared.rtp.keyframes.VideoAdmission` decides which video frames it
+  is sent);
 - transport-wide feedback: the :class:`BandwidthEstimator`.
 
 It sends an SR per track (RFC 3550 §6.4.1) right after the track's first packet and then every
 :data:`SR_INTERVAL_S`, mapping the RTP timestamp to the capture wall clock, which is what the
 viewer needs for RTT and for lining audio up with video.
 
-Every method takes ``now``: Unix time in seconds (the SR's NTP timestamp is made from it).
+Two clocks, each for one job.  Every method takes ``now``: monotonic seconds, which time
+everything here (SR timers, RTT, the NACK history, the bandwidth estimate), so an NTP step
+cannot disturb them.  Where an SR is made, ``wall_now`` (Unix seconds) is passed in as well:
+the SR's NTP timestamp and its RTP timestamp are wall-clock data, on the clock the frames'
+capture times are on.
 """
 
 from __future__ import annotations
 
-import collections
 import random
 from collections.abc import Sequence
 from typing import Protocol
@@ -37,7 +43,7 @@ import msgspec
 
 from shared.errors import ProtocolError
 from shared.roq.framing import AUDIO_FLOW_ID, AUDIO_RTCP_FLOW_ID, VIDEO_FLOW_ID, VIDEO_RTCP_FLOW_ID
-from shared.rtp.bandwidth import BandwidthEstimator, round_trip_time
+from shared.rtp.bandwidth import BandwidthEstimator, SenderReportTimes
 from shared.rtp.h264 import (
     DEFAULT_MTU,
     H264_PAYLOAD_TYPE,
@@ -45,8 +51,10 @@ from shared.rtp.h264 import (
     ParameterSets,
     split_annexb,
 )
+from shared.rtp.keyframes import MAX_BACKLOG, VideoAdmission
 from shared.rtp.opus import OPUS_CLOCK_RATE, OPUS_PAYLOAD_TYPE
 from shared.rtp.packet import RtpPacket, RtpStream, with_transport_sequence
+from shared.rtp.rate_window import RateWindow
 from shared.rtp.rtcp import (
     RtcpNack,
     RtcpPli,
@@ -72,8 +80,6 @@ __all__ = [
 ]
 
 SR_INTERVAL_S = 0.5
-#: Datagrams queued for one viewer beyond which its video is dropped until a keyframe.
-MAX_BACKLOG = 1200
 
 
 class MediaTrack(msgspec.Struct, frozen=True, kw_only=True):
@@ -117,7 +123,8 @@ class PeerFeedback(msgspec.Struct, kw_only=True):
     rtp_bytes_sent: int = 0
     frames_sent: int = 0
     frames_skipped: int = 0
-    """Video frames not sent: before the viewer's first keyframe, or while congested."""
+    """Video frames not sent while the viewer was congested (its wait for a first keyframe is
+    not counted)."""
     nacks_received: int = 0
     retransmissions: int = 0
     retransmissions_refused: int = 0
@@ -152,18 +159,19 @@ class PeerSender:
         ]
         self._by_ssrc = {stream.ssrc: index for index, stream in enumerate(self.streams)}
         self._histories = [SendHistory() for _ in self.tracks]
+        self._reports = [SenderReportTimes() for _ in self.tracks]
         self._next_sr = [float("inf")] * len(self.tracks)
         self._budget = RetransmissionBudget()
         self.estimator = BandwidthEstimator(initial_bps=initial_bps, now=now)
         self._transport_sequence = rng.getrandbits(16)
-        self._awaiting_keyframe = True
-        self._dropping = False
-        self._max_backlog = max_backlog
+        self.admission = VideoAdmission(max_backlog)
         self._rtcp_rtt: float | None = None
         self._transport_rtt = 0.0
+        #: A PLI came, or the viewer is ready to resume after congestion: it needs a keyframe.
         self.keyframe_requested = False
         self.feedback = PeerFeedback(estimate_bps=initial_bps)
-        self._sent_recently: collections.deque[tuple[float, int]] = collections.deque()
+        #: Media bytes sent to this viewer over the last second (bounded on every send).
+        self.sent_window = RateWindow(1.0)
 
     @property
     def rtt_s(self) -> float:
@@ -186,32 +194,21 @@ class PeerSender:
         backlog: int = 0,
     ) -> list[bytes]:
         """Serialized RTP packets of one frame for this viewer; [] when it skips the frame."""
-        if self.tracks[track].kind == "video" and not self._admit_video(keyframe, backlog):
-            return []
+        if self.tracks[track].kind == "video":
+            admitted = self.admission.admit(keyframe=keyframe, backlog=backlog)
+            self.feedback.frames_skipped = self.admission.frames_skipped
+            if self.admission.take_keyframe_wanted():
+                self.keyframe_requested = True
+            if not admitted:
+                return []
         stream, history = self.streams[track], self._histories[track]
         packets = stream.packets(payloads, pts=pts, capture_us=capture_us)
         out = [self._stamp(packet, history, now) for packet in packets]
-        self._sent_recently.append((now, sum(map(len, out))))
+        self.sent_window.add(now, sum(map(len, out)))
         if self._next_sr[track] == float("inf"):
             self._next_sr[track] = now  # the first SR goes out with the first packets
         self.feedback.frames_sent += self.tracks[track].kind == "video"
         return out
-
-    def _admit_video(self, keyframe: bool, backlog: int) -> bool:
-        if self._awaiting_keyframe:
-            # A viewer that joins mid-GOP could not decode anything before the next IDR.
-            if not keyframe:
-                return False
-            self._awaiting_keyframe = False
-        if backlog > self._max_backlog:
-            self._dropping = True
-        if self._dropping:
-            # Congested: drop whole frames, resume at a keyframe once the queue has drained.
-            if not keyframe or backlog > self._max_backlog // 2:
-                self.feedback.frames_skipped += 1
-                return False
-            self._dropping = False
-        return True
 
     def _stamp(self, packet: RtpPacket, history: SendHistory | None, now: float) -> bytes:
         with_transport_sequence(packet, self._transport_sequence)
@@ -224,26 +221,29 @@ class PeerSender:
         self.feedback.rtp_bytes_sent += len(data)
         return data
 
-    def poll(self, now: float) -> list[tuple[int, bytes]]:
-        """RTCP due now: ``(flow id, packet)`` sender reports."""
+    def poll(self, now: float, wall_now: float) -> list[tuple[int, bytes]]:
+        """RTCP due at monotonic ``now``: ``(flow id, packet)`` sender reports, stamped with
+        ``wall_now`` (Unix seconds), the capture clock their RTP timestamps map to."""
         due = []
         for index, stream in enumerate(self.streams):
             if now < self._next_sr[index]:
                 continue
-            timestamp = stream.timestamp_at(now)
+            timestamp = stream.timestamp_at(wall_now)
             if timestamp is not None:
                 report = RtcpSenderReport(
                     ssrc=stream.ssrc,
-                    ntp_timestamp=ntp_timestamp(now),
+                    ntp_timestamp=ntp_timestamp(wall_now),
                     rtp_timestamp=timestamp,
                     packet_count=stream.packets_sent & 0xFFFF_FFFF,
                     octet_count=stream.octets_sent & 0xFFFF_FFFF,
                 )
+                self._reports[index].on_sent(report.ntp_timestamp, now)
                 due.append((self.tracks[index].rtcp_flow_id, report.serialize()))
             self._next_sr[index] = now + SR_INTERVAL_S
         return due
 
     def next_poll(self) -> float:
+        """When :meth:`poll` next has an SR to send (monotonic; inf before any media)."""
         return min(self._next_sr, default=float("inf"))
 
     def on_rtcp(self, data: bytes, now: float) -> list[tuple[int, bytes]]:
@@ -274,7 +274,7 @@ class PeerSender:
             index = self._by_ssrc.get(block.ssrc)
             if index is None:
                 continue
-            rtt = round_trip_time(block, now)
+            rtt = self._reports[index].round_trip_time(block, now)
             if rtt is not None:
                 self._rtcp_rtt = rtt
                 self.estimator.on_rtt(rtt)
@@ -296,20 +296,13 @@ class PeerSender:
             if packet is None:
                 self.feedback.retransmissions_refused += 1
                 continue
-            rate = max(self.estimator.estimate_bps, self._send_rate(now))
+            rate = max(self.estimator.estimate_bps, self.sent_window.rate_bps(now))
             if not self._budget.allow(len(packet.payload) + 20, rate, now):
                 self.feedback.retransmissions_refused += 1
                 continue
             out.append((flow_id, self._stamp(packet, None, now)))
             self.feedback.retransmissions += 1
         return out
-
-    def _send_rate(self, now: float) -> int:
-        """Bits per second of media sent to this viewer over the last second."""
-        recent = self._sent_recently
-        while recent and now - recent[0][0] > 1.0:
-            recent.popleft()
-        return sum(size for _, size in recent) * 8
 
     def _refresh(self, now: float) -> None:
         feedback, estimator = self.feedback, self.estimator
@@ -386,8 +379,18 @@ class BroadcastSender:
         return self._packetizer.packetize(nal_units)
 
     def send(
-        self, track: int, data: bytes, *, pts: int, capture_us: int, keyframe: bool, now: float
+        self,
+        track: int,
+        data: bytes,
+        *,
+        pts: int,
+        capture_us: int,
+        keyframe: bool,
+        now: float,
+        wall_now: float,
     ) -> None:
+        """One encoded frame to every viewer, then the SRs due (``now`` monotonic,
+        ``wall_now`` Unix seconds for the SRs, see the module doc)."""
         payloads = self.payloads(track, data)
         flow_id = self.tracks[track].flow_id
         self.frames_sent += self.tracks[track].kind == "video"
@@ -404,7 +407,8 @@ class BroadcastSender:
             if packets:
                 connection.send_media(flow_id, packets, keyframe=keyframe)
                 self.packets_sent += len(packets)
-        self.poll(now)
+            self._collect_keyframe_request(peer)
+        self.poll(now, wall_now)
 
     def on_rtcp(self, connection: MediaConnection, data: bytes, now: float) -> None:
         peer = self.peers.get(connection)
@@ -413,11 +417,19 @@ class BroadcastSender:
         peer.set_transport_rtt(connection.transport_rtt_s)
         for flow_id, packet in peer.on_rtcp(data, now):
             connection.send_media(flow_id, [packet], keyframe=False, urgent=True)
+        self._collect_keyframe_request(peer)
+
+    def _collect_keyframe_request(self, peer: PeerSender) -> None:
         if peer.keyframe_requested:
             peer.keyframe_requested = False
             self._keyframe_requested = True
 
-    def poll(self, now: float) -> None:
+    def poll(self, now: float, wall_now: float) -> None:
+        """Send the RTCP that is due (``now`` monotonic, ``wall_now`` Unix seconds)."""
         for connection, peer in self.peers.items():
-            for flow_id, packet in peer.poll(now):
+            for flow_id, packet in peer.poll(now, wall_now):
                 connection.send_rtcp(flow_id, packet)
+
+    def next_poll(self) -> float:
+        """When :meth:`poll` next has something to send (monotonic; inf when nothing)."""
+        return min((peer.next_poll() for peer in self.peers.values()), default=float("inf"))

@@ -14,6 +14,10 @@ session every :data:`TICK_S`, and decodes: H.264 and Opus with PyAV.  The latest
 track maps RTP timestamps to the sender's capture clock (RFC 3550 §6.4.1), which lines audio
 up with video (:attr:`ViewerReport.av_offset_ms`).
 
+The session runs on ``time.monotonic()`` (packet arrivals, ticks, so jitter, DLSR and the
+NACK/PLI timers): an NTP step cannot disturb them.  The wall clock is read only where it is
+compared with wall-clock data, the capture times (latency, the A/V offset).
+
 Each test-source picture carries its capture timestamp (``shared.capture.stamp``), so the viewer reads
 capture-to-decode latency from the picture alone.  When the connection drops (QUIC idle
 timeout) the viewer reconnects with exponential backoff, pinning the same certificate; a stream
@@ -43,6 +47,7 @@ from shared.roq.url import StreamUrl
 from shared.rtp.h264 import H264PayloadFormat, to_annexb
 from shared.rtp.jitter_buffer import BufferedFrame
 from shared.rtp.opus import OpusDecoder, OpusPayloadFormat
+from shared.rtp.rate_window import RateWindow
 from shared.rtp.receiver import ReceiverSession, ReceiverTrack
 from shared.rtp.sender import AUDIO_TRACK, VIDEO_TRACK
 from shared.viewer.latency import LatencyStats
@@ -147,7 +152,8 @@ class Viewer:
         self._report = ViewerReport(url=str(url), mode=client.mode)
         self._started = started
         self._next_tick = 0.0
-        self._recent: collections.deque[tuple[float, int]] = collections.deque()
+        #: Bytes received over the last second, bounded on every packet (``stream_stats``).
+        self.received_window = RateWindow(1.0)
         self._closing = False
 
     @classmethod
@@ -223,7 +229,7 @@ class Viewer:
     def _on_packet(
         self, flow_id: int, data: bytes, arrival: float
     ) -> list[DecodedFrame | DecodedAudio]:
-        self._recent.append((arrival, len(data)))
+        self.received_window.add(arrival, len(data))
         return self._decode(self._session.on_packet(flow_id, data, arrival))
 
     def _tick(self, now: float) -> list[DecodedFrame | DecodedAudio]:
@@ -309,7 +315,14 @@ class Viewer:
             return True
         return False
 
+    @property
+    def frames_decoded(self) -> int:
+        """Pictures decoded so far: O(1), for a caller that checks it on every frame."""
+        return self._report.frames_decoded
+
     def report(self) -> ViewerReport:
+        """Everything this viewer counted, with latency percentiles over up to 100,000
+        samples: O(samples), so a caller refreshes it at a display rate, not per frame."""
         report = self._report
         report.mode = self._client.mode
         report.decode_errors = self._decoder.decode_errors
@@ -344,15 +357,13 @@ class Viewer:
         """The design's StreamStats as this viewer sees its stream (``get_stream_stats``)."""
         report = self.report()
         now = time.monotonic()
-        while self._recent and now - self._recent[0][0] > 1.0:
-            self._recent.popleft()
         received = report.packets_received + report.packets_lost
         elapsed = max(now - self._started, 1e-3)
         return StreamStats(
             bytes_received=report.bytes_received,
             frames_decoded=report.frames_decoded,
             frames_dropped=report.frames_dropped,
-            current_bitrate=sum(size for _, size in self._recent) * 8,
+            current_bitrate=self.received_window.rate_bps(now),
             average_bitrate=int(report.bytes_received * 8 / elapsed),
             latency_ms=int(report.latency_p50_ms or 0),
             jitter_ms=int(report.jitter_ms),
