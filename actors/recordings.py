@@ -251,7 +251,10 @@ class Recordings:
     async def _restart(self, recording: _Recording) -> None:
         last = recording.last
         if last is not None:
+            # Its files move to the recording's list once: status() adds last.segments to that
+            # list while the new recorder starts, and a failed one is checked again each round.
             recording.segments += last.segments
+            recording.last = msgspec.structs.replace(last, segments=[])
         if last is not None and last.state is RecordingState.ERROR:
             return  # it failed on purpose (disk full): restarting would fail the same way
         recording.segment = recording.segment + max(1, len(last.segments) if last else 1)
