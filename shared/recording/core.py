@@ -167,6 +167,8 @@ class OpenSegment(RecordingEvent):
 
 @dataclass(frozen=True, slots=True)
 class WriteVideo(RecordingEvent):
+    """Write one access unit into the open file at ``file_us`` (microseconds of file time)."""
+
     data: bytes
     file_us: int
     keyframe: bool
@@ -174,6 +176,8 @@ class WriteVideo(RecordingEvent):
 
 @dataclass(frozen=True, slots=True)
 class WriteAudio(RecordingEvent):
+    """Write one audio packet into the open file at ``file_us``."""
+
     data: bytes
     file_us: int
 
@@ -258,6 +262,12 @@ class _Held:
 
 
 class RecordingCore:
+    """One recording's decisions (see the theory of operation above).
+
+    ``now`` is the shell's monotonic clock at construction; ``wall_now`` the wall clock at the
+    same moment, needed only to place a scheduled start or stop on the monotonic clock.
+    """
+
     def __init__(self, plan: RecordingPlan, *, now: float, wall_now: float | None = None) -> None:
         scheduled = plan.start_at_us is not None or plan.stop_at_us is not None
         if scheduled and wall_now is None:
