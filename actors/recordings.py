@@ -62,6 +62,7 @@ class _Recording:
     last: RecordingSession | None = None
     segments: list[str] = field(default_factory=list)
     start_at: float | None = None
+    stop_at: float | None = None
 
 
 class Recordings:
@@ -97,12 +98,21 @@ class Recordings:
         permissions: ViewerPermissions | None = None,
         recording_id: str | None = None,
         start_at: float | None = None,
+        stop_at: float | None = None,
     ) -> RecordingSession:
-        """Start recording; ``permissions`` are the asking viewer's, if a viewer asked."""
+        """Start recording; ``permissions`` are the asking viewer's, if a viewer asked.
+
+        ``start_at`` and ``stop_at`` (wall-clock seconds) are a scheduled recording's window:
+        the recorder cuts the file at the packets captured then, whenever this is called.
+        """
         if permissions is not None and not permissions.can_record:
             raise PermissionError("this viewer is not allowed to record the stream")
         recording = _Recording(
-            recording_id or self._new_id(stream.session_id), stream, config, start_at=start_at
+            recording_id or self._new_id(stream.session_id),
+            stream,
+            config,
+            start_at=start_at,
+            stop_at=stop_at,
         )
         await self._spawn(recording)
         self._recordings[recording.recording_id] = recording
@@ -126,6 +136,7 @@ class Recordings:
                 stream.encoder,
                 recording.segment,
                 recording.start_at,
+                recording.stop_at,
             ),
         )
         try:
@@ -177,7 +188,8 @@ class Recordings:
     ) -> str:
         recording_id = self._new_id(stream.session_id)
         now = time.time()
-        # Start the recorder's process SCHEDULE_LEAD_S early; it writes from start_at itself.
+        # Start the recorder's process SCHEDULE_LEAD_S early (or at once, when the start is
+        # nearer than that); it writes from start_at itself, even if its process starts late.
         early = max(now, start_at - SCHEDULE_LEAD_S)
         self._schedule.add(
             ScheduledRecording(
@@ -204,7 +216,11 @@ class Recordings:
                 try:
                     if action is ScheduleAction.START:
                         await self.start(
-                            stream, config, recording_id=entry.recording_id, start_at=start_at
+                            stream,
+                            config,
+                            recording_id=entry.recording_id,
+                            start_at=start_at,
+                            stop_at=entry.start_at + entry.duration_s,
                         )
                     elif entry.recording_id in self._recordings:
                         self._scheduled.pop(entry.recording_id, None)
@@ -235,7 +251,10 @@ class Recordings:
     async def _restart(self, recording: _Recording) -> None:
         last = recording.last
         if last is not None:
+            # Its files move to the recording's list once: status() adds last.segments to that
+            # list while the new recorder starts, and a failed one is checked again each round.
             recording.segments += last.segments
+            recording.last = msgspec.structs.replace(last, segments=[])
         if last is not None and last.state is RecordingState.ERROR:
             return  # it failed on purpose (disk full): restarting would fail the same way
         recording.segment = recording.segment + max(1, len(last.segments) if last else 1)

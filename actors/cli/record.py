@@ -1,11 +1,13 @@
 """``kizuna-stream record URL --out FILE``: record a stream from a server, as a viewer would.
 
 It connects like ``view`` (the certificate pinned by the URL's fingerprint, reconnecting with
-backoff), and writes the H.264 it receives without re-encoding through the same
-``StreamRecorder`` the recorder actor uses.  File time comes from the RTP timestamps, so the
-file keeps the sender's timing whatever the network did.  ``--max-size`` and ``--max-duration``
-rotate into numbered segments at the next keyframe after a limit is reached (``talk.mp4``,
-``talk-001.mp4``, ...).  A progress line shows what has been written; ``--json`` prints one line
+backoff), and writes the H.264 it receives without re-encoding.  What to write and when is
+decided by the same ``RecordingCore`` the recorder actor drives, and written by the same
+``StreamRecorder``.  File time comes from the RTP timestamps (mapped by the core's
+``RtpMediaClock``), so the file keeps the sender's timing whatever the network did.
+``--max-size`` and ``--max-duration`` rotate into numbered segments at the next keyframe once a
+limit is (nearly) reached (``talk.mp4``, ``talk-001.mp4``, ...); a viewer cannot ask for a
+keyframe, so that is the stream's next periodic one.  A progress line shows what has been written; ``--json`` prints one line
 at the end.
 
 Audio is not recorded by this command: the viewer decodes it and a copy would have to be
@@ -16,15 +18,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
 
 from actors.cli.common import StatusLine, UsageError, consume_until_stopped, run_command
+from shared.errors import RecordingError
 from shared.models import VideoFormat
+from shared.recording.core import (
+    CloseSegment,
+    Failed,
+    OpenSegment,
+    RecordingCore,
+    RecordingEvent,
+    RecordingPlan,
+    WriteVideo,
+)
 from shared.recording.muxer import StreamRecorder
 from shared.recording.policy import FileLimits
-from shared.recording.storage import segment_path
 
 #: The RTP clock for H.264 (RFC 6184 §8.2.1).
 RTP_CLOCK = 90_000
@@ -57,73 +69,52 @@ def register(commands: Any) -> None:
     record.set_defaults(run=run)
 
 
-class _RtpClock:
-    """RTP timestamps (32-bit, wrapping) to microseconds since the first one."""
+class _SegmentFiles:
+    """Carries out what the recording core decides: one StreamRecorder per segment."""
 
-    def __init__(self) -> None:
-        self._first: int | None = None
-        self._last = 0
-        self._wraps = 0
-
-    def micros(self, timestamp: int) -> int:
-        if self._first is None:
-            self._first = self._last = timestamp
-        if timestamp < self._last and self._last - timestamp > 1 << 31:
-            self._wraps += 1
-        self._last = timestamp
-        ticks = timestamp + (self._wraps << 32) - self._first
-        return ticks * 1_000_000 // RTP_CLOCK
-
-
-class _SegmentWriter:
-    def __init__(self, first: Path, video_format: VideoFormat, limits: FileLimits) -> None:
-        self._first = first
+    def __init__(self, video_format: VideoFormat) -> None:
         self._format = video_format
-        self._limits = limits
         self._recorder: StreamRecorder | None = None
-        self._segment = 0
-        self._segment_start_us = 0
-        self._rotate = False
-        self.segments: list[str] = []
-        self.frames = 0
         self.bytes_closed = 0
-
-    def write(
-        self, access_unit: bytes, *, stream_us: int, keyframe: bool, width: int, height: int
-    ) -> None:
-        if self._rotate and keyframe and self._recorder is not None:
-            self._close()
-            self._segment += 1
-            self._rotate = False
-        if self._recorder is None:
-            if not keyframe:
-                return  # a file starts at a keyframe
-            path = segment_path(self._first, self._segment)
-            self._recorder = StreamRecorder(
-                path, width=width, height=height, framerate=NOMINAL_FPS, video_format=self._format
-            )
-            self._segment_start_us = stream_us
-            self.segments.append(str(path))
-        recorder = self._recorder
-        recorder.write_video(
-            access_unit, file_us=stream_us - self._segment_start_us, keyframe=keyframe
-        )
-        self.frames += 1
-        if self._limits.reached(size_bytes=recorder.size_bytes, duration_us=recorder.duration_us):
-            self._rotate = True
+        #: The picture size of the latest frame: a segment opens at that size.
+        self.width = self.height = 0
 
     @property
     def size_bytes(self) -> int:
         return self.bytes_closed + (self._recorder.size_bytes if self._recorder else 0)
 
-    def _close(self) -> None:
+    def apply(self, events: list[RecordingEvent]) -> int | None:
+        """Carry out ``events``; returns the open segment's muxed size afterwards, if one is."""
+        for event in events:
+            if isinstance(event, OpenSegment):
+                self._recorder = StreamRecorder(
+                    event.path,
+                    width=self.width,
+                    height=self.height,
+                    framerate=NOMINAL_FPS,
+                    video_format=self._format,
+                )
+            elif isinstance(event, WriteVideo):
+                assert self._recorder is not None
+                self._recorder.write_video(
+                    event.data, file_us=event.file_us, keyframe=event.keyframe
+                )
+            elif isinstance(event, CloseSegment):
+                self.close()
+            elif isinstance(event, Failed):
+                recorder, self._recorder = self._recorder, None
+                if recorder is not None:
+                    with contextlib.suppress(RecordingError):
+                        recorder.close()
+            # A viewer cannot ask the encoder for a keyframe (rotation waits for the next
+            # periodic one), has no audio track to write, no quota and no motion detector.
+        return self._recorder.size_bytes if self._recorder is not None else None
+
+    def close(self) -> None:
         recorder, self._recorder = self._recorder, None
         if recorder is not None:
             recorder.close()
             self.bytes_closed += recorder.size_bytes
-
-    def close(self) -> None:
-        self._close()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -153,8 +144,15 @@ async def record(args: argparse.Namespace, stop: asyncio.Event) -> dict[str, Any
         max_bytes=int(args.max_size * 1_000_000) if args.max_size is not None else None,
         max_duration_s=args.max_duration,
     )
-    writer = _SegmentWriter(out, VideoFormat(args.format or suffix), limits)
-    clock = _RtpClock()
+    # Nothing here is timed (no schedule, no motion trigger): the core's only deadline is its
+    # start keyframe request, which a viewer cannot make, so no timer is armed for it.
+    core = RecordingCore(
+        RecordingPlan(
+            first_path=str(out), framerate=NOMINAL_FPS, limits=limits, rtp_clock_rate=RTP_CLOCK
+        ),
+        now=time.monotonic(),
+    )
+    files = _SegmentFiles(VideoFormat(args.format or suffix))
     status = StatusLine(enabled=not args.json)
     status.show(f"connecting to {args.url} ...")
     viewer = await Viewer.connect(args.url, ca_file=args.ca)
@@ -166,32 +164,36 @@ async def record(args: argparse.Namespace, stop: asyncio.Event) -> dict[str, Any
         async for item in viewer.media():
             if not isinstance(item, DecodedFrame) or not item.access_unit:
                 continue
-            writer.write(
-                item.access_unit,
-                stream_us=clock.micros(item.rtp_timestamp),
-                keyframe=item.keyframe,
-                width=item.frame.width,
-                height=item.frame.height,
-            )
             now = time.monotonic()
+            events = core.receive_rtp_video(
+                item.access_unit, rtp_timestamp=item.rtp_timestamp, keyframe=item.keyframe, now=now
+            )
+            files.width, files.height = item.frame.width, item.frame.height
+            try:
+                size = files.apply(events)
+            except RecordingError as exc:  # disk full: keep the file so far, then report it
+                files.apply(core.write_failed(str(exc)))
+                raise
+            if size is not None:
+                core.segment_size(size)  # what it asks for is a keyframe, which a viewer cannot
             if status.enabled and now - last_status >= 0.5:
                 last_status = now
                 status.show(
-                    f"[{now - started:6.1f}s] {writer.frames} frames | {writer.size_bytes / 1e6:.1f} MB"
-                    f" | {len(writer.segments)} file(s) | {writer.segments[-1] if writer.segments else '-'}"
+                    f"[{now - started:6.1f}s] {core.frames_written} frames | {files.size_bytes / 1e6:.1f} MB"
+                    f" | {len(core.segments)} file(s) | {core.segments[-1] if core.segments else '-'}"
                 )
 
     try:
         await consume_until_stopped(consume(), stop, args.seconds)
     finally:
         await viewer.close()
-        writer.close()
+        files.apply(core.stop(time.monotonic()))
         status.done()
     return {
         "url": args.url,
         "seconds": round(time.monotonic() - started, 2),
         "interrupted": stop.is_set(),
-        "frames": writer.frames,
-        "size_bytes": writer.size_bytes,
-        "segments": writer.segments,
+        "frames": core.frames_written,
+        "size_bytes": files.size_bytes,
+        "segments": core.segments,
     }

@@ -2,16 +2,17 @@
 
 It reads the rings the senders read (video, and audio when the stream has it), so a slow disk
 delays only the recording; lapped by the ring, it resumes at the next keyframe and counts the
-loss.  The decisions live in ``shared.recording.policy`` (timeline across pauses, file limits,
-pre-roll, motion trigger) and ``shared.recording.storage`` (segment names, quota); the files are written
-by ``shared.recording.muxer.StreamRecorder``.  The design's StreamRecorder, FormatConverter,
-StorageManager and RecordingScheduler meet here; scheduled recordings are started and stopped
-by the supervisor.
+loss.  It is a thin shell around ``shared.recording.core.RecordingCore``, which makes every
+decision (start at a keyframe, scheduled start and stop, pre-roll and motion, pause, rotation,
+quota, failure) with the time passed in: the actor feeds it packets and the time, carries out
+the events it returns with ``shared.recording.muxer.StreamRecorder`` and
+``shared.recording.storage.StorageManager``, and sleeps until the core's next deadline or the
+next ring poll.  The design's StreamRecorder, FormatConverter, StorageManager and
+RecordingScheduler meet here; scheduled recordings are started and stopped by the supervisor.
 
-Keyframes are requested from the encoder whenever the file needs one next: at the start, on
-resume, and when a segment reaches its limits, so none of those waits for a whole GOP.  A full
-disk ends the recording in the Error state with the file so far intact; the live stream is not
-touched.
+Muxing (and WebM transcoding) runs in a worker thread so status calls are answered meanwhile;
+the core itself is only touched on the event loop.  A full disk ends the recording in the
+Error state with the file so far intact; the live stream is not touched.
 """
 
 from __future__ import annotations
@@ -29,28 +30,34 @@ from shared.models import (
     ErrorInfo,
     RecordingConfig,
     RecordingSession,
-    RecordingState,
     StreamQuality,
     VideoFormat,
 )
 from shared.pool.frame_pool import FramePool, FramePoolReader
-from shared.pool.packet_ring import PacketRing, PacketRingReader, RingPacket
-from shared.recording.muxer import AudioTrackInfo, StreamRecorder
-from shared.recording.policy import (
-    FileLimits,
-    MotionDetector,
-    MotionTrigger,
-    PreRollBuffer,
-    Timeline,
+from shared.pool.packet_ring import PacketRing, PacketRingReader
+from shared.recording.core import (
+    STOP_GRACE_S,
+    CloseSegment,
+    EnforceQuota,
+    Failed,
+    Finished,
+    MeasureMotion,
+    OpenSegment,
+    RecordingCore,
+    RecordingEvent,
+    RecordingPlan,
+    RequestKeyframe,
+    WriteAudio,
+    WriteVideo,
 )
+from shared.recording.muxer import AudioTrackInfo, StreamRecorder
+from shared.recording.policy import FileLimits, MotionDetector
 from shared.recording.storage import StorageManager, segment_path
 
 logger = logging.getLogger(__name__)
 
 #: Audio has no notifications of its own; poll the rings at least this often.
 POLL_INTERVAL_S = 0.05
-#: How often a motion-triggered recording looks at the picture.
-MOTION_INTERVAL_S = 0.2
 
 
 class RecorderActor:
@@ -64,6 +71,7 @@ class RecorderActor:
         encoder: Any,
         first_segment: int = 0,
         start_at: float | None = None,
+        stop_at: float | None = None,
     ) -> None:
         self._id = recording_id
         self._session_id = session_id
@@ -71,42 +79,43 @@ class RecorderActor:
         self._quality = quality
         self._ring_names = ring_names
         self._encoder = encoder
-        self._segment = first_segment
         self._first_path = Path(config.output_path)
         self._storage = StorageManager(self._first_path.parent, quota_bytes=config.quota_bytes)
-        self._limits = FileLimits(max_bytes=config.max_bytes, max_duration_s=config.max_duration_s)
-        self._timeline = self._new_timeline()
+        plan = RecordingPlan(
+            first_path=config.output_path,
+            first_segment=first_segment,
+            framerate=quality.framerate,
+            limits=FileLimits(max_bytes=config.max_bytes, max_duration_s=config.max_duration_s),
+            quota=config.quota_bytes is not None,
+            start_at_us=int(start_at * 1e6) if start_at is not None else None,
+            stop_at_us=int(stop_at * 1e6) if stop_at is not None else None,
+            trigger=config.trigger,
+        )
+        self._scheduled = start_at is not None
+        # Capture stamps and the schedule are wall-clock times; the core runs on monotonic time.
+        self._core = RecordingCore(plan, now=time.monotonic(), wall_now=time.time())
         self._recorder: StreamRecorder | None = None
-        self._segments: list[str] = []
         self._deleted: list[str] = []
-        self._state = RecordingState.RECORDING
         self._error: ErrorInfo | None = None
-        self._frames = 0
         self._missed = 0
-        self._rotate_pending = False
         self._started_at = time.time()
+        self._motion = MotionDetector()
         self._wakeup = asyncio.Event()
+        self._done = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
-        trigger = config.trigger
-        self._trigger = (
-            MotionTrigger(threshold=trigger.threshold, hold_s=trigger.hold_s) if trigger else None
-        )
-        self._pre_roll = PreRollBuffer(trigger.pre_roll_s) if trigger else None
-        self._motion = MotionDetector()
-        self._armed = trigger is not None  # waiting for motion: only the pre-roll is kept
-        # A scheduled recording is started ahead of time (a process takes a moment to start)
-        # and writes from the first keyframe at or after ``start_at``.
-        self._start_at_us = int(start_at * 1e6) if start_at is not None else None
-        self._start_keyframe_requested = start_at is None
+        #: Events for the muxer, carried out in order by the next step's worker thread.
+        self._io: list[RecordingEvent] = []
 
     async def open(self) -> int:
         self._storage.check_writable()
+        # A scheduled recording reads from the ring's newest keyframe: the core keeps the GOP
+        # that begins before start_at, so a recorder whose process started after its start time
+        # still records from it.  Otherwise from now on: the ring's newest keyframe could be a
+        # whole GOP old, and a recording starts when it is asked to (at a requested keyframe).
         self._video = PacketRingReader(
-            # From now on, not from the ring's newest keyframe: that could be a whole GOP old,
-            # and a recording starts when it is asked to (at the keyframe requested below).
             PacketRing.attach(self._ring_names["video"]),
-            start="next",
+            start="latest_keyframe" if self._scheduled else "next",
         )
         self._audio: PacketRingReader | None = None
         self._audio_info: AudioTrackInfo | None = None
@@ -117,10 +126,8 @@ class RecorderActor:
                 )
                 self._audio_info = AudioTrackInfo()
         self._frames_reader: FramePoolReader | None = None
-        if self._trigger is not None:
+        if self._config.trigger is not None:
             self._frames_reader = FramePoolReader(FramePool.attach(self._ring_names["frames"]))
-        elif self._start_at_us is None:
-            self._encoder.request_keyframe.remote()
         self._task = asyncio.create_task(self._run(), name="record")
         return os.getpid()
 
@@ -130,103 +137,73 @@ class RecorderActor:
     # --- control (the design's RecordingEngine) -------------------------------------------
 
     def pause(self) -> RecordingSession:
-        if self._state is RecordingState.RECORDING:
-            self._timeline.pause()
-            self._state = RecordingState.PAUSED
+        self._dispatch(self._core.pause(time.monotonic()))
         return self.status()
 
     def resume(self) -> RecordingSession:
-        if self._state is RecordingState.PAUSED:
-            self._timeline.resume()
-            self._state = RecordingState.RECORDING
-            self._encoder.request_keyframe.remote()
+        self._dispatch(self._core.resume(time.monotonic()))
         return self.status()
 
     def status(self) -> RecordingSession:
         recorder = self._recorder
+        segments = self._core.segments
         return RecordingSession(
             session_id=self._id,
             stream_session=self._session_id,
-            output_path=self._segments[-1]
-            if self._segments
-            else str(segment_path(self._first_path, self._segment)),
+            output_path=segments[-1]
+            if segments
+            else str(segment_path(self._first_path, self._core.segment_index)),
             format=self._config.format or VideoFormat.MP4,
-            state=self._state,
+            state=self._core.state,
             file_size=recorder.size_bytes if recorder else self._last_file_size(),
-            duration=self._timeline.duration_us / 1e6,
+            duration=self._core.duration_us / 1e6,
             started_at=self._started_at,
-            frames_written=self._frames,
+            frames_written=self._core.frames_written,
             error=self._error,
-            segments=list(self._segments),
+            segments=list(segments),
             deleted=list(self._deleted),
         )
 
     def _last_file_size(self) -> int:
-        if not self._segments:
+        if not self._core.segments:
             return 0
         try:
-            return Path(self._segments[-1]).stat().st_size
+            return Path(self._core.segments[-1]).stat().st_size
         except OSError:
             return 0
 
     def segment_index(self) -> int:
-        return self._segment
+        return self._core.segment_index
 
     # --- the loop -------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        next_motion = 0.0
-        while self._state is not RecordingState.ERROR:
+        while not self._core.done:
+            # Sleep until new packets, the core's next deadline, or the next ring poll (audio has
+            # no notifications of its own), whichever comes first.
+            wait = POLL_INTERVAL_S
+            deadline = self._core.next_deadline()
+            if deadline is not None:
+                wait = min(wait, max(0.0, deadline - time.monotonic()))
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the cancel stop() sends.
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(POLL_INTERVAL_S):
+                async with asyncio.timeout(wait):
                     await self._wakeup.wait()
             self._wakeup.clear()
-            start_at_us = self._start_at_us
-            if (
-                not self._start_keyframe_requested
-                and start_at_us
-                and time.time_ns() // 1000 >= start_at_us
-            ):
-                self._start_keyframe_requested = True
-                self._encoder.request_keyframe.remote()
-            check_motion = self._trigger is not None and time.monotonic() >= next_motion
-            if check_motion:
-                next_motion = time.monotonic() + MOTION_INTERVAL_S
-            # Off the event loop: muxing (and WebM transcoding) must not delay status calls.
             async with self._lock:
-                await asyncio.to_thread(self._step, check_motion)
+                await self._step()
+        self._done.set()
 
-    def _step(self, check_motion: bool) -> None:
-        if check_motion:
-            self._check_motion()
-        self._write_available()
+    async def _step(self) -> None:
+        now = time.monotonic()
+        deadline = self._core.next_deadline()
+        if deadline is not None and now >= deadline:
+            self._dispatch(self._core.handle_timer(now))
+        self._read_rings(now)
+        await self._flush()
 
-    def _new_timeline(self) -> Timeline:
-        return Timeline(resume_gap_us=1_000_000 // self._quality.framerate)
-
-    def _check_motion(self) -> None:
-        assert self._trigger is not None and self._frames_reader is not None
-        frame = self._frames_reader.read_latest()
-        if frame is None:
-            return
-        luma = frame.pixels[: frame.width * frame.height].reshape(frame.height, frame.width)
-        decision = self._trigger.observe(self._motion.measure(luma), now_us=frame.capture_us)
-        if decision is True:
-            logger.info("recording %s: motion, recording with pre-roll", self._id)
-            self._armed = False
-        elif decision is False:
-            logger.info("recording %s: motion ended, segment closed", self._id)
-            self._armed = True
-            if self._recorder is not None:
-                try:
-                    self._close_segment()
-                except RecordingError as exc:
-                    self._fail(exc)
-                self._segment += 1
-            self._timeline = self._new_timeline()  # each motion event is its own file
-
-    def _write_available(self) -> None:
+    def _read_rings(self, now: float) -> None:
+        """Feed every packet the rings hold to the core, video and audio in capture order."""
         video = self._video.read_available()
         self._missed += video.missed
         audio = self._audio.read_available().packets if self._audio else []
@@ -234,63 +211,88 @@ class RecorderActor:
             [(p.capture_us, 0, p) for p in video.packets] + [(p.capture_us, 1, p) for p in audio],
             key=lambda item: (item[0], item[1]),
         )
-        try:
-            if self._armed:
-                assert self._pre_roll is not None
-                for _, kind, packet in packets:
-                    if kind == 0:
-                        self._pre_roll.add(packet)
-                return
-            if self._pre_roll is not None and len(self._pre_roll):
-                backlog = [
-                    (p.capture_us, 0, p)
-                    for p in self._pre_roll.drain()
-                    if isinstance(p, RingPacket)
-                ]
-                packets = sorted(backlog + packets, key=lambda item: (item[0], item[1]))
-            for _, kind, packet in packets:
-                if kind == 0:
-                    self._write_video(packet)
-                else:
-                    self._write_audio(packet)
-        except RecordingError as exc:
-            self._fail(exc)
+        core = self._core
+        for capture_us, kind, packet in packets:
+            if kind == 0:
+                events = core.receive_video(
+                    packet.data, capture_us=capture_us, keyframe=packet.keyframe, now=now
+                )
+            else:
+                events = core.receive_audio(packet.data, capture_us=capture_us, now=now)
+            self._dispatch(events)
 
-    def _write_video(self, packet: RingPacket) -> None:
-        if self._timeline.paused:
-            return
-        if self._start_at_us is not None and packet.capture_us < self._start_at_us:
-            return
-        if self._timeline.needs_keyframe and not packet.keyframe:
-            return  # the file (or the part after a pause) must start at a keyframe
-        if self._rotate_pending and packet.keyframe:
-            self._close_segment()
-            self._segment += 1
-            self._rotate_pending = False
-            self._timeline = self._new_timeline()  # the next file starts at zero
-        file_us = self._timeline.to_file_us(packet.capture_us)
-        if file_us is None:
-            return
-        if self._recorder is None:
-            self._recorder = self._open_segment()
-        self._recorder.write_video(packet.data, file_us=file_us, keyframe=packet.keyframe)
-        self._frames += 1
-        if not self._rotate_pending and self._limits.reached(
-            size_bytes=self._recorder.size_bytes, duration_us=self._recorder.duration_us
-        ):
-            self._rotate_pending = True
-            self._encoder.request_keyframe.remote()
+    def _dispatch(self, events: list[RecordingEvent]) -> None:
+        """Carry out what needs no file at once; queue the rest for the muxer's thread."""
+        for event in events:
+            if isinstance(event, RequestKeyframe):
+                self._encoder.request_keyframe.remote()
+            elif isinstance(event, MeasureMotion):
+                self._measure_motion()
+            else:
+                self._io.append(event)
 
-    def _write_audio(self, packet: RingPacket) -> None:
-        if self._recorder is None or self._timeline.paused or self._timeline.needs_keyframe:
+    def _measure_motion(self) -> None:
+        assert self._frames_reader is not None
+        frame = self._frames_reader.read_latest()
+        if frame is None:
             return
-        file_us = self._timeline.to_file_us(packet.capture_us)
-        if file_us is not None:
-            self._recorder.write_audio(packet.data, file_us=file_us)
+        luma = frame.pixels[: frame.width * frame.height].reshape(frame.height, frame.width)
+        motion = self._motion.measure(luma)
+        was_open = self._core.segment_open
+        self._dispatch(
+            self._core.observe_motion(motion, capture_us=frame.capture_us, now=time.monotonic())
+        )
+        if self._core.segment_open and not was_open:
+            logger.info("recording %s: motion, recording with pre-roll", self._id)
+        elif was_open and not self._core.segment_open:
+            logger.info("recording %s: motion ended, segment closed", self._id)
 
-    def _open_segment(self) -> StreamRecorder:
-        path = segment_path(self._first_path, self._segment)
-        recorder = StreamRecorder(
+    async def _flush(self) -> None:
+        """Carry out the queued file events off the event loop, then report the muxed size."""
+        while self._io:
+            events, self._io = self._io, []
+            try:
+                size = await asyncio.to_thread(self._apply, events)
+            except RecordingError as exc:
+                logger.error("recording %s stopped: %s", self._id, exc)
+                self._error = ErrorInfo(kind=type(exc).__name__, message=str(exc))
+                self._dispatch(self._core.write_failed(str(exc)))
+                continue
+            if size is not None:
+                self._dispatch(self._core.segment_size(size))
+
+    def _apply(self, events: list[RecordingEvent]) -> int | None:
+        """Runs in a worker thread; returns the open segment's muxed size afterwards."""
+        for event in events:
+            if isinstance(event, WriteVideo):
+                assert self._recorder is not None
+                self._recorder.write_video(
+                    event.data, file_us=event.file_us, keyframe=event.keyframe
+                )
+            elif isinstance(event, WriteAudio):
+                assert self._recorder is not None
+                self._recorder.write_audio(event.data, file_us=event.file_us)
+            elif isinstance(event, OpenSegment):
+                self._recorder = self._open_segment(event.path)
+            elif isinstance(event, CloseSegment):
+                recorder, self._recorder = self._recorder, None
+                if recorder is not None:
+                    recorder.close()
+            elif isinstance(event, EnforceQuota):
+                deleted = self._storage.enforce_quota(keep=[Path(event.keep)])
+                self._deleted += [str(path) for path in deleted]
+            elif isinstance(event, Failed):
+                # The error is already reported; the file so far is kept if it still closes.
+                recorder, self._recorder = self._recorder, None
+                if recorder is not None:
+                    with contextlib.suppress(RecordingError):
+                        recorder.close()
+            elif not isinstance(event, Finished):
+                raise AssertionError(f"recorder cannot carry out {event!r}")
+        return self._recorder.size_bytes if self._recorder is not None else None
+
+    def _open_segment(self, path: str) -> StreamRecorder:
+        return StreamRecorder(
             path,
             width=self._quality.resolution.width,
             height=self._quality.resolution.height,
@@ -299,39 +301,24 @@ class RecorderActor:
             bitrate=self._quality.bitrate,
             audio=self._audio_info,
         )
-        self._segments.append(str(path))
-        return recorder
-
-    def _close_segment(self) -> None:
-        recorder, self._recorder = self._recorder, None
-        if recorder is None:
-            return
-        recorder.close()
-        deleted = self._storage.enforce_quota(keep=[recorder.path])
-        self._deleted += [str(path) for path in deleted]
-
-    def _fail(self, exc: RecordingError) -> None:
-        logger.error("recording %s stopped: %s", self._id, exc)
-        self._state = RecordingState.ERROR
-        self._error = ErrorInfo(kind=type(exc).__name__, message=str(exc))
-        recorder, self._recorder = self._recorder, None
-        if recorder is not None:
-            with contextlib.suppress(RecordingError):
-                recorder.close()
 
     async def stop(self) -> RecordingSession:
         """Write what is left in the rings, finish the file, and report the recording."""
         if self._task is not None:
+            if self._core.awaiting_scheduled_stop(time.monotonic()):
+                # The schedule's stop: the last frames before stop_at may still be in the
+                # encoder.  The core ends the recording on the first packet past stop_at, or at
+                # its own deadline STOP_GRACE_S later; the margin only bounds a stuck loop.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(STOP_GRACE_S + 1.0):
+                        await self._done.wait()
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         async with self._lock:
-            if self._state is not RecordingState.ERROR and not self._armed:
-                self._write_available()
-            try:
-                self._close_segment()
-            except RecordingError as exc:
-                self._fail(exc)
-        if self._state is not RecordingState.ERROR:
-            self._state = RecordingState.STOPPED
+            now = time.monotonic()
+            if not self._core.done:
+                self._read_rings(now)
+            self._dispatch(self._core.stop(now))
+            await self._flush()
         return self.status()

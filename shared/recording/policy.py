@@ -1,7 +1,7 @@
 """Recording decisions, sans-I/O: timelines across pauses, file limits, pre-roll, triggers.
 
-Everything here is pure bookkeeping with time passed in, so the recorder actor only moves
-packets and files.  Times are capture timestamps in integer microseconds on the wall clock the
+Everything here is pure bookkeeping with time passed in; ``shared.recording.core.RecordingCore``
+combines these into one recording's decisions, so the shells only move packets and files.  Times are capture timestamps in integer microseconds on the wall clock the
 capture actor stamps every video frame and audio packet with; basing the file timeline on that
 one clock keeps audio and video in sync across pauses and segment boundaries.
 """
