@@ -66,6 +66,7 @@ class Capture:
             sequence = self.pool.write(
                 self.pattern.render(self.index, capture_us),
                 capture_us=capture_us,
+                monotonic_us=time.monotonic_ns() // 1000,
                 width=self.width,
                 height=self.height,
                 pixel_format=PixelFormat.YUV420P,

@@ -277,7 +277,11 @@ class CaptureActor:
         capture_us = source.grab(timeout=GRAB_TIMEOUT_S)
         if capture_us is None:
             return 0
-        if gate is not None and not gate.admit(capture_us):
+        # The same moment on the monotonic clock, read as grab returns: the wall-clock stamp
+        # is data for viewers, this one times the gate and the encoder's pts (NTP may step
+        # the wall clock; see shared.pool.frame_pool).
+        monotonic_us = time.monotonic_ns() // 1000
+        if gate is not None and not gate.admit(monotonic_us):
             self._decimated += 1
             return 0
         with self._pool.writing(
@@ -285,6 +289,7 @@ class CaptureActor:
             height=source.height,
             pixel_format=PixelFormat.YUV420P,
             capture_us=capture_us,
+            monotonic_us=monotonic_us,
         ) as slot:
             source.fill(slot, frame_number=frame_number, capture_us=capture_us)
         return self._pool.latest_sequence()
