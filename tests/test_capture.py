@@ -409,7 +409,9 @@ def test_switching_source_keeps_the_stream_and_asks_for_a_keyframe(tmp_path: Pat
         assert {(f.width, f.height) for f in frames} == {(320, 240)}
 
         # The clip ends (no loop); switching back starts the loop again.
+        deadline = time.monotonic() + 60  # a hang guard; the clip lasts a second
         while not (await actor.stats()).ended:
+            assert time.monotonic() < deadline, "the clip never ended"
             await asyncio.sleep(0.05)
         await actor.switch_source("test")
         after = await collect_frames(pool, lambda f: len(f) >= 3)

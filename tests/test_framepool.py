@@ -343,44 +343,56 @@ def test_sweep_removes_only_segments_of_dead_creators(
     assert list_segments(prefix) == []
 
 
-def _burst_writer(name: str, frames: int, ready: Event, done: Event) -> None:
+def _burst_writer(name: str, bursts: Any, ready: Event) -> None:
+    """Writes each burst of frames it is sent at once (None: done)."""
     with FramePool.create(name, slot_bytes=3072, slots=4) as pool:
         ready.set()
-        for sequence in range(1, frames + 1):
-            pool.write(_gray_frame(sequence), capture_us=sequence, monotonic_us=sequence, width=64, height=48,
-                       pixel_format=PixelFormat.GRAY)  # fmt: skip
-            time.sleep(0.001)
-        done.wait(60)
+        sequence = 0
+        while (count := bursts.get(timeout=60)) is not None:
+            for _ in range(count):
+                sequence += 1
+                pool.write(_gray_frame(sequence), capture_us=sequence, monotonic_us=sequence,
+                           width=64, height=48, pixel_format=PixelFormat.GRAY)  # fmt: skip
 
 
 def test_writer_laps_a_slow_reader_and_missed_adds_up(
     prefix: str, children: list[BaseProcess]
 ) -> None:
-    ready, done = SPAWN.Event(), SPAWN.Event()
-    writer = _start(children, _burst_writer, prefix + "pool", 300, ready, done)
+    """A writer process runs ahead of the reader by a burst of frames at a time (sent to it
+    by the test, so the outcome does not depend on either process's speed): the reader gets
+    the newest frame of each burst and is told how many it missed."""
+    rng = np.random.default_rng(11)
+    bursts = [1, 2, 4, 5, 9, 1] + [int(n) for n in rng.integers(1, 20, 30)]
+    commands, ready = SPAWN.Queue(), SPAWN.Event()
+    writer = _start(children, _burst_writer, prefix + "pool", commands, ready)
     assert ready.wait(30)
     pool = FramePool.attach(prefix + "pool")
     reader = FramePoolReader(pool)
-    sequences, missed = [], []
-    deadline = time.monotonic() + 60
-    while reader.last_sequence < 300 and time.monotonic() < deadline:
-        frame = reader.read_latest()
-        if frame is not None:
-            assert frame.capture_us == frame.sequence and _is_gray_frame(
-                frame.pixels, frame.sequence
-            )
-            sequences.append(frame.sequence)
+    written, missed = 0, []
+    try:
+        for burst in bursts:
+            commands.put(burst)
+            written += burst
+            deadline = time.monotonic() + 60  # a hang guard only
+            while pool.latest_sequence() < written:
+                assert time.monotonic() < deadline and writer.is_alive(), "the writer stalled"
+                time.sleep(0.001)
+            frame = reader.read_latest()
+            assert frame is not None and frame.sequence == written
+            assert frame.capture_us == frame.monotonic_us == written
+            assert _is_gray_frame(frame.pixels, written)
             missed.append(frame.missed)
-        time.sleep(0.01)  # about every tenth frame
-    done.set()
-    pool.close()
+            assert reader.read_latest() is None  # nothing newer until the next burst
+    finally:
+        commands.put(None)
+        pool.close()
     writer.join(30)
     assert writer.exitcode == 0
-    assert sequences[-1] == 300 and sequences == sorted(set(sequences))
-    assert sum(missed) + len(sequences) == 300
-    assert 3 <= len(sequences) < 150  # it really was lapped
+    # Every frame of a burst but its last was missed, however far the writer lapped the pool
+    # (bursts above 4 frames overwrote the reader's next frame several times over).
+    assert missed == [burst - 1 for burst in bursts]
     stats = reader.stats
-    assert (stats.frames_read, stats.frames_missed) == (len(sequences), sum(missed))
+    assert (stats.frames_read, stats.frames_missed) == (len(bursts), sum(bursts) - len(bursts))
 
 
 _VARIANTS = 7
