@@ -45,6 +45,8 @@ it: the caller serialises control calls with its frames (the actor holds one loc
 frame).  :meth:`request_keyframe` is the exception; it only counts a request.
 
 Time: ``now`` (seconds on the monotonic clock) is passed in and feeds only the stats windows.
+The ladder has no timer of its own (nothing happens between frames), so unlike the protocol
+cores it has no next deadline to report: its shell runs it when a frame arrives.
 The clocks read here are cost meters around the work in :meth:`encode_rung` (this thread's CPU
 time and a performance counter), whose readings go into the stats and nowhere else.
 """
