@@ -106,7 +106,8 @@ def through_actor(
         def write(index: int) -> None:
             sequence = pool.write(
                 frames[index % len(frames)],
-                capture_us=index * frame_us,  # the same pts as the baseline's
+                capture_us=index * frame_us,
+                monotonic_us=index * frame_us,  # pts come from it: the same as the baseline's
                 width=width,
                 height=height,
                 pixel_format=PixelFormat.YUV420P,

@@ -5,7 +5,8 @@ The source is 1080p30; the ladder is the stream's HIGH quality plus MEDIUM (720p
 baseline measured in the same run:
 
 - CPU per source frame in one thread: scaling plus every rung's encode, against the top rung's
-  encode alone.  This is the work the ladder adds, whatever the core count.
+  encode alone, both run by the ladder encoder core (``shared.media.ladder``) the actor runs.
+  This is the work the ladder adds, whatever the core count.
 - Throughput of rung 0 through the EncoderActor fed from the pool (as in bench_encoder), with
   the ladder and without: what the extra rungs cost the stream when they run on the actor's
   worker threads beside it.
@@ -16,7 +17,6 @@ Usage: python -m perf.bench_ladder [--frames N] [--json]
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Any
 
 import numpy as np
@@ -24,9 +24,10 @@ import ray
 
 from perf._report import emit
 from perf.bench_encoder import render, through_actor
-from shared.media.codec import EncoderConfig, H264Encoder
-from shared.media.scaler import FrameDecimator, QualityScaler, plan_ladder
-from shared.models import QualityPreset, StreamQuality
+from shared.media.ladder import LadderEncoder
+from shared.media.scaler import plan_ladder
+from shared.models import PixelFormat, QualityPreset, StreamQuality
+from shared.pool.frame_pool import FrameRead
 
 SOURCE = StreamQuality.from_preset(QualityPreset.HIGH)
 RUNGS = (QualityPreset.MEDIUM, QualityPreset.LOW)
@@ -35,38 +36,30 @@ RUNGS = (QualityPreset.MEDIUM, QualityPreset.LOW)
 def cpu_per_frame(
     frames: list[np.ndarray], count: int, rungs: tuple[QualityPreset, ...]
 ) -> dict[str, float]:
-    """CPU milliseconds per source frame: scaling, and encoding of every rung due."""
-    plan = plan_ladder(SOURCE, rungs)
+    """CPU milliseconds per source frame, scaling and encoding every rung due: the ladder
+    encoder core (the loop the actor runs), on this thread, frames 1/30 s apart."""
+    ladder = LadderEncoder(SOURCE, rungs, keyframe_interval_s=60.0)
     width, height = SOURCE.resolution.width, SOURCE.resolution.height
-    encoders = [
-        H264Encoder(
-            EncoderConfig(
-                width=rung.width,
-                height=rung.height,
-                framerate=rung.framerate,
-                bitrate=rung.bitrate,
-                keyframe_interval=60 * rung.framerate,
-                threads=1,
-            )
-        )
-        for rung in plan.rungs
-    ]
-    decimators = [FrameDecimator(rung.framerate) for rung in plan.rungs]
-    scaler = QualityScaler()
     scaling = encoding = 0.0
-    for index in range(count + 10):
-        if index == 10:  # warmed up
-            scaling = encoding = 0.0
-        pts = index * 3000
-        for rung, encoder, decimator in zip(plan.rungs, encoders, decimators, strict=True):
-            if not decimator.admit(pts):
-                continue
-            started = time.thread_time()
-            picture = scaler.picture(frames[index % len(frames)], width, height, rung)
-            scaled = time.thread_time()
-            encoder.encode_frame(picture, pts=pts, capture_us=0)
-            scaling += scaled - started
-            encoding += time.thread_time() - scaled
+    try:
+        for index in range(count + 10):
+            if index == 10:  # warmed up
+                scaling = encoding = 0.0
+            frame = FrameRead(
+                sequence=index + 1,
+                capture_us=0,
+                monotonic_us=index * 1_000_000 // SOURCE.framerate,
+                width=width,
+                height=height,
+                pixel_format=PixelFormat.YUV420P,
+                pixels=frames[index % len(frames)],
+                missed=0,
+            )
+            output = ladder.encode(frame, now=index / SOURCE.framerate)
+            scaling += sum(out.scale_cpu_s for out in output.rungs)
+            encoding += sum(out.encode_cpu_s for out in output.rungs)
+    finally:
+        ladder.close()
     return {
         "scale_ms": round(scaling * 1000 / count, 3),
         "encode_ms": round(encoding * 1000 / count, 3),

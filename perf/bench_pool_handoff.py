@@ -66,6 +66,7 @@ class Producer:
                 sequence = self._pool.write(
                     self._frame,
                     capture_us=0,
+                    monotonic_us=0,
                     width=self._width,
                     height=self._height,
                     pixel_format=PixelFormat.YUV420P,

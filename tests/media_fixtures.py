@@ -37,7 +37,6 @@ __all__ = [
     "CLIP_FPS",
     "CLIP_SIZE",
     "CLIP_TONE_HZ",
-    "FakeAudioSubscriber",
     "FakeEncoder",
     "FrameCollector",
     "LocalHandle",
@@ -456,12 +455,6 @@ class LocalHandle:
             return result
 
         return _Remote(remote)
-
-
-class FakeAudioSubscriber:
-    def __init__(self) -> None:
-        self.sequences: list[int] = []
-        self.audio_packets_ready = _Remote(self.sequences.append)
 
 
 _SESSIONS = iter(range(1_000_000))

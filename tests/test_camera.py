@@ -4,6 +4,7 @@ as an unprivileged user) and the capture loop through OpenCV's VideoCapture on a
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import cv2
@@ -150,7 +151,9 @@ def test_the_capture_loop_through_opencv_on_a_file_backed_camera(tmp_path: Path)
         assert "resolution" not in info.applied.substituted
         await actor.start(encoder)
         collector = FrameCollector(pool)
+        deadline = time.monotonic() + 60  # a hang guard; the clip lasts 3 s
         while not (await actor.stats()).ended:
+            assert time.monotonic() < deadline, "the file-backed camera never ended"
             collector.drain()
             await asyncio.sleep(0.002)
         collector.drain()  # the last frame, if still unread

@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
 import pytest
 
-from actors.stages.capture import CaptureActor
+from actors.stages.capture import CaptureActor, CaptureStats
+from shared.capture.engine import CaptureEngine
 from shared.capture.optimizer import choose_mode
 from shared.capture.pacing import FrameGate, FramePacer, PlaybackClock, RateMeter
 from shared.capture.pixels import FitRect, I420Converter, fit_rect
-from shared.capture.source import CameraMode, EndOfSource
+from shared.capture.source import CameraMode, EndOfSource, FrameSource, Pacing, SourceInfo, U8Array
 from shared.capture.stamp import planes, read_stamp
 from shared.errors import CaptureError, ConfigError
 from shared.models import (
@@ -24,13 +27,16 @@ from shared.models import (
     FileSource,
     PixelFormat,
     Resolution,
+    ScreenConfig,
     StreamQuality,
+    StreamSource,
     TestPatternSource,
 )
 from shared.pool.shm import list_segments, segment_name
 from tests.media_fixtures import (
     CLIP_FPS,
     FakeEncoder,
+    FrameCollector,
     collect_frames,
     fresh_session_id,
     i420_to_rgb,
@@ -285,6 +291,89 @@ def test_the_test_pattern_flows_into_the_pool_with_readable_stamps() -> None:
     assert not list_segments(pool)
 
 
+class SteppedClockCamera:
+    """A push source at 30 fps whose wall-clock stamps jump back an hour after frame 5, as
+    when NTP steps the clock: a device, faked; the actor's path through it is the real one."""
+
+    pacing: Pacing = "push"
+    STEP_US = 3_600_000_000
+
+    def __init__(self, quality: StreamQuality) -> None:
+        self.width, self.height = quality.resolution.width, quality.resolution.height
+        self.stamps: list[int] = []
+
+    def grab(self, *, timeout: float) -> int | None:
+        time.sleep(1 / 30)  # the device delivering at its frame rate
+        stamp = time.time_ns() // 1000 - (self.STEP_US if len(self.stamps) >= 5 else 0)
+        self.stamps.append(stamp)
+        return stamp
+
+    def fill(self, out: U8Array, *, frame_number: int, capture_us: int) -> None:
+        out[:] = frame_number % 256
+
+    def info(self) -> SourceInfo:
+        return SourceInfo(
+            spec=TestPatternSource(),
+            kind="camera",
+            description="a camera whose clock steps back",
+            native_width=self.width,
+            native_height=self.height,
+            pacing=self.pacing,
+        )
+
+    def close(self) -> None:
+        pass
+
+
+class SteppedClockEngine(CaptureEngine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.source: SteppedClockCamera | None = None
+
+    def open_source(
+        self,
+        source: StreamSource,
+        quality: StreamQuality,
+        *,
+        capture: CaptureConfig | None = None,
+        screen: ScreenConfig | None = None,
+    ) -> FrameSource:
+        self.source = SteppedClockCamera(quality)
+        return self.source
+
+
+def test_a_wall_clock_step_neither_stops_capture_nor_changes_the_stamps() -> None:
+    """The gate times frames on the monotonic clock; the wall-clock stamp is kept as data."""
+    session = fresh_session_id()
+    pool = segment_name(session, "frames")
+    engine = SteppedClockEngine()
+    actor = CaptureActor(session, TestPatternSource(), QVGA, pool, 8, engine=engine)
+
+    async def main() -> tuple[list[Any], CaptureStats]:
+        await actor.open()
+        await actor.start(FakeEncoder())
+        collector = FrameCollector(pool)
+        try:
+            await collector.until(lambda f: len(f) >= 1 and f[-1].sequence >= 20)
+        finally:
+            collector.close()
+        return collector.frames, await actor.stop()
+
+    frames, stats = asyncio.run(main())
+    assert engine.source is not None
+    # Every frame the device delivered went into the pool: the step dropped none of them.
+    assert stats.frames_decimated == 0 and stats.error is None
+    assert frames[-1].sequence >= 20
+    # Each pooled frame carries the device's own wall-clock stamp, stepped back or not ...
+    stamps = engine.source.stamps
+    assert [f.capture_us for f in frames] == [stamps[f.sequence - 1] for f in frames]
+    assert any(f.capture_us < stamps[0] - SteppedClockCamera.STEP_US // 2 for f in frames)
+    # ... and a monotonic stamp that only moves forward, at least a frame interval a step.
+    steps = np.diff([f.monotonic_us for f in frames]) / np.diff([f.sequence for f in frames])
+    assert steps.min() >= 1_000_000 / 30 - 1_000
+    assert not list_segments(pool)
+
+
 def test_switching_source_keeps_the_stream_and_asks_for_a_keyframe(tmp_path: Path) -> None:
     clip = make_clip(tmp_path / "clip.mp4", seconds=1.0, size=(320, 240), audio=False)
     actor, pool = _actor(TestPatternSource())
@@ -320,7 +409,9 @@ def test_switching_source_keeps_the_stream_and_asks_for_a_keyframe(tmp_path: Pat
         assert {(f.width, f.height) for f in frames} == {(320, 240)}
 
         # The clip ends (no loop); switching back starts the loop again.
+        deadline = time.monotonic() + 60  # a hang guard; the clip lasts a second
         while not (await actor.stats()).ended:
+            assert time.monotonic() < deadline, "the clip never ended"
             await asyncio.sleep(0.05)
         await actor.switch_source("test")
         after = await collect_frames(pool, lambda f: len(f) >= 3)

@@ -111,10 +111,22 @@ def test_decoder_reads_back_every_stamp() -> None:
     assert decoder.decode_errors == 0
 
 
-def test_decoder_counts_garbage_instead_of_raising() -> None:
+def test_decoder_counts_garbage_instead_of_raising_and_recovers_at_a_keyframe() -> None:
     decoder = H264Decoder()
+    # An IDR slice with no parameter sets before it: FFmpeg refuses it (an error, counted).
     assert decoder.decode(b"\x00\x00\x00\x01\x65" + bytes(range(256)) * 4) == []
-    assert decoder.decode_errors >= 0  # FFmpeg may conceal rather than fail; it must not raise
+    assert (decoder.decode_errors, decoder.frames_decoded) == (1, 0)
+    assert decoder.decode(b"not h.264 at all" * 8) == []
+    assert (decoder.decode_errors, decoder.frames_decoded) == (2, 0)
+    # The same decoder then decodes a real stream from its first IDR, every picture intact.
+    stamps = []
+    for index, data, _ in encode_frames(make_encoder(), 10):
+        for frame in decoder.decode(data, pts=index * 3000):
+            stamp = frame_stamp(frame)
+            assert stamp is not None
+            stamps.append(stamp.frame_number)
+    assert stamps == list(range(10))
+    assert (decoder.decode_errors, decoder.frames_decoded) == (2, 10)
 
 
 def test_bitrate_is_clamped_and_zero_refused() -> None:

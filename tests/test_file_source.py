@@ -19,15 +19,14 @@ from shared.capture.stamp import planes, read_stamp
 from shared.errors import CaptureError, PermissionError
 from shared.media.opus import OpusDecoder
 from shared.models import AudioConfig, FileSource, Resolution, StreamQuality
+from shared.pool.frame_pool import FramePool, FramePoolReader, FrameRead
 from shared.pool.packet_ring import PacketRing, PacketRingReader
 from shared.pool.shm import list_segments, segment_name
 from tests import media_fixtures
 from tests.media_fixtures import (
     CLIP_FPS,
     CLIP_TONE_HZ,
-    FakeAudioSubscriber,
     FakeEncoder,
-    FrameCollector,
     fresh_session_id,
     make_clip,
     run_as_nobody,
@@ -172,35 +171,46 @@ def test_a_file_with_picture_and_sound_stays_in_sync_through_opus(tmp_path: Path
         audio=AudioConfig(channels=2),
         audio_ring_name=ring_name,
     )
-    listener = FakeAudioSubscriber()
 
     async def main() -> tuple[list[tuple[int, float]], list[tuple[int, int, bytes]]]:
         await actor.open()
-        actor.subscribe_audio("test", listener)
+        # Read as a sender does: the ring, attached before capture starts, so from packet 1.
         ring = PacketRing.attach(ring_name)
         reader = PacketRingReader(ring)
-        collector = FrameCollector(pool)
+        # Every frame, by sequence (not only the newest), so the first white one is seen.
+        frame_pool = FramePool.attach(pool)
+        frame_reader = FramePoolReader(frame_pool)
+        pooled: list[FrameRead] = []
+
+        def read_frames() -> None:
+            for sequence in range(frame_reader.last_sequence + 1, frame_pool.latest_sequence() + 1):
+                frame = frame_reader.read(sequence)
+                if frame is not None:
+                    pooled.append(frame)
+
         await actor.start(FakeEncoder())
         packets = []
+        deadline = time.monotonic() + 60  # a hang guard; the clip lasts 1.2 s
         while not (await actor.stats()).ended:
-            collector.drain()
+            assert time.monotonic() < deadline, "the clip never ended"
+            read_frames()
             packets += [(p.pts, p.capture_us, p.data) for p in reader.read_available().packets]
             await asyncio.sleep(0.005)
-        await asyncio.sleep(0.1)
-        packets += [(p.pts, p.capture_us, p.data) for p in reader.read_available().packets]
         stats = await actor.stop()
+        # Stopping joined the capture and audio threads: every frame and packet is in now.
+        read_frames()
+        packets += [(p.pts, p.capture_us, p.data) for p in reader.read_available().packets]
         assert stats.audio is not None and stats.audio.packets == len(packets)
+        assert reader.stats.packets_missed == 0
         assert stats.audio.error is None and stats.error is None
-        frames = [
-            (f.capture_us, float(planes(f.pixels, 320, 240)[0].mean())) for f in collector.frames
-        ]
-        collector.close()
+        assert [f.sequence for f in pooled] == list(range(1, stats.frames_captured + 1))
+        frames = [(f.capture_us, float(planes(f.pixels, 320, 240)[0].mean())) for f in pooled]
+        frame_pool.close()
         ring.close()
         return frames, packets
 
     frames, packets = asyncio.run(main())
     assert not list_segments(f"kz_{session}_")
-    assert listener.sequences == list(range(1, len(packets) + 1))  # told of every packet
     # Every Opus packet is 20 ms at the 48 kHz RTP clock, pts without gaps.
     assert [pts for pts, _, _ in packets] == [960 * i for i in range(len(packets))]
     flash_us = next(t for t, luma in frames if luma > 128)

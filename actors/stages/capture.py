@@ -2,8 +2,8 @@
 
 Video: each picture is converted to yuv420p at the stream's size straight into a frame pool
 slot, and only the slot's sequence number goes to the encoder.  Audio (when the stream has it):
-20 ms Opus packets go into the stream's audio packet ring, and subscribers (the senders) are
-told each new sequence number.
+20 ms Opus packets go into the stream's audio packet ring, which the senders read on their own
+timer.
 
 Every call into a video source happens on one capture thread (OpenCV and X11 connections are
 bound to the thread that made them, and grabs block), so the actor's event loop stays free for
@@ -119,7 +119,6 @@ class CaptureActor:
         self._pool: FramePool | None = None
         self._audio: AudioPipeline | None = None
         self._audio_ring: PacketRing | None = None
-        self._audio_subscribers: dict[str, Any] = {}
         self._encoder: Any = None
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -196,7 +195,6 @@ class CaptureActor:
                     audio_source,
                     self._audio_ring,
                     bitrate=self._audio_config.bitrate,
-                    on_packet=self._audio_packet,
                 )
                 audio_source = None  # the pipeline owns it now
             if self._video:
@@ -277,7 +275,11 @@ class CaptureActor:
         capture_us = source.grab(timeout=GRAB_TIMEOUT_S)
         if capture_us is None:
             return 0
-        if gate is not None and not gate.admit(capture_us):
+        # The same moment on the monotonic clock, read as grab returns: the wall-clock stamp
+        # is data for viewers, this one times the gate and the encoder's pts (NTP may step
+        # the wall clock; see shared.pool.frame_pool).
+        monotonic_us = time.monotonic_ns() // 1000
+        if gate is not None and not gate.admit(monotonic_us):
             self._decimated += 1
             return 0
         with self._pool.writing(
@@ -285,6 +287,7 @@ class CaptureActor:
             height=source.height,
             pixel_format=PixelFormat.YUV420P,
             capture_us=capture_us,
+            monotonic_us=monotonic_us,
         ) as slot:
             source.fill(slot, frame_number=frame_number, capture_us=capture_us)
         return self._pool.latest_sequence()
@@ -336,24 +339,6 @@ class CaptureActor:
             spec, self._quality, capture=self._capture_config, screen=self._screen
         )
 
-    # --- audio -----------------------------------------------------------------------------
-
-    def _audio_packet(self, sequence: int) -> None:
-        # Called on the audio thread; Ray calls are made from the event loop.
-        if self._loop is not None and self._audio_subscribers:
-            self._loop.call_soon_threadsafe(self._notify_audio, sequence)
-
-    def _notify_audio(self, sequence: int) -> None:
-        for handle in self._audio_subscribers.values():
-            handle.audio_packets_ready.remote(sequence)
-
-    def subscribe_audio(self, name: str, handle: Any) -> None:
-        """``handle.audio_packets_ready.remote(sequence)`` after each audio packet."""
-        self._audio_subscribers[name] = handle
-
-    def unsubscribe_audio(self, name: str) -> None:
-        self._audio_subscribers.pop(name, None)
-
     # --- reporting and stopping --------------------------------------------------------------
 
     async def source_info(self) -> SourceInfo | None:
@@ -380,6 +365,10 @@ class CaptureActor:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._audio is not None:
+            # Stopped before the figures are taken, so they count every packet in the ring
+            # (the release below finds it stopped).
+            await asyncio.to_thread(self._audio.stop)
         stats = await self.stats()
         await self._release()
         return stats

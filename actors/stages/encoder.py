@@ -1,33 +1,30 @@
 """EncoderActor: encodes the newest pooled frame once per rung, for every viewer and the recorder.
 
+A thin shell around :class:`shared.media.ladder.LadderEncoder`, which decides everything about
+a frame (its pts, scene cuts, which rungs take it, keyframes, reconfiguration, fallback).  The
+actor moves frames and bytes: it reads the newest frame from the pool, runs the ladder on it,
+appends each rung's access units to that rung's packet ring and tells subscribers.
+
 Capture announces each new sequence number; the actor coalesces announcements and always
 encodes the newest frame (latest-frame semantics: a slow encoder drops frames, it never queues
-them).  Encoding runs on worker threads so the actor keeps answering keyframe requests and
-stats calls.
+them).  The rungs of a frame are encoded in parallel on worker threads (as many as there are
+cores), so the actor keeps answering keyframe requests and stats calls, and each rung's access
+units go into its ring as soon as that rung is done.
 
-A stream has one rung (its quality) or a ladder of them (``StreamConfig.rungs``, planned by
-:func:`shared.media.scaler.plan_ladder`).  Each rung has its own encoder and packet ring: rung 0
-writes ``segment_name(session, "video")``, rung ``n`` writes ``segment_name(session,
-f"video{n}")`` (:func:`ladder_ring_names`).  Per frame the source picture is scaled once per
-rung, the rungs are encoded in parallel (one worker thread each, as many as there are cores),
-and each access unit goes into its rung's ring; subscribers of that rung are told its sequence
-number.  Rung 0 subscribers get ``packets_ready(sequence)``; subscribers of another rung, or of
-every rung, get ``packets_ready(sequence, rung)``.
+Each rung has its own packet ring: rung 0 writes ``segment_name(session, "video")``, rung ``n``
+writes ``segment_name(session, f"video{n}")`` (:func:`ladder_ring_names`).  Rung 0 subscribers
+get ``packets_ready(sequence)``; subscribers of another rung, or of every rung, get
+``packets_ready(sequence, rung)``.
 
-A scene cut in the source (``shared.media.rate_control.SceneCutDetector``) makes every rung start an
-IDR on the same frame, so the rungs' switching points line up.
-
-Control calls that change an encoder (bitrate, configuration) wait for the rung's encode in
-flight to finish, so an encoder is only ever touched by one thread at a time; a keyframe request
-only sets a flag and never waits.
+Control calls that change an encoder (bitrate, configuration, hardware) wait for the frame in
+flight to finish, so an encoder is only ever touched by one thread at a time; a keyframe
+request only counts a request and never waits.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import dataclasses
 import logging
 import os
 import time
@@ -38,21 +35,14 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from shared.errors import ConfigError, EncodingError
-from shared.media.codec import (
-    TIME_BASE,
-    EncodedFrame,
-    EncoderConfig,
-    H264Encoder,
-    SessionOpener,
-    get_encoder_capabilities,
-    open_session,
-)
+from shared.errors import ConfigError
+from shared.media.codec import SessionOpener, get_encoder_capabilities, open_session
 from shared.media.hwaccel import SOFTWARE_ENCODER, EncoderCapabilities, needs_gpu
-from shared.media.rate_control import MAX_GAIN, SceneCutDetector
-from shared.media.scaler import FrameDecimator, QualityScaler, Rung, plan_ladder
-from shared.models import PixelFormat, QualityPreset, StreamQuality
-from shared.pool.frame_pool import FramePool, FramePoolReader, FrameRead
+from shared.media.ladder import LadderEncoder, LadderFrame, RungEncodeStats
+from shared.media.rate_control import MAX_GAIN
+from shared.media.scaler import Rung
+from shared.models import QualityPreset, StreamQuality
+from shared.pool.frame_pool import FramePool, FramePoolReader
 from shared.pool.packet_ring import PacketRing
 from shared.pool.shm import segment_name
 
@@ -61,8 +51,6 @@ logger = logging.getLogger(__name__)
 #: Packet ring size: room for several GOPs so a briefly stalled sender or recorder catches up.
 RING_SECONDS = 4.0
 MIN_RING_BYTES = 8 << 20
-#: The window the stats' fps and bitrate are measured over.
-STATS_WINDOW_S = 2.0
 
 
 def ladder_ring_names(session_id: str, rungs: Sequence[Rung] | int) -> list[str]:
@@ -98,27 +86,10 @@ def ring_capacity(bitrate: int) -> int:
     return max(MIN_RING_BYTES, int(bitrate * MAX_GAIN / 8 * RING_SECONDS) * 2)
 
 
-class RungStats(msgspec.Struct, kw_only=True):
-    index: int
-    width: int
-    height: int
-    framerate: int
+class RungStats(RungEncodeStats, kw_only=True):
+    """A rung's figures (:class:`RungEncodeStats`) and the packet ring it writes."""
+
     ring: str
-    codec: str
-    hardware: bool
-    target_bitrate: int
-    #: The rate the encoder is set to (target times the rate adjuster's gain).
-    encoder_bitrate: int
-    #: What the rung produced over the last two seconds.
-    bitrate: int
-    fps: float
-    frames_encoded: int
-    keyframes: int
-    encode_ms: float
-    hardware_fallbacks: int
-    reconfigurations: int
-    #: CPU milliseconds per frame spent scaling and encoding this rung.
-    encode_cpu_ms: float = 0.0
 
 
 class EncoderStats(msgspec.Struct, kw_only=True):
@@ -144,21 +115,8 @@ class EncoderStats(msgspec.Struct, kw_only=True):
     scene_cuts: int = 0
     keyframe_requests: int = 0
     rungs: list[RungStats] = msgspec.field(default_factory=list)
-
-
-@dataclasses.dataclass
-class _Rung:
-    rung: Rung
-    encoder: H264Encoder
-    ring: PacketRing
-    decimator: FrameDecimator
-    lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
-    recent: collections.deque[tuple[float, int]] = dataclasses.field(
-        default_factory=lambda: collections.deque(maxlen=600)
-    )
-    encode_seconds: float = 0.0
-    #: CPU time the worker thread spent scaling and encoding (the rest is waiting).
-    encode_cpu_seconds: float = 0.0
+    #: Source frames taken from the pool (rung 0 may encode fewer: see its frame rate).
+    frames_taken: int = 0
 
 
 class EncoderActor:
@@ -184,73 +142,69 @@ class EncoderActor:
         self._ring_name = ring_name
         self._presets = tuple(rungs)
         self._opener = opener or open_session
-        self._rungs: list[_Rung] = []
+        self._ladder_encoder: LadderEncoder | None = None
+        self._rings: list[PacketRing] = []
         #: name -> (handle, rung index, or None for every rung)
         self._subscribers: dict[str, tuple[Any, int | None]] = {}
         self._wakeup = asyncio.Event()
+        #: Held across a frame's encode; control calls that change an encoder take it too.
+        self._encoding = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._scaler = QualityScaler()
-        self._cuts = SceneCutDetector()
-        self._dropped = 0
-        self._keyframe_requests = 0
-        self._origin_us: int | None = None
-        self._first_frame_at = 0.0
-        self._last_pts = -1
         self._error: str | None = None
+
+    @property
+    def _ladder(self) -> LadderEncoder:
+        if self._ladder_encoder is None:
+            raise ConfigError(f"the encoder of stream {self._session_id} is not open")
+        return self._ladder_encoder
 
     # --- lifecycle ----------------------------------------------------------------------
 
     async def open(self) -> int:
-        plan = plan_ladder(self._quality, self._presets)
-        for reason in plan.dropped:
-            logger.info("stream %s: rung left out: %s", self._session_id, reason)
-        names = ladder_ring_names(self._session_id, plan.rungs)
-        names[0] = self._ring_name
-        codec = self._codec or ("auto" if self._quality.hardware_acceleration else SOFTWARE_ENCODER)
-        self._pool = FramePool.attach(self._pool_name)
-        self._reader = FramePoolReader(self._pool)
-        self._buffer = np.empty(self._pool.slot_bytes, dtype=np.uint8)
+        pool = FramePool.attach(self._pool_name)
         try:
-            for rung, name in zip(plan.rungs, names, strict=True):
-                self._rungs.append(await asyncio.to_thread(self._open_rung, rung, name, codec))
+            ladder = await asyncio.to_thread(
+                LadderEncoder,
+                self._quality,
+                self._presets,
+                keyframe_interval_s=self._keyframe_interval_s,
+                codec=self._codec,
+                opener=self._opener,
+            )
         except BaseException:
-            for state in self._rungs:
-                state.ring.close()
-                state.ring.unlink()
-                state.encoder.close()
-            self._pool.close()
+            pool.close()
             raise
+        for reason in ladder.plan.dropped:
+            logger.info("stream %s: rung left out: %s", self._session_id, reason)
+        names = ladder_ring_names(self._session_id, ladder.rungs)
+        names[0] = self._ring_name
+        try:
+            for rung, name in zip(ladder.rungs, names, strict=True):
+                self._rings.append(
+                    PacketRing.create(name, capacity_bytes=ring_capacity(rung.bitrate))
+                )
+        except BaseException:
+            self._close_rings()
+            ladder.close()
+            pool.close()
+            raise
+        self._ladder_encoder = ladder
+        self._pool = pool
+        self._reader = FramePoolReader(pool)
+        self._buffer = np.empty(pool.slot_bytes, dtype=np.uint8)
         cores = len(os.sched_getaffinity(0))
         self._executor = ThreadPoolExecutor(
-            max(1, min(len(self._rungs), cores)), thread_name_prefix=f"encode-{self._session_id}"
+            max(1, min(len(self._rings), cores)), thread_name_prefix=f"encode-{self._session_id}"
         )
         self._task = asyncio.create_task(self._run(), name="encode")
         return os.getpid()
 
-    def _open_rung(self, rung: Rung, ring_name: str, codec: str) -> _Rung:
-        config = EncoderConfig(
-            width=rung.width,
-            height=rung.height,
-            framerate=rung.framerate,
-            bitrate=rung.bitrate,
-            keyframe_interval=self._keyframe_frames(rung.framerate),
-            codec=codec,
-            # Lower rungs are small: slices would cost bits and buy no latency there.
-            threads=0 if rung.index == 0 else 1,
-        )
-        encoder = H264Encoder(config, opener=self._opener)
-        try:
-            ring = PacketRing.create(ring_name, capacity_bytes=ring_capacity(rung.bitrate))
-        except BaseException:
-            encoder.close()
-            raise
-        return _Rung(
-            rung=rung, encoder=encoder, ring=ring, decimator=FrameDecimator(rung.framerate)
-        )
-
-    def _keyframe_frames(self, framerate: int) -> int:
-        return max(1, round(self._keyframe_interval_s * framerate))
+    def _close_rings(self) -> None:
+        for ring in self._rings:
+            ring.close()
+            ring.unlink()
+        self._rings = []
 
     async def stop(self) -> EncoderStats:
         if self._task is not None:
@@ -262,17 +216,15 @@ class EncoderActor:
             await asyncio.to_thread(self._executor.shutdown, True)
         stats = await self.stats()
         self._pool.close()
-        for state in self._rungs:
-            state.ring.close()
-            state.ring.unlink()
-            state.encoder.close()
+        self._close_rings()
+        self._ladder.close()
         return stats
 
     # --- subscribers and requests ----------------------------------------------------------
 
     def subscribe(self, name: str, handle: Any, rung: int | None = 0) -> None:
         """Notify ``handle`` of new packets in ``rung``'s ring (None: every rung's)."""
-        if rung is not None and not 0 <= rung < len(self._rungs):
+        if rung is not None and not 0 <= rung < len(self._rings):
             raise ConfigError(f"stream {self._session_id} has no rung {rung}")
         self._subscribers[name] = (handle, rung)
 
@@ -284,77 +236,34 @@ class EncoderActor:
 
     def request_keyframe(self, rung: int | None = 0) -> None:
         """An IDR on the next frame of ``rung`` (None: every rung), e.g. for a viewer's PLI."""
-        self._keyframe_requests += 1
-        for state in self._rungs if rung is None else [self._rung(rung)]:
-            state.encoder.request_keyframe()
+        self._ladder.request_keyframe(rung)
 
     def rung_names(self) -> list[str]:
         """Each rung's packet ring, rung 0 first."""
-        return [state.ring.name for state in self._rungs]
+        return [ring.name for ring in self._rings]
 
     def ladder(self) -> list[Rung]:
-        return [state.rung for state in self._rungs]
+        return self._ladder.rungs
 
     # --- the design's VideoCodec, per stream ------------------------------------------------
 
     async def set_bitrate(self, bitrate: int, rung: int = 0) -> int:
-        state = self._rung(rung)
-        async with state.lock:
-            return state.encoder.set_bitrate(bitrate)
+        async with self._encoding:
+            return self._ladder.set_bitrate(bitrate, rung)
 
     async def configure(self, quality: StreamQuality) -> StreamQuality:
-        """Make rung 0 encode at ``quality``.
-
-        A bitrate at or below the current ceiling applies in place and reaches the output
-        within about a second; a new size, frame rate, higher ceiling or a change of hardware
-        acceleration reopens the encoder at the next frame, which is an IDR, with timestamps
-        running on.  Frames in the pool keep the capture's size and are scaled to the new one;
-        a frame rate above the capture's yields the capture's rate.
-        """
-        state = self._rungs[0]
-        hardware_changed = quality.hardware_acceleration != self._quality.hardware_acceleration
-        codec = "auto" if quality.hardware_acceleration else SOFTWARE_ENCODER
-        async with state.lock:
-            config = msgspec.structs.replace(
-                state.encoder.config,
-                width=quality.resolution.width,
-                height=quality.resolution.height,
-                framerate=quality.framerate,
-                bitrate=quality.bitrate,
-                max_bitrate=quality.bitrate,
-                keyframe_interval=self._keyframe_frames(quality.framerate),
-                codec=codec if hardware_changed else state.encoder.config.codec,
-            )
-            await asyncio.to_thread(state.encoder.configure_encoder, config)
-            if quality.framerate != state.rung.framerate:
-                state.decimator = FrameDecimator(quality.framerate)
-            state.rung = Rung.top(quality)
-        if hardware_changed:
-            for other in self._rungs[1:]:
-                async with other.lock:
-                    other_config = msgspec.structs.replace(other.encoder.config, codec=codec)
-                    await asyncio.to_thread(other.encoder.configure_encoder, other_config)
-        self._quality = quality
-        return quality
+        """Make rung 0 encode at ``quality`` (see :meth:`LadderEncoder.configure`)."""
+        async with self._encoding:
+            return await asyncio.to_thread(self._ladder.configure, quality)
 
     async def enable_hardware_acceleration(self) -> bool:
         """Move every rung to the best hardware encoder that works on this node (False: none)."""
-        enabled = False
-        for state in self._rungs:
-            async with state.lock:
-                enabled = await asyncio.to_thread(state.encoder.enable_hardware_acceleration)
-        if enabled:
-            self._quality = msgspec.structs.replace(self._quality, hardware_acceleration=True)
-        return enabled
+        async with self._encoding:
+            return await asyncio.to_thread(self._ladder.enable_hardware_acceleration)
 
     async def capabilities(self, refresh: bool = False) -> EncoderCapabilities:
         """Every H.264 encoder and decoder of this node, probed for real."""
         return await asyncio.to_thread(get_encoder_capabilities, refresh=refresh)
-
-    def _rung(self, index: int) -> _Rung:
-        if not 0 <= index < len(self._rungs):
-            raise ConfigError(f"stream {self._session_id} has no rung {index}")
-        return self._rungs[index]
 
     # --- the encode loop -----------------------------------------------------------------------
 
@@ -376,71 +285,33 @@ class EncoderActor:
 
     async def _encode_latest(self) -> bool:
         """Encode the newest frame; False when there was none to take."""
+        ladder = self._ladder
         # libx264 copies each picture into its own buffers before encode returns, and the next
         # frame is read only once every rung is done with this one, so one buffer serves every
         # frame (no 1.4 MB allocation and page faults per 720p frame).  A hardware encoder may
         # still hold the picture after returning: it gets a fresh copy each time.
-        reuse = not any(state.encoder.hardware for state in self._rungs)
-        frame = self._reader.read_latest(out=self._buffer if reuse else None)
+        frame = self._reader.read_latest(out=None if ladder.hardware else self._buffer)
         if frame is None:
             return False
-        if frame.pixel_format is not PixelFormat.YUV420P:
-            raise EncodingError(
-                f"the frame pool holds {frame.pixel_format}; encoding needs yuv420p"
-            )
-        self._dropped += frame.missed
-        if self._origin_us is None:
-            self._origin_us = frame.capture_us
-            self._first_frame_at = time.monotonic()
-        # pts on the 90 kHz clock from capture time; forced monotonic in case the wall
-        # clock steps backwards.
-        pts = max(
-            (frame.capture_us - self._origin_us) * TIME_BASE.denominator // 1_000_000,
-            self._last_pts + 1,
-        )
-        self._last_pts = pts
-        width, height = frame.width, frame.height
-        seconds = pts / TIME_BASE.denominator
-        cut = self._cuts.observe(frame.pixels[: width * height].reshape(height, width), seconds)
-        due = [state for state in self._rungs if state.decimator.admit(pts)]
-        await asyncio.gather(*(self._encode_rung(state, frame, pts, cut) for state in due))
+        async with self._encoding:
+            job = ladder.begin(frame, time.monotonic())
+            await asyncio.gather(*(self._encode_rung(job, index) for index in job.rungs))
         return True
 
-    async def _encode_rung(self, state: _Rung, source: FrameRead, pts: int, cut: bool) -> None:
-        assert self._executor is not None
+    async def _encode_rung(self, job: LadderFrame, index: int) -> None:
+        """One rung on a worker thread, then its access units into its ring at once."""
+        ladder = self._ladder
         loop = asyncio.get_running_loop()
-        async with state.lock:
-            started = time.perf_counter()
-            encoded = await loop.run_in_executor(
-                self._executor, self._scale_and_encode, state, source, pts, cut
-            )
-            state.encode_seconds += time.perf_counter() - started
+        output = await loop.run_in_executor(self._executor, ladder.encode_rung, job, index)
+        ladder.record(job, output, time.monotonic())
+        ring = self._rings[index]
         sequence = 0
-        now = time.monotonic()
-        for access_unit in encoded:
-            sequence = state.ring.append(
-                access_unit.data,
-                pts=access_unit.pts,
-                capture_us=access_unit.capture_us,
-                keyframe=access_unit.keyframe,
+        for unit in output.access_units:
+            sequence = ring.append(
+                unit.data, pts=unit.pts, capture_us=unit.capture_us, keyframe=unit.keyframe
             )
-            state.recent.append((now, len(access_unit.data)))
-            if access_unit.keyframe and state.rung.index == 0:
-                self._cuts.keyframe_sent(access_unit.pts / TIME_BASE.denominator)
         if sequence:
-            self._notify(state.rung.index, sequence)
-
-    def _scale_and_encode(
-        self, state: _Rung, source: FrameRead, pts: int, cut: bool
-    ) -> list[EncodedFrame]:
-        """On a worker thread: this rung's picture, scaled once, then encoded."""
-        started = time.thread_time()
-        picture = self._scaler.picture(source.pixels, source.width, source.height, state.rung)
-        encoded = state.encoder.encode_frame(
-            picture, pts=pts, capture_us=source.capture_us, keyframe=cut
-        )
-        state.encode_cpu_seconds += time.thread_time() - started
-        return encoded
+            self._notify(index, sequence)
 
     def _notify(self, index: int, sequence: int) -> None:
         for handle, rung in self._subscribers.values():
@@ -451,45 +322,20 @@ class EncoderActor:
 
     # --- stats ---------------------------------------------------------------------------------
 
-    def _rung_stats(self, state: _Rung, now: float) -> RungStats:
-        window = [(t, n) for t, n in state.recent if now - t <= STATS_WINDOW_S]
-        span = (window[-1][0] - window[0][0]) if len(window) > 1 else 0.0
-        encoder = state.encoder
-        frames = encoder.frames_encoded
-        return RungStats(
-            index=state.rung.index,
-            width=state.rung.width,
-            height=state.rung.height,
-            framerate=state.rung.framerate,
-            ring=state.ring.name,
-            codec=encoder.codec_name,
-            hardware=encoder.hardware,
-            target_bitrate=encoder.bitrate,
-            encoder_bitrate=encoder.encoder_bitrate,
-            bitrate=int(sum(n for _, n in window[1:]) * 8 / span) if span > 0 else 0,
-            fps=(len(window) - 1) / span if span > 0 else 0.0,
-            frames_encoded=frames,
-            keyframes=encoder.keyframes_encoded,
-            encode_ms=state.encode_seconds * 1000 / frames if frames else 0.0,
-            hardware_fallbacks=encoder.hardware_fallbacks,
-            reconfigurations=encoder.reconfigurations,
-            encode_cpu_ms=state.encode_cpu_seconds * 1000 / frames if frames else 0.0,
-        )
-
     async def stats(self) -> EncoderStats:
-        now = time.monotonic()
-        rungs = [self._rung_stats(state, now) for state in self._rungs]
+        figures = self._ladder.stats(time.monotonic())
+        rungs = [
+            RungStats(ring=ring.name, **msgspec.structs.asdict(rung))
+            for rung, ring in zip(figures.rungs, self._rings, strict=True)
+        ]
         top = rungs[0]
-        reasons = [s.encoder.fallback_reason for s in self._rungs if s.encoder.fallback_reason]
         return EncoderStats(
             pid=os.getpid(),
             frames_encoded=top.frames_encoded,
             keyframes=top.keyframes,
-            frames_dropped=self._dropped,
+            frames_dropped=figures.frames_dropped,
             fps=top.fps,
-            average_fps=(top.frames_encoded - 1) / (now - self._first_frame_at)
-            if top.frames_encoded > 1
-            else 0.0,
+            average_fps=figures.average_fps,
             bitrate=top.bitrate,
             target_bitrate=top.target_bitrate,
             encode_ms=top.encode_ms,
@@ -497,9 +343,10 @@ class EncoderActor:
             codec=top.codec,
             hardware=top.hardware,
             hardware_fallbacks=sum(r.hardware_fallbacks for r in rungs),
-            fallback_reason=reasons[-1] if reasons else None,
+            fallback_reason=figures.fallback_reason,
             reconfigurations=sum(r.reconfigurations for r in rungs),
-            scene_cuts=self._cuts.cuts,
-            keyframe_requests=self._keyframe_requests,
+            scene_cuts=figures.scene_cuts,
+            keyframe_requests=figures.keyframe_requests,
             rungs=rungs,
+            frames_taken=figures.frames_taken,
         )

@@ -13,8 +13,8 @@ the two disagree by more than 100 ms (an overflow dropped samples).
 
 :class:`AudioPipeline` runs on its own thread: it reads blocks, encodes them to 20 ms Opus
 packets (:mod:`shared.media.opus`) and appends each to a :class:`PacketRing` with ``pts`` in
-1/48000 s and ``keyframe=True`` (every Opus packet decodes on its own), then calls
-``on_packet(sequence)`` so the actor can tell the senders.
+1/48000 s and ``keyframe=True`` (every Opus packet decodes on its own).  Senders read the ring
+on their own timer; nobody is called per packet.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
 from typing import Any, Final, NamedTuple, Protocol
 
 import msgspec
@@ -283,7 +282,6 @@ class AudioPipeline:
         ring: PacketRing,
         *,
         bitrate: int,
-        on_packet: Callable[[int], None] | None = None,
     ) -> None:
         if not ring.is_writer:
             raise ConfigError("the audio pipeline must own (create) its packet ring")
@@ -292,7 +290,6 @@ class AudioPipeline:
         self._encoder = OpusEncoder(
             sample_rate=source.sample_rate, channels=source.channels, bitrate=bitrate
         )
-        self._on_packet = on_packet
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._stats = AudioStats(
@@ -312,7 +309,7 @@ class AudioPipeline:
                     continue
                 self._stats.blocks += 1
                 for packet in self._encoder.encode(block.pcm, block.capture_us):
-                    sequence = self.ring.append(
+                    self.ring.append(
                         packet.data,
                         pts=packet.pts,
                         capture_us=packet.capture_us,
@@ -322,8 +319,6 @@ class AudioPipeline:
                     self._stats.packets += 1
                     self._stats.bytes += len(packet.data)
                     self._stats.last_capture_us = packet.capture_us
-                    if self._on_packet is not None:
-                        self._on_packet(sequence)
         except EndOfSource:
             self._stats.ended = True
         except Exception as exc:
@@ -338,11 +333,15 @@ class AudioPipeline:
         return stats
 
     def stop(self) -> AudioStats:
-        """Stop the thread and the source (idempotent); the ring stays with its owner."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-        self.source.close()
-        self._encoder.close()
+        """Stop the thread and the source (idempotent); the ring stays with its owner.
+
+        Once this returns nothing more is written, so the figures it returns count every
+        packet in the ring."""
+        if not self._stop.is_set():
+            self._stop.set()
+            if self._thread is not None:
+                self._thread.join(timeout=5)
+                self._thread = None
+            self.source.close()
+            self._encoder.close()
         return self.stats()

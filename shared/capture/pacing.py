@@ -51,6 +51,10 @@ class FramePacer:
 class FrameGate:
     """Admits frames of a push source at most at ``framerate``, on their capture times.
 
+    Capture times here are monotonic microseconds (the frame pool's ``monotonic_us``), not
+    the wall-clock stamp: a wall clock stepped back by NTP would otherwise make every frame
+    look early and close the gate until the clock caught up again.
+
     Frame slots are ``1 / framerate`` apart; a frame is admitted unless it comes more than 40%
     of an interval before the next slot.  So a source at the stream's rate with a few
     milliseconds of jitter loses nothing, and one at twice the rate loses every other frame.
@@ -67,14 +71,15 @@ class FrameGate:
         self.admitted = 0
         self.dropped = 0
 
-    def admit(self, capture_us: int) -> bool:
-        if self._next_us is not None and capture_us < self._next_us - self._tolerance_us:
+    def admit(self, monotonic_us: int) -> bool:
+        """Whether the frame captured at ``monotonic_us`` goes into the stream."""
+        if self._next_us is not None and monotonic_us < self._next_us - self._tolerance_us:
             self.dropped += 1
             return False
-        if self._next_us is None or capture_us > self._next_us + self._interval_us:
-            slot = float(capture_us)  # the first frame, or after a stall: no catching up
+        if self._next_us is None or monotonic_us > self._next_us + self._interval_us:
+            slot = float(monotonic_us)  # the first frame, or after a stall: no catching up
         else:
-            slot = (self._next_us + capture_us) / 2
+            slot = (self._next_us + monotonic_us) / 2
         self._next_us = slot + self._interval_us
         self.admitted += 1
         return True

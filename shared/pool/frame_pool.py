@@ -25,8 +25,17 @@ ends with an sfence, so the closing "even" store cannot overtake them.)  Weakly 
 Layout after the common shm header (all offsets multiples of 64)::
 
     pool header   64 B   slots, slot_bytes, slot stride, latest committed seq
-    slot i        64 B   gen, seq, capture_us, width, height, pixel format, payload size
+    slot i        64 B   gen, seq, capture_us, width, height, pixel format, payload size,
+                         monotonic_us
                   slot_bytes rounded up to 64: payload
+
+Each frame carries two capture times, taken together when the picture was grabbed:
+``capture_us`` on the wall clock, which is data (it travels to viewers, who measure latency
+against their own wall clock, and lines video up with audio), and ``monotonic_us`` on
+``CLOCK_MONOTONIC``, which is what timing decisions and the encoder's pts are derived from,
+since NTP may step the wall clock at any moment.  ``CLOCK_MONOTONIC`` is one clock for every
+process of the host, and the pool never leaves its host, so a reader may compare the writer's
+stamps with each other (only differences mean anything).
 """
 
 from __future__ import annotations
@@ -58,7 +67,7 @@ _WORD: Final = 8
 # Pool header words.
 _P_SLOTS, _P_SLOT_BYTES, _P_STRIDE, _P_LATEST = 0, 1, 2, 3
 # Slot header words, relative to the slot's first word.
-_S_GEN, _S_SEQ, _S_CAPTURE_US, _S_WIDTH, _S_HEIGHT, _S_FORMAT, _S_SIZE = range(7)
+_S_GEN, _S_SEQ, _S_CAPTURE_US, _S_WIDTH, _S_HEIGHT, _S_FORMAT, _S_SIZE, _S_MONOTONIC_US = range(8)
 #: Attempts at a clean copy before read_latest gives up for this call.
 _READ_ATTEMPTS: Final = 4
 
@@ -96,7 +105,10 @@ class FrameRead:
     """One frame copied out of the pool.  (A dataclass: msgspec cannot hold numpy arrays.)"""
 
     sequence: int
+    #: Wall-clock capture time, microseconds since the epoch: data, never a timer.
     capture_us: int
+    #: The same moment on the host's monotonic clock, microseconds: what pts come from.
+    monotonic_us: int
     width: int
     height: int
     pixel_format: PixelFormat
@@ -181,6 +193,7 @@ class FramePool(SegmentHandle):
         pixels: npt.NDArray[Any] | bytes | bytearray | memoryview,
         *,
         capture_us: int,
+        monotonic_us: int,
         width: int,
         height: int,
         pixel_format: PixelFormat,
@@ -194,14 +207,24 @@ class FramePool(SegmentHandle):
         if flat.size != size:
             raise ConfigError(f"{width}x{height} {pixel_format} is {size} bytes, got {flat.size}")
         with self.writing(
-            width=width, height=height, pixel_format=pixel_format, capture_us=capture_us
+            width=width,
+            height=height,
+            pixel_format=pixel_format,
+            capture_us=capture_us,
+            monotonic_us=monotonic_us,
         ) as view:
             view[:] = flat
         return self._next_sequence - 1
 
     @contextmanager
     def writing(
-        self, *, width: int, height: int, pixel_format: PixelFormat, capture_us: int
+        self,
+        *,
+        width: int,
+        height: int,
+        pixel_format: PixelFormat,
+        capture_us: int,
+        monotonic_us: int,
     ) -> Iterator[Pixels]:
         """Zero-copy write: yields the next slot's payload as a writable uint8 view, committed
         when the block exits normally.  The view must not be used after the block.
@@ -232,8 +255,11 @@ class FramePool(SegmentHandle):
                 words[base + _S_HEIGHT] = height
                 words[base + _S_FORMAT] = _FORMAT_CODES[pixel_format]
                 words[base + _S_SIZE] = size
+                words[base + _S_MONOTONIC_US] = monotonic_us
             except (TypeError, ValueError) as exc:
-                raise ConfigError("capture_us, width and height must be int64 integers") from exc
+                raise ConfigError(
+                    "capture_us, monotonic_us, width and height must be int64 integers"
+                ) from exc
         except BaseException:
             # Leave the slot even (a later write must start from even) and holding no frame.
             words[base + _S_SEQ] = 0
@@ -258,6 +284,7 @@ class FramePool(SegmentHandle):
         if words[base + _S_SEQ] != sequence:
             return _Miss.ABSENT
         capture_us = words[base + _S_CAPTURE_US]
+        monotonic_us = words[base + _S_MONOTONIC_US]
         width = words[base + _S_WIDTH]
         height = words[base + _S_HEIGHT]
         code = words[base + _S_FORMAT]
@@ -271,7 +298,9 @@ class FramePool(SegmentHandle):
             np.copyto(pixels, self._payloads[slot, :size])
         if words[base + _S_GEN] != generation or code not in _FORMATS_BY_CODE:
             return _Miss.TORN
-        return FrameRead(sequence, capture_us, width, height, _FORMATS_BY_CODE[code], pixels, 0)
+        return FrameRead(
+            sequence, capture_us, monotonic_us, width, height, _FORMATS_BY_CODE[code], pixels, 0
+        )
 
     # --- lifetime ---------------------------------------------------------------------------
 
