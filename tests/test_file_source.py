@@ -79,6 +79,30 @@ def test_video_plays_in_real_time_and_loops_with_rising_stamps(clip: Path) -> No
     assert source.passes == 2
 
 
+def test_a_wall_clock_step_neither_stalls_playback_nor_moves_its_stamps(
+    clip: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pacing runs on the monotonic clock: NTP stepping the wall clock back 10 s mid-file
+    does not make the next frame wait 10 s, and stamps keep their one-interval spacing."""
+    source = FilePlayback.open(str(clip), loop=True).video_source(QVGA)
+    stamps: list[int] = []
+
+    def grab_until(count: int, deadline_s: float) -> None:
+        deadline = time.monotonic() + deadline_s
+        while len(stamps) < count:
+            assert time.monotonic() < deadline, f"playback stalled after {len(stamps)} frames"
+            capture_us = source.grab(timeout=0.1)
+            if capture_us is not None:
+                stamps.append(capture_us)
+
+    grab_until(2, deadline_s=5.0)
+    real_time_ns = time.time_ns
+    monkeypatch.setattr(time, "time_ns", lambda: real_time_ns() - 10_000_000_000)
+    grab_until(8, deadline_s=5.0)  # 6 frames at 10 fps: well under 5 s, far under 10 s
+    source.close()
+    assert set(np.diff(stamps).tolist()) == {INTERVAL_US}
+
+
 def test_without_loop_the_file_ends(clip: Path) -> None:
     source = FilePlayback.open(str(clip)).video_source(QVGA)
     grabbed = 0

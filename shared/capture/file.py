@@ -2,10 +2,13 @@
 
 :class:`FilePlayback` probes the file once (so a missing, unreadable or truncated file fails
 before the stream is Active) and owns what its video and audio readers share: one
-:class:`PlaybackClock`, which maps media time to wall-clock time, and the loop period.  Each
-reader demuxes its own stream from its own container, so neither waits for the other's
-packets, and each stamps a frame with the wall-clock time it is due, which keeps them in sync
-exactly: a video frame and an audio block at the same media time get the same ``capture_us``.
+:class:`PlaybackClock`, which maps media time to the monotonic clock, and the loop period.
+Each reader demuxes its own stream from its own container, so neither waits for the other's
+packets.  Pacing runs on the monotonic clock, so an NTP step neither stalls nor races playback.
+Each frame is stamped with the time it is due, turned into wall-clock microseconds (the clock
+capture stamps are on) by one offset fixed when playback opens, which keeps video and audio in
+sync exactly: a video frame and an audio block at the same media time get the same
+``capture_us``.
 
 Looping reopens the file and adds the period (the container's duration) to media time, so
 timestamps keep rising across loops.  A decode error mid-file (a truncated tail) ends the pass
@@ -87,6 +90,8 @@ class FilePlayback:
         self.video_format = video_format
         self._clock = PlaybackClock()
         self._lock = threading.Lock()
+        #: Wall clock minus monotonic clock, fixed once: stamps are data, pacing is monotonic.
+        self._wall_offset_us = time.time_ns() // 1000 - time.monotonic_ns() // 1000
         self.decode_errors = 0
 
     @classmethod
@@ -125,9 +130,13 @@ class FilePlayback:
             container.close()
 
     def due_us(self, media_us: int) -> int:
-        """Wall-clock time at which media time ``media_us`` is due (thread-safe)."""
+        """Monotonic time (µs) at which media time ``media_us`` is due (thread-safe)."""
         with self._lock:
-            return self._clock.due_us(media_us, time.time_ns() // 1000)
+            return self._clock.due_us(media_us, time.monotonic_ns() // 1000)
+
+    def wall_us(self, monotonic_us: int) -> int:
+        """The capture stamp (wall-clock µs) of a frame due at ``monotonic_us``."""
+        return monotonic_us + self._wall_offset_us
 
     @property
     def rebases(self) -> int:
@@ -217,8 +226,8 @@ class _StreamReader:
 
 
 def _wait_until(due_us: int, timeout: float) -> bool:
-    """Sleep until ``due_us`` if that is within ``timeout``; whether it is now due."""
-    wait = (due_us - time.time_ns() // 1000) / 1_000_000
+    """Sleep until ``due_us`` (monotonic) if that is within ``timeout``; whether it is now due."""
+    wait = (due_us - time.monotonic_ns() // 1000) / 1_000_000
     if wait > min(timeout, _MAX_WAIT_S):
         time.sleep(min(timeout, _MAX_WAIT_S))
         return False
@@ -250,7 +259,7 @@ class FileVideoSource:
             return None
         self._pending = None
         self._frame = frame
-        return due
+        return self.playback.wall_us(due)
 
     def fill(self, out: U8Array, *, frame_number: int, capture_us: int) -> None:
         if self._frame is None:
@@ -325,7 +334,7 @@ class FileAudioSource:
         if not _wait_until(due, timeout):
             return None
         self._pending = None
-        return AudioBlock(block.pcm, due)
+        return AudioBlock(block.pcm, self.playback.wall_us(due))
 
     def close(self) -> None:
         self._reader.close()

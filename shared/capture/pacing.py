@@ -118,7 +118,7 @@ class RateMeter:
 
 
 class PlaybackClock:
-    """Maps a file's media time (microseconds, loops included) onto the wall clock.
+    """Maps a file's media time (microseconds, loops included) onto the shell's monotonic clock.
 
     The first frame asked about fixes the origin: it is due now.  Every later one is due at
     ``origin + media_us``.  When playback falls more than ``max_lag_us`` behind (a slow
@@ -133,7 +133,7 @@ class PlaybackClock:
         self.rebases = 0
 
     def due_us(self, media_us: int, now_us: int) -> int:
-        """Wall-clock time at which media time ``media_us`` should be presented."""
+        """The time (on ``now_us``'s clock) at which media time ``media_us`` is presented."""
         if self._origin_us is None:
             self._origin_us = now_us - media_us
         due = self._origin_us + media_us
