@@ -33,7 +33,7 @@ import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import numpy as np
@@ -55,6 +55,9 @@ from shared.models import PixelFormat, QualityPreset, StreamQuality
 from shared.pool.frame_pool import FramePool, FramePoolReader, FrameRead
 from shared.pool.packet_ring import PacketRing
 from shared.pool.shm import segment_name
+
+if TYPE_CHECKING:
+    from actors.handles import PacketSubscriber
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +189,7 @@ class EncoderActor:
         self._opener = opener or open_session
         self._rungs: list[_Rung] = []
         #: name -> (handle, rung index, or None for every rung)
-        self._subscribers: dict[str, tuple[Any, int | None]] = {}
+        self._subscribers: dict[str, tuple[PacketSubscriber[Any], int | None]] = {}
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -270,7 +273,7 @@ class EncoderActor:
 
     # --- subscribers and requests ----------------------------------------------------------
 
-    def subscribe(self, name: str, handle: Any, rung: int | None = 0) -> None:
+    def subscribe(self, name: str, handle: PacketSubscriber[Any], rung: int | None = 0) -> None:
         """Notify ``handle`` of new packets in ``rung``'s ring (None: every rung's)."""
         if rung is not None and not 0 <= rung < len(self._rungs):
             raise ConfigError(f"stream {self._session_id} has no rung {rung}")
@@ -445,9 +448,9 @@ class EncoderActor:
     def _notify(self, index: int, sequence: int) -> None:
         for handle, rung in self._subscribers.values():
             if rung == index == 0:
-                handle.packets_ready.remote(sequence)  # the single-rung signature
+                handle.packets_ready(sequence)  # the single-rung signature
             elif rung is None or rung == index:
-                handle.packets_ready.remote(sequence, index)
+                handle.packets_ready(sequence, index)
 
     # --- stats ---------------------------------------------------------------------------------
 

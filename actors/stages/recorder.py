@@ -22,7 +22,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shared.errors import RecordingError, ResourceError
 from shared.models import (
@@ -45,6 +45,9 @@ from shared.recording.policy import (
 )
 from shared.recording.storage import StorageManager, segment_path
 
+if TYPE_CHECKING:
+    from actors.handles import EncoderHandle
+
 logger = logging.getLogger(__name__)
 
 #: Audio has no notifications of its own; poll the rings at least this often.
@@ -61,7 +64,7 @@ class RecorderActor:
         config: RecordingConfig,
         quality: StreamQuality,
         ring_names: dict[str, str],
-        encoder: Any,
+        encoder: EncoderHandle,
         first_segment: int = 0,
         start_at: float | None = None,
     ) -> None:
@@ -120,7 +123,7 @@ class RecorderActor:
         if self._trigger is not None:
             self._frames_reader = FramePoolReader(FramePool.attach(self._ring_names["frames"]))
         elif self._start_at_us is None:
-            self._encoder.request_keyframe.remote()
+            self._encoder.request_keyframe()
         self._task = asyncio.create_task(self._run(), name="record")
         return os.getpid()
 
@@ -139,7 +142,7 @@ class RecorderActor:
         if self._state is RecordingState.PAUSED:
             self._timeline.resume()
             self._state = RecordingState.RECORDING
-            self._encoder.request_keyframe.remote()
+            self._encoder.request_keyframe()
         return self.status()
 
     def status(self) -> RecordingSession:
@@ -189,7 +192,7 @@ class RecorderActor:
                 and time.time_ns() // 1000 >= start_at_us
             ):
                 self._start_keyframe_requested = True
-                self._encoder.request_keyframe.remote()
+                self._encoder.request_keyframe()
             check_motion = self._trigger is not None and time.monotonic() >= next_motion
             if check_motion:
                 next_motion = time.monotonic() + MOTION_INTERVAL_S
@@ -279,7 +282,7 @@ class RecorderActor:
             size_bytes=self._recorder.size_bytes, duration_us=self._recorder.duration_us
         ):
             self._rotate_pending = True
-            self._encoder.request_keyframe.remote()
+            self._encoder.request_keyframe()
 
     def _write_audio(self, packet: RingPacket) -> None:
         if self._recorder is None or self._timeline.paused or self._timeline.needs_keyframe:

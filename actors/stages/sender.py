@@ -29,7 +29,7 @@ import contextlib
 import logging
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -42,6 +42,9 @@ from shared.roq.tls import TlsIdentity, generate_self_signed
 from shared.roq.transport import PeerStats, RoqConnection, RoqServer
 from shared.roq.url import StreamUrl
 from shared.rtp.sender import AUDIO_TRACK, VIDEO_TRACK, BroadcastSender, MediaTrack
+
+if TYPE_CHECKING:
+    from actors.handles import EncoderHandle
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +109,7 @@ class SenderActor:
         session_id: str,
         viewer_id: str,
         ring_name: str,
-        encoder: Any,
+        encoder: EncoderHandle | None,
         audio_ring_name: str | None = None,
     ) -> None:
         self._session_id = session_id
@@ -240,7 +243,8 @@ class SenderActor:
             self._keyframe_pending = False
             self._last_keyframe_request = now
             self._keyframe_requests += 1
-            self._encoder.request_keyframe.remote()
+            if self._encoder is not None:  # None: an audio-only stream
+                self._encoder.request_keyframe()
 
     # -- the design's NetworkStreamer, per connection --------------------------------------
 
