@@ -1,5 +1,8 @@
 """StreamManager: the public Python API, a typed handle on the supervisor actor.
 
+Each method calls the supervisor method of the same name through ``Handle[Supervisor]``, so
+arguments and results are checked against the supervisor's own signatures.
+
     async with StreamManager.start() as manager:
         session = await manager.start_camera_stream(StreamConfig(source="test"))
         print(await manager.get_active_streams())
@@ -108,10 +111,7 @@ class StreamManager:
     # --- the design's StreamManager ------------------------------------------------------
 
     async def start_camera_stream(self, config: StreamConfig) -> StreamSession:
-        session: StreamSession = await self._supervisor.call(
-            Supervisor.start_stream, config, StreamType.CAMERA
-        )
-        return session
+        return await self._supervisor.call(Supervisor.start_stream, config, StreamType.CAMERA)
 
     async def start_screen_stream(
         self, screen: ScreenConfig, config: StreamConfig | None = None
@@ -127,48 +127,33 @@ class StreamManager:
         if not base.source.startswith("screen") and base.source != "test":
             raise ConfigError(f"start_screen_stream got a non-screen source {base.source!r}")
         stream_config = msgspec.structs.replace(base, source=spec)
-        session: StreamSession = await self._supervisor.call(
+        return await self._supervisor.call(
             Supervisor.start_stream, stream_config, StreamType.SCREEN, screen
         )
-        return session
 
     async def start_audio_stream(self, config: StreamConfig) -> StreamSession:
         """Audio only (StreamType Audio): ``config.audio`` says which input."""
         if config.audio is None:
             raise ConfigError("start_audio_stream needs StreamConfig(audio=AudioConfig(...))")
-        session: StreamSession = await self._supervisor.call(
-            Supervisor.start_stream, config, StreamType.AUDIO
-        )
-        return session
+        return await self._supervisor.call(Supervisor.start_stream, config, StreamType.AUDIO)
 
     async def switch_source(self, session_id: str, source: str) -> StreamSession:
         """Switch a running stream's video source (``camera:N``, ``screen``, ``file:PATH``, ``test``)
         without viewers reconnecting."""
-        session: StreamSession = await self._supervisor.call(
-            Supervisor.switch_source, session_id, source
-        )
-        return session
+        return await self._supervisor.call(Supervisor.switch_source, session_id, source)
 
     async def stop_stream(self, session_id: str) -> StreamSession | None:
         """Stop a stream; returns its final state, or None if it was not running."""
-        session: StreamSession | None = await self._supervisor.call(
-            Supervisor.stop_stream, session_id
-        )
-        return session
+        return await self._supervisor.call(Supervisor.stop_stream, session_id)
 
     async def adjust_quality(self, session_id: str, quality: StreamQuality) -> StreamSession:
-        session: StreamSession = await self._supervisor.call(
-            Supervisor.adjust_quality, session_id, quality
-        )
-        return session
+        return await self._supervisor.call(Supervisor.adjust_quality, session_id, quality)
 
     async def get_active_streams(self) -> list[StreamSession]:
-        sessions: list[StreamSession] = await self._supervisor.call(Supervisor.get_active_streams)
-        return sessions
+        return await self._supervisor.call(Supervisor.get_active_streams)
 
     async def get_stream(self, session_id: str) -> StreamSession:
-        session: StreamSession = await self._supervisor.call(Supervisor.get_stream, session_id)
-        return session
+        return await self._supervisor.call(Supervisor.get_stream, session_id)
 
     # --- viewers (the design's ViewerManager) -------------------------------------------
 
@@ -180,25 +165,20 @@ class StreamManager:
         *,
         port: int = 0,
     ) -> ViewerTicket:
-        ticket: ViewerTicket = await self._supervisor.call(
+        return await self._supervisor.call(
             Supervisor.add_viewer, session_id, peer_id, permissions or ViewerPermissions(), port
         )
-        return ticket
 
     async def remove_viewer(self, session_id: str, viewer_id: str) -> None:
         await self._supervisor.call(Supervisor.remove_viewer, session_id, viewer_id)
 
     async def get_viewer_status(self, session_id: str) -> list[ViewerStatus]:
-        status: list[ViewerStatus] = await self._supervisor.call(
-            Supervisor.get_viewer_status, session_id
-        )
-        return status
+        return await self._supervisor.call(Supervisor.get_viewer_status, session_id)
 
     # --- monitoring ---------------------------------------------------------------------
 
     async def resources(self) -> ResourceSnapshot:
-        snapshot: ResourceSnapshot = await self._supervisor.call(Supervisor.resources)
-        return snapshot
+        return await self._supervisor.call(Supervisor.resources)
 
     # --- recordings (the design's RecordingEngine) ----------------------------------------
 
@@ -206,47 +186,30 @@ class StreamManager:
         self, session_id: str, config: RecordingConfig, *, viewer_id: str | None = None
     ) -> RecordingSession:
         """Record a running stream; with ``viewer_id``, on that viewer's behalf (needs can_record)."""
-        result: RecordingSession = await self._supervisor.call(
+        return await self._supervisor.call(
             Supervisor.start_recording, session_id, config, viewer_id
         )
-        return result
 
     async def stop_recording(self, recording_id: str) -> RecordingSession:
         """Finish the recording; the result lists every file (segment) it wrote."""
-        result: RecordingSession = await self._supervisor.call(
-            Supervisor.stop_recording, recording_id
-        )
-        return result
+        return await self._supervisor.call(Supervisor.stop_recording, recording_id)
 
     async def pause_recording(self, recording_id: str) -> RecordingSession:
-        result: RecordingSession = await self._supervisor.call(
-            Supervisor.pause_recording, recording_id
-        )
-        return result
+        return await self._supervisor.call(Supervisor.pause_recording, recording_id)
 
     async def resume_recording(self, recording_id: str) -> RecordingSession:
-        result: RecordingSession = await self._supervisor.call(
-            Supervisor.resume_recording, recording_id
-        )
-        return result
+        return await self._supervisor.call(Supervisor.resume_recording, recording_id)
 
     async def get_recording_status(self, recording_id: str) -> RecordingSession:
-        result: RecordingSession = await self._supervisor.call(
-            Supervisor.get_recording_status, recording_id
-        )
-        return result
+        return await self._supervisor.call(Supervisor.get_recording_status, recording_id)
 
     async def schedule_recording(
         self, session_id: str, config: RecordingConfig, *, start_at: float, duration_s: float
     ) -> str:
         """Record from ``start_at`` (wall-clock seconds) for ``duration_s``; returns its id."""
-        result: str = await self._supervisor.call(
+        return await self._supervisor.call(
             Supervisor.schedule_recording, session_id, config, start_at, duration_s
         )
-        return result
 
     async def recording_status(self, session_id: str) -> RecordingSession | None:
-        status: RecordingSession | None = await self._supervisor.call(
-            Supervisor.recording_status, session_id
-        )
-        return status
+        return await self._supervisor.call(Supervisor.recording_status, session_id)
