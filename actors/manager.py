@@ -1,5 +1,8 @@
 """StreamManager: the public Python API, a typed handle on the supervisor actor.
 
+Each method calls the supervisor method of the same name through ``Handle[Supervisor]``, so
+arguments and results are checked against the supervisor's own signatures.
+
     async with StreamManager.start() as manager:
         session = await manager.start_camera_stream(StreamConfig(source="test"))
         print(await manager.get_active_streams())
@@ -22,8 +25,10 @@ from typing import Any
 import msgspec
 import ray
 
+from actors.calls import CALL_TIMEOUT_S, unwrap
+from actors.handles import Handle
 from actors.placement import NAMESPACE
-from actors.supervisor import CALL_TIMEOUT_S, Supervisor, unwrap
+from actors.supervisor import Supervisor
 from shared.control.resources import ResourceSnapshot
 from shared.errors import ConfigError, ResourceError
 from shared.models import (
@@ -41,8 +46,9 @@ from shared.models import (
 
 __all__ = ["StreamManager"]
 
-#: Stopping every stream's actors can take a few seconds on a loaded machine.
-SHUTDOWN_TIMEOUT_S = 60.0
+#: A supervisor call makes several stage calls in turn (each within CALL_TIMEOUT_S); stopping
+#: every stream's actors can take a few seconds on a loaded machine.
+SUPERVISOR_CALL_TIMEOUT_S = CALL_TIMEOUT_S * 6
 
 
 def ensure_ray(
@@ -66,7 +72,7 @@ def ensure_ray(
 
 
 class StreamManager:
-    def __init__(self, supervisor: Any) -> None:
+    def __init__(self, supervisor: Handle[Supervisor]) -> None:
         self._supervisor = supervisor
 
     @classmethod
@@ -80,14 +86,15 @@ class StreamManager:
         dashboard: bool = False,
     ) -> AsyncIterator[StreamManager]:
         ensure_ray(address, num_cpus=num_cpus, dashboard=dashboard)
-        supervisor: Any = (
+        supervisor = Handle[Supervisor](
             ray.remote(Supervisor)
             .options(namespace=NAMESPACE, num_cpus=0, max_restarts=0, max_concurrency=1000)
-            .remote(max_streams)
+            .remote(max_streams),
+            timeout=SUPERVISOR_CALL_TIMEOUT_S,
         )
         manager = cls(supervisor)
         try:
-            await manager._call(supervisor.ready.remote())
+            await supervisor.call(Supervisor.ready)
             yield manager
         finally:
             # Shielded so that a Ctrl-C (task cancellation) cannot leave actors behind.
@@ -95,25 +102,16 @@ class StreamManager:
 
     async def _shutdown(self) -> None:
         try:
-            await asyncio.wait_for(self._supervisor.shutdown.remote(), SHUTDOWN_TIMEOUT_S)
+            await self._supervisor.call(Supervisor.shutdown)
         except Exception as exc:
             logging.getLogger(__name__).warning("supervisor shutdown failed: %s", unwrap(exc))
         finally:
-            ray.kill(self._supervisor, no_restart=True)
-
-    async def _call(self, ref: Any, timeout: float | None = CALL_TIMEOUT_S * 6) -> Any:
-        try:
-            return await asyncio.wait_for(ref, timeout)
-        except ray.exceptions.RayTaskError as exc:
-            raise unwrap(exc) from None
+            self._supervisor.kill()
 
     # --- the design's StreamManager ------------------------------------------------------
 
     async def start_camera_stream(self, config: StreamConfig) -> StreamSession:
-        session: StreamSession = await self._call(
-            self._supervisor.start_stream.remote(config, StreamType.CAMERA)
-        )
-        return session
+        return await self._supervisor.call(Supervisor.start_stream, config, StreamType.CAMERA)
 
     async def start_screen_stream(
         self, screen: ScreenConfig, config: StreamConfig | None = None
@@ -129,50 +127,33 @@ class StreamManager:
         if not base.source.startswith("screen") and base.source != "test":
             raise ConfigError(f"start_screen_stream got a non-screen source {base.source!r}")
         stream_config = msgspec.structs.replace(base, source=spec)
-        session: StreamSession = await self._call(
-            self._supervisor.start_stream.remote(stream_config, StreamType.SCREEN, screen)
+        return await self._supervisor.call(
+            Supervisor.start_stream, stream_config, StreamType.SCREEN, screen
         )
-        return session
 
     async def start_audio_stream(self, config: StreamConfig) -> StreamSession:
         """Audio only (StreamType Audio): ``config.audio`` says which input."""
         if config.audio is None:
             raise ConfigError("start_audio_stream needs StreamConfig(audio=AudioConfig(...))")
-        session: StreamSession = await self._call(
-            self._supervisor.start_stream.remote(config, StreamType.AUDIO)
-        )
-        return session
+        return await self._supervisor.call(Supervisor.start_stream, config, StreamType.AUDIO)
 
     async def switch_source(self, session_id: str, source: str) -> StreamSession:
         """Switch a running stream's video source (``camera:N``, ``screen``, ``file:PATH``, ``test``)
         without viewers reconnecting."""
-        session: StreamSession = await self._call(
-            self._supervisor.switch_source.remote(session_id, source)
-        )
-        return session
+        return await self._supervisor.call(Supervisor.switch_source, session_id, source)
 
     async def stop_stream(self, session_id: str) -> StreamSession | None:
         """Stop a stream; returns its final state, or None if it was not running."""
-        session: StreamSession | None = await self._call(
-            self._supervisor.stop_stream.remote(session_id)
-        )
-        return session
+        return await self._supervisor.call(Supervisor.stop_stream, session_id)
 
     async def adjust_quality(self, session_id: str, quality: StreamQuality) -> StreamSession:
-        session: StreamSession = await self._call(
-            self._supervisor.adjust_quality.remote(session_id, quality)
-        )
-        return session
+        return await self._supervisor.call(Supervisor.adjust_quality, session_id, quality)
 
     async def get_active_streams(self) -> list[StreamSession]:
-        sessions: list[StreamSession] = await self._call(
-            self._supervisor.get_active_streams.remote()
-        )
-        return sessions
+        return await self._supervisor.call(Supervisor.get_active_streams)
 
     async def get_stream(self, session_id: str) -> StreamSession:
-        session: StreamSession = await self._call(self._supervisor.get_stream.remote(session_id))
-        return session
+        return await self._supervisor.call(Supervisor.get_stream, session_id)
 
     # --- viewers (the design's ViewerManager) -------------------------------------------
 
@@ -184,27 +165,20 @@ class StreamManager:
         *,
         port: int = 0,
     ) -> ViewerTicket:
-        ticket: ViewerTicket = await self._call(
-            self._supervisor.add_viewer.remote(
-                session_id, peer_id, permissions or ViewerPermissions(), port
-            )
+        return await self._supervisor.call(
+            Supervisor.add_viewer, session_id, peer_id, permissions or ViewerPermissions(), port
         )
-        return ticket
 
     async def remove_viewer(self, session_id: str, viewer_id: str) -> None:
-        await self._call(self._supervisor.remove_viewer.remote(session_id, viewer_id))
+        await self._supervisor.call(Supervisor.remove_viewer, session_id, viewer_id)
 
     async def get_viewer_status(self, session_id: str) -> list[ViewerStatus]:
-        status: list[ViewerStatus] = await self._call(
-            self._supervisor.get_viewer_status.remote(session_id)
-        )
-        return status
+        return await self._supervisor.call(Supervisor.get_viewer_status, session_id)
 
     # --- monitoring ---------------------------------------------------------------------
 
     async def resources(self) -> ResourceSnapshot:
-        snapshot: ResourceSnapshot = await self._call(self._supervisor.resources.remote())
-        return snapshot
+        return await self._supervisor.call(Supervisor.resources)
 
     # --- recordings (the design's RecordingEngine) ----------------------------------------
 
@@ -212,47 +186,30 @@ class StreamManager:
         self, session_id: str, config: RecordingConfig, *, viewer_id: str | None = None
     ) -> RecordingSession:
         """Record a running stream; with ``viewer_id``, on that viewer's behalf (needs can_record)."""
-        result: RecordingSession = await self._call(
-            self._supervisor.start_recording.remote(session_id, config, viewer_id)
+        return await self._supervisor.call(
+            Supervisor.start_recording, session_id, config, viewer_id
         )
-        return result
 
     async def stop_recording(self, recording_id: str) -> RecordingSession:
         """Finish the recording; the result lists every file (segment) it wrote."""
-        result: RecordingSession = await self._call(
-            self._supervisor.stop_recording.remote(recording_id)
-        )
-        return result
+        return await self._supervisor.call(Supervisor.stop_recording, recording_id)
 
     async def pause_recording(self, recording_id: str) -> RecordingSession:
-        result: RecordingSession = await self._call(
-            self._supervisor.pause_recording.remote(recording_id)
-        )
-        return result
+        return await self._supervisor.call(Supervisor.pause_recording, recording_id)
 
     async def resume_recording(self, recording_id: str) -> RecordingSession:
-        result: RecordingSession = await self._call(
-            self._supervisor.resume_recording.remote(recording_id)
-        )
-        return result
+        return await self._supervisor.call(Supervisor.resume_recording, recording_id)
 
     async def get_recording_status(self, recording_id: str) -> RecordingSession:
-        result: RecordingSession = await self._call(
-            self._supervisor.get_recording_status.remote(recording_id)
-        )
-        return result
+        return await self._supervisor.call(Supervisor.get_recording_status, recording_id)
 
     async def schedule_recording(
         self, session_id: str, config: RecordingConfig, *, start_at: float, duration_s: float
     ) -> str:
         """Record from ``start_at`` (wall-clock seconds) for ``duration_s``; returns its id."""
-        result: str = await self._call(
-            self._supervisor.schedule_recording.remote(session_id, config, start_at, duration_s)
+        return await self._supervisor.call(
+            Supervisor.schedule_recording, session_id, config, start_at, duration_s
         )
-        return result
 
     async def recording_status(self, session_id: str) -> RecordingSession | None:
-        status: RecordingSession | None = await self._call(
-            self._supervisor.recording_status.remote(session_id)
-        )
-        return status
+        return await self._supervisor.call(Supervisor.recording_status, session_id)

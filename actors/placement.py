@@ -9,10 +9,12 @@ machine at two actors.  The encoder, the one CPU-heavy stage, reserves a fractio
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from actors.handles import Handle
 
 NAMESPACE = "kizuna"
 
@@ -26,25 +28,29 @@ CPU_RESERVATION: dict[str, float] = {
 }
 
 
+H = TypeVar("H", bound=Handle[Any])
+
+
 def spawn(
-    cls: type,
+    handle: type[H],
     *,
-    kind: str,
     name: str,
     node_id: str,
     args: tuple[Any, ...] = (),
     options: dict[str, Any] | None = None,
-) -> Any:
-    """Start ``cls`` as an actor on ``node_id``; it dies with its owner (the supervisor)."""
-    return (
-        ray.remote(cls)
+) -> H:
+    """Start ``handle``'s actor class on ``node_id`` and return the typed handle on it; the
+    actor dies with its owner (the supervisor)."""
+    actor = (
+        ray.remote(handle.actor_class)
         .options(
             name=name,
             namespace=NAMESPACE,
-            num_cpus=CPU_RESERVATION[kind],
+            num_cpus=CPU_RESERVATION[handle.kind],
             max_restarts=0,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
             **(options or {}),
         )
         .remote(*args)
     )
+    return handle(actor)

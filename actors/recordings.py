@@ -16,13 +16,12 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import msgspec
 import ray
 
+from actors.handles import EncoderHandle, RecorderHandle
 from actors.placement import spawn
-from actors.stages.recorder import RecorderActor
 from shared.errors import PermissionError, StreamNotFoundError
 from shared.models import (
     RecordingConfig,
@@ -47,7 +46,7 @@ class StreamContext:
     node_id: str
     quality: StreamQuality
     ring_names: dict[str, str]
-    encoder: Any
+    encoder: EncoderHandle
 
 
 @dataclass
@@ -55,7 +54,8 @@ class _Recording:
     recording_id: str
     stream: StreamContext
     config: RecordingConfig
-    handle: Any = None
+    #: Set by ``Recordings._spawn`` before the recording is registered.
+    handle: RecorderHandle = field(init=False)
     pid: int = 0
     segment: int = 0
     restarts: int = 0
@@ -66,8 +66,7 @@ class _Recording:
 
 
 class Recordings:
-    def __init__(self, call: Any) -> None:
-        self._call = call
+    def __init__(self) -> None:
         self._recordings: dict[str, _Recording] = {}
         self._schedule = RecordingSchedule()
         self._timer: asyncio.Task[None] | None = None
@@ -116,15 +115,14 @@ class Recordings:
         )
         await self._spawn(recording)
         self._recordings[recording.recording_id] = recording
-        status: RecordingSession = await self._call(recording.handle.status.remote())
+        status = await recording.handle.status()
         recording.last = status
         return status
 
     async def _spawn(self, recording: _Recording) -> None:
         stream = recording.stream
         handle = spawn(
-            RecorderActor,
-            kind="recorder",
+            RecorderHandle,
             name=f"kz-{stream.session_id}-{recording.recording_id.rsplit('-', 1)[-1]}-{recording.restarts}",
             node_id=stream.node_id,
             args=(
@@ -140,40 +138,40 @@ class Recordings:
             ),
         )
         try:
-            recording.pid = await self._call(handle.open.remote())
+            recording.pid = await handle.open()
         except BaseException:
-            ray.kill(handle, no_restart=True)
+            handle.kill()
             raise
         recording.handle = handle
-        await self._call(stream.encoder.subscribe.remote(recording.recording_id, handle))
+        await stream.encoder.subscribe(recording.recording_id, handle)
 
     async def stop(self, recording_id: str) -> RecordingSession:
         recording = self._get(recording_id)
         del self._recordings[recording_id]
         try:
-            await self._call(recording.stream.encoder.unsubscribe.remote(recording_id))
+            await recording.stream.encoder.unsubscribe(recording_id)
         except Exception as exc:  # the encoder may already be gone when the stream stops
             logger.debug("unsubscribe %s: %s", recording_id, exc)
         try:
-            final: RecordingSession = await self._call(recording.handle.stop.remote())
+            final = await recording.handle.stop()
         finally:
-            ray.kill(recording.handle, no_restart=True)
+            recording.handle.kill()
         final.segments = recording.segments + final.segments
         return final
 
     async def pause(self, recording_id: str) -> RecordingSession:
-        result: RecordingSession = await self._call(self._get(recording_id).handle.pause.remote())
+        result = await self._get(recording_id).handle.pause()
         return result
 
     async def resume(self, recording_id: str) -> RecordingSession:
-        result: RecordingSession = await self._call(self._get(recording_id).handle.resume.remote())
+        result = await self._get(recording_id).handle.resume()
         return result
 
     async def status(self, recording_id: str) -> RecordingSession:
         """The recording's status; while a dead recorder awaits its restart, the last known one."""
         recording = self._get(recording_id)
         try:
-            result: RecordingSession = await self._call(recording.handle.status.remote())
+            result = await recording.handle.status()
         except ray.exceptions.RayActorError:
             if recording.last is None:
                 raise
@@ -244,7 +242,7 @@ class Recordings:
         """One health round: note each recording's progress and restart dead recorders."""
         for recording in list(self._recordings.values()):
             try:
-                recording.last = await self._call(recording.handle.status.remote())
+                recording.last = await recording.handle.status()
             except ray.exceptions.RayActorError:
                 await self._restart(recording)
 

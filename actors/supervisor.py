@@ -8,39 +8,47 @@ if it dies Ray kills them too; segments a crash leaves behind are swept at the n
 
 A health loop polls each stream's capture and encoder once a second; a dead actor or a stage
 that reported a failure moves the stream to the Error state with the reason.
+
+The supervisor does the I/O; the decisions are pure code in ``shared.control``: the stream's
+state changes only through its ``StreamLifecycle`` (the state table in ``session``), which
+also says what each state allows; ``stream_type`` and ``ports`` decide what a request may do,
+``stats`` folds the stages' reports into the stream's figures.  The actors are reached through
+the typed handles of ``actors.handles``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 import ray
 
+from actors.calls import unwrap
+from actors.handles import CaptureHandle, EncoderHandle, Handle, QualityHandle, SenderHandle
 from actors.placement import spawn
 from actors.recordings import Recordings, StreamContext
-from actors.stages.capture import CaptureActor
-from actors.stages.encoder import EncoderActor, encoder_actor_options, ladder_ring_names
-from actors.stages.quality import QualityActor
-from actors.stages.sender import SenderActor
+from actors.stages.encoder import encoder_actor_options, ladder_ring_names
+from shared.control.ports import ListenPorts
 from shared.control.resources import ResourceMonitor, ResourceSnapshot, StreamLoad
 from shared.control.scheduler import NodeInfo, StreamScheduler
-from shared.errors import (
-    ConfigError,
-    KizunaError,
-    NetworkError,
-    PermissionError,
-    StreamNotFoundError,
+from shared.control.session import StreamEvent, StreamLifecycle, StreamOperation
+from shared.control.stats import stage_failure, stream_stats, viewer_connection
+from shared.control.stream_type import (
+    stream_config_with_screen_audio,
+    stream_type_after_switch,
+    stream_type_of,
 )
+from shared.errors import ConfigError, KizunaError, PermissionError, StreamNotFoundError
 from shared.media.scaler import plan_ladder
 from shared.models import (
-    AudioConfig,
     ConnectionQuality,
     ErrorInfo,
     RecordingConfig,
@@ -56,7 +64,6 @@ from shared.models import (
     ViewerStatus,
     ViewerTicket,
     parse_source,
-    source_stream_type,
 )
 from shared.pool.shm import segment_name, sweep_stale_segments, unlink_segment
 from shared.roq.tls import TlsIdentity, generate_self_signed, load_identity
@@ -64,32 +71,69 @@ from shared.roq.tls import TlsIdentity, generate_self_signed, load_identity
 logger = logging.getLogger(__name__)
 
 HEALTH_INTERVAL_S = 1.0
-CALL_TIMEOUT_S = 10.0
 
 
-def unwrap(exc: BaseException) -> BaseException:
-    """The original error inside a Ray task error, so callers see ``CaptureError: ...``
-    rather than a remote traceback."""
-    cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, BaseException) else exc
+def sender_role(viewer_id: str) -> str:
+    """The name a viewer's sender has among the stream's actors and encoder subscribers."""
+    return f"sender-{viewer_id}"
 
 
-async def call(ref: Any, timeout: float = CALL_TIMEOUT_S) -> Any:
+async def attempt(step: Callable[[], Awaitable[object]], what: str, context: str) -> None:
+    """Run one cleanup step; a failure is logged (with what was being done) and not raised,
+    so the steps after it still run."""
     try:
-        return await asyncio.wait_for(ref, timeout)
-    except ray.exceptions.RayTaskError as exc:
-        raise unwrap(exc) from None
+        await step()
+    except Exception as exc:
+        logger.warning("%s: could not %s: %s", context, what, unwrap(exc))
+
+
+async def detach_viewer(
+    viewer_id: str,
+    sender: SenderHandle,
+    *,
+    encoder: EncoderHandle | None,
+    quality: QualityHandle | None,
+    context: str,
+) -> None:
+    """Take a viewer's sender out of the stream: unsubscribe it from the encoder, take it out of
+    quality control, stop it and kill it.
+
+    Each step is attempted whatever became of the one before, and a failure is logged: an
+    encoder that died must neither leave the quality actor polling a sender that is going away
+    nor leave the sender running with its port open.
+    """
+    role = sender_role(viewer_id)
+    if encoder is not None:
+        await attempt(
+            functools.partial(encoder.unsubscribe, role),
+            f"unsubscribe {role} from the encoder",
+            context,
+        )
+    if quality is not None:
+        await attempt(
+            functools.partial(quality.remove_sender, viewer_id),
+            f"remove {role} from quality control",
+            context,
+        )
+    await attempt(sender.stop, f"stop {role}", context)
+    try:
+        sender.kill()
+    except Exception as exc:
+        logger.warning("%s: could not kill %s: %s", context, role, exc)
 
 
 @dataclass
 class _Viewer:
-    handle: Any
+    sender: SenderHandle
     status: ViewerStatus
+    #: The fixed port its sender listens on (0: any free port).
+    port: int
 
 
 @dataclass
 class _Stream:
     session: StreamSession
+    lifecycle: StreamLifecycle
     config: StreamConfig
     node_id: str
     segments: list[str]
@@ -97,26 +141,38 @@ class _Stream:
     #: address) presents the fingerprint in the stream's URL.
     identity: TlsIdentity
     screen: ScreenConfig | None = None
-    #: Fixed ports this stream's senders listen on (shards share one with SO_REUSEPORT).
-    ports: set[int] = field(default_factory=set)
-    actors: dict[str, Any] = field(default_factory=dict)
+    capture: CaptureHandle | None = None
+    #: None for an audio-only stream, as is ``quality``.
+    encoder: EncoderHandle | None = None
+    quality: QualityHandle | None = None
+    #: Every sender by viewer id from its spawn on (a viewer joins ``viewers`` once its sender
+    #: is subscribed), so that a stop coming meanwhile still stops and kills it.
+    senders: dict[str, SenderHandle] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
     viewers: dict[str, _Viewer] = field(default_factory=dict)
     #: The recording StreamConfig.record asked for, if any (others are started by API).
     primary_recording: str | None = None
     context: StreamContext | None = None
     started: float = field(default_factory=time.monotonic)
-    stop_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: Held while the stream starts and while it stops: a stop waits for the start to finish.
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def handles(self) -> list[Handle[Any]]:
+        stages: list[Handle[Any]] = [
+            h for h in (self.capture, self.quality, self.encoder) if h is not None
+        ]
+        return stages + list(self.senders.values())
 
 
 class Supervisor:
     def __init__(self, max_streams: int = 16) -> None:
         self._streams: dict[str, _Stream] = {}
         self._scheduler = StreamScheduler(max_streams=max_streams)
+        self._ports = ListenPorts()
         self._monitor = ResourceMonitor()
         self._node_id = ray.get_runtime_context().get_node_id()
         self._health: asyncio.Task[None] | None = None
-        self._recordings = Recordings(call)
+        self._recordings = Recordings()
         removed = sweep_stale_segments()
         if removed:
             logger.warning(
@@ -136,19 +192,11 @@ class Supervisor:
         stream_type: StreamType | None = None,
         screen: ScreenConfig | None = None,
     ) -> StreamSession:
+        """Start a stream; ``stream_type`` matters only as AUDIO (audio only): otherwise the
+        source and ``config.audio`` say what the stream is (``shared.control.stream_type``)."""
+        config = stream_config_with_screen_audio(config, screen)
+        stream_type = stream_type_of(config, audio_only=stream_type is StreamType.AUDIO)
         source = parse_source(config.source)
-        if screen is not None and screen.capture_audio and config.audio is None:
-            config = msgspec.structs.replace(config, audio=AudioConfig())
-        if stream_type is None or (
-            config.audio is not None and stream_type is not StreamType.AUDIO
-        ):
-            stream_type = StreamType.COMBINED if config.audio else source_stream_type(source)
-        if stream_type is StreamType.AUDIO and config.audio is None:
-            raise ConfigError("an audio stream needs StreamConfig.audio")
-        if stream_type is StreamType.AUDIO and config.record is not None:
-            raise ConfigError(
-                "recording an audio-only stream is not supported yet; record a combined stream"
-            )
         session_id = uuid.uuid4().hex[:10]
         nodes = [
             NodeInfo(
@@ -169,17 +217,19 @@ class Supervisor:
         ring_names = ladder_ring_names(session_id, ladder.rungs)
         ring_name = ring_names[0]
         audio_ring = segment_name(session_id, "audio") if config.audio else None
+        session = StreamSession(
+            session_id=session_id,
+            stream_type=stream_type,
+            source=source,
+            viewers=[],
+            quality=config.quality,
+            state=StreamState.STARTING,
+            stats=StreamStats(),
+            created_at=time.time(),
+        )
         stream = _Stream(
-            session=StreamSession(
-                session_id=session_id,
-                stream_type=stream_type,
-                source=source,
-                viewers=[],
-                quality=config.quality,
-                state=StreamState.STARTING,
-                stats=StreamStats(),
-                created_at=time.time(),
-            ),
+            session=session,
+            lifecycle=StreamLifecycle(session),
             config=config,
             node_id=node_id,
             segments=[pool_name, *ring_names] + ([audio_ring] if audio_ring else []),
@@ -187,13 +237,16 @@ class Supervisor:
             screen=screen,
         )
         self._streams[session_id] = stream
-        try:
-            await self._start_actors(stream, pool_name, ring_name)
-        except BaseException as exc:
-            await self._teardown(stream)
-            self._streams.pop(session_id, None)
-            raise unwrap(exc) from None
-        stream.session.state = StreamState.ACTIVE
+        async with stream.lock:
+            try:
+                await self._start_actors(stream, pool_name, ring_name)
+            except BaseException as exc:
+                error = unwrap(exc)
+                self._fail(stream, error)
+                await self._teardown(stream)
+                self._streams.pop(session_id, None)
+                raise error from None
+            stream.lifecycle.handle(StreamEvent.STARTED)
         logger.info("stream %s active on node %s", session_id, node_id)
         return stream.session
 
@@ -207,9 +260,8 @@ class Supervisor:
         # Capture opens every source before it creates the frame pool and the audio ring, so
         # a bad source fails here, before anything else exists; the encoder and the senders
         # attach to what it created, so it goes first.
-        capture = stream.actors["capture"] = spawn(
-            CaptureActor,
-            kind="capture",
+        capture = stream.capture = spawn(
+            CaptureHandle,
             name=name("capture"),
             node_id=node,
             args=(
@@ -225,13 +277,12 @@ class Supervisor:
                 video,
             ),
         )
-        stream.pids["capture"] = await call(capture.open.remote())
+        stream.pids["capture"] = await capture.open()
         if not video:
-            await call(capture.start.remote(None))
+            await capture.start(None)
             return
-        encoder = stream.actors["encoder"] = spawn(
-            EncoderActor,
-            kind="encoder",
+        encoder = stream.encoder = spawn(
+            EncoderHandle,
             name=name("encoder"),
             node_id=node,
             args=(
@@ -248,8 +299,8 @@ class Supervisor:
                 config.quality.hardware_acceleration, node_gpus=_node_gpus(node)
             ),
         )
-        stream.pids["encoder"] = await call(encoder.open.remote())
-        rung_rings = await call(encoder.rung_names.remote())
+        stream.pids["encoder"] = await encoder.open()
+        rung_rings = await encoder.rung_names()
         stream.context = StreamContext(
             session_id=sid,
             node_id=node,
@@ -262,43 +313,47 @@ class Supervisor:
         if config.record is not None:
             started = await self._recordings.start(stream.context, config.record)
             stream.primary_recording = started.session_id
-        quality = stream.actors["quality"] = spawn(
-            QualityActor,
-            kind="quality",
+        quality = stream.quality = spawn(
+            QualityHandle,
             name=name("quality"),
             node_id=node,
             args=(sid, encoder, config.quality.bitrate),
         )
-        await call(quality.start.remote())
-        await call(capture.start.remote(encoder))
+        await quality.start()
+        await capture.start(encoder)
 
     async def stop_stream(self, session_id: str) -> StreamSession | None:
-        """Stop a stream; stopping one that is already stopped (or unknown) does nothing."""
+        """Stop a stream; stopping one that is already stopped (or unknown) does nothing.
+        A stream still starting is stopped once it has started."""
         stream = self._streams.get(session_id)
         if stream is None:
             return None
-        async with stream.stop_lock:
+        async with stream.lock:
             if session_id not in self._streams:
-                return None
-            stream.session.state = StreamState.STOPPING
+                return None  # stopped meanwhile, or its start failed
             await self._refresh_stats(stream)
+            stream.lifecycle.handle(StreamEvent.STOP)
             await self._teardown(stream)
             self._streams.pop(session_id, None)
-        stream.session.state = (
-            StreamState.STOPPED if stream.session.error is None else StreamState.ERROR
-        )
+            stream.lifecycle.handle(StreamEvent.STOPPED)
         return stream.session
 
     async def _teardown(self, stream: _Stream) -> None:
-        """Stop every actor (best effort, in pipeline order), kill them, remove shared memory."""
-        actors = stream.actors
-        for role in ("capture", "quality", "encoder"):
-            if role in actors:
-                await self._stop_actor(stream, role)
-        for viewer_id in list(stream.viewers):
-            await self._stop_actor(stream, f"sender-{viewer_id}")
-        self._recordings.cancel_stream(stream.session.session_id)
-        for recording_id in self._recordings.of_stream(stream.session.session_id):
+        """Stop every actor (each attempted, in pipeline order), kill them, remove shared
+        memory."""
+        sid = stream.session.session_id
+        context = f"stream {sid}"
+        for role, stage in (
+            ("capture", stream.capture),
+            ("quality", stream.quality),
+            ("encoder", stream.encoder),
+        ):
+            if stage is not None:
+                await attempt(stage.stop, f"stop the {role}", context)
+        for viewer_id, sender in list(stream.senders.items()):
+            await attempt(sender.stop, f"stop {sender_role(viewer_id)}", context)
+        self._recordings.cancel_stream(sid)
+        for recording_id in self._recordings.of_stream(sid):
             try:
                 final = await self._recordings.stop(recording_id)
             except Exception as exc:
@@ -306,38 +361,29 @@ class Supervisor:
                 continue
             if recording_id == stream.primary_recording:
                 stream.session.recording = final
-        for handle in actors.values():
+        for handle in stream.handles():
             with contextlib.suppress(Exception):
-                ray.kill(handle, no_restart=True)
-        actors.clear()
+                handle.kill()
+        stream.capture = stream.encoder = stream.quality = None
+        stream.senders.clear()
         # Actors unlink what they created on a clean stop; this covers the ones that crashed.
         for name in stream.segments:
             unlink_segment(name)
-        self._scheduler.release(stream.session.session_id)
-
-    async def _stop_actor(self, stream: _Stream, role: str) -> None:
-        handle = stream.actors.get(role)
-        if handle is None:
-            return
-        try:
-            await call(handle.stop.remote())
-        except Exception as exc:
-            logger.warning(
-                "%s of %s did not stop cleanly: %s", role, stream.session.session_id, exc
-            )
+        self._scheduler.release(sid)
+        self._ports.release_stream(sid)
 
     async def switch_source(self, session_id: str, source: str) -> StreamSession:
         """Switch a running stream to another source; viewers stay connected (the capture
         actor opens the new source first, swaps it in at the next frame and asks for a
         keyframe)."""
         stream = self._get(session_id)
-        if stream.session.stream_type is StreamType.AUDIO:
-            raise ConfigError("an audio-only stream has no video source to switch")
-        parse_source(source)  # a ConfigError here, before any actor is asked
-        info = await call(stream.actors["capture"].switch_source.remote(source))
+        stream.lifecycle.check(StreamOperation.SWITCH_SOURCE)
+        # ConfigErrors here, before any actor is asked.
+        stream_type_after_switch(stream.session.stream_type, parse_source(source))
+        assert stream.capture is not None  # every stage is up in a state that allows this
+        info = await stream.capture.switch_source(source)
         stream.session.source = info.spec
-        if stream.session.stream_type is not StreamType.COMBINED:
-            stream.session.stream_type = source_stream_type(info.spec)
+        stream.session.stream_type = stream_type_after_switch(stream.session.stream_type, info.spec)
         return stream.session
 
     async def adjust_quality(self, session_id: str, quality: StreamQuality) -> StreamSession:
@@ -345,12 +391,13 @@ class Supervisor:
         at an IDR with continuous timestamps (the encoder reopens and scales the pool's
         frames); viewers stay connected."""
         stream = self._get(session_id)
-        if "encoder" not in stream.actors:
+        stream.lifecycle.check(StreamOperation.ADJUST_QUALITY)
+        if stream.encoder is None or stream.quality is None:
             raise ConfigError("an audio-only stream has no video quality to adjust")
         # The encoder first, so a raised ceiling reopens it once before the quality actor
         # retargets the rate.
-        applied: StreamQuality = await call(stream.actors["encoder"].configure.remote(quality))
-        await call(stream.actors["quality"].set_ceiling.remote(applied.bitrate))
+        applied = await stream.encoder.configure(quality)
+        await stream.quality.set_ceiling(applied.bitrate)
         stream.session.quality = applied
         return stream.session
 
@@ -378,42 +425,40 @@ class Supervisor:
         stream = self._get(session_id)
         if not permissions.can_view:
             raise PermissionError(f"peer {peer_id!r} is not allowed to view")
-        if port:
-            # Another stream's shards on this port would share its SO_REUSEPORT group, and the
-            # kernel would hand each stream's viewers to the other's senders.
-            for other in self._streams.values():
-                if other is not stream and port in other.ports:
-                    raise NetworkError(
-                        f"port {port} is already serving stream {other.session.session_id}"
-                    )
+        stream.lifecycle.check(StreamOperation.ADD_VIEWER)
+        self._ports.reserve(session_id, port)
         viewer_id = uuid.uuid4().hex[:8]
-        role = f"sender-{viewer_id}"
-        handle = stream.actors[role] = spawn(
-            SenderActor,
-            kind="sender",
+        role = sender_role(viewer_id)
+        sender = stream.senders[viewer_id] = spawn(
+            SenderHandle,
             name=f"kz-{session_id}-{role}",
             node_id=stream.node_id,
-            args=(
-                session_id,
-                viewer_id,
-                segment_name(session_id, "video"),
-                stream.actors.get("encoder"),
-            ),
+            args=(session_id, viewer_id, segment_name(session_id, "video"), stream.encoder),
         )
         try:
-            url = await call(handle.open.remote(stream.config.listen_host, port, stream.identity))
+            url = await sender.open(stream.config.listen_host, port, stream.identity)
+            stream.pids[role] = (await sender.stats()).pid
+            if stream.encoder is not None:
+                await stream.encoder.subscribe(role, sender)
+            if stream.quality is not None:
+                await stream.quality.add_sender(viewer_id, sender)
+            # The stream may have begun stopping (or failed) while the sender opened.
+            stream.lifecycle.check(StreamOperation.ADD_VIEWER)
         except BaseException:
-            stream.actors.pop(role, None)
-            ray.kill(handle, no_restart=True)
+            stream.senders.pop(viewer_id, None)
+            stream.pids.pop(role, None)
+            self._ports.release(session_id, port)
+            await detach_viewer(
+                viewer_id,
+                sender,
+                encoder=stream.encoder,
+                quality=stream.quality,
+                context=f"stream {session_id}",
+            )
             raise
-        stream.pids[role] = (await call(handle.stats.remote())).pid
-        if port:
-            stream.ports.add(port)
-        if "encoder" in stream.actors:
-            await call(stream.actors["encoder"].subscribe.remote(role, handle))
-            await call(stream.actors["quality"].add_sender.remote(viewer_id, handle))
         stream.viewers[viewer_id] = _Viewer(
-            handle=handle,
+            sender=sender,
+            port=port,
             status=ViewerStatus(
                 viewer_id=viewer_id,
                 peer_id=peer_id,
@@ -430,18 +475,24 @@ class Supervisor:
         return ViewerTicket(viewer_id=viewer_id, session_id=session_id, url=url)
 
     async def remove_viewer(self, session_id: str, viewer_id: str) -> None:
+        """Remove a viewer (removing one that is gone does nothing); its sender is stopped and
+        killed even where unsubscribing it fails."""
         stream = self._get(session_id)
+        stream.lifecycle.check(StreamOperation.REMOVE_VIEWER)
         viewer = stream.viewers.pop(viewer_id, None)
         if viewer is None:
             return
-        role = f"sender-{viewer_id}"
-        with contextlib.suppress(Exception):
-            await call(stream.actors["encoder"].unsubscribe.remote(role))
-            await call(stream.actors["quality"].remove_sender.remote(viewer_id))
-        await self._stop_actor(stream, role)
-        ray.kill(stream.actors.pop(role), no_restart=True)
-        stream.pids.pop(role, None)
+        stream.senders.pop(viewer_id, None)
+        stream.pids.pop(sender_role(viewer_id), None)
         stream.session.viewers.remove(viewer_id)
+        self._ports.release(session_id, viewer.port)
+        await detach_viewer(
+            viewer_id,
+            viewer.sender,
+            encoder=stream.encoder,
+            quality=stream.quality,
+            context=f"stream {session_id}",
+        )
 
     async def get_viewer_status(self, session_id: str) -> list[ViewerStatus]:
         stream = self._get(session_id)
@@ -458,10 +509,10 @@ class Supervisor:
         } | self._recordings.pids()
         loads = []
         for sid, stream in list(self._streams.items()):
-            if "capture" not in stream.actors:
+            if stream.capture is None:
                 continue
             try:
-                capture = await call(stream.actors["capture"].stats.remote())
+                capture = await stream.capture.stats()
             except Exception:  # a stream stopping meanwhile; its processes show as gone
                 continue
             loads.append(
@@ -495,7 +546,9 @@ class Supervisor:
             if viewer is None:
                 raise StreamNotFoundError(f"stream {session_id!r} has no viewer {viewer_id!r}")
             permissions = viewer.status.permissions
-        assert stream.context is not None
+        stream.lifecycle.check(StreamOperation.RECORD)
+        if stream.context is None:
+            raise ConfigError("recording an audio-only stream is not supported yet")
         return await self._recordings.start(stream.context, config, permissions=permissions)
 
     async def stop_recording(self, recording_id: str) -> RecordingSession:
@@ -514,73 +567,55 @@ class Supervisor:
         self, session_id: str, config: RecordingConfig, start_at: float, duration_s: float
     ) -> str:
         stream = self._get(session_id)
-        assert stream.context is not None
+        stream.lifecycle.check(StreamOperation.RECORD)
+        if stream.context is None:
+            raise ConfigError("recording an audio-only stream is not supported yet")
         return self._recordings.schedule(
             stream.context, config, start_at=start_at, duration_s=duration_s
         )
 
     async def _refresh_stats(self, stream: _Stream) -> None:
-        actors = stream.actors
-        if "encoder" not in actors or "capture" not in actors:
-            return
+        """Poll the stream's stages and fold their reports into its session (running streams
+        only: ``StreamLifecycle.running``)."""
+        capture, encoder, quality = stream.capture, stream.encoder, stream.quality
+        if not stream.lifecycle.running or capture is None or encoder is None or quality is None:
+            return  # also an audio-only stream: it has no encoder to report frames
+        viewers = list(stream.viewers.values())
         try:
-            capture, encoder = await asyncio.gather(
-                call(actors["capture"].stats.remote()), call(actors["encoder"].stats.remote())
-            )
-            senders = await asyncio.gather(
-                *(call(v.handle.stats.remote()) for v in stream.viewers.values())
-            )
-            quality = await call(actors["quality"].connection_quality.remote())
+            capture_stats, encoder_stats = await asyncio.gather(capture.stats(), encoder.stats())
+            senders = await asyncio.gather(*(viewer.sender.stats() for viewer in viewers))
+            classified = await quality.connection_quality()
         except (ray.exceptions.RayActorError, TimeoutError, KizunaError) as exc:
-            self._fail(stream, exc)
+            # A stop that began meanwhile kills the actors: that is no failure of the stream.
+            if stream.lifecycle.running:
+                self._fail(stream, exc)
             return
-        for failed in (capture.error, encoder.error, *(s.error for s in senders)):
-            if failed:
-                self._fail(stream, RuntimeError(failed))
-        bytes_sent = sum(s.bytes_sent for s in senders)
-        peers = [p for s in senders for p in s.peers]
-        peer_dropped = sum(p.frames_dropped for p in peers)
-        rtts = [p.rtt_ms for p in peers]
-        elapsed = max(time.monotonic() - stream.started, 1e-3)
-        # frames_decoded is only known at the viewers (Viewer.stream_stats()); everything else
-        # comes from the stages and from what viewers report back (RTCP RR, transport feedback).
-        stream.session.stats = StreamStats(
-            bytes_sent=bytes_sent,
-            bytes_received=sum(p.bytes_received for p in peers),
-            frames_encoded=encoder.frames_encoded,
-            frames_dropped=capture.frames_skipped + encoder.frames_dropped + peer_dropped,
-            current_bitrate=encoder.bitrate,
-            average_bitrate=int(bytes_sent * 8 / elapsed / max(len(senders), 1)),
-            # One-way latency as half the RTT: RTCP's LSR/DLSR RTT when known, else QUIC's.
-            latency_ms=int(max(rtts, default=0.0) / 2),
-            jitter_ms=int(max((p.jitter_ms for p in peers), default=0.0)),
-            packet_loss_rate=max((p.loss for p in peers), default=0.0),
-            last_updated=time.time(),
-            encoder_fps=encoder.average_fps,
-            hardware_fallbacks=encoder.hardware_fallbacks,
+        failure = stage_failure(capture_stats, encoder_stats, senders)
+        if failure is not None:
+            self._fail(stream, RuntimeError(failure))
+        stream.session.stats = stream_stats(
+            capture_stats,
+            encoder_stats,
+            senders,
+            elapsed_s=time.monotonic() - stream.started,
+            wall_now=time.time(),
         )
         for sender in senders:
             viewer = stream.viewers.get(sender.viewer_id)
             if viewer is not None:
                 viewer.status.bytes_sent = sender.bytes_sent
-                viewer.status.connection_quality = quality.get(
-                    sender.viewer_id, ConnectionQuality.DISCONNECTED
-                )
-                if not sender.peers:
-                    viewer.status.connection_quality = ConnectionQuality.DISCONNECTED
+                viewer.status.connection_quality = viewer_connection(sender, classified)
 
     def _fail(self, stream: _Stream, exc: BaseException) -> None:
-        if stream.session.error is None:
-            exc = unwrap(exc)
+        exc = unwrap(exc)
+        if stream.lifecycle.fail(ErrorInfo(kind=type(exc).__name__, message=str(exc))):
             logger.error("stream %s failed: %s", stream.session.session_id, exc)
-            stream.session.error = ErrorInfo(kind=type(exc).__name__, message=str(exc))
-            stream.session.state = StreamState.ERROR
 
     async def _health_loop(self) -> None:
         while True:
             await asyncio.sleep(HEALTH_INTERVAL_S)
             for stream in list(self._streams.values()):
-                if stream.session.state is StreamState.ACTIVE:
+                if stream.lifecycle.state is StreamState.ACTIVE:
                     await self._refresh_stats(stream)
             try:
                 await self._recordings.check()

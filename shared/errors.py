@@ -24,6 +24,7 @@ __all__ = [
     "RecordingError",
     "ResourceError",
     "StreamNotFoundError",
+    "StreamStateError",
 ]
 
 
@@ -65,3 +66,8 @@ class RecordingError(KizunaError):
 
 class StreamNotFoundError(KizunaError, LookupError):
     """No active stream (or viewer, or recording) has the given id."""
+
+
+class StreamStateError(KizunaError, RuntimeError):
+    """The stream's state does not allow what was asked (a viewer added to a stream that is
+    stopping, or failed), or a state change the stream's state table does not have."""

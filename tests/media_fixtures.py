@@ -30,6 +30,7 @@ import av
 import numpy as np
 import pytest
 
+from actors.handles import EncoderHandle
 from shared.capture.testpattern import TestPattern
 from tests.conftest import require_tool
 
@@ -419,16 +420,23 @@ class _Remote:
         self.remote = function
 
 
-class FakeEncoder:
-    """What the capture actor calls on its encoder, recorded."""
+class _RecordingEncoderActor:
+    """Stands in for the encoder actor behind a real EncoderHandle, recording its calls."""
+
+    def __init__(self, outer: FakeEncoder) -> None:
+        self.frame_ready = _Remote(outer.sequences.append)
+        self.request_keyframe = _Remote(outer.record_keyframe_request)
+
+
+class FakeEncoder(EncoderHandle):
+    """An encoder handle whose actor records what the capture actor calls on it."""
 
     def __init__(self) -> None:
         self.sequences: list[int] = []
         self.keyframe_requests = 0
-        self.frame_ready = _Remote(self.sequences.append)
-        self.request_keyframe = _Remote(self._keyframe)
+        super().__init__(_RecordingEncoderActor(self))
 
-    def _keyframe(self, rung: int | None = 0) -> None:
+    def record_keyframe_request(self, rung: int | None = 0) -> None:
         self.keyframe_requests += 1
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from actors.handles import EncoderHandle, SenderHandle
 from actors.stages.capture import CaptureActor
 from actors.stages.encoder import EncoderActor
 from actors.stages.sender import SenderActor
@@ -49,13 +50,13 @@ async def broadcast(source: StreamSource, audio: AudioConfig) -> AsyncIterator[V
     pool, video, sound = (segment_name(session, role) for role in ("frames", "video", "audio"))
     capture = CaptureActor(session, source, QUALITY, pool, 4, audio=audio, audio_ring_name=sound)
     encoder = EncoderActor(session, QUALITY, 1.0, pool, video)
-    sender = SenderActor(session, "viewer-1", video, LocalHandle(encoder), sound)
+    sender = SenderActor(session, "viewer-1", video, EncoderHandle(LocalHandle(encoder)), sound)
     await capture.open()  # the audio ring exists before the sender attaches to it
     await encoder.open()
     try:
         url = await sender.open("127.0.0.1", 0)
-        encoder.subscribe("sender", LocalHandle(sender))
-        await capture.start(LocalHandle(encoder))
+        encoder.subscribe("sender", SenderHandle(LocalHandle(sender)))
+        await capture.start(EncoderHandle(LocalHandle(encoder)))
         viewer = await Viewer.connect(url, reconnect=False)
         try:
             yield viewer

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import pytest
 import ray
 
+from actors.handles import PacketSubscriber
 from actors.placement import NAMESPACE
 from actors.stages.encoder import EncoderActor, EncoderStats, ladder_ring_names
 from shared.capture.testpattern import TestPattern
@@ -186,7 +187,7 @@ def test_a_ladder_writes_each_rung_to_its_own_ring_and_notifies_per_rung(ray_clu
             rung: ray.remote(Collector).options(num_cpus=0).remote() for rung in (0, 1, None)
         }
         for rung, collector in collectors.items():
-            ray.get(actor.subscribe.remote(f"c{rung}", collector, rung))
+            ray.get(actor.subscribe.remote(f"c{rung}", PacketSubscriber[Any](collector), rung))
         rings = readers(actor)
         cap.feed(60)
         final = settle(actor, 60, 30)  # rung 1 at 15 fps: every other frame, by timestamp

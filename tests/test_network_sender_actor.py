@@ -14,6 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from actors.handles import EncoderHandle
 from actors.stages.sender import SenderActor, SenderStats
 from shared.capture.testpattern import TestPattern
 from shared.media.codec import EncoderConfig, H264Encoder
@@ -52,7 +53,7 @@ class FakeEncoderHandle:
         outer = self
 
         class _Method:
-            def remote(self) -> None:
+            def remote(self, rung: int | None = 0) -> None:
                 outer.requests += 1
                 encoder.request_keyframe()
 
@@ -79,7 +80,9 @@ def test_shards_share_a_port_and_serve_every_viewer() -> None:
         handle = FakeEncoderHandle(encoder)
         identity = generate_self_signed("127.0.0.1")
         port = free_port()
-        shards = [SenderActor(session, f"shard-{i}", video.name, handle) for i in range(2)]
+        shards = [
+            SenderActor(session, f"shard-{i}", video.name, EncoderHandle(handle)) for i in range(2)
+        ]
         urls = [await shard.open("127.0.0.1", port, identity) for shard in shards]
         assert urls[0] == urls[1]  # one address, one certificate, one URL
         viewers = [await Viewer.connect(urls[0], reconnect=False) for _ in range(4)]
@@ -186,7 +189,7 @@ def test_the_audio_ring_is_attached_when_it_exists() -> None:
                 width=WIDTH, height=HEIGHT, framerate=FPS, bitrate=300_000, keyframe_interval=60
             )
         )
-        actor = SenderActor(session, "v", video.name, FakeEncoderHandle(encoder))
+        actor = SenderActor(session, "v", video.name, EncoderHandle(FakeEncoderHandle(encoder)))
         await actor.open("127.0.0.1", 0)
         tracks = (await actor.stats()).tracks
         await actor.stop()

@@ -25,7 +25,7 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
@@ -53,6 +53,9 @@ from shared.models import (
 )
 from shared.pool.frame_pool import FramePool, frame_bytes
 from shared.pool.packet_ring import PacketRing
+
+if TYPE_CHECKING:
+    from actors.handles import EncoderHandle
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +122,7 @@ class CaptureActor:
         self._pool: FramePool | None = None
         self._audio: AudioPipeline | None = None
         self._audio_ring: PacketRing | None = None
-        self._encoder: Any = None
+        self._encoder: EncoderHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pacer = FramePacer(quality.framerate, time.monotonic())
@@ -225,7 +228,7 @@ class CaptureActor:
 
     # --- running -----------------------------------------------------------------------------
 
-    async def start(self, encoder: Any = None) -> None:
+    async def start(self, encoder: EncoderHandle | None = None) -> None:
         """Start capturing; ``encoder`` (None for audio-only streams) hears of each frame."""
         self._encoder = encoder
         if self._video and self._source is not None:
@@ -267,7 +270,7 @@ class CaptureActor:
                 self._frames += 1
                 self._meter.add(time.monotonic())
                 if self._encoder is not None:
-                    self._encoder.frame_ready.remote(sequence)
+                    self._encoder.frame_ready(sequence)
 
     def _capture_one(self, source: FrameSource, frame_number: int, gate: FrameGate | None) -> int:
         """On the capture thread: grab, then write into the next pool slot; its sequence, or 0."""
@@ -305,7 +308,7 @@ class CaptureActor:
         if self._encoder is not None:
             # The viewers' decoders need a fresh reference picture of the new content now,
             # not at the end of the GOP; on every simulcast rung (None).
-            self._encoder.request_keyframe.remote(None)
+            self._encoder.request_keyframe(None)
         logger.info("capture %s switched to %s", self._session_id, new.info().description)
 
     async def switch_source(self, source: str | StreamSource) -> SourceInfo:

@@ -30,7 +30,7 @@ import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import numpy as np
@@ -45,6 +45,9 @@ from shared.models import QualityPreset, StreamQuality
 from shared.pool.frame_pool import FramePool, FramePoolReader
 from shared.pool.packet_ring import PacketRing
 from shared.pool.shm import segment_name
+
+if TYPE_CHECKING:
+    from actors.handles import PacketSubscriber
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +148,7 @@ class EncoderActor:
         self._ladder_encoder: LadderEncoder | None = None
         self._rings: list[PacketRing] = []
         #: name -> (handle, rung index, or None for every rung)
-        self._subscribers: dict[str, tuple[Any, int | None]] = {}
+        self._subscribers: dict[str, tuple[PacketSubscriber[Any], int | None]] = {}
         self._wakeup = asyncio.Event()
         #: Held across a frame's encode; control calls that change an encoder take it too.
         self._encoding = asyncio.Lock()
@@ -222,7 +225,7 @@ class EncoderActor:
 
     # --- subscribers and requests ----------------------------------------------------------
 
-    def subscribe(self, name: str, handle: Any, rung: int | None = 0) -> None:
+    def subscribe(self, name: str, handle: PacketSubscriber[Any], rung: int | None = 0) -> None:
         """Notify ``handle`` of new packets in ``rung``'s ring (None: every rung's)."""
         if rung is not None and not 0 <= rung < len(self._rings):
             raise ConfigError(f"stream {self._session_id} has no rung {rung}")
@@ -316,9 +319,9 @@ class EncoderActor:
     def _notify(self, index: int, sequence: int) -> None:
         for handle, rung in self._subscribers.values():
             if rung == index == 0:
-                handle.packets_ready.remote(sequence)  # the single-rung signature
+                handle.packets_ready(sequence)  # the single-rung signature
             elif rung is None or rung == index:
-                handle.packets_ready.remote(sequence, index)
+                handle.packets_ready(sequence, index)
 
     # --- stats ---------------------------------------------------------------------------------
 

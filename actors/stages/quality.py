@@ -10,10 +10,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 from shared.control.quality import QualityController, ViewerFeedback, classify_connection
 from shared.models import ConnectionQuality
+
+if TYPE_CHECKING:
+    from actors.handles import EncoderHandle, SenderHandle
 
 logger = logging.getLogger(__name__)
 
@@ -21,11 +24,11 @@ POLL_INTERVAL_S = 1.0
 
 
 class QualityActor:
-    def __init__(self, session_id: str, encoder: Any, ceiling_bitrate: int) -> None:
+    def __init__(self, session_id: str, encoder: EncoderHandle, ceiling_bitrate: int) -> None:
         self._session_id = session_id
         self._encoder = encoder
         self._controller = QualityController(ceiling_bitrate, now=time.monotonic())
-        self._senders: dict[str, Any] = {}
+        self._senders: dict[str, SenderHandle] = {}
         self._previous: dict[str, tuple[int, int]] = {}
         self._connection: dict[str, ConnectionQuality] = {}
         self._task: asyncio.Task[None] | None = None
@@ -34,7 +37,7 @@ class QualityActor:
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="quality")
 
-    def add_sender(self, viewer_id: str, handle: Any) -> None:
+    def add_sender(self, viewer_id: str, handle: SenderHandle) -> None:
         self._senders[viewer_id] = handle
 
     def remove_sender(self, viewer_id: str) -> None:
@@ -45,7 +48,7 @@ class QualityActor:
 
     async def set_ceiling(self, bitrate: int) -> None:
         self._controller.set_ceiling(bitrate)
-        await self._encoder.set_bitrate.remote(bitrate)
+        await self._encoder.set_bitrate(bitrate)
 
     def connection_quality(self) -> dict[str, ConnectionQuality]:
         return dict(self._connection)
@@ -62,7 +65,7 @@ class QualityActor:
     async def _poll(self) -> None:
         feedback = []
         for viewer_id, handle in list(self._senders.items()):
-            stats = await handle.stats.remote()
+            stats = await handle.stats()
             if not stats.peers:
                 continue
             sent = stats.frames_sent
@@ -87,7 +90,7 @@ class QualityActor:
         target = self._controller.update(feedback, now=time.monotonic())
         if target is not None:
             self.adjustments += 1
-            await self._encoder.set_bitrate.remote(target)
+            await self._encoder.set_bitrate(target)
 
     async def stop(self) -> None:
         if self._task is not None:

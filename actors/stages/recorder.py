@@ -23,7 +23,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shared.errors import RecordingError, ResourceError
 from shared.models import (
@@ -54,6 +54,9 @@ from shared.recording.muxer import AudioTrackInfo, StreamRecorder
 from shared.recording.policy import FileLimits, MotionDetector
 from shared.recording.storage import StorageManager, segment_path
 
+if TYPE_CHECKING:
+    from actors.handles import EncoderHandle
+
 logger = logging.getLogger(__name__)
 
 #: Audio has no notifications of its own; poll the rings at least this often.
@@ -68,7 +71,7 @@ class RecorderActor:
         config: RecordingConfig,
         quality: StreamQuality,
         ring_names: dict[str, str],
-        encoder: Any,
+        encoder: EncoderHandle,
         first_segment: int = 0,
         start_at: float | None = None,
         stop_at: float | None = None,
@@ -225,7 +228,7 @@ class RecorderActor:
         """Carry out what needs no file at once; queue the rest for the muxer's thread."""
         for event in events:
             if isinstance(event, RequestKeyframe):
-                self._encoder.request_keyframe.remote()
+                self._encoder.request_keyframe()
             elif isinstance(event, MeasureMotion):
                 self._measure_motion()
             else:

@@ -32,7 +32,7 @@ import contextlib
 import logging
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -46,6 +46,9 @@ from shared.roq.transport import PeerStats, RoqConnection, RoqServer
 from shared.roq.url import StreamUrl
 from shared.rtp.keyframes import KeyframePolicy
 from shared.rtp.sender import AUDIO_TRACK, VIDEO_TRACK, BroadcastSender, MediaTrack
+
+if TYPE_CHECKING:
+    from actors.handles import EncoderHandle
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +101,7 @@ class SenderActor:
         session_id: str,
         viewer_id: str,
         ring_name: str,
-        encoder: Any,
+        encoder: EncoderHandle | None,
         audio_ring_name: str | None = None,
     ) -> None:
         self._session_id = session_id
@@ -233,7 +236,8 @@ class SenderActor:
         if self._broadcast.take_keyframe_request():
             self._keyframes.request()
         if self._keyframes.poll(now):
-            self._encoder.request_keyframe.remote()
+            if self._encoder is not None:  # None: an audio-only stream
+                self._encoder.request_keyframe()
         elif self._keyframes.next_deadline() is not None:
             self._wakeup.set()  # held by the throttle: let the loop re-arm its timer for it
 

@@ -1,0 +1,228 @@
+"""Typed handles on the actors, one class per actor kind (as ``ray.util.queue`` wraps its actor).
+
+A Ray actor handle is untyped: ``handle.confgure.remote(q)`` fails only when it runs, and what
+it returns is ``Any``.  Each class here wraps one actor's handle and offers the calls the system
+makes on it, typed:
+
+- control calls are coroutines: they apply the call deadline and raise the actor's own error,
+  not Ray's wrapper (:func:`actors.calls.call`);
+- the per-frame notifications (``frame_ready``, ``packets_ready``, ``request_keyframe``) are
+  plain fire-and-forget methods: waiting for them would put a round trip on every frame.
+
+Each call names the actor's method by reference (``EncoderActor.configure``), not by string, so
+calling a method the actor lacks, with the wrong arguments, or on another kind of actor is a
+mypy error: the handle's type parameter ties those references to its own actor class.
+
+A handle pickles with the Ray handle inside it, so the supervisor passes handles to other actors
+as it passed the raw ones (the capture actor gets the encoder's, the encoder its subscribers').
+In-process tests wrap a stand-in with the same ``method.remote(...)`` shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Any, ClassVar, Concatenate, Generic, ParamSpec, TypeVar, overload
+
+import ray
+
+from actors.calls import CALL_TIMEOUT_S, call
+from actors.stages.capture import CaptureActor, CaptureStats
+from actors.stages.encoder import EncoderActor, EncoderStats
+from actors.stages.quality import QualityActor
+from actors.stages.recorder import RecorderActor
+from actors.stages.sender import SenderActor, SenderStats
+from shared.capture.source import SourceInfo
+from shared.models import ConnectionQuality, RecordingSession, StreamQuality, StreamSource
+from shared.roq.tls import TlsIdentity
+
+__all__ = [
+    "CaptureHandle",
+    "EncoderHandle",
+    "Handle",
+    "PacketSubscriber",
+    "QualityHandle",
+    "RecorderHandle",
+    "SenderHandle",
+]
+
+A = TypeVar("A")
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class Handle(Generic[A]):
+    """A Ray actor handle whose calls are checked against the actor class ``A``."""
+
+    #: The actor class and its kind, for ``actors.placement.spawn`` (which starts stage actors).
+    actor_class: ClassVar[type[Any]]
+    kind: ClassVar[str]
+
+    def __init__(self, actor: Any, *, timeout: float | None = CALL_TIMEOUT_S) -> None:
+        # ``Any`` here only: Ray types attribute access on its ActorHandle as ``Never``, so the
+        # typing happens in this class instead.
+        self.actor = actor
+        self.timeout = timeout
+
+    @overload
+    async def call(
+        self,
+        method: Callable[Concatenate[A, P], Coroutine[Any, Any, R]],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> R: ...
+
+    @overload
+    async def call(
+        self, method: Callable[Concatenate[A, P], R], /, *args: P.args, **kwargs: P.kwargs
+    ) -> R: ...
+
+    async def call(self, method: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Run ``method`` (as the actor class has it, e.g. ``Supervisor.stop_stream``) in the
+        actor and await it within the deadline; raises what the method raised."""
+        remote = getattr(self.actor, method.__name__)
+        return await call(remote.remote(*args, **kwargs), self.timeout)
+
+    def send(
+        self, method: Callable[Concatenate[A, P], object], /, *args: P.args, **kwargs: P.kwargs
+    ) -> None:
+        """Run ``method`` in the actor; nobody waits for it (the per-frame notifications)."""
+        getattr(self.actor, method.__name__).remote(*args, **kwargs)
+
+    def kill(self) -> None:
+        """End the actor's process now (after its stop, or when it would not stop)."""
+        ray.kill(self.actor, no_restart=True)
+
+
+class CaptureHandle(Handle[CaptureActor]):
+    actor_class = CaptureActor
+    kind = "capture"
+
+    async def open(self) -> int:
+        """Open the sources, create the frame pool (and audio ring); the actor's pid."""
+        return await self.call(CaptureActor.open)
+
+    async def start(self, encoder: EncoderHandle | None) -> None:
+        await self.call(CaptureActor.start, encoder)
+
+    async def switch_source(self, source: str | StreamSource) -> SourceInfo:
+        return await self.call(CaptureActor.switch_source, source)
+
+    async def stats(self) -> CaptureStats:
+        return await self.call(CaptureActor.stats)
+
+    async def stop(self) -> CaptureStats:
+        return await self.call(CaptureActor.stop)
+
+
+class PacketSubscriber(Handle[A]):
+    """An actor the encoder tells of new packets in its rings: a sender or a recorder."""
+
+    def packets_ready(self, sequence: int, rung: int | None = None) -> None:
+        """``rung`` None: the single-rung call, ``packets_ready(sequence)``, that every
+        subscriber takes; a subscriber of several rungs also takes the rung."""
+        # By name: the subscriber classes differ, this one method is what they share.
+        if rung is None:
+            self.actor.packets_ready.remote(sequence)
+        else:
+            self.actor.packets_ready.remote(sequence, rung)
+
+
+class EncoderHandle(Handle[EncoderActor]):
+    actor_class = EncoderActor
+    kind = "encoder"
+
+    async def open(self) -> int:
+        """Open the codec(s) and create the packet rings; the actor's pid."""
+        return await self.call(EncoderActor.open)
+
+    async def rung_names(self) -> list[str]:
+        return await self.call(EncoderActor.rung_names)
+
+    async def subscribe(
+        self, name: str, subscriber: PacketSubscriber[Any], rung: int | None = 0
+    ) -> None:
+        await self.call(EncoderActor.subscribe, name, subscriber, rung)
+
+    async def unsubscribe(self, name: str) -> None:
+        await self.call(EncoderActor.unsubscribe, name)
+
+    async def configure(self, quality: StreamQuality) -> StreamQuality:
+        """The quality the encoder applied (``quality``, capped by the source)."""
+        return await self.call(EncoderActor.configure, quality)
+
+    async def set_bitrate(self, bitrate: int, rung: int = 0) -> int:
+        return await self.call(EncoderActor.set_bitrate, bitrate, rung)
+
+    async def stats(self) -> EncoderStats:
+        return await self.call(EncoderActor.stats)
+
+    async def stop(self) -> EncoderStats:
+        return await self.call(EncoderActor.stop)
+
+    def frame_ready(self, sequence: int) -> None:
+        """A new frame is in the pool (from the capture actor, once per frame)."""
+        self.send(EncoderActor.frame_ready, sequence)
+
+    def request_keyframe(self, rung: int | None = 0) -> None:
+        """An IDR on the next frame of ``rung`` (None: every rung)."""
+        self.send(EncoderActor.request_keyframe, rung)
+
+
+class SenderHandle(PacketSubscriber[SenderActor]):
+    actor_class = SenderActor
+    kind = "sender"
+
+    async def open(self, host: str, port: int, identity: TlsIdentity) -> str:
+        """Listen on ``host:port`` (0: any free port); the stream's URL for viewers."""
+        return await self.call(SenderActor.open, host, port, identity)
+
+    async def stats(self) -> SenderStats:
+        return await self.call(SenderActor.stats)
+
+    async def stop(self) -> SenderStats:
+        return await self.call(SenderActor.stop)
+
+
+class RecorderHandle(PacketSubscriber[RecorderActor]):
+    actor_class = RecorderActor
+    kind = "recorder"
+
+    async def open(self) -> int:
+        """Check the output folder, attach to the rings and start writing; the actor's pid."""
+        return await self.call(RecorderActor.open)
+
+    async def status(self) -> RecordingSession:
+        return await self.call(RecorderActor.status)
+
+    async def pause(self) -> RecordingSession:
+        return await self.call(RecorderActor.pause)
+
+    async def resume(self) -> RecordingSession:
+        return await self.call(RecorderActor.resume)
+
+    async def stop(self) -> RecordingSession:
+        return await self.call(RecorderActor.stop)
+
+
+class QualityHandle(Handle[QualityActor]):
+    actor_class = QualityActor
+    kind = "quality"
+
+    async def start(self) -> None:
+        await self.call(QualityActor.start)
+
+    async def add_sender(self, viewer_id: str, sender: SenderHandle) -> None:
+        await self.call(QualityActor.add_sender, viewer_id, sender)
+
+    async def remove_sender(self, viewer_id: str) -> None:
+        await self.call(QualityActor.remove_sender, viewer_id)
+
+    async def set_ceiling(self, bitrate: int) -> None:
+        await self.call(QualityActor.set_ceiling, bitrate)
+
+    async def connection_quality(self) -> dict[str, ConnectionQuality]:
+        return await self.call(QualityActor.connection_quality)
+
+    async def stop(self) -> None:
+        await self.call(QualityActor.stop)
