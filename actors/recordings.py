@@ -63,6 +63,10 @@ class _Recording:
     segments: list[str] = field(default_factory=list)
     start_at: float | None = None
     stop_at: float | None = None
+    #: Held by a restart and by a stop: a stop that arrives while a dead recorder is being
+    #: replaced waits for the new one and stops it, instead of calling the dead one and leaving
+    #: the new one running.
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class Recordings:
@@ -148,14 +152,20 @@ class Recordings:
     async def stop(self, recording_id: str) -> RecordingSession:
         recording = self._get(recording_id)
         del self._recordings[recording_id]
-        try:
-            await recording.stream.encoder.unsubscribe(recording_id)
-        except Exception as exc:  # the encoder may already be gone when the stream stops
-            logger.debug("unsubscribe %s: %s", recording_id, exc)
-        try:
-            final = await recording.handle.stop()
-        finally:
-            recording.handle.kill()
+        async with recording.lock:
+            try:
+                await recording.stream.encoder.unsubscribe(recording_id)
+            except Exception as exc:  # the encoder may already be gone when the stream stops
+                logger.debug("unsubscribe %s: %s", recording_id, exc)
+            try:
+                final = await recording.handle.stop()
+            except ray.exceptions.RayActorError:
+                # Died since the last health round: what it last reported is all there is.
+                if recording.last is None:
+                    raise
+                final = msgspec.structs.replace(recording.last, state=RecordingState.STOPPED)
+            finally:
+                recording.handle.kill()
         final.segments = recording.segments + final.segments
         return final
 
@@ -178,8 +188,8 @@ class Recordings:
             return msgspec.structs.replace(
                 recording.last, segments=recording.segments + recording.last.segments
             )
-        result.segments = recording.segments + result.segments
-        return result
+        recording.last = result  # what a stop returns if the recorder dies before it
+        return msgspec.structs.replace(result, segments=recording.segments + result.segments)
 
     def schedule(
         self, stream: StreamContext, config: RecordingConfig, *, start_at: float, duration_s: float
@@ -241,10 +251,13 @@ class Recordings:
     async def check(self) -> None:
         """One health round: note each recording's progress and restart dead recorders."""
         for recording in list(self._recordings.values()):
-            try:
-                recording.last = await recording.handle.status()
-            except ray.exceptions.RayActorError:
-                await self._restart(recording)
+            async with recording.lock:
+                if recording.recording_id not in self._recordings:
+                    continue  # stopped while this round waited for the lock
+                try:
+                    recording.last = await recording.handle.status()
+                except ray.exceptions.RayActorError:
+                    await self._restart(recording)
 
     async def _restart(self, recording: _Recording) -> None:
         last = recording.last

@@ -277,6 +277,36 @@ def test_a_killed_recorder_is_restarted_into_a_new_segment(
     assert second_frames > 0
 
 
+def test_stopping_a_recording_whose_recorder_just_died_leaves_no_recorder(
+    ray_cluster: str, tmp_path: Path
+) -> None:
+    """A stop that lands before the health round notices the death (or while it restarts
+    the recorder) returns the last known status and leaves no recorder actor behind."""
+
+    async def main() -> tuple[RecordingSession, list[str]]:
+        async with live_stream() as (manager, sid):
+            recording = await manager.start_recording(
+                sid, RecordingConfig(output_path=str(tmp_path / "d.mp4"))
+            )
+            rid = recording.session_id
+            await wait_status(manager, rid, lambda s: s.frames_written >= 30, "1 s written")
+            pid = next(p.pid for p in (await manager.resources()).processes if p.label == rid)
+            os.kill(pid, signal.SIGKILL)
+            final = await manager.stop_recording(rid)
+            recorders = await wait_for(
+                lambda: asyncio.to_thread(stream_actors, sid),
+                lambda names: not any("-rec" in name for name in names),
+                "the recorder actors to go",
+            )
+            return final, recorders
+
+    final, recorders = asyncio.run(main())
+    assert final.state is RecordingState.STOPPED
+    assert final.frames_written >= 30
+    assert Path(final.segments[0]).name == "d.mp4"
+    assert not any("-rec" in name for name in recorders)
+
+
 def test_only_viewers_allowed_to_record_may_start_one(ray_cluster: str, tmp_path: Path) -> None:
     async def main() -> None:
         async with live_stream() as (manager, sid):
