@@ -22,7 +22,7 @@ import os
 import socket
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from actors.cli.common import (
     EXIT_ERROR,
@@ -38,6 +38,9 @@ from actors.cli.common import (
 )
 from shared.errors import KizunaError
 from shared.models import StreamConfig, parse_source
+
+if TYPE_CHECKING:
+    from actors.handles import SenderHandle
 
 
 def register(commands: Any) -> None:
@@ -113,9 +116,9 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _connected(handles: list[Any]) -> tuple[int, int]:
+async def _connected(handles: list[SenderHandle]) -> tuple[int, int]:
     """(viewers connected, bytes sent) summed over the sender shards."""
-    stats = await asyncio.gather(*(h.stats.remote() for h in handles), return_exceptions=True)
+    stats = await asyncio.gather(*(h.stats() for h in handles), return_exceptions=True)
     live = [s for s in stats if not isinstance(s, BaseException)]
     return sum(len(s.peers) for s in live), sum(s.bytes_sent for s in live)
 
@@ -125,6 +128,7 @@ async def serve(
 ) -> dict[str, Any]:
     import ray
 
+    from actors.handles import SenderHandle
     from actors.manager import StreamManager
     from actors.placement import NAMESPACE
 
@@ -148,7 +152,8 @@ async def serve(
         ]
         url = tickets[0].url
         handles = [
-            ray.get_actor(f"kz-{sid}-sender-{t.viewer_id}", namespace=NAMESPACE) for t in tickets
+            SenderHandle(ray.get_actor(f"kz-{sid}-sender-{t.viewer_id}", namespace=NAMESPACE))
+            for t in tickets
         ]
         if args.json:
             print_json({"url": url, "session_id": sid, "senders": len(tickets)})
