@@ -510,6 +510,16 @@ class FrameCollector:
         self.frames.append(frame)
         return [frame]
 
+    def drain_every(self) -> list[Any]:
+        """Every frame written since the last drain that the pool still holds, in order."""
+        new = []
+        for sequence in range(self._reader.last_sequence + 1, self._pool.latest_sequence() + 1):
+            frame = self._reader.read(sequence)
+            if frame is not None:
+                new.append(frame)
+        self.frames += new
+        return new
+
     def close(self) -> None:
         self._pool.close()
 

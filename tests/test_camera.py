@@ -138,7 +138,13 @@ def test_the_capture_loop_through_opencv_on_a_file_backed_camera(tmp_path: Path)
     pool = segment_name(session, "frames")
     device = CameraDevice(path=str(clip), name="file-backed camera")
     actor = CaptureActor(
-        session, CameraSource(device), QVGA, pool, 8, engine=FileBackedCameras(clip)
+        # 32 slots: a second of frames, so a reader on a loaded machine still finds frame 0.
+        session,
+        CameraSource(device),
+        QVGA,
+        pool,
+        32,
+        engine=FileBackedCameras(clip),
     )
     encoder = FakeEncoder()
 
@@ -149,14 +155,15 @@ def test_the_capture_loop_through_opencv_on_a_file_backed_camera(tmp_path: Path)
         assert info.applied is not None
         assert (info.applied.width, info.applied.height, info.applied.framerate) == (320, 240, 10)
         assert "resolution" not in info.applied.substituted
-        await actor.start(encoder)
+        # Attached before capture starts and read by sequence, so the first frame is seen.
         collector = FrameCollector(pool)
+        await actor.start(encoder)
         deadline = time.monotonic() + 60  # a hang guard; the clip lasts 3 s
         while not (await actor.stats()).ended:
             assert time.monotonic() < deadline, "the file-backed camera never ended"
-            collector.drain()
+            collector.drain_every()
             await asyncio.sleep(0.002)
-        collector.drain()  # the last frame, if still unread
+        collector.drain_every()  # the last frames, if still unread
         frames = collector.frames
         collector.close()
         stats = await actor.stop()
