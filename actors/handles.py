@@ -116,16 +116,16 @@ class CaptureHandle(Handle[CaptureActor]):
 
 
 class PacketSubscriber(Handle[A]):
-    """An actor the encoder tells of new packets in its rings: a sender or a recorder."""
+    """An actor the encoder tells of new packets in its rings: a sender or a recorder.
+
+    Each subclass sends ``packets_ready`` by reference to its own actor's method, so both actor
+    classes must take the same ``(sequence, rung)`` call: a subscriber without it is a mypy
+    error here, not a call that fails unseen in another process.
+    """
 
     def packets_ready(self, sequence: int, rung: int | None = None) -> None:
-        """``rung`` None: the single-rung call, ``packets_ready(sequence)``, that every
-        subscriber takes; a subscriber of several rungs also takes the rung."""
-        # By name: the subscriber classes differ, this one method is what they share.
-        if rung is None:
-            self.actor.packets_ready.remote(sequence)
-        else:
-            self.actor.packets_ready.remote(sequence, rung)
+        """Packets up to ``sequence`` are in the ring of ``rung`` (None: the stream's only one)."""
+        raise NotImplementedError
 
 
 class EncoderHandle(Handle[EncoderActor]):
@@ -173,6 +173,9 @@ class SenderHandle(PacketSubscriber[SenderActor]):
     actor_class = SenderActor
     kind = "sender"
 
+    def packets_ready(self, sequence: int, rung: int | None = None) -> None:
+        self.send(SenderActor.packets_ready, sequence, rung)
+
     async def open(self, host: str, port: int, identity: TlsIdentity) -> str:
         """Listen on ``host:port`` (0: any free port); the stream's URL for viewers."""
         return await self.call(SenderActor.open, host, port, identity)
@@ -187,6 +190,9 @@ class SenderHandle(PacketSubscriber[SenderActor]):
 class RecorderHandle(PacketSubscriber[RecorderActor]):
     actor_class = RecorderActor
     kind = "recorder"
+
+    def packets_ready(self, sequence: int, rung: int | None = None) -> None:
+        self.send(RecorderActor.packets_ready, sequence, rung)
 
     async def open(self) -> int:
         """Check the output folder, attach to the rings and start writing; the actor's pid."""

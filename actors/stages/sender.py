@@ -32,7 +32,7 @@ import contextlib
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Literal
 
 import msgspec
 
@@ -88,7 +88,13 @@ class SenderStats(msgspec.Struct, kw_only=True):
 
 
 class _TrackSource:
-    def __init__(self, index: int, spec: MediaTrack, ring: PacketRing, start: Any) -> None:
+    def __init__(
+        self,
+        index: int,
+        spec: MediaTrack,
+        ring: PacketRing,
+        start: Literal["next", "latest_keyframe"],
+    ) -> None:
         self.index, self.spec, self.ring = index, spec, ring
         self.reader = PacketRingReader(ring, start=start)
         # Nobody is connected yet: what is in the ring now is history, not something to send.
@@ -167,7 +173,8 @@ class SenderActor:
         )
         return self._url
 
-    def packets_ready(self, sequence: int) -> None:
+    def packets_ready(self, sequence: int, rung: int | None = None) -> None:
+        """The encoder appended up to ``sequence``; this sender reads the top rung's ring."""
         self._wakeup.set()
 
     def _sleep_s(self, now: float) -> float:
