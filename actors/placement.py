@@ -9,7 +9,8 @@ machine at two actors.  The encoder, the one CPU-heavy stage, reserves a fractio
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -28,29 +29,42 @@ CPU_RESERVATION: dict[str, float] = {
 }
 
 
+A = TypeVar("A")
 H = TypeVar("H", bound=Handle[Any])
+P = ParamSpec("P")
 
 
 def spawn(
+    actor_class: Callable[P, A],
     handle: type[H],
     *,
     name: str,
     node_id: str,
-    args: tuple[Any, ...] = (),
     options: dict[str, Any] | None = None,
-) -> H:
-    """Start ``handle``'s actor class on ``node_id`` and return the typed handle on it; the
-    actor dies with its owner (the supervisor)."""
-    actor = (
-        ray.remote(handle.actor_class)
-        .options(
-            name=name,
-            namespace=NAMESPACE,
-            num_cpus=CPU_RESERVATION[handle.kind],
-            max_restarts=0,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
-            **(options or {}),
+) -> Callable[P, H]:
+    """A starter for ``actor_class`` on ``node_id``: call it with the actor's own constructor
+    arguments (checked by mypy against ``actor_class.__init__``) to start the actor and get
+    the typed ``handle`` on it.  The actor dies with its owner (the supervisor).
+
+    ``spawn(SenderActor, SenderHandle, name=..., node_id=...)(session_id, viewer_id, ...)``
+    reads like Ray's own ``ray.remote(cls).options(...).remote(...)``.
+    """
+    if actor_class is not handle.actor_class:
+        raise TypeError(f"{handle.__name__} wraps {handle.actor_class.__name__}, not {actor_class}")
+
+    def start(*args: P.args, **kwargs: P.kwargs) -> H:
+        actor = (
+            ray.remote(handle.actor_class)
+            .options(
+                name=name,
+                namespace=NAMESPACE,
+                num_cpus=CPU_RESERVATION[handle.kind],
+                max_restarts=0,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
+                **(options or {}),
+            )
+            .remote(*args, **kwargs)
         )
-        .remote(*args)
-    )
-    return handle(actor)
+        return handle(actor)
+
+    return start

@@ -22,6 +22,7 @@ import ray
 
 from actors.handles import EncoderHandle, RecorderHandle
 from actors.placement import spawn
+from actors.stages.recorder import RecorderActor
 from shared.errors import PermissionError, StreamNotFoundError
 from shared.models import (
     RecordingConfig,
@@ -75,7 +76,9 @@ class Recordings:
         self._schedule = RecordingSchedule()
         self._timer: asyncio.Task[None] | None = None
         self._timer_changed = asyncio.Event()
-        self._scheduled: dict[str, tuple[StreamContext, RecordingConfig, float]] = {}
+        #: Per scheduled recording: its stream, config, and wall-clock start and stop (the
+        #: recorder cuts on capture stamps, which are wall-clock).
+        self._scheduled: dict[str, tuple[StreamContext, RecordingConfig, float, float]] = {}
         self._ids = itertools.count(1)
 
     def _new_id(self, session_id: str) -> str:
@@ -125,21 +128,22 @@ class Recordings:
 
     async def _spawn(self, recording: _Recording) -> None:
         stream = recording.stream
+        short_id = recording.recording_id.rsplit("-", 1)[-1]
         handle = spawn(
+            RecorderActor,
             RecorderHandle,
-            name=f"kz-{stream.session_id}-{recording.recording_id.rsplit('-', 1)[-1]}-{recording.restarts}",
+            name=f"kz-{stream.session_id}-{short_id}-{recording.restarts}",
             node_id=stream.node_id,
-            args=(
-                recording.recording_id,
-                stream.session_id,
-                recording.config,
-                stream.quality,
-                stream.ring_names,
-                stream.encoder,
-                recording.segment,
-                recording.start_at,
-                recording.stop_at,
-            ),
+        )(
+            recording_id=recording.recording_id,
+            session_id=stream.session_id,
+            config=recording.config,
+            quality=stream.quality,
+            ring_names=stream.ring_names,
+            encoder=stream.encoder,
+            first_segment=recording.segment,
+            start_at=recording.start_at,
+            stop_at=recording.stop_at,
         )
         try:
             recording.pid = await handle.open()
@@ -195,17 +199,20 @@ class Recordings:
         self, stream: StreamContext, config: RecordingConfig, *, start_at: float, duration_s: float
     ) -> str:
         recording_id = self._new_id(stream.session_id)
-        now = time.time()
+        # The timer runs on the monotonic clock, so an NTP step neither fires nor delays it;
+        # the wall-clock start is placed on that clock once, here.
+        now = time.monotonic()
+        start = now + (start_at - time.time())
         # Start the recorder's process SCHEDULE_LEAD_S early (or at once, when the start is
         # nearer than that); it writes from start_at itself, even if its process starts late.
-        early = max(now, start_at - SCHEDULE_LEAD_S)
+        early = max(now, start - SCHEDULE_LEAD_S)
         self._schedule.add(
             ScheduledRecording(
-                recording_id=recording_id, start_at=early, duration_s=start_at + duration_s - early
+                recording_id=recording_id, start_at=early, duration_s=start + duration_s - early
             ),
             now=now,
         )
-        self._scheduled[recording_id] = (stream, config, start_at)
+        self._scheduled[recording_id] = (stream, config, start_at, start_at + duration_s)
         if self._timer is None or self._timer.done():
             self._timer = asyncio.create_task(self._run_schedule(), name="recording-schedule")
         else:
@@ -217,10 +224,10 @@ class Recordings:
         while (due := self._schedule.next_due()) is not None:
             self._timer_changed.clear()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(0.0, due - time.time())):
+                async with asyncio.timeout(max(0.0, due - time.monotonic())):
                     await self._timer_changed.wait()
-            for action, entry in self._schedule.poll(now=time.time()):
-                stream, config, start_at = self._scheduled[entry.recording_id]
+            for action, entry in self._schedule.poll(now=time.monotonic()):
+                stream, config, start_at, stop_at = self._scheduled[entry.recording_id]
                 try:
                     if action is ScheduleAction.START:
                         await self.start(
@@ -228,7 +235,7 @@ class Recordings:
                             config,
                             recording_id=entry.recording_id,
                             start_at=start_at,
-                            stop_at=entry.start_at + entry.duration_s,
+                            stop_at=stop_at,
                         )
                     elif entry.recording_id in self._recordings:
                         self._scheduled.pop(entry.recording_id, None)
@@ -243,7 +250,7 @@ class Recordings:
 
     def cancel_stream(self, session_id: str) -> None:
         """Forget scheduled recordings of a stream that stopped."""
-        for recording_id, (stream, _, _) in list(self._scheduled.items()):
+        for recording_id, (stream, *_) in list(self._scheduled.items()):
             if stream.session_id == session_id:
                 self._schedule.cancel(recording_id)
                 del self._scheduled[recording_id]

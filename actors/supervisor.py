@@ -19,7 +19,6 @@ the typed handles of ``actors.handles``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
@@ -35,7 +34,10 @@ from actors.calls import unwrap
 from actors.handles import CaptureHandle, EncoderHandle, Handle, QualityHandle, SenderHandle
 from actors.placement import spawn
 from actors.recordings import Recordings, StreamContext
-from actors.stages.encoder import encoder_actor_options, ladder_ring_names
+from actors.stages.capture import CaptureActor
+from actors.stages.encoder import EncoderActor, encoder_actor_options, ladder_ring_names
+from actors.stages.quality import QualityActor
+from actors.stages.sender import SenderActor
 from shared.control.ports import ListenPorts
 from shared.control.resources import ResourceMonitor, ResourceSnapshot, StreamLoad
 from shared.control.scheduler import NodeInfo, StreamScheduler
@@ -261,43 +263,39 @@ class Supervisor:
         # a bad source fails here, before anything else exists; the encoder and the senders
         # attach to what it created, so it goes first.
         capture = stream.capture = spawn(
-            CaptureHandle,
-            name=name("capture"),
-            node_id=node,
-            args=(
-                sid,
-                stream.session.source,
-                config.quality,
-                pool_name,
-                config.pool_slots,
-                config.audio,
-                segment_name(sid, "audio") if config.audio else None,
-                stream.screen,
-                None,
-                video,
-            ),
+            CaptureActor, CaptureHandle, name=name("capture"), node_id=node
+        )(
+            session_id=sid,
+            source=stream.session.source,
+            quality=config.quality,
+            pool_name=pool_name,
+            slots=config.pool_slots,
+            audio=config.audio,
+            audio_ring_name=segment_name(sid, "audio") if config.audio else None,
+            screen=stream.screen,
+            video=video,
         )
         stream.pids["capture"] = await capture.open()
         if not video:
             await capture.start(None)
             return
         encoder = stream.encoder = spawn(
+            EncoderActor,
             EncoderHandle,
             name=name("encoder"),
             node_id=node,
-            args=(
-                sid,
-                config.quality,
-                config.keyframe_interval_s,
-                pool_name,
-                ring_name,
-                config.rungs,
-            ),
             # A hardware encoder asks Ray for a GPU, but only where the chosen node has one:
             # with hard node affinity, asking elsewhere would never schedule.
             options=encoder_actor_options(
                 config.quality.hardware_acceleration, node_gpus=_node_gpus(node)
             ),
+        )(
+            session_id=sid,
+            quality=config.quality,
+            keyframe_interval_s=config.keyframe_interval_s,
+            pool_name=pool_name,
+            ring_name=ring_name,
+            rungs=config.rungs,
         )
         stream.pids["encoder"] = await encoder.open()
         rung_rings = await encoder.rung_names()
@@ -314,11 +312,8 @@ class Supervisor:
             started = await self._recordings.start(stream.context, config.record)
             stream.primary_recording = started.session_id
         quality = stream.quality = spawn(
-            QualityHandle,
-            name=name("quality"),
-            node_id=node,
-            args=(sid, encoder, config.quality.bitrate),
-        )
+            QualityActor, QualityHandle, name=name("quality"), node_id=node
+        )(session_id=sid, encoder=encoder, ceiling_bitrate=config.quality.bitrate)
         await quality.start()
         await capture.start(encoder)
 
@@ -362,8 +357,10 @@ class Supervisor:
             if recording_id == stream.primary_recording:
                 stream.session.recording = final
         for handle in stream.handles():
-            with contextlib.suppress(Exception):
+            try:
                 handle.kill()
+            except Exception as exc:  # nothing left to end; say so rather than hide it
+                logger.warning("could not kill %s: %s", type(handle).__name__, exc)
         stream.capture = stream.encoder = stream.quality = None
         stream.senders.clear()
         # Actors unlink what they created on a clean stop; this covers the ones that crashed.
@@ -430,10 +427,12 @@ class Supervisor:
         viewer_id = uuid.uuid4().hex[:8]
         role = sender_role(viewer_id)
         sender = stream.senders[viewer_id] = spawn(
-            SenderHandle,
-            name=f"kz-{session_id}-{role}",
-            node_id=stream.node_id,
-            args=(session_id, viewer_id, segment_name(session_id, "video"), stream.encoder),
+            SenderActor, SenderHandle, name=f"kz-{session_id}-{role}", node_id=stream.node_id
+        )(
+            session_id=session_id,
+            viewer_id=viewer_id,
+            ring_name=segment_name(session_id, "video"),
+            encoder=stream.encoder,
         )
         try:
             url = await sender.open(stream.config.listen_host, port, stream.identity)

@@ -7,6 +7,7 @@ same ``method.remote(...)`` shape, whose calls return awaitables as Ray's Object
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any
@@ -14,7 +15,9 @@ from typing import Any
 import pytest
 import ray
 
-from actors.handles import EncoderHandle, PacketSubscriber, QualityHandle, SenderHandle
+from actors.handles import EncoderHandle, QualityHandle, RecorderHandle, SenderHandle
+from actors.stages.recorder import RecorderActor
+from actors.stages.sender import SenderActor
 from actors.supervisor import detach_viewer, sender_role
 from shared.errors import ConfigError
 from shared.models import QualityPreset, StreamQuality
@@ -118,13 +121,22 @@ def test_the_per_frame_notifications_are_sent_without_waiting() -> None:
     ]
 
 
-def test_a_single_rung_subscriber_hears_of_packets_without_the_rung() -> None:
+def test_subscribers_hear_of_packets_with_their_rung() -> None:
     log: list[str] = []
     sender = SenderHandle(FakeActor("sender", log))
-    recorder = PacketSubscriber[Any](FakeActor("recorder", log))
+    recorder = RecorderHandle(FakeActor("recorder", log))
     sender.packets_ready(3)
     recorder.packets_ready(4, 1)
-    assert log == ["sender.packets_ready(3,)", "recorder.packets_ready(4, 1)"]
+    assert log == ["sender.packets_ready(3, None)", "recorder.packets_ready(4, 1)"]
+
+
+def test_every_subscriber_actor_takes_the_call_the_encoder_makes() -> None:
+    # The encoder calls packets_ready(sequence) or packets_ready(sequence, rung) on any
+    # subscriber; an actor that cannot take both would fail unseen in its own process.
+    for actor_class in (SenderActor, RecorderActor):
+        signature = inspect.signature(actor_class.packets_ready)
+        signature.bind(None, 1)
+        signature.bind(None, 1, 2)
 
 
 # --- removing a viewer -------------------------------------------------------------------------
@@ -183,3 +195,11 @@ def test_a_sender_that_will_not_stop_is_killed_anyway(
         detach(None, None, sender)  # an audio-only stream: no encoder, no quality actor
     assert kills == ["sender"]
     assert [r.getMessage().split(":")[1] for r in caplog.records] == [" could not stop sender-v1"]
+
+
+def test_spawn_refuses_a_handle_of_another_actor_class() -> None:
+    from actors.placement import spawn
+    from actors.stages.capture import CaptureActor
+
+    with pytest.raises(TypeError, match="SenderHandle wraps SenderActor"):
+        spawn(CaptureActor, SenderHandle, name="kz-x-sender", node_id="n")

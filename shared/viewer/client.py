@@ -30,6 +30,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import logging
 import statistics
 import time
 from collections.abc import AsyncIterator
@@ -51,6 +52,8 @@ from shared.rtp.rate_window import RateWindow
 from shared.rtp.receiver import ReceiverSession, ReceiverTrack
 from shared.rtp.sender import AUDIO_TRACK, VIDEO_TRACK
 from shared.viewer.latency import LatencyStats
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["DecodedAudio", "DecodedFrame", "Viewer", "ViewerReport", "read_frame_stamp"]
 
@@ -307,8 +310,10 @@ class Viewer:
             except NetworkError:
                 delay = min(delay * 2, RECONNECT_MAX_DELAY_S)
                 continue
-            with contextlib.suppress(Exception):
+            try:
                 await self._client.close()
+            except Exception as exc:  # the old path is dead; the new one is what matters
+                logger.debug("closing the old connection: %s", exc)
             self._client = client
             self._session.new_connection()
             self._report.reconnects += 1
