@@ -21,6 +21,7 @@ def frames(capture_ms: Sequence[int], keyframes: Sequence[int] = ()) -> list[Rin
             sequence=index,
             pts=index * 3000,
             capture_us=ms * 1000,
+            monotonic_us=ms * 1000,
             keyframe=index in keyframes,
             duration=3000,
             data=b"",

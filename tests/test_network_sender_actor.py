@@ -100,12 +100,16 @@ def test_shards_share_a_port_and_serve_every_viewer() -> None:
         pattern = TestPattern(WIDTH, HEIGHT, FPS)
         started = time.monotonic()
         for index in range(60):
-            capture_us = time.time_ns() // 1000
+            capture_us, monotonic_us = time.time_ns() // 1000, time.monotonic_ns() // 1000
             for unit in encoder.encode(
                 pattern.render(index, capture_us), pts=index * 3000, capture_us=capture_us
             ):
                 sequence = video.append(
-                    unit.data, pts=unit.pts, capture_us=capture_us, keyframe=unit.keyframe
+                    unit.data,
+                    pts=unit.pts,
+                    capture_us=capture_us,
+                    monotonic_us=monotonic_us,
+                    keyframe=unit.keyframe,
                 )
                 for shard in shards:
                     shard.packets_ready(sequence)

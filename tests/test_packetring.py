@@ -80,13 +80,18 @@ def _is_intact(packet: RingPacket) -> bool:
         and hashlib.sha256(data[40:]).digest() == data[8:40]
         and packet.pts == packet.sequence * 3000
         and packet.capture_us == packet.sequence * 10
+        and packet.monotonic_us == _MONOTONIC_ORIGIN_US + packet.sequence * 7
     )
+
+
+#: Monotonic stamps unlike the wall ones, so a packet with the two swapped is not intact.
+_MONOTONIC_ORIGIN_US = 2**52
 
 
 def _append(ring: PacketRing, sequence: int, length: int, *, keyframe: bool) -> None:
     assert ring.append(
         _payload(sequence, length), pts=sequence * 3000, capture_us=sequence * 10,
-        keyframe=keyframe, duration=3000,
+        monotonic_us=_MONOTONIC_ORIGIN_US + sequence * 7, keyframe=keyframe, duration=3000,
     ) == sequence  # fmt: skip
 
 
@@ -107,7 +112,13 @@ def test_round_trip_of_variable_sizes_with_wrap_around(prefix: str) -> None:
             # bytes, bytearray and memoryview all go in.
             source = (data, bytearray(data), memoryview(data))[len(sent) % 3]
             keyframe = len(sent) % 5 == 0
-            sequence = ring.append(source, pts=len(sent), capture_us=-len(sent), keyframe=keyframe)
+            sequence = ring.append(
+                source,
+                pts=len(sent),
+                capture_us=-len(sent),
+                monotonic_us=3 * len(sent),
+                keyframe=keyframe,
+            )
             sent.append(data)
             assert sequence == len(sent) == ring.last_sequence()
             if rng.random() < 0.6:  # read now and then, always before being lapped
@@ -116,11 +127,38 @@ def test_round_trip_of_variable_sizes_with_wrap_around(prefix: str) -> None:
                 for packet in received.packets:
                     index = packet.sequence - 1
                     assert packet.data == sent[index]
-                    assert (packet.pts, packet.capture_us) == (index, -index)
+                    assert (packet.pts, packet.capture_us, packet.monotonic_us) == (
+                        index,
+                        -index,
+                        3 * index,
+                    )
                     assert packet.keyframe == (index % 5 == 0) and packet.duration == 0
         tail = reader.read_available()
         assert tail.missed == 0 and reader.next_sequence == len(sent) + 1
         assert reader.stats.packets_read == len(sent) and reader.stats.packets_missed == 0
+        reader.ring.close()
+
+
+def test_both_capture_stamps_round_trip_apart_from_each_other_and_the_flags(
+    prefix: str,
+) -> None:
+    # (wall, monotonic) pairs: int64 extremes each way, and a wall stamp an NTP step put an
+    # hour behind a monotonic one that ran on.
+    stamps = [(-(2**63), 2**63 - 1), (2**63 - 1, -(2**63)), (0, -1), (-3_600_000_000, 5)]
+    with PacketRing.create(prefix + "ring", capacity_bytes=1 << 16) as ring:
+        reader = PacketRingReader(PacketRing.attach(prefix + "ring"))
+        for index, (wall, monotonic) in enumerate(stamps):
+            ring.append(
+                bytes(ring.max_packet_bytes - index),
+                pts=index,
+                capture_us=wall,
+                monotonic_us=monotonic,
+                keyframe=index % 2 == 0,
+            )
+        packets = reader.read_available().packets
+        assert [(p.capture_us, p.monotonic_us) for p in packets] == stamps
+        assert [p.keyframe for p in packets] == [True, False, True, False]
+        assert [len(p.data) for p in packets] == [ring.max_packet_bytes - i for i in range(4)]
         reader.ring.close()
 
 
@@ -199,13 +237,13 @@ def test_latest_keyframe_start(prefix: str) -> None:
 def test_too_large_packets_and_bad_arguments_are_config_errors(prefix: str) -> None:
     with PacketRing.create(prefix + "ring", capacity_bytes=4000) as ring:
         assert ring.max_packet_bytes == 1000
-        ring.append(bytes(1000), pts=0, capture_us=0, keyframe=True)
+        ring.append(bytes(1000), pts=0, capture_us=0, monotonic_us=0, keyframe=True)
         with pytest.raises(ConfigError, match="larger than a quarter"):
-            ring.append(bytes(1001), pts=0, capture_us=0, keyframe=True)
+            ring.append(bytes(1001), pts=0, capture_us=0, monotonic_us=0, keyframe=True)
         assert ring.last_sequence() == 1
         attached = PacketRing.attach(prefix + "ring")
         with pytest.raises(ConfigError, match="read-only"):
-            attached.append(b"x", pts=0, capture_us=0, keyframe=False)
+            attached.append(b"x", pts=0, capture_us=0, monotonic_us=0, keyframe=False)
         with pytest.raises(ConfigError):
             PacketRingReader(attached, start="oldest")  # type: ignore[arg-type]
         attached.close()
@@ -222,7 +260,9 @@ def test_bad_metadata_is_a_config_error_and_loses_nothing(prefix: str) -> None:
         reader = PacketRingReader(ring)
         _append(ring, 1, 100, keyframe=True)
         with pytest.raises(ConfigError, match="int64"):
-            ring.append(b"x" * 100, pts=2**70, capture_us=0, keyframe=False)
+            ring.append(b"x" * 100, pts=2**70, capture_us=0, monotonic_us=0, keyframe=False)
+        with pytest.raises(ConfigError, match="monotonic_us"):
+            ring.append(b"x" * 100, pts=0, capture_us=0, monotonic_us=2**63, keyframe=True)
         received = list(reader.read_available().packets)
         for sequence in range(2, 7):  # entry 0 is reused at 5: its generation must be even
             _append(ring, sequence, 100, keyframe=False)

@@ -171,9 +171,15 @@ def _opus_writer(ring: PacketRing, stop: threading.Event) -> None:
             np.stack([samples, samples]).T.reshape(1, -1), format="s16", layout="stereo"
         )
         frame.sample_rate, frame.pts = 48_000, index * 960
-        capture_us = time.time_ns() // 1000
+        capture_us, monotonic_us = time.time_ns() // 1000, time.monotonic_ns() // 1000
         for packet in encoder.encode(frame):
-            ring.append(bytes(packet), pts=index * 960, capture_us=capture_us, keyframe=True)
+            ring.append(
+                bytes(packet),
+                pts=index * 960,
+                capture_us=capture_us,
+                monotonic_us=monotonic_us,
+                keyframe=True,
+            )
         index += 1
         time.sleep(max(0.0, origin + index * 0.02 - time.time()))
 

@@ -308,10 +308,18 @@ class EncoderActor:
         output = await loop.run_in_executor(self._executor, ladder.encode_rung, job, index)
         ladder.record(job, output, time.monotonic())
         ring = self._rings[index]
+        # Each unit carries the encoded frame's two capture stamps: the wall-clock one (the
+        # encoder copies it onto the unit) as data for viewers, the monotonic one to time
+        # recordings by (see shared.pool.packet_ring).
+        monotonic_us = job.source.monotonic_us
         sequence = 0
         for unit in output.access_units:
             sequence = ring.append(
-                unit.data, pts=unit.pts, capture_us=unit.capture_us, keyframe=unit.keyframe
+                unit.data,
+                pts=unit.pts,
+                capture_us=unit.capture_us,
+                monotonic_us=monotonic_us,
+                keyframe=unit.keyframe,
             )
         if sequence:
             self._notify(index, sequence)

@@ -3,22 +3,31 @@
 Theory of operation
 -------------------
 An :class:`AudioSource` yields :class:`AudioBlock` s: int16 samples (frames x channels) and the
-wall-clock time of the first sample, on ``time.time_ns() // 1000``, the clock video frames are
-stamped on.  For a device that time comes from PortAudio's timing of each callback: the block's
-first sample reached the converter ``currentTime - inputBufferAdcTime`` seconds before the
-callback ran (:func:`block_start_us`).  Those per-callback measurements jitter by a scheduler
-tick, so :class:`AudioClock` stamps blocks from the running sample count instead, anchored at
+time of the first sample on two clocks, as video frames are stamped: ``capture_us`` on the
+wall clock (``time.time_ns() // 1000``), which is data (viewers line audio up with video and
+measure latency by it), and ``monotonic_us`` on the monotonic clock
+(``time.monotonic_ns() // 1000``), which times things (a recording's file time) because NTP
+may step the wall clock.  For a device both come from PortAudio's timing of each callback:
+the block's first sample reached the converter ``currentTime - inputBufferAdcTime`` seconds
+before the callback ran (:func:`block_start_us`), which is that long before both clocks'
+readings in the callback.  Those per-callback measurements jitter by a scheduler tick, so an
+:class:`AudioClock` per clock stamps blocks from the running sample count instead, anchored at
 the first measurement and steered gently toward the measurements, and re-anchors only when
-the two disagree by more than 100 ms (an overflow dropped samples).
+the two disagree by more than 100 ms (an overflow dropped samples; for the wall clock, also
+an NTP step, which the monotonic stamps never see).
 
 :class:`AudioPipeline` runs on its own thread: it reads blocks, encodes them to 20 ms Opus
 packets (:mod:`shared.media.opus`) and appends each to a :class:`PacketRing` with ``pts`` in
-1/48000 s and ``keyframe=True`` (every Opus packet decodes on its own).  Senders read the ring
-on their own timer; nobody is called per packet.
+1/48000 s, both capture stamps and ``keyframe=True`` (every Opus packet decodes on its own).
+A packet's monotonic stamp is its block's plus the samples before it in the block; a source
+that gives no monotonic stamp (a file, whose blocks are released when due) is stamped as its
+blocks arrive, on the sample count.  Senders read the ring on their own timer; nobody is
+called per packet.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -31,7 +40,7 @@ import numpy.typing as npt
 
 from shared.capture.source import EndOfSource
 from shared.errors import CaptureError, ConfigError
-from shared.media.opus import OpusEncoder
+from shared.media.opus import OPUS_CLOCK, OpusEncoder
 from shared.models import AudioConfig
 from shared.pool.packet_ring import PacketRing
 
@@ -61,7 +70,11 @@ _QUEUE_BLOCKS: Final = 100
 
 class AudioBlock(NamedTuple):
     pcm: Pcm
+    #: The first sample's capture time on the wall clock (µs).
     capture_us: int
+    #: The same on the monotonic clock (µs); None from a source that cannot tell, whose
+    #: blocks the pipeline then stamps as they arrive.
+    monotonic_us: int | None = None
 
 
 class AudioSource(Protocol):
@@ -199,6 +212,7 @@ class DeviceAudioSource:
         self._config = config
         self._queue: queue.Queue[AudioBlock] = queue.Queue(maxsize=_QUEUE_BLOCKS)
         self._clock = AudioClock(config.sample_rate)
+        self._monotonic_clock = AudioClock(config.sample_rate)
         self.overflows = 0
         sd = _sounddevice()
         device = config.device
@@ -236,6 +250,7 @@ class DeviceAudioSource:
     def _callback(self, indata: Any, frames: int, time_info: Any, status: Any) -> None:
         # PortAudio's thread: copy out and return quickly; the pipeline thread does the rest.
         now_us = time.time_ns() // 1000
+        monotonic_now_us = time.monotonic_ns() // 1000
         if status.input_overflow:
             self.overflows += 1
         start = block_start_us(
@@ -246,13 +261,18 @@ class DeviceAudioSource:
             sample_rate=self.sample_rate,
             latency_s=self._latency,
         )
+        # The first sample is as old on either clock.
+        monotonic_start = monotonic_now_us - (now_us - start)
         try:
-            self._queue.put_nowait(AudioBlock(np.array(indata, dtype=np.int16), start))
+            self._queue.put_nowait(
+                AudioBlock(np.array(indata, dtype=np.int16), start, monotonic_start)
+            )
         except queue.Full:
             self.overflows += 1
 
     @property
     def reanchors(self) -> int:
+        """Re-anchors of the wall-clock stamps (overflows, and NTP steps)."""
         return self._clock.reanchors
 
     def start(self) -> None:
@@ -263,7 +283,13 @@ class DeviceAudioSource:
             block = self._queue.get(timeout=timeout)
         except queue.Empty:
             return None
-        return AudioBlock(block.pcm, self._clock.stamp(len(block.pcm), block.capture_us))
+        frames = len(block.pcm)
+        assert block.monotonic_us is not None  # the callback measures both
+        return AudioBlock(
+            block.pcm,
+            self._clock.stamp(frames, block.capture_us),
+            self._monotonic_clock.stamp(frames, block.monotonic_us),
+        )
 
     def close(self) -> None:
         if not self._stream.closed:
@@ -292,6 +318,14 @@ class AudioPipeline:
         )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._rate = source.sample_rate
+        self._ticks_per_sample = OPUS_CLOCK // source.sample_rate
+        #: Stamps the blocks of a source that gives no monotonic stamp, as they arrive.
+        self._arrival_clock = AudioClock(source.sample_rate)
+        #: (index of the first sample, monotonic_us) of each block whose samples may still be
+        #: in the encoder; the oldest is dropped once a packet starts past it.
+        self._blocks: collections.deque[tuple[int, int]] = collections.deque()
+        self._samples = 0
         self._stats = AudioStats(
             source=source.description, sample_rate=source.sample_rate, channels=source.channels
         )
@@ -308,11 +342,13 @@ class AudioPipeline:
                 if block is None:
                     continue
                 self._stats.blocks += 1
+                self._note_block(block)
                 for packet in self._encoder.encode(block.pcm, block.capture_us):
                     self.ring.append(
                         packet.data,
                         pts=packet.pts,
                         capture_us=packet.capture_us,
+                        monotonic_us=self._monotonic_us(packet.pts),
                         keyframe=True,
                         duration=packet.duration,
                     )
@@ -325,6 +361,26 @@ class AudioPipeline:
             # Reported through stats; the supervisor's health check moves the stream to Error.
             logger.exception("audio capture from %s failed", self.source.description)
             self._stats.error = f"{type(exc).__name__}: {exc}"
+
+    def _note_block(self, block: AudioBlock) -> None:
+        """Remember where ``block``'s samples start on the monotonic clock."""
+        frames = len(block.pcm)
+        monotonic_us = block.monotonic_us
+        if monotonic_us is None:
+            monotonic_us = self._arrival_clock.stamp(frames, time.monotonic_ns() // 1000)
+        self._blocks.append((self._samples, monotonic_us))
+        self._samples += frames
+
+    def _monotonic_us(self, pts: int) -> int:
+        """The monotonic stamp of the packet at ``pts``: its first sample's block's stamp plus
+        the samples before it in that block (the encoder counts input samples from 0, like
+        :attr:`_samples`, and pts are those counts in 1/48000 s)."""
+        sample = pts // self._ticks_per_sample
+        blocks = self._blocks
+        while len(blocks) > 1 and blocks[1][0] <= sample:
+            blocks.popleft()
+        first, monotonic_us = blocks[0]
+        return monotonic_us + (sample - first) * 1_000_000 // self._rate
 
     def stats(self) -> AudioStats:
         stats = msgspec.structs.replace(self._stats)

@@ -7,7 +7,13 @@ straddle the end starts over at offset 0 instead.  Positions are absolute byte c
 they never wrap), so "has packet P been overwritten?" is one subtraction: P's bytes are intact
 while ``head - P.start <= capacity``, where ``head`` is the end of the range the writer has
 claimed.  An index of ``index_slots`` entries, entry ``(seq - 1) % index_slots``, records each
-packet's sequence, start, length, pts, capture time, flags and a seqlock generation.
+packet's sequence, start, length and flags, pts, two capture stamps, duration and a seqlock
+generation.
+
+A packet carries its capture time on two clocks: ``capture_us`` on the wall clock, which is
+data (viewers measure latency from it; a scheduled recording starts and stops by it), and
+``monotonic_us`` on the monotonic clock, which times things (a recording's file time, its
+duration limit, pre-roll and motion hold), since NTP may step the wall clock.
 
 Writer, for packet ``seq`` (it never waits for readers):
 
@@ -29,8 +35,12 @@ Memory ordering is as in :mod:`shared.pool.frame_pool`: aligned int64 words thro
 Layout after the common shm header (offsets multiples of 64)::
 
     ring header   64 B                 capacity, index_slots, head, last_seq
-    index         index_slots x 64 B   gen, seq, start, length, pts, capture_us, flags, duration
+    index         index_slots x 64 B   gen, seq, start, length << 8 | flags, pts, capture_us,
+                                       monotonic_us, duration
     data          capacity B
+
+An entry is one cache line, so the flags share a word with the length (a packet is far
+shorter than 2**55 bytes).
 """
 
 from __future__ import annotations
@@ -51,7 +61,11 @@ _WORDS_PER_LINE: Final = _LINE // 8
 # Ring header words.
 _H_CAPACITY, _H_INDEX_SLOTS, _H_HEAD, _H_LAST_SEQ = 0, 1, 2, 3
 # Index entry words.
-_E_GEN, _E_SEQ, _E_START, _E_LENGTH, _E_PTS, _E_CAPTURE_US, _E_FLAGS, _E_DURATION = range(8)
+_E_GEN, _E_SEQ, _E_START, _E_LENGTH_FLAGS, _E_PTS, _E_CAPTURE_US, _E_MONOTONIC_US, _E_DURATION = (
+    range(8)
+)
+# The length word is ``length << _FLAG_BITS | flags``.
+_FLAG_BITS: Final = 8
 _FLAG_KEYFRAME: Final = 1
 
 
@@ -60,7 +74,10 @@ class RingPacket(msgspec.Struct, frozen=True, kw_only=True):
 
     sequence: int
     pts: int
+    #: Wall-clock capture time (µs): data, for viewers and a schedule's start and stop.
     capture_us: int
+    #: The same moment on the monotonic clock (µs): what a recording is timed by.
+    monotonic_us: int
     keyframe: bool
     duration: int
     data: bytes
@@ -144,10 +161,15 @@ class PacketRing(SegmentHandle):
         *,
         pts: int,
         capture_us: int,
+        monotonic_us: int,
         keyframe: bool,
         duration: int = 0,
     ) -> int:
-        """Store one packet and publish it.  Returns its sequence number (the first is 1)."""
+        """Store one packet and publish it.  Returns its sequence number (the first is 1).
+
+        ``capture_us`` and ``monotonic_us`` are the packet's capture time on the wall clock and
+        on the monotonic clock (see the module doc).
+        """
         if not self.is_writer:
             raise ConfigError(f"packet ring {self.name} was attached read-only; its creator writes")
         source = memoryview(data).cast("B") if not isinstance(data, bytes) else data
@@ -172,17 +194,21 @@ class PacketRing(SegmentHandle):
             self._data[offset : offset + length] = source
             words[base + _E_SEQ] = sequence
             words[base + _E_START] = start
-            words[base + _E_LENGTH] = length
+            words[base + _E_LENGTH_FLAGS] = length << _FLAG_BITS | (
+                _FLAG_KEYFRAME if keyframe else 0
+            )
             words[base + _E_PTS] = pts
             words[base + _E_CAPTURE_US] = capture_us
-            words[base + _E_FLAGS] = _FLAG_KEYFRAME if keyframe else 0
+            words[base + _E_MONOTONIC_US] = monotonic_us
             words[base + _E_DURATION] = duration
         except BaseException as exc:
             # Leave the entry even (a later append must start from even) and holding no packet.
             words[base + _E_SEQ] = 0
             words[base + _E_GEN] = generation + 2
             if isinstance(exc, TypeError | ValueError):
-                raise ConfigError("pts, capture_us and duration must be int64 integers") from exc
+                raise ConfigError(
+                    "pts, capture_us, monotonic_us and duration must be int64 integers"
+                ) from exc
             raise
         words[base + _E_GEN] = generation + 2
         words[_H_LAST_SEQ] = sequence
@@ -200,10 +226,12 @@ class PacketRing(SegmentHandle):
         if words[_H_HEAD] - start > self.capacity:
             return None
         offset = start % self.capacity
-        length = min(max(words[base + _E_LENGTH], 0), self.capacity - offset)  # garbage if torn
+        length_flags = words[base + _E_LENGTH_FLAGS]
+        # Garbage if torn (the re-check below then fails): clamp it to the ring.
+        length = min(max(length_flags >> _FLAG_BITS, 0), self.capacity - offset)
         pts = words[base + _E_PTS]
         capture_us = words[base + _E_CAPTURE_US]
-        flags = words[base + _E_FLAGS]
+        monotonic_us = words[base + _E_MONOTONIC_US]
         duration = words[base + _E_DURATION]
         data = self._data[offset : offset + length].tobytes()
         if words[base + _E_GEN] != generation or words[_H_HEAD] - start > self.capacity:
@@ -212,7 +240,8 @@ class PacketRing(SegmentHandle):
             sequence=sequence,
             pts=pts,
             capture_us=capture_us,
-            keyframe=bool(flags & _FLAG_KEYFRAME),
+            monotonic_us=monotonic_us,
+            keyframe=bool(length_flags & _FLAG_KEYFRAME),
             duration=duration,
             data=data,
         )
@@ -227,7 +256,7 @@ class PacketRing(SegmentHandle):
         usable = (
             (snapshot[:, _E_GEN] & 1 == 0)
             & (snapshot[:, _E_SEQ] >= max(at_least, 1))
-            & (snapshot[:, _E_FLAGS] & _FLAG_KEYFRAME != 0)
+            & (snapshot[:, _E_LENGTH_FLAGS] & _FLAG_KEYFRAME != 0)
             & (head - snapshot[:, _E_START] <= self.capacity)
         )
         sequences: npt.NDArray[np.int64] = snapshot[usable, _E_SEQ]
