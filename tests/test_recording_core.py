@@ -1,7 +1,9 @@
 """RecordingCore: every recording decision, with literal times and no files.
 
-Video is 30 fps (a frame every 33_333 us); capture times are wall-clock microseconds, as the
-capture actor stamps them; ``now`` is the shell's monotonic clock.
+Video is 30 fps (a frame every 33_333 us).  Each packet carries two capture stamps, as the
+capture actor gives them: ``capture_us`` on the wall clock (which a test may step, as NTP
+does) and ``media_us`` on the monotonic clock, with a different origin so a swap shows;
+``now`` is the shell's monotonic clock in seconds.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ from shared.recording.policy import FileLimits
 FRAME_US = 33_333
 #: Capture time of frame 0: wall-clock second 1000.
 BASE_US = 1_000_000_000
+#: Media time of frame 0: monotonic second 5 (the monotonic clock counts from boot).
+MEDIA_BASE_US = 5_000_000
+#: An NTP step of the wall clock.
+HOUR_US = 3_600_000_000
 FIRST = "/rec/talk.mp4"
 
 
@@ -40,24 +46,48 @@ def plan(**fields: object) -> RecordingPlan:
 
 
 def capture(frame: int) -> int:
+    """Wall-clock capture stamp of frame ``frame`` (before any step of the wall clock)."""
     return BASE_US + frame * FRAME_US
 
 
+def media(frame: int) -> int:
+    """Media time (monotonic capture stamp) of frame ``frame``."""
+    return MEDIA_BASE_US + frame * FRAME_US
+
+
 def video(
-    core: RecordingCore, frame: int, *, keyframe: bool = False, now: float = 0.0
+    core: RecordingCore,
+    frame: int,
+    *,
+    keyframe: bool = False,
+    now: float = 0.0,
+    wall_step_us: int = 0,
 ) -> list[RecordingEvent]:
-    """Frame ``frame`` of the stream; its bytes name it, so tests can tell which was written."""
+    """Frame ``frame`` of the stream; its bytes name it, so tests can tell which was written.
+    ``wall_step_us``: how far the wall clock has been stepped by then."""
     data = f"v{frame}".encode()
-    return core.receive_video(data, capture_us=capture(frame), keyframe=keyframe, now=now)
+    return core.receive_video(
+        data,
+        capture_us=capture(frame) + wall_step_us,
+        media_us=media(frame),
+        keyframe=keyframe,
+        now=now,
+    )
 
 
 def feed(
-    core: RecordingCore, frames: range, *, gop: int = 30, keyframes: frozenset[int] = frozenset()
+    core: RecordingCore,
+    frames: range,
+    *,
+    gop: int = 30,
+    keyframes: frozenset[int] = frozenset(),
+    wall_step_us: int = 0,
 ) -> list[RecordingEvent]:
     """Frames in order; a keyframe every ``gop`` frames and at ``keyframes``."""
     events: list[RecordingEvent] = []
     for frame in frames:
-        events += video(core, frame, keyframe=frame % gop == 0 or frame in keyframes)
+        keyframe = frame % gop == 0 or frame in keyframes
+        events += video(core, frame, keyframe=keyframe, wall_step_us=wall_step_us)
     return events
 
 
@@ -90,11 +120,11 @@ def test_a_recording_never_starts_on_a_p_frame() -> None:
 
 def test_audio_is_written_only_into_a_file_opened_by_video() -> None:
     core = started_core()
-    assert core.receive_audio(b"a0", capture_us=capture(0), now=0.0) == []  # no file yet
+    assert core.receive_audio(b"a0", media_us=media(0), now=0.0) == []  # no file yet
     video(core, 1, keyframe=True)
     # Captured before the keyframe that opened the file: it has no place in it.
-    assert core.receive_audio(b"a-early", capture_us=capture(1) - 5_000, now=0.0) == []
-    assert core.receive_audio(b"a1", capture_us=capture(1) + 20_000, now=0.0) == [
+    assert core.receive_audio(b"a-early", media_us=media(1) - 5_000, now=0.0) == []
+    assert core.receive_audio(b"a1", media_us=media(1) + 20_000, now=0.0) == [
         WriteAudio(b"a1", 20_000)
     ]
 
@@ -109,7 +139,7 @@ def test_pause_and_resume_cut_the_pause_out_of_one_timeline() -> None:
     paused = core.state  # a name of its own: mypy would keep core.state narrowed to PAUSED
     assert paused is RecordingState.PAUSED
     assert feed(core, range(30, 90)) == []  # 2 s paused: nothing written
-    assert core.receive_audio(b"a", capture_us=capture(60), now=2.0) == []
+    assert core.receive_audio(b"a", media_us=media(60), now=2.0) == []
     assert core.resume(now=3.0) == [RequestKeyframe()]  # the file continues at a keyframe
     assert core.state is RecordingState.RECORDING
     assert feed(core, range(90, 95), gop=1000) == []  # P-frames after the cut: not decodable
@@ -119,6 +149,66 @@ def test_pause_and_resume_cut_the_pause_out_of_one_timeline() -> None:
     assert not any(isinstance(e, (OpenSegment, CloseSegment)) for e in events)
     assert core.duration_us == 31 * FRAME_US
     assert core.segments == [FIRST]
+
+
+# --- the wall clock steps (NTP) -----------------------------------------------------------------
+
+
+def test_a_wall_clock_step_back_mid_recording_leaves_the_file_continuous() -> None:
+    """The bug: file time was each packet's wall-clock stamp less the first one's, so once NTP
+    stepped the clock back an hour every packet mapped before the file's start and was dropped,
+    while the recording stayed Recording.  File time now comes from the media (monotonic) time.
+    """
+    core = started_core(limits=FileLimits(max_duration_s=10.0))
+    events = feed(core, range(60))  # 2 s, keyframes at 0 and 30
+    events += feed(core, range(60, 100), wall_step_us=-HOUR_US)  # keyframes at 60 and 90
+    events += core.receive_audio(b"a100", media_us=media(100) + 5_000, now=3.3)
+    events += feed(core, range(100, 120), wall_step_us=-HOUR_US)
+    assert written(events) == [(f"v{i}", i * FRAME_US) for i in range(120)]  # none dropped
+    assert [e for e in events if isinstance(e, WriteAudio)] == [
+        WriteAudio(b"a100", 100 * FRAME_US + 5_000)
+    ]
+    assert events[0] == OpenSegment(0, FIRST)
+    assert not any(isinstance(e, OpenSegment | CloseSegment | RequestKeyframe) for e in events[1:])
+    assert core.frames_written == 120 and core.duration_us == 120 * FRAME_US
+    assert core.state is RecordingState.RECORDING and core.segments == [FIRST]
+
+
+def test_a_wall_clock_step_forward_mid_recording_neither_tears_a_gap_nor_rotates() -> None:
+    """Before, an hour forward put an hour of nothing into the file, and the duration limit,
+    reached at once, rotated the file at the next keyframe."""
+    core = started_core(limits=FileLimits(max_duration_s=10.0))
+    events = feed(core, range(60))
+    events += feed(core, range(60, 100), wall_step_us=HOUR_US)
+    events += core.receive_audio(b"a100", media_us=media(100) + 5_000, now=3.3)
+    events += feed(core, range(100, 120), wall_step_us=HOUR_US)
+    assert written(events) == [(f"v{i}", i * FRAME_US) for i in range(120)]
+    assert [e for e in events if isinstance(e, WriteAudio)] == [
+        WriteAudio(b"a100", 100 * FRAME_US + 5_000)
+    ]
+    assert events[0] == OpenSegment(0, FIRST)
+    assert not any(isinstance(e, OpenSegment | CloseSegment | RequestKeyframe) for e in events[1:])
+    assert core.duration_us == 120 * FRAME_US and core.segments == [FIRST]
+
+
+def test_a_schedule_cuts_on_the_wall_clock_stamps_while_the_file_runs_on_media_time() -> None:
+    # Scheduled from wall second 1001 to 1003 (frames 30 and 90 while the wall clock is true).
+    core = scheduled_core(now=10.0, wall_now=999.0)
+    assert core.handle_timer(11.9) == [RequestKeyframe()]
+    # From frame 10 the wall clock is half a second (15 frames) behind: start_at is now the
+    # stamp of frame 45, and the newest keyframe before it is frame 40.
+    events = feed(core, range(10))
+    events += feed(
+        core, range(10, 60), gop=1000, keyframes=frozenset({40}), wall_step_us=-15 * FRAME_US
+    )
+    assert events[0] == OpenSegment(0, FIRST)
+    assert written(events)[:6] == [(f"v{i}", (i - 40) * FRAME_US) for i in range(40, 46)]
+    # From frame 60 it is half a second ahead: stop_at is the stamp of frame 75.
+    events += feed(core, range(60, 81), gop=1000, wall_step_us=15 * FRAME_US)
+    # The file itself runs on unbroken through both steps.
+    assert written(events) == [(f"v{i}", (i - 40) * FRAME_US) for i in range(40, 75)]
+    assert events[-2:] == [CloseSegment(0, FIRST), Finished()]
+    assert core.state is RecordingState.STOPPED
 
 
 # --- rotation ---------------------------------------------------------------------------------
@@ -191,7 +281,7 @@ def test_a_failed_write_ends_the_recording_in_error() -> None:
     assert core.state is RecordingState.ERROR and core.done
     assert core.error == "disk full while writing /rec/talk.mp4"
     assert feed(core, range(10, 70)) == []
-    assert core.receive_audio(b"a", capture_us=capture(70), now=3.0) == []
+    assert core.receive_audio(b"a", media_us=media(70), now=3.0) == []
     assert core.stop(now=3.0) == []  # nothing left to close: the shell closed what it could
     assert core.next_deadline() is None
 
@@ -238,9 +328,9 @@ def test_a_recorder_that_opens_after_its_start_still_records_from_the_start() ->
 
 def test_audio_of_the_kept_gop_is_written_with_it() -> None:
     core = scheduled_core(now=10.0, wall_now=999.0)
-    assert core.receive_audio(b"a-none", capture_us=capture(27), now=11.0) == []  # no GOP yet
+    assert core.receive_audio(b"a-none", media_us=media(27), now=11.0) == []  # no GOP yet
     video(core, 28, keyframe=True)
-    assert core.receive_audio(b"a28", capture_us=capture(28) + 10_000, now=11.9) == []  # kept
+    assert core.receive_audio(b"a28", media_us=media(28) + 10_000, now=11.9) == []  # kept
     events = video(core, 30)
     assert events[1:] == [
         WriteVideo(b"v28", 0, True),
@@ -281,7 +371,7 @@ def test_a_stalled_stream_ends_a_scheduled_recording_at_its_deadline() -> None:
 def test_audio_past_the_stop_does_not_end_the_recording() -> None:
     core = scheduled_core(now=10.0, wall_now=999.0)
     feed(core, range(30, 60), gop=30)
-    assert core.receive_audio(b"a", capture_us=capture(95), now=14.1) == [
+    assert core.receive_audio(b"a", media_us=media(95), now=14.1) == [
         WriteAudio(b"a", 65 * FRAME_US)
     ]
     assert not core.done  # video before the stop may still be in its own ring
@@ -308,8 +398,8 @@ def test_motion_starts_a_file_with_its_pre_roll_from_a_keyframe() -> None:
     assert core.handle_timer(0.0) == [MeasureMotion()]  # no keyframe request: none is needed
     assert core.next_deadline() == MOTION_INTERVAL_S
     assert feed(core, range(90)) == []  # 3 s still: only kept, keyframes at 0, 30, 60
-    assert core.observe_motion(0.5, capture_us=capture(89), now=3.0) == []
-    events = core.observe_motion(20.0, capture_us=capture(89), now=3.2)
+    assert core.observe_motion(0.5, media_us=media(89), now=3.0) == []
+    events = core.observe_motion(20.0, media_us=media(89), now=3.2)
     frames = written(events)
     # At least pre_roll_s (1 s) before the motion, from a keyframe: frames 30..89.
     assert frames[0] == ("v30", 0) and frames[-1] == ("v89", 59 * FRAME_US)
@@ -320,15 +410,24 @@ def test_motion_starts_a_file_with_its_pre_roll_from_a_keyframe() -> None:
 def test_motion_ending_closes_the_file_and_the_next_motion_opens_another() -> None:
     core = motion_core()
     feed(core, range(30))
-    core.observe_motion(20.0, capture_us=capture(29), now=1.0)
+    core.observe_motion(20.0, media_us=media(29), now=1.0)
     feed(core, range(30, 60))
-    assert core.observe_motion(0.0, capture_us=capture(59), now=2.0) == []  # within hold_s
-    assert core.observe_motion(0.0, capture_us=capture(60), now=2.1) == [CloseSegment(0, FIRST)]
+    assert core.observe_motion(0.0, media_us=media(59), now=2.0) == []  # within hold_s
+    assert core.observe_motion(0.0, media_us=media(60), now=2.1) == [CloseSegment(0, FIRST)]
     assert core.state is RecordingState.RECORDING  # armed again: the recording goes on
     assert feed(core, range(61, 120)) == []
-    events = core.observe_motion(30.0, capture_us=capture(119), now=4.0)
+    events = core.observe_motion(30.0, media_us=media(119), now=4.0)
     assert events[0] == OpenSegment(1, "/rec/talk-001.mp4")
     assert written(events)[0] == ("v90", 0)  # a new file, its own time from zero
+
+
+def test_a_wall_clock_step_bends_neither_the_pre_roll_nor_its_file_time() -> None:
+    core = motion_core()
+    feed(core, range(45))
+    feed(core, range(45, 90), wall_step_us=-HOUR_US)  # keyframes at 0, 30, 60
+    events = core.observe_motion(20.0, media_us=media(89), now=3.2)
+    # pre_roll_s (1 s) back from the motion, from a keyframe, on media time: frames 30..89.
+    assert written(events) == [(f"v{i}", (i - 30) * FRAME_US) for i in range(30, 90)]
 
 
 # --- the media clock for a viewer (kizuna-stream record) --------------------------------------
@@ -351,3 +450,10 @@ def test_viewer_recording_takes_file_time_from_rtp_timestamps() -> None:
     events += core.receive_rtp_video(b"p1", rtp_timestamp=first + 3000, keyframe=False, now=0.1)
     events += core.receive_rtp_video(b"p2", rtp_timestamp=0, keyframe=False, now=0.2)
     assert written(events) == [("k", 0), ("p1", 33_333), ("p2", 66_666)]
+
+
+def test_a_viewer_recording_cannot_be_scheduled() -> None:
+    """RTP time stands in for the wall-clock stamps, so it cannot be held against a schedule."""
+    core = scheduled_core(now=10.0, wall_now=999.0)
+    with pytest.raises(ConfigError, match="RTP time"):
+        core.receive_rtp_video(b"k", rtp_timestamp=0, keyframe=True, now=10.0)

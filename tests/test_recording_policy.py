@@ -59,7 +59,7 @@ def test_file_limits() -> None:
 
 @dataclass(frozen=True)
 class Packet:
-    capture_us: int
+    media_us: int
     keyframe: bool
 
 
@@ -71,8 +71,8 @@ def test_pre_roll_keeps_the_span_from_a_keyframe() -> None:
         buffer.add(Packet(index * 33_333, index % 30 == 0))
     packets = buffer.drain()
     assert packets[0].keyframe
-    newest = packets[-1].capture_us
-    span = newest - packets[0].capture_us
+    newest = packets[-1].media_us
+    span = newest - packets[0].media_us
     assert 2_000_000 <= span < 3_000_000  # at least the pre-roll, at most one GOP more
     assert len(buffer) == 0
 

@@ -23,7 +23,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from shared.errors import RecordingError, ResourceError
 from shared.models import (
@@ -95,7 +95,8 @@ class RecorderActor:
             trigger=config.trigger,
         )
         self._scheduled = start_at is not None
-        # Capture stamps and the schedule are wall-clock times; the core runs on monotonic time.
+        # The schedule is wall-clock time, placed on the core's monotonic timers through
+        # wall_now; packets are timed by their monotonic stamps (shared.recording.core).
         self._core = RecordingCore(plan, now=time.monotonic(), wall_now=time.time())
         self._recorder: StreamRecorder | None = None
         self._deleted: list[str] = []
@@ -134,7 +135,7 @@ class RecorderActor:
         self._task = asyncio.create_task(self._run(), name="record")
         return os.getpid()
 
-    def packets_ready(self, sequence: int, *args: Any) -> None:
+    def packets_ready(self, sequence: int, rung: int | None = None) -> None:
         self._wakeup.set()
 
     # --- control (the design's RecordingEngine) -------------------------------------------
@@ -206,22 +207,32 @@ class RecorderActor:
         await self._flush()
 
     def _read_rings(self, now: float) -> None:
-        """Feed every packet the rings hold to the core, video and audio in capture order."""
+        """Feed every packet the rings hold to the core, video and audio in capture order.
+
+        The order and the file time come from the monotonic stamps (an NTP step of the wall
+        clock must not reorder or stall the file); the wall-clock stamp only places a video
+        packet against a schedule.
+        """
         video = self._video.read_available()
         self._missed += video.missed
         audio = self._audio.read_available().packets if self._audio else []
         packets = sorted(
-            [(p.capture_us, 0, p) for p in video.packets] + [(p.capture_us, 1, p) for p in audio],
+            [(p.monotonic_us, 0, p) for p in video.packets]
+            + [(p.monotonic_us, 1, p) for p in audio],
             key=lambda item: (item[0], item[1]),
         )
         core = self._core
-        for capture_us, kind, packet in packets:
+        for media_us, kind, packet in packets:
             if kind == 0:
                 events = core.receive_video(
-                    packet.data, capture_us=capture_us, keyframe=packet.keyframe, now=now
+                    packet.data,
+                    capture_us=packet.capture_us,
+                    media_us=media_us,
+                    keyframe=packet.keyframe,
+                    now=now,
                 )
             else:
-                events = core.receive_audio(packet.data, capture_us=capture_us, now=now)
+                events = core.receive_audio(packet.data, media_us=media_us, now=now)
             self._dispatch(events)
 
     def _dispatch(self, events: list[RecordingEvent]) -> None:
@@ -242,8 +253,9 @@ class RecorderActor:
         luma = frame.pixels[: frame.width * frame.height].reshape(frame.height, frame.width)
         motion = self._motion.measure(luma)
         was_open = self._core.segment_open
+        # The pool's monotonic stamp: the clock the video packets' media time is on.
         self._dispatch(
-            self._core.observe_motion(motion, capture_us=frame.capture_us, now=time.monotonic())
+            self._core.observe_motion(motion, media_us=frame.monotonic_us, now=time.monotonic())
         )
         if self._core.segment_open and not was_open:
             logger.info("recording %s: motion, recording with pre-roll", self._id)

@@ -4,22 +4,29 @@ Theory of operation
 -------------------
 A shell (``RecorderActor`` on the server, ``kizuna-stream record`` on a viewer) reads encoded
 packets from wherever it gets them and feeds them here in capture order: video access units
-with their keyframe flag and audio packets, each with its capture time in integer microseconds
-(the capture actor's wall-clock stamp, or RTP time that :class:`RtpMediaClock` extends and
-maps for a viewer).  Every
-input returns the list of :class:`RecordingEvent` the shell must carry out, in order: open a
-segment, write this packet at this file time, close the segment, enforce the quota, ask the
+with their keyframe flag and audio packets, each with its capture time in integer microseconds.
+Every input returns the list of :class:`RecordingEvent` the shell must carry out, in order: open
+a segment, write this packet at this file time, close the segment, enforce the quota, ask the
 encoder for a keyframe.  The core never reads a clock or touches a file; the muxer
 (``shared.recording.muxer.StreamRecorder``) is the I/O the shells drive with these events.
 
-Time: ``now`` is the shell's monotonic clock, in seconds, and drives the timers only (when to
-ask for the start keyframe, when to give up waiting for a scheduled stop, when to look for
-motion).  Which packet starts or ends a file is decided on capture times, the clock the
-packets carry, so a late or busy shell still cuts at the same frames.  A scheduled start or
-stop is a wall-clock time: the shell passes ``wall_now`` beside ``now`` once, at construction,
-and the core places its timers from the difference.  :meth:`RecordingCore.next_deadline` says
-when the shell must call :meth:`RecordingCore.handle_timer` next, so it arms one timer instead
-of polling.
+Time: three clocks, each for one thing.
+
+* ``now``, the shell's monotonic clock in seconds, drives the timers only (when to ask for the
+  start keyframe, when to give up waiting for a scheduled stop, when to look for motion).
+* ``media_us``, a packet's capture time on a clock that never steps (the monotonic stamp the
+  capture actor gives every frame and audio block, ``RingPacket.monotonic_us``; for a viewer,
+  RTP time that :class:`RtpMediaClock` extends and maps), decides everything timed within the
+  stream: file time, the duration limit, the pre-roll's span and the motion trigger's hold.
+  An NTP step of the wall clock therefore neither stalls a file nor tears a gap into it.
+* ``capture_us``, the same packet's wall-clock stamp, is compared with a scheduled
+  ``start_at_us`` / ``stop_at_us`` and nothing else: a schedule is a wall-clock time, so it
+  starts and stops by the stamps on the packets, and a late or busy shell still cuts at the
+  same frames.  The shell passes ``wall_now`` beside ``now`` once, at construction, and the
+  core places its timers for the schedule from the difference.
+
+:meth:`RecordingCore.next_deadline` says when the shell must call
+:meth:`RecordingCore.handle_timer` next, so it arms one timer instead of polling.
 
 Phases (``paused`` is a flag beside them: a pause neither starts nor ends a recording)
 
@@ -113,9 +120,10 @@ class RecordingPlan(msgspec.Struct, frozen=True, kw_only=True):
     quota: bool = False
     """Whether the output folder has a quota to enforce after each closed segment."""
     start_at_us: int | None = None
-    """Scheduled start on the capture clock (wall-clock microseconds); None: at once."""
+    """Scheduled start in wall-clock microseconds, compared with the packets' ``capture_us``;
+    None: at once."""
     stop_at_us: int | None = None
-    """Scheduled stop on the capture clock; None: when the shell stops the recording."""
+    """Scheduled stop in wall-clock microseconds; None: when the shell stops the recording."""
     trigger: MotionTriggerConfig | None = None
     """Record only while the picture moves (with pre-roll), instead of continuously."""
     keyframe_lead_s: float = KEYFRAME_LEAD_S
@@ -253,10 +261,10 @@ class _Phase(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class _Held:
-    """A packet kept while waiting for a scheduled start."""
+    """A packet kept while waiting for a scheduled start or motion, or about to be written."""
 
     data: bytes
-    capture_us: int
+    media_us: int
     keyframe: bool
     video: bool
 
@@ -289,9 +297,9 @@ class RecordingCore:
         self.error: str | None = None
         self._rtp_clock = RtpMediaClock(plan.rtp_clock_rate)
 
-        def monotonic(capture_us: int) -> float:
+        def monotonic(wall_us: int) -> float:
             assert wall_now is not None
-            return now + (capture_us / 1e6 - wall_now)
+            return now + (wall_us / 1e6 - wall_now)
 
         # The start keyframe is asked for at once, or keyframe_lead_s before a scheduled start.
         # A motion-triggered recording asks for none: its pre-roll begins at a keyframe.
@@ -376,9 +384,10 @@ class RecordingCore:
         return events
 
     def receive_video(
-        self, data: bytes, *, capture_us: int, keyframe: bool, now: float
+        self, data: bytes, *, capture_us: int, media_us: int, keyframe: bool, now: float
     ) -> list[RecordingEvent]:
-        """One encoded access unit, in capture order."""
+        """One encoded access unit, in capture order: ``media_us`` times it in the file,
+        ``capture_us`` (wall clock) places it against a schedule (module doc)."""
         if self.done:
             return []
         stop_us = self._plan.stop_at_us
@@ -387,41 +396,52 @@ class RecordingCore:
         if self._paused:
             return []
         start_us = self._plan.start_at_us
+        packet = _Held(data, media_us, keyframe, video=True)
         if self._phase is _Phase.WAITING:
             if start_us is not None and capture_us < start_us:
                 if self._pre_roll is None:
-                    self._hold(_Held(data, capture_us, keyframe, video=True))
+                    self._hold(packet)
                 return []
             if self._pre_roll is not None:
-                self._pre_roll.add(_Held(data, capture_us, keyframe, video=True))
+                self._pre_roll.add(packet)
                 return []
             self._phase = _Phase.RECORDING
             held, self._held = self._held, []
             events = [e for h in held for e in self._write(h)]
-            return events + self._write(_Held(data, capture_us, keyframe, video=True))
-        return self._write(_Held(data, capture_us, keyframe, video=True))
+            return events + self._write(packet)
+        return self._write(packet)
 
     def receive_rtp_video(
         self, data: bytes, *, rtp_timestamp: int, keyframe: bool, now: float
     ) -> list[RecordingEvent]:
-        """An access unit timed by its RTP timestamp instead of a capture stamp (a viewer sees
-        no capture stamps before the first sender report; RTP time is there from the start)."""
-        capture_us = self._rtp_clock.to_us(rtp_timestamp)
-        return self.receive_video(data, capture_us=capture_us, keyframe=keyframe, now=now)
+        """An access unit timed by its RTP timestamp instead of capture stamps (a viewer sees
+        no capture stamps before the first sender report; RTP time is there from the start).
 
-    def receive_audio(self, data: bytes, *, capture_us: int, now: float) -> list[RecordingEvent]:
-        """One audio packet, in capture order with the video.
+        RTP time, extended and mapped by :class:`RtpMediaClock`, is continuous: it is the media
+        time, and stands in for the wall-clock stamp too, so a plan fed this way must have no
+        schedule (``kizuna-stream record`` has none).
+        """
+        if self._plan.start_at_us is not None or self._plan.stop_at_us is not None:
+            raise ConfigError("RTP time is no wall clock: a scheduled recording cannot use it")
+        media_us = self._rtp_clock.to_us(rtp_timestamp)
+        return self.receive_video(
+            data, capture_us=media_us, media_us=media_us, keyframe=keyframe, now=now
+        )
+
+    def receive_audio(self, data: bytes, *, media_us: int, now: float) -> list[RecordingEvent]:
+        """One audio packet, in capture order with the video, at media time ``media_us``.
 
         Audio never ends a scheduled recording: it comes through its own ring, so an audio
-        packet past the stop says nothing about the video still on its way.
+        packet past the stop says nothing about the video still on its way.  Nor does it start
+        one (video does), so its wall-clock stamp plays no part here.
         """
         if self.done or self._paused:
             return []
         if self._phase is _Phase.WAITING:
             if self._held:
-                self._held.append(_Held(data, capture_us, False, video=False))
+                self._held.append(_Held(data, media_us, False, video=False))
             return []
-        return self._write(_Held(data, capture_us, False, video=False))
+        return self._write(_Held(data, media_us, False, video=False))
 
     def segment_size(self, size_bytes: int) -> list[RecordingEvent]:
         """The open segment's size as the muxer counts it, after the shell's last writes."""
@@ -430,11 +450,12 @@ class RecordingCore:
         self._segment_bytes = size_bytes
         return self._check_limits()
 
-    def observe_motion(self, motion: float, *, capture_us: int, now: float) -> list[RecordingEvent]:
-        """The motion :class:`MeasureMotion` asked for, measured in a picture captured then."""
+    def observe_motion(self, motion: float, *, media_us: int, now: float) -> list[RecordingEvent]:
+        """The motion :class:`MeasureMotion` asked for, measured in a picture captured at media
+        time ``media_us`` (the clock of the video packets' ``media_us``)."""
         if self._trigger is None or self._pre_roll is None or self.done:
             return []
-        decision = self._trigger.observe(motion, now_us=capture_us)
+        decision = self._trigger.observe(motion, now_us=media_us)
         if decision is True and self._phase is _Phase.WAITING:
             self._phase = _Phase.RECORDING
             backlog = self._pre_roll.drain()
@@ -495,7 +516,7 @@ class RecordingCore:
         if not packet.video:
             if self._open_path is None or self._timeline.needs_keyframe:
                 return []
-            file_us = self._timeline.to_file_us(packet.capture_us)
+            file_us = self._timeline.to_file_us(packet.media_us)
             if file_us is None or file_us < 0:
                 return []  # captured before the keyframe that opened the file
             return [WriteAudio(packet.data, file_us)]
@@ -505,7 +526,7 @@ class RecordingCore:
         if self._rotate_pending and packet.keyframe and self._open_path is not None:
             events += self._close(next_segment=True)
             self._timeline = self._new_timeline()  # the next file starts at zero
-        file_us = self._timeline.to_file_us(packet.capture_us)
+        file_us = self._timeline.to_file_us(packet.media_us)
         if file_us is None or file_us < 0:
             return events
         if self._open_path is None:

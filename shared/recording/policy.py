@@ -1,9 +1,14 @@
 """Recording decisions, sans-I/O: timelines across pauses, file limits, pre-roll, triggers.
 
 Everything here is pure bookkeeping with time passed in; ``shared.recording.core.RecordingCore``
-combines these into one recording's decisions, so the shells only move packets and files.  Times are capture timestamps in integer microseconds on the wall clock the
-capture actor stamps every video frame and audio packet with; basing the file timeline on that
-one clock keeps audio and video in sync across pauses and segment boundaries.
+combines these into one recording's decisions, so the shells only move packets and files.
+
+Clocks: the timeline, the pre-roll and the motion trigger run on *media time*, integer
+microseconds on a clock that never steps: the monotonic capture stamp every video frame and
+audio packet carries (``RingPacket.monotonic_us``), or a viewer's RTP time.  Basing them on that
+one clock keeps audio and video in sync across pauses and segment boundaries, and an NTP step
+of the wall clock can neither stall a file nor tear a gap into it.  The wall clock is only
+data here: :class:`RecordingSchedule` holds the wall-clock times a user scheduled.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ __all__ = [
 
 
 class Timeline:
-    """Maps capture time to file time so the file plays continuously across pauses.
+    """Maps media time to file time so the file plays continuously across pauses.
 
     The first packet written is file time 0.  While paused nothing maps; on resume the gap is
     cut out: the first packet after it lands one ``resume_gap_us`` after the last one before.
@@ -65,8 +70,8 @@ class Timeline:
             self._paused = False
             self._resume_pending = self._offset_us is not None
 
-    def to_file_us(self, capture_us: int) -> int | None:
-        """File time for a packet captured at ``capture_us``; None while paused.
+    def to_file_us(self, media_us: int) -> int | None:
+        """File time for a packet captured at media time ``media_us``; None while paused.
 
         Call only for packets that may start (or continue) the file: after a pause the caller
         must hold back until a keyframe, because the decoder needs one after the cut.
@@ -74,11 +79,11 @@ class Timeline:
         if self._paused:
             return None
         if self._offset_us is None:
-            self._offset_us = capture_us
+            self._offset_us = media_us
         elif self._resume_pending:
-            self._offset_us = capture_us - (self._last_file_us + self._gap_us)
+            self._offset_us = media_us - (self._last_file_us + self._gap_us)
             self._resume_pending = False
-        file_us = capture_us - self._offset_us
+        file_us = media_us - self._offset_us
         self._last_file_us = max(self._last_file_us, file_us)
         return file_us
 
@@ -114,7 +119,7 @@ class FileLimits(msgspec.Struct, frozen=True, kw_only=True):
 
 class TimedPacket(Protocol):
     @property
-    def capture_us(self) -> int: ...
+    def media_us(self) -> int: ...
 
     @property
     def keyframe(self) -> bool: ...
@@ -134,11 +139,11 @@ class PreRollBuffer:
         if not self._packets and not packet.keyframe:
             return  # a pre-roll must start at a keyframe to be decodable
         self._packets.append(packet)
-        newest = packet.capture_us
+        newest = packet.media_us
         # Drop whole GOPs from the front while the next keyframe still covers the span.
         while True:
             next_key = next((i for i, p in enumerate(self._packets) if i > 0 and p.keyframe), None)
-            if next_key is None or newest - self._packets[next_key].capture_us < self._span_us:
+            if next_key is None or newest - self._packets[next_key].media_us < self._span_us:
                 return
             for _ in range(next_key):
                 self._packets.popleft()
@@ -168,7 +173,8 @@ class MotionDetector:
 
 
 class MotionTrigger:
-    """Starts recording when motion exceeds ``threshold`` and stops ``hold_s`` after it ends."""
+    """Starts recording when motion exceeds ``threshold`` and stops ``hold_s`` after it ends
+    (``now_us``: the media time of the picture measured)."""
 
     def __init__(self, *, threshold: float, hold_s: float) -> None:
         self._threshold = threshold
