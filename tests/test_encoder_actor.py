@@ -63,13 +63,20 @@ class Collector:
     """A subscriber: records every ``packets_ready`` call with its arguments."""
 
     def __init__(self) -> None:
-        self.calls: list[tuple[int, ...]] = []
+        self.calls: list[tuple[int, int | None]] = []
 
-    def packets_ready(self, sequence: int, *rung: int) -> None:
-        self.calls.append((sequence, *rung))
+    def packets_ready(self, sequence: int, rung: int | None = None) -> None:
+        self.calls.append((sequence, rung))
 
-    def seen(self) -> list[tuple[int, ...]]:
+    def seen(self) -> list[tuple[int, int | None]]:
         return self.calls
+
+
+class CollectorHandle(PacketSubscriber[Collector]):
+    """A typed handle on the collector actor, as the encoder gets for a sender or recorder."""
+
+    def packets_ready(self, sequence: int, rung: int | None = None) -> None:
+        self.send(Collector.packets_ready, sequence, rung)
 
 
 class Capture:
@@ -187,7 +194,7 @@ def test_a_ladder_writes_each_rung_to_its_own_ring_and_notifies_per_rung(ray_clu
             rung: ray.remote(Collector).options(num_cpus=0).remote() for rung in (0, 1, None)
         }
         for rung, collector in collectors.items():
-            ray.get(actor.subscribe.remote(f"c{rung}", PacketSubscriber[Any](collector), rung))
+            ray.get(actor.subscribe.remote(f"c{rung}", CollectorHandle(collector), rung))
         rings = readers(actor)
         cap.feed(60)
         final = settle(actor, 60, 30)  # rung 1 at 15 fps: every other frame, by timestamp
@@ -198,10 +205,9 @@ def test_a_ladder_writes_each_rung_to_its_own_ring_and_notifies_per_rung(ray_clu
             assert {(w, h) for w, h, _ in frames} == {(rung.width, rung.height)}
             assert packets[n][0].keyframe
         assert [len(p) for p in packets] == [60, 30]
-        # One call per access unit, each naming its packet: rung 0 subscribers keep the
-        # single-argument call, the others learn the rung.
+        # One call per access unit, each naming its packet and its rung.
         calls = {rung: calls_of(collectors[rung], n) for rung, n in ((0, 60), (1, 30), (None, 90))}
-        assert calls[0] == [(p.sequence,) for p in packets[0]]
+        assert calls[0] == [(p.sequence, 0) for p in packets[0]]
         assert calls[1] == [(p.sequence, 1) for p in packets[1]]
         assert sorted(calls[None]) == sorted(
             [(p.sequence, 0) for p in packets[0]] + [(p.sequence, 1) for p in packets[1]]

@@ -326,9 +326,7 @@ class EncoderActor:
 
     def _notify(self, index: int, sequence: int) -> None:
         for handle, rung in self._subscribers.values():
-            if rung == index == 0:
-                handle.packets_ready(sequence)  # the single-rung signature
-            elif rung is None or rung == index:
+            if rung is None or rung == index:
                 handle.packets_ready(sequence, index)
 
     # --- stats ---------------------------------------------------------------------------------

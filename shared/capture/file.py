@@ -334,7 +334,7 @@ class FileAudioSource:
         if not _wait_until(due, timeout):
             return None
         self._pending = None
-        return AudioBlock(block.pcm, self.playback.wall_us(due))
+        return AudioBlock(block.pcm, self.playback.wall_us(due), monotonic_us=due)
 
     def close(self) -> None:
         self._reader.close()

@@ -212,7 +212,8 @@ class ScheduleAction(enum.Enum):
 
 
 class RecordingSchedule:
-    """Scheduled recordings: start at a wall-clock time, stop after a duration."""
+    """Scheduled recordings: start at a time, stop after a duration (any one clock; the
+    supervisor runs it on the monotonic clock)."""
 
     def __init__(self) -> None:
         self._pending: dict[str, ScheduledRecording] = {}
