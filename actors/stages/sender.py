@@ -118,6 +118,8 @@ class SenderActor:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._sources: list[_TrackSource] = []
+        #: The flows viewers send RTCP on, fixed once the rings are attached.
+        self._rtcp_flows: frozenset[int] = frozenset()
         self._keyframes = KeyframePolicy()
         self._url = ""
         self._error: str | None = None
@@ -145,6 +147,7 @@ class SenderActor:
             pass  # the stream has no audio
         else:
             self._sources.append(_TrackSource(1, AUDIO_TRACK, audio, "next"))
+        self._rtcp_flows = frozenset(source.spec.rtcp_flow_id for source in self._sources)
         self._broadcast = BroadcastSender(
             [source.spec for source in self._sources], initial_bps=INITIAL_ESTIMATE_BPS
         )
@@ -232,7 +235,7 @@ class SenderActor:
         self._broadcast.remove(connection)
 
     def _on_packet(self, connection: RoqConnection, flow_id: int, data: bytes) -> None:
-        if flow_id not in {source.spec.rtcp_flow_id for source in self._sources}:
+        if flow_id not in self._rtcp_flows:
             connection.stats.unknown_flows += 1  # counted and dropped; the connection goes on
             return
         now = time.monotonic()
