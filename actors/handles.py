@@ -6,15 +6,18 @@ makes on it, typed:
 
 - control calls are coroutines: they apply the call deadline and raise the actor's own error,
   not Ray's wrapper (:func:`actors.calls.call`);
-- the per-frame notifications (``frame_ready``, ``packets_ready``, ``request_keyframe``) are
-  plain fire-and-forget methods: waiting for them would put a round trip on every frame.
+- ``request_keyframe`` is fire-and-forget: a sender asks for it on a viewer's PLI from its own
+  event loop, which must not wait for a round trip.
+
+No call here carries frames or announces them: frames and packets reach their readers through
+shared memory and its doorbells (:mod:`shared.pool.doorbell`); Ray is the control plane.
 
 Each call names the actor's method by reference (``EncoderActor.configure``), not by string, so
 calling a method the actor lacks, with the wrong arguments, or on another kind of actor is a
 mypy error: the handle's type parameter ties those references to its own actor class.
 
 A handle pickles with the Ray handle inside it, so the supervisor passes handles to other actors
-as it passed the raw ones (the capture actor gets the encoder's, the encoder its subscribers').
+as it passed the raw ones (the capture actor, senders and recorders get the encoder's).
 In-process tests wrap a stand-in with the same ``method.remote(...)`` shape.
 """
 
@@ -39,7 +42,6 @@ __all__ = [
     "CaptureHandle",
     "EncoderHandle",
     "Handle",
-    "PacketSubscriber",
     "QualityHandle",
     "RecorderHandle",
     "SenderHandle",
@@ -86,7 +88,7 @@ class Handle(Generic[A]):
     def send(
         self, method: Callable[Concatenate[A, P], object], /, *args: P.args, **kwargs: P.kwargs
     ) -> None:
-        """Run ``method`` in the actor; nobody waits for it (the per-frame notifications)."""
+        """Run ``method`` in the actor; nobody waits for it (a keyframe request)."""
         getattr(self.actor, method.__name__).remote(*args, **kwargs)
 
     def kill(self) -> None:
@@ -115,19 +117,6 @@ class CaptureHandle(Handle[CaptureActor]):
         return await self.call(CaptureActor.stop)
 
 
-class PacketSubscriber(Handle[A]):
-    """An actor the encoder tells of new packets in its rings: a sender or a recorder.
-
-    Each subclass sends ``packets_ready`` by reference to its own actor's method, so both actor
-    classes must take the same ``(sequence, rung)`` call: a subscriber without it is a mypy
-    error here, not a call that fails unseen in another process.
-    """
-
-    def packets_ready(self, sequence: int, rung: int | None = None) -> None:
-        """Packets up to ``sequence`` are in the ring of ``rung`` (None: the stream's only one)."""
-        raise NotImplementedError
-
-
 class EncoderHandle(Handle[EncoderActor]):
     actor_class = EncoderActor
     kind = "encoder"
@@ -138,14 +127,6 @@ class EncoderHandle(Handle[EncoderActor]):
 
     async def rung_names(self) -> list[str]:
         return await self.call(EncoderActor.rung_names)
-
-    async def subscribe(
-        self, name: str, subscriber: PacketSubscriber[Any], rung: int | None = 0
-    ) -> None:
-        await self.call(EncoderActor.subscribe, name, subscriber, rung)
-
-    async def unsubscribe(self, name: str) -> None:
-        await self.call(EncoderActor.unsubscribe, name)
 
     async def configure(self, quality: StreamQuality) -> StreamQuality:
         """The quality the encoder applied (``quality``, capped by the source)."""
@@ -160,21 +141,14 @@ class EncoderHandle(Handle[EncoderActor]):
     async def stop(self) -> EncoderStats:
         return await self.call(EncoderActor.stop)
 
-    def frame_ready(self, sequence: int) -> None:
-        """A new frame is in the pool (from the capture actor, once per frame)."""
-        self.send(EncoderActor.frame_ready, sequence)
-
     def request_keyframe(self, rung: int | None = 0) -> None:
         """An IDR on the next frame of ``rung`` (None: every rung)."""
         self.send(EncoderActor.request_keyframe, rung)
 
 
-class SenderHandle(PacketSubscriber[SenderActor]):
+class SenderHandle(Handle[SenderActor]):
     actor_class = SenderActor
     kind = "sender"
-
-    def packets_ready(self, sequence: int, rung: int | None = None) -> None:
-        self.send(SenderActor.packets_ready, sequence, rung)
 
     async def open(self, host: str, port: int, identity: TlsIdentity) -> str:
         """Listen on ``host:port`` (0: any free port); the stream's URL for viewers."""
@@ -187,12 +161,9 @@ class SenderHandle(PacketSubscriber[SenderActor]):
         return await self.call(SenderActor.stop)
 
 
-class RecorderHandle(PacketSubscriber[RecorderActor]):
+class RecorderHandle(Handle[RecorderActor]):
     actor_class = RecorderActor
     kind = "recorder"
-
-    def packets_ready(self, sequence: int, rung: int | None = None) -> None:
-        self.send(RecorderActor.packets_ready, sequence, rung)
 
     async def open(self) -> int:
         """Check the output folder, attach to the rings and start writing; the actor's pid."""

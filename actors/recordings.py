@@ -1,6 +1,6 @@
 """The supervisor's recording bookkeeping: the design's RecordingEngine over RecorderActors.
 
-Each recording session is its own RecorderActor subscribed to its stream's encoder, so a stream
+Each recording session is its own RecorderActor reading its stream's packet rings, so a stream
 can have several (a continuous one and a motion-triggered one, say), each started, paused,
 resumed and stopped on its own.  Scheduled recordings wait in a ``RecordingSchedule`` whose timer
 wakes exactly when the next start or stop is due.  A recorder whose process dies (killed, out of memory) is
@@ -151,16 +151,11 @@ class Recordings:
             handle.kill()
             raise
         recording.handle = handle
-        await stream.encoder.subscribe(recording.recording_id, handle)
 
     async def stop(self, recording_id: str) -> RecordingSession:
         recording = self._get(recording_id)
         del self._recordings[recording_id]
         async with recording.lock:
-            try:
-                await recording.stream.encoder.unsubscribe(recording_id)
-            except Exception as exc:  # the encoder may already be gone when the stream stops
-                logger.debug("unsubscribe %s: %s", recording_id, exc)
             try:
                 final = await recording.handle.stop()
             except ray.exceptions.RayActorError:

@@ -76,7 +76,7 @@ HEALTH_INTERVAL_S = 1.0
 
 
 def sender_role(viewer_id: str) -> str:
-    """The name a viewer's sender has among the stream's actors and encoder subscribers."""
+    """The name a viewer's sender has among the stream's actors."""
     return f"sender-{viewer_id}"
 
 
@@ -93,24 +93,17 @@ async def detach_viewer(
     viewer_id: str,
     sender: SenderHandle,
     *,
-    encoder: EncoderHandle | None,
     quality: QualityHandle | None,
     context: str,
 ) -> None:
-    """Take a viewer's sender out of the stream: unsubscribe it from the encoder, take it out of
-    quality control, stop it and kill it.
+    """Take a viewer's sender out of the stream: take it out of quality control, stop it and
+    kill it.  (The encoder needs no word: the sender hangs up its rings' doorbells on stop, or
+    the kernel does when it is killed, and the encoder's next packet notices.)
 
-    Each step is attempted whatever became of the one before, and a failure is logged: an
-    encoder that died must neither leave the quality actor polling a sender that is going away
-    nor leave the sender running with its port open.
+    Each step is attempted whatever became of the one before, and a failure is logged: a
+    quality actor that died must not leave the sender running with its port open.
     """
     role = sender_role(viewer_id)
-    if encoder is not None:
-        await attempt(
-            functools.partial(encoder.unsubscribe, role),
-            f"unsubscribe {role} from the encoder",
-            context,
-        )
     if quality is not None:
         await attempt(
             functools.partial(quality.remove_sender, viewer_id),
@@ -437,8 +430,6 @@ class Supervisor:
         try:
             url = await sender.open(stream.config.listen_host, port, stream.identity)
             stream.pids[role] = (await sender.stats()).pid
-            if stream.encoder is not None:
-                await stream.encoder.subscribe(role, sender)
             if stream.quality is not None:
                 await stream.quality.add_sender(viewer_id, sender)
             # The stream may have begun stopping (or failed) while the sender opened.
@@ -450,7 +441,6 @@ class Supervisor:
             await detach_viewer(
                 viewer_id,
                 sender,
-                encoder=stream.encoder,
                 quality=stream.quality,
                 context=f"stream {session_id}",
             )
@@ -488,7 +478,6 @@ class Supervisor:
         await detach_viewer(
             viewer_id,
             viewer.sender,
-            encoder=stream.encoder,
             quality=stream.quality,
             context=f"stream {session_id}",
         )

@@ -424,7 +424,6 @@ class _RecordingEncoderActor:
     """Stands in for the encoder actor behind a real EncoderHandle, recording its calls."""
 
     def __init__(self, outer: FakeEncoder) -> None:
-        self.frame_ready = _Remote(outer.sequences.append)
         self.request_keyframe = _Remote(outer.record_keyframe_request)
 
 
@@ -432,7 +431,6 @@ class FakeEncoder(EncoderHandle):
     """An encoder handle whose actor records what the capture actor calls on it."""
 
     def __init__(self) -> None:
-        self.sequences: list[int] = []
         self.keyframe_requests = 0
         super().__init__(_RecordingEncoderActor(self))
 
@@ -474,36 +472,52 @@ def fresh_session_id() -> str:
 
 
 class FrameCollector:
-    """Copies frames out of a pool as they come (one reader, attached once)."""
+    """Copies frames out of a pool as they come (one reader, attached once), woken by the
+    pool's doorbell as the encoder is: a capture that stopped ringing leaves it waiting."""
 
     def __init__(self, pool_name: str) -> None:
         from shared.pool.frame_pool import FramePool, FramePoolReader
 
         self._pool = FramePool.attach(pool_name)
+        self._bell = self._pool.listen()
         self._reader = FramePoolReader(self._pool)
         self.frames: list[Any] = []
 
-    async def until(
-        self, done: Callable[[list[Any]], bool], *, timeout: float = 30.0, poll: float = 0.004
-    ) -> list[Any]:
+    @property
+    def announced(self) -> int:
+        """The newest sequence the pool's doorbell announced so far."""
+        return self._bell.drain()
+
+    async def until(self, done: Callable[[list[Any]], bool], *, timeout: float = 30.0) -> list[Any]:
         """Collect until ``done(frames)`` holds (all frames so far); returns the new ones.
 
         ``timeout`` only stops a broken test from hanging; nothing asserts on time.
         """
         import asyncio
 
+        loop = asyncio.get_running_loop()
+        rung = asyncio.Event()
+        loop.add_reader(self._bell.fileno(), rung.set)
         first = len(self.frames)
-        deadline = time.monotonic() + timeout
-        while not done(self.frames) and time.monotonic() < deadline:
-            frame = self._reader.read_latest()
-            if frame is None:
-                await asyncio.sleep(poll)
-            else:
-                self.frames.append(frame)
+        try:
+            async with asyncio.timeout(timeout):
+                while not done(self.frames):
+                    self._bell.drain()
+                    frame = self._reader.read_latest()
+                    if frame is None:
+                        rung.clear()
+                        await rung.wait()
+                    else:
+                        self.frames.append(frame)
+        except TimeoutError:
+            pass
+        finally:
+            loop.remove_reader(self._bell.fileno())
         return self.frames[first:]
 
     def drain(self) -> list[Any]:
         """The newest frame not yet collected, if any (latest-frame semantics)."""
+        self._bell.drain()
         frame = self._reader.read_latest()
         if frame is None:
             return []
@@ -512,6 +526,7 @@ class FrameCollector:
 
     def drain_every(self) -> list[Any]:
         """Every frame written since the last drain that the pool still holds, in order."""
+        self._bell.drain()
         new = []
         for sequence in range(self._reader.last_sequence + 1, self._pool.latest_sequence() + 1):
             frame = self._reader.read(sequence)
@@ -521,6 +536,7 @@ class FrameCollector:
         return new
 
     def close(self) -> None:
+        self._bell.close()
         self._pool.close()
 
 

@@ -264,7 +264,7 @@ def test_the_capture_actor_runs_audio_alone_and_with_video(playing: PulseServer)
         pcm = np.concatenate([OpusDecoder(channels=1).decode(p.data) for p in packets])
         assert peak_hz(pcm[4_800:], OPUS_CLOCK) == pytest.approx(TONE_HZ, abs=2)
         if video:
-            assert stats.frames_captured > 0 and encoder.sequences
+            assert stats.frames_captured > 0
         else:
             assert stats.frames_captured == 0 and stats.source is None
         assert not list_segments(f"kz_{session}_")

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from actors.handles import EncoderHandle, SenderHandle
+from actors.handles import EncoderHandle
 from actors.stages.capture import CaptureActor
 from actors.stages.encoder import EncoderActor
 from actors.stages.sender import SenderActor
@@ -55,7 +55,6 @@ async def broadcast(source: StreamSource, audio: AudioConfig) -> AsyncIterator[V
     await encoder.open()
     try:
         url = await sender.open("127.0.0.1", 0)
-        encoder.subscribe("sender", SenderHandle(LocalHandle(sender)))
         await capture.start(EncoderHandle(LocalHandle(encoder)))
         viewer = await Viewer.connect(url, reconnect=False)
         try:

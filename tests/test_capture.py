@@ -273,9 +273,13 @@ def test_the_test_pattern_flows_into_the_pool_with_readable_stamps() -> None:
     async def main() -> list[int]:
         await actor.open()
         await actor.start(encoder)
+        # Collected as the encoder would: woken by the pool's doorbell, no call per frame.
         frames = await collect_frames(pool, lambda f: len(f) >= 20)
         stats = await actor.stats()
-        assert stats.frames_captured >= 20 and stats.fps > 0 and stats.error is None
+        # The doorbell rings inside the write, before the capture loop counts the frame: the
+        # count may trail the frames read by the one in flight.
+        assert stats.frames_captured >= len(frames) - 1 >= 19
+        assert stats.fps > 0 and stats.error is None and stats.pool_readers == 1
         assert stats.source is not None and stats.source.kind == "test"
         await actor.stop()
         numbers = []
@@ -287,7 +291,6 @@ def test_the_test_pattern_flows_into_the_pool_with_readable_stamps() -> None:
 
     numbers = asyncio.run(main())
     assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers)
-    assert encoder.sequences == sorted(encoder.sequences) and len(encoder.sequences) >= 20
     assert not list_segments(pool)
 
 

@@ -1,11 +1,13 @@
 """EncoderActor on the session's real Ray cluster, fed through a real frame pool.
 
-The test process plays capture (test pattern frames written into the pool, each announced with
-``frame_ready``) and plays the viewers (reading the packet rings and decoding with FFmpeg).
+The test process plays capture (test pattern frames written into the pool, whose doorbell wakes
+the actor: no Ray call per frame) and plays the viewers (listening to the packet rings'
+doorbells, reading the rings and decoding with FFmpeg).
 
 What the ladder decides (pts, decimation, keyframes, reconfiguration) is tested with literal
 times in tests/test_ladder.py; here the shell is: frames read from the pool, each rung's access
-units in its own ring, subscribers told per rung, control calls reaching the encoders.  So that
+units in its own ring, each ring's readers woken by its doorbell, control calls reaching the
+encoders.  So that
 nothing depends on how fast this loaded machine runs, capture hands the encoder one frame at a
 time (the next is written once the actor has taken the last) and stamps them 1/30 s apart on
 the monotonic clock: every frame is encoded and the counts are exact.
@@ -23,7 +25,6 @@ from typing import Any, TypeVar
 import pytest
 import ray
 
-from actors.handles import PacketSubscriber
 from actors.placement import NAMESPACE
 from actors.stages.encoder import EncoderActor, EncoderStats, ladder_ring_names
 from shared.capture.testpattern import TestPattern
@@ -59,28 +60,8 @@ def wait_for(probe: Callable[[], T], done: Callable[[T], bool], what: str) -> T:
     return value
 
 
-class Collector:
-    """A subscriber: records every ``packets_ready`` call with its arguments."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[int, int | None]] = []
-
-    def packets_ready(self, sequence: int, rung: int | None = None) -> None:
-        self.calls.append((sequence, rung))
-
-    def seen(self) -> list[tuple[int, int | None]]:
-        return self.calls
-
-
-class CollectorHandle(PacketSubscriber[Collector]):
-    """A typed handle on the collector actor, as the encoder gets for a sender or recorder."""
-
-    def packets_ready(self, sequence: int, rung: int | None = None) -> None:
-        self.send(Collector.packets_ready, sequence, rung)
-
-
 class Capture:
-    """Writes test pattern frames into the pool and announces them, one at a time."""
+    """Writes test pattern frames into the pool (its doorbell wakes the actor), one at a time."""
 
     def __init__(self, pool: FramePool, actor: Any, width: int, height: int) -> None:
         self.pool, self.actor = pool, actor
@@ -99,7 +80,6 @@ class Capture:
                 height=self.height,
                 pixel_format=PixelFormat.YUV420P,
             )
-            self.actor.frame_ready.remote(sequence)
             self.index += 1
             self.wait_taken(sequence)
 
@@ -165,14 +145,6 @@ def settle(actor: Any, *frames: int) -> EncoderStats:
     return done
 
 
-def calls_of(collector: Any, count: int) -> list[tuple[int, ...]]:
-    """The subscriber's calls, once there are ``count`` (they arrive after the packets)."""
-    calls: list[tuple[int, ...]] = wait_for(
-        lambda: ray.get(collector.seen.remote()), lambda c: len(c) >= count, "the calls"
-    )
-    return calls
-
-
 def decode_all(packets: list[RingPacket]) -> tuple[H264Decoder, list[tuple[int, int, int]]]:
     decoder = H264Decoder()
     frames = []
@@ -182,7 +154,7 @@ def decode_all(packets: list[RingPacket]) -> tuple[H264Decoder, list[tuple[int, 
     return decoder, frames
 
 
-def test_a_ladder_writes_each_rung_to_its_own_ring_and_notifies_per_rung(ray_cluster: str) -> None:
+def test_a_ladder_writes_each_rung_to_its_own_ring_and_rings_its_readers(ray_cluster: str) -> None:
     with encoder_actor(quality(960, 540, 1_200_000), (QualityPreset.LOW,)) as (actor, cap, sid):
         assert ray.get(actor.rung_names.remote()) == ladder_ring_names(sid, 2)
         ladder = ray.get(actor.ladder.remote())
@@ -190,12 +162,8 @@ def test_a_ladder_writes_each_rung_to_its_own_ring_and_notifies_per_rung(ray_clu
             (960, 540, 30),
             (854, 480, 15),
         ]
-        collectors: dict[int | None, Any] = {
-            rung: ray.remote(Collector).options(num_cpus=0).remote() for rung in (0, 1, None)
-        }
-        for rung, collector in collectors.items():
-            ray.get(actor.subscribe.remote(f"c{rung}", CollectorHandle(collector), rung))
         rings = readers(actor)
+        bells = [ring.ring.listen() for ring in rings]
         cap.feed(60)
         final = settle(actor, 60, 30)  # rung 1 at 15 fps: every other frame, by timestamp
         packets = [ring.read_available().packets for ring in rings]
@@ -205,21 +173,17 @@ def test_a_ladder_writes_each_rung_to_its_own_ring_and_notifies_per_rung(ray_clu
             assert {(w, h) for w, h, _ in frames} == {(rung.width, rung.height)}
             assert packets[n][0].keyframe
         assert [len(p) for p in packets] == [60, 30]
-        # One call per access unit, each naming its packet and its rung.
-        calls = {rung: calls_of(collectors[rung], n) for rung, n in ((0, 60), (1, 30), (None, 90))}
-        assert calls[0] == [(p.sequence, 0) for p in packets[0]]
-        assert calls[1] == [(p.sequence, 1) for p in packets[1]]
-        assert sorted(calls[None]) == sorted(
-            [(p.sequence, 0) for p in packets[0]] + [(p.sequence, 1) for p in packets[1]]
-        )
+        # Each ring's doorbell rang its own readers up to its own newest packet.
+        for bell, rung_packets in zip(bells, packets, strict=True):
+            assert bell.drain() == rung_packets[-1].sequence
+            bell.close()
+        assert [r.readers for r in final.rungs] == [1, 1]
         assert final.rungs[1].ring == segment_name(sid, "video1")
         assert final.codec == SOFTWARE_ENCODER and not final.hardware
         assert final.frames_encoded == final.rungs[0].frames_encoded == 60
         assert (final.frames_taken, final.frames_dropped) == (60, 0)
         for ring in rings:
             ring.ring.close()
-        for collector in collectors.values():
-            ray.kill(collector)
 
 
 def test_a_keyframe_request_is_served_by_the_next_frame(ray_cluster: str) -> None:

@@ -7,7 +7,6 @@ same ``method.remote(...)`` shape, whose calls return awaitables as Ray's Object
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any
@@ -15,10 +14,11 @@ from typing import Any
 import pytest
 import ray
 
-from actors.handles import EncoderHandle, QualityHandle, RecorderHandle, SenderHandle
+from actors.handles import EncoderHandle, QualityHandle, SenderHandle
+from actors.stages.encoder import EncoderActor
 from actors.stages.recorder import RecorderActor
 from actors.stages.sender import SenderActor
-from actors.supervisor import detach_viewer, sender_role
+from actors.supervisor import detach_viewer
 from shared.errors import ConfigError
 from shared.models import QualityPreset, StreamQuality
 
@@ -108,83 +108,59 @@ def test_a_control_call_past_its_deadline_is_a_timeout() -> None:
         asyncio.run(sender.stats())
 
 
-def test_the_per_frame_notifications_are_sent_without_waiting() -> None:
+def test_a_keyframe_request_is_sent_without_waiting() -> None:
     log: list[str] = []
-    encoder = EncoderHandle(FakeActor("encoder", log, hangs={"frame_ready", "request_keyframe"}))
-    encoder.frame_ready(7)  # returns although the actor never answers
-    encoder.request_keyframe()
+    encoder = EncoderHandle(FakeActor("encoder", log, hangs={"request_keyframe"}))
+    encoder.request_keyframe()  # returns although the actor never answers
     encoder.request_keyframe(None)
-    assert log == [
-        "encoder.frame_ready(7,)",
-        "encoder.request_keyframe(0,)",
-        "encoder.request_keyframe(None,)",
-    ]
+    assert log == ["encoder.request_keyframe(0,)", "encoder.request_keyframe(None,)"]
 
 
-def test_subscribers_hear_of_packets_with_their_rung() -> None:
-    log: list[str] = []
-    sender = SenderHandle(FakeActor("sender", log))
-    recorder = RecorderHandle(FakeActor("recorder", log))
-    sender.packets_ready(3)
-    recorder.packets_ready(4, 1)
-    assert log == ["sender.packets_ready(3, None)", "recorder.packets_ready(4, 1)"]
-
-
-def test_every_subscriber_actor_takes_the_call_the_encoder_makes() -> None:
-    # The encoder calls packets_ready(sequence) or packets_ready(sequence, rung) on any
-    # subscriber; an actor that cannot take both would fail unseen in its own process.
-    for actor_class in (SenderActor, RecorderActor):
-        signature = inspect.signature(actor_class.packets_ready)
-        signature.bind(None, 1)
-        signature.bind(None, 1, 2)
+def test_no_actor_takes_a_call_per_frame() -> None:
+    # Frames and packets are announced by the segments' doorbells; a per-frame Ray call
+    # coming back would put an actor task on every frame again.
+    for actor_class in (EncoderActor, SenderActor, RecorderActor):
+        for method in ("frame_ready", "packets_ready", "subscribe"):
+            assert not hasattr(actor_class, method), f"{actor_class.__name__}.{method}"
 
 
 # --- removing a viewer -------------------------------------------------------------------------
 
 
-def detach(encoder: FakeActor | None, quality: FakeActor | None, sender: FakeActor) -> None:
+def detach(quality: FakeActor | None, sender: FakeActor) -> None:
     asyncio.run(
         detach_viewer(
             "v1",
             SenderHandle(sender),
-            encoder=EncoderHandle(encoder) if encoder else None,
             quality=QualityHandle(quality) if quality else None,
             context="stream s1",
         )
     )
 
 
-def test_removing_a_viewer_unsubscribes_stops_and_kills_its_sender(kills: list[str]) -> None:
+def test_removing_a_viewer_takes_it_out_of_quality_stops_and_kills_its_sender(
+    kills: list[str],
+) -> None:
     log: list[str] = []
-    detach(FakeActor("encoder", log), FakeActor("quality", log), FakeActor("sender", log))
-    assert log == [
-        f"encoder.unsubscribe('{sender_role('v1')}',)",
-        "quality.remove_sender('v1',)",
-        "sender.stop()",
-    ]
+    detach(FakeActor("quality", log), FakeActor("sender", log))
+    assert log == ["quality.remove_sender('v1',)", "sender.stop()"]
     assert kills == ["sender"]
 
 
-def test_a_failed_unsubscribe_is_logged_and_the_other_steps_still_run(
+def test_a_failed_step_is_logged_and_the_other_steps_still_run(
     kills: list[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     log: list[str] = []
-    died = ray.exceptions.ActorDiedError()
-    encoder = FakeActor("encoder", log, fails={"unsubscribe": died})
     quality = FakeActor("quality", log, fails={"remove_sender": ConfigError("quality gone")})
     with caplog.at_level(logging.WARNING, logger="actors.supervisor"):
-        detach(encoder, quality, FakeActor("sender", log))
+        detach(quality, FakeActor("sender", log))
     assert log == [
-        "encoder.unsubscribe('sender-v1',)",
-        "quality.remove_sender('v1',)",  # attempted although the unsubscribe failed
-        "sender.stop()",
+        "quality.remove_sender('v1',)",
+        "sender.stop()",  # attempted although the step before failed
     ]
     assert kills == ["sender"]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warnings == [
-        f"stream s1: could not unsubscribe sender-v1 from the encoder: {died}",
-        "stream s1: could not remove sender-v1 from quality control: quality gone",
-    ]
+    assert warnings == ["stream s1: could not remove sender-v1 from quality control: quality gone"]
 
 
 def test_a_sender_that_will_not_stop_is_killed_anyway(
@@ -192,7 +168,7 @@ def test_a_sender_that_will_not_stop_is_killed_anyway(
 ) -> None:
     sender = FakeActor("sender", [], fails={"stop": ray.exceptions.ActorDiedError()})
     with caplog.at_level(logging.WARNING, logger="actors.supervisor"):
-        detach(None, None, sender)  # an audio-only stream: no encoder, no quality actor
+        detach(None, sender)  # an audio-only stream: no quality actor
     assert kills == ["sender"]
     assert [r.getMessage().split(":")[1] for r in caplog.records] == [" could not stop sender-v1"]
 

@@ -1,9 +1,9 @@
 """CaptureActor: runs a stream's sources and writes what they capture into shared memory.
 
 Video: each picture is converted to yuv420p at the stream's size straight into a frame pool
-slot, and only the slot's sequence number goes to the encoder.  Audio (when the stream has it):
-20 ms Opus packets go into the stream's audio packet ring, which the senders read on their own
-timer.
+slot, whose commit rings the pool's doorbell (:mod:`shared.pool.doorbell`): that wakes the
+encoder, with no Ray call per frame.  Audio (when the stream has it): 20 ms Opus packets go
+into the stream's audio packet ring, whose doorbell wakes the senders and recorders.
 
 Every call into a video source happens on one capture thread (OpenCV and X11 connections are
 bound to the thread that made them, and grabs block), so the actor's event loop stays free for
@@ -84,6 +84,9 @@ class CaptureStats(msgspec.Struct, kw_only=True):
     #: A finite source (a file without loop) reached its end; no more frames will come.
     ended: bool = False
     audio: AudioStats | None = None
+    #: Readers listening to the frame pool's doorbell (the encoder; a recorder's motion
+    #: trigger reads the pool without listening).
+    pool_readers: int = 0
 
 
 class CaptureActor:
@@ -229,7 +232,8 @@ class CaptureActor:
     # --- running -----------------------------------------------------------------------------
 
     async def start(self, encoder: EncoderHandle | None = None) -> None:
-        """Start capturing; ``encoder`` (None for audio-only streams) hears of each frame."""
+        """Start capturing; ``encoder`` (None for audio-only streams) is asked for a keyframe
+        when the source is switched (frames reach it through the pool's doorbell)."""
         self._encoder = encoder
         if self._video and self._source is not None:
             self._pacer = FramePacer(self._quality.framerate, time.monotonic())
@@ -266,11 +270,9 @@ class CaptureActor:
                 sequence = await self._on_capture_thread(
                     self._capture_one, source, self._frames, self._gate
                 )
-            if sequence:
+            if sequence:  # the pool's doorbell has told the encoder already
                 self._frames += 1
                 self._meter.add(time.monotonic())
-                if self._encoder is not None:
-                    self._encoder.frame_ready(sequence)
 
     def _capture_one(self, source: FrameSource, frame_number: int, gate: FrameGate | None) -> int:
         """On the capture thread: grab, then write into the next pool slot; its sequence, or 0."""
@@ -361,6 +363,7 @@ class CaptureActor:
             switches=self._switches,
             ended=self._ended,
             audio=self._audio.stats() if self._audio is not None else None,
+            pool_readers=self._pool.readers if self._pool is not None else 0,
         )
 
     async def stop(self) -> CaptureStats:

@@ -3,18 +3,18 @@
 A thin shell around :class:`shared.media.ladder.LadderEncoder`, which decides everything about
 a frame (its pts, scene cuts, which rungs take it, keyframes, reconfiguration, fallback).  The
 actor moves frames and bytes: it reads the newest frame from the pool, runs the ladder on it,
-appends each rung's access units to that rung's packet ring and tells subscribers.
+and appends each rung's access units to that rung's packet ring, whose doorbell wakes every
+reader (senders, recorders).  No Ray call is made per frame in either direction.
 
-Capture announces each new sequence number; the actor coalesces announcements and always
-encodes the newest frame (latest-frame semantics: a slow encoder drops frames, it never queues
-them).  The rungs of a frame are encoded in parallel on worker threads (as many as there are
+The frame pool's doorbell (:mod:`shared.pool.doorbell`) wakes the actor's event loop when
+capture commits a frame; the actor always encodes the newest frame (latest-frame semantics: a
+slow encoder drops frames, it never queues them).  The rungs of a frame are encoded in parallel on worker threads (as many as there are
 cores), so the actor keeps answering keyframe requests and stats calls, and each rung's access
 units go into its ring as soon as that rung is done.
 
 Each rung has its own packet ring: rung 0 writes ``segment_name(session, "video")``, rung ``n``
-writes ``segment_name(session, f"video{n}")`` (:func:`ladder_ring_names`).  Rung 0 subscribers
-get ``packets_ready(sequence)``; subscribers of another rung, or of every rung, get
-``packets_ready(sequence, rung)``.
+writes ``segment_name(session, f"video{n}")`` (:func:`ladder_ring_names`); a reader attaches to
+the ring of the rung it wants and listens to its doorbell.
 
 Control calls that change an encoder (bitrate, configuration, hardware) wait for the frame in
 flight to finish, so an encoder is only ever touched by one thread at a time; a keyframe
@@ -30,7 +30,7 @@ import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -42,12 +42,10 @@ from shared.media.ladder import LadderEncoder, LadderFrame, RungEncodeStats
 from shared.media.rate_control import MAX_GAIN
 from shared.media.scaler import Rung
 from shared.models import QualityPreset, StreamQuality
+from shared.pool.doorbell import DoorbellListener
 from shared.pool.frame_pool import FramePool, FramePoolReader
 from shared.pool.packet_ring import PacketRing
 from shared.pool.shm import segment_name
-
-if TYPE_CHECKING:
-    from actors.handles import PacketSubscriber
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +91,8 @@ class RungStats(RungEncodeStats, kw_only=True):
     """A rung's figures (:class:`RungEncodeStats`) and the packet ring it writes."""
 
     ring: str
+    #: Readers listening to the ring's doorbell (a departed one is noticed at the next packet).
+    readers: int = 0
 
 
 class EncoderStats(msgspec.Struct, kw_only=True):
@@ -147,8 +147,7 @@ class EncoderActor:
         self._opener = opener or open_session
         self._ladder_encoder: LadderEncoder | None = None
         self._rings: list[PacketRing] = []
-        #: name -> (handle, rung index, or None for every rung)
-        self._subscribers: dict[str, tuple[PacketSubscriber[Any], int | None]] = {}
+        self._bell: DoorbellListener | None = None
         self._wakeup = asyncio.Event()
         #: Held across a frame's encode; control calls that change an encoder take it too.
         self._encoding = asyncio.Lock()
@@ -194,6 +193,8 @@ class EncoderActor:
             raise
         self._ladder_encoder = ladder
         self._pool = pool
+        self._bell = pool.listen()
+        self._bell.watch(asyncio.get_running_loop(), self._wakeup.set)
         self._reader = FramePoolReader(pool)
         self._buffer = np.empty(pool.slot_bytes, dtype=np.uint8)
         cores = len(os.sched_getaffinity(0))
@@ -218,24 +219,14 @@ class EncoderActor:
             # An encode still running on a worker must finish before its encoder closes.
             await asyncio.to_thread(self._executor.shutdown, True)
         stats = await self.stats()
+        if self._bell is not None:
+            self._bell.close()
         self._pool.close()
         self._close_rings()
         self._ladder.close()
         return stats
 
-    # --- subscribers and requests ----------------------------------------------------------
-
-    def subscribe(self, name: str, handle: PacketSubscriber[Any], rung: int | None = 0) -> None:
-        """Notify ``handle`` of new packets in ``rung``'s ring (None: every rung's)."""
-        if rung is not None and not 0 <= rung < len(self._rings):
-            raise ConfigError(f"stream {self._session_id} has no rung {rung}")
-        self._subscribers[name] = (handle, rung)
-
-    def unsubscribe(self, name: str) -> None:
-        self._subscribers.pop(name, None)
-
-    def frame_ready(self, sequence: int) -> None:
-        self._wakeup.set()
+    # --- requests ------------------------------------------------------------------------------
 
     def request_keyframe(self, rung: int | None = 0) -> None:
         """An IDR on the next frame of ``rung`` (None: every rung), e.g. for a viewer's PLI."""
@@ -274,8 +265,8 @@ class EncoderActor:
         try:
             took = False
             while True:
-                # A frame that arrived during the last encode is taken at once, without
-                # waiting for its announcement to come through Ray.
+                # A frame that arrived during the last encode is taken at once; otherwise the
+                # pool's doorbell wakes the loop at the next commit.
                 if not took or self._reader.latest_sequence() <= self._reader.last_sequence:
                     await self._wakeup.wait()
                 self._wakeup.clear()
@@ -312,29 +303,21 @@ class EncoderActor:
         # encoder copies it onto the unit) as data for viewers, the monotonic one to time
         # recordings by (see shared.pool.packet_ring).
         monotonic_us = job.source.monotonic_us
-        sequence = 0
         for unit in output.access_units:
-            sequence = ring.append(
+            ring.append(  # rings the ring's doorbell: its readers wake
                 unit.data,
                 pts=unit.pts,
                 capture_us=unit.capture_us,
                 monotonic_us=monotonic_us,
                 keyframe=unit.keyframe,
             )
-        if sequence:
-            self._notify(index, sequence)
-
-    def _notify(self, index: int, sequence: int) -> None:
-        for handle, rung in self._subscribers.values():
-            if rung is None or rung == index:
-                handle.packets_ready(sequence, index)
 
     # --- stats ---------------------------------------------------------------------------------
 
     async def stats(self) -> EncoderStats:
         figures = self._ladder.stats(time.monotonic())
         rungs = [
-            RungStats(ring=ring.name, **msgspec.structs.asdict(rung))
+            RungStats(ring=ring.name, readers=ring.readers, **msgspec.structs.asdict(rung))
             for rung, ring in zip(figures.rungs, self._rings, strict=True)
         ]
         top = rungs[0]

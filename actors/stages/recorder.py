@@ -6,8 +6,8 @@ loss.  It is a thin shell around ``shared.recording.core.RecordingCore``, which 
 decision (start at a keyframe, scheduled start and stop, pre-roll and motion, pause, rotation,
 quota, failure) with the time passed in: the actor feeds it packets and the time, carries out
 the events it returns with ``shared.recording.muxer.StreamRecorder`` and
-``shared.recording.storage.StorageManager``, and sleeps until the core's next deadline or the
-next ring poll.  The design's StreamRecorder, FormatConverter, StorageManager and
+``shared.recording.storage.StorageManager``, and sleeps until a ring's doorbell rings
+(:mod:`shared.pool.doorbell`) or the core's next deadline comes: one timer, no polling.  The design's StreamRecorder, FormatConverter, StorageManager and
 RecordingScheduler meet here; scheduled recordings are started and stopped by the supervisor.
 
 Muxing (and WebM transcoding) runs in a worker thread so status calls are answered meanwhile;
@@ -33,6 +33,7 @@ from shared.models import (
     StreamQuality,
     VideoFormat,
 )
+from shared.pool.doorbell import DoorbellListener
 from shared.pool.frame_pool import FramePool, FramePoolReader
 from shared.pool.packet_ring import PacketRing, PacketRingReader
 from shared.recording.core import (
@@ -58,9 +59,6 @@ if TYPE_CHECKING:
     from actors.handles import EncoderHandle
 
 logger = logging.getLogger(__name__)
-
-#: Audio has no notifications of its own; poll the rings at least this often.
-POLL_INTERVAL_S = 0.05
 
 
 class RecorderActor:
@@ -110,6 +108,8 @@ class RecorderActor:
         self._lock = asyncio.Lock()
         #: Events for the muxer, carried out in order by the next step's worker thread.
         self._io: list[RecordingEvent] = []
+        self._bells: list[DoorbellListener] = []
+        self._mapped: list[PacketRing | FramePool] = []
 
     async def open(self) -> int:
         self._storage.check_writable()
@@ -117,26 +117,48 @@ class RecorderActor:
         # that begins before start_at, so a recorder whose process started after its start time
         # still records from it.  Otherwise from now on: the ring's newest keyframe could be a
         # whole GOP old, and a recording starts when it is asked to (at a requested keyframe).
-        self._video = PacketRingReader(
-            PacketRing.attach(self._ring_names["video"]),
-            start="latest_keyframe" if self._scheduled else "next",
-        )
-        self._audio: PacketRingReader | None = None
-        self._audio_info: AudioTrackInfo | None = None
-        if "audio" in self._ring_names:
-            with contextlib.suppress(ResourceError):  # the stream may have no audio after all
-                self._audio = PacketRingReader(
-                    PacketRing.attach(self._ring_names["audio"]), start="next"
-                )
-                self._audio_info = AudioTrackInfo()
-        self._frames_reader: FramePoolReader | None = None
-        if self._config.trigger is not None:
-            self._frames_reader = FramePoolReader(FramePool.attach(self._ring_names["frames"]))
+        # Each ring is listened to before its reader takes its position, so nothing committed
+        # after that position goes unheard.
+        loop = asyncio.get_running_loop()
+        try:
+            video_ring = self._attach(self._ring_names["video"])
+            self._video = PacketRingReader(
+                video_ring, start="latest_keyframe" if self._scheduled else "next"
+            )
+            self._audio: PacketRingReader | None = None
+            self._audio_info: AudioTrackInfo | None = None
+            if "audio" in self._ring_names:
+                with contextlib.suppress(ResourceError):  # the stream may have no audio after all
+                    self._audio = PacketRingReader(
+                        self._attach(self._ring_names["audio"]), start="next"
+                    )
+                    self._audio_info = AudioTrackInfo()
+            self._frames_reader: FramePoolReader | None = None
+            if self._config.trigger is not None:
+                pool = FramePool.attach(self._ring_names["frames"])
+                self._mapped.append(pool)
+                self._frames_reader = FramePoolReader(pool)
+        except BaseException:
+            self._release()
+            raise
+        for bell in self._bells:
+            bell.watch(loop, self._wakeup.set)
         self._task = asyncio.create_task(self._run(), name="record")
         return os.getpid()
 
-    def packets_ready(self, sequence: int, rung: int | None = None) -> None:
-        self._wakeup.set()
+    def _attach(self, name: str) -> PacketRing:
+        ring = PacketRing.attach(name)
+        self._mapped.append(ring)
+        self._bells.append(ring.listen())
+        return ring
+
+    def _release(self) -> None:
+        """Hang up the doorbells and unmap every segment (idempotent)."""
+        for bell in self._bells:
+            bell.close()
+        for segment in self._mapped:
+            segment.close()
+        self._bells, self._mapped = [], []
 
     # --- control (the design's RecordingEngine) -------------------------------------------
 
@@ -183,12 +205,11 @@ class RecorderActor:
 
     async def _run(self) -> None:
         while not self._core.done:
-            # Sleep until new packets, the core's next deadline, or the next ring poll (audio has
-            # no notifications of its own), whichever comes first.
-            wait = POLL_INTERVAL_S
+            # Sleep until a doorbell rings (new packets) or the core's next deadline.
+            wait = None
             deadline = self._core.next_deadline()
             if deadline is not None:
-                wait = min(wait, max(0.0, deadline - time.monotonic()))
+                wait = max(0.0, deadline - time.monotonic())
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the cancel stop() sends.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
@@ -336,4 +357,5 @@ class RecorderActor:
                 self._read_rings(now)
             self._dispatch(self._core.stop(now))
             await self._flush()
+            self._release()
         return self.status()

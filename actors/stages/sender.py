@@ -21,7 +21,9 @@ answers RTCP (NACK from a bounded history, PLI, RR, transport-wide feedback for 
 estimate).  What to skip when the actor falls behind, and when a PLI (or a newcomer, or a
 viewer resuming after congestion) becomes a keyframe request to the encoder, is decided by
 :class:`shared.rtp.keyframes.KeyframePolicy`; this shell reads the rings, moves bytes, and
-wakes for the earliest of the cores' deadlines.  The cores run on ``time.monotonic()``; the
+sleeps until a ring's doorbell rings (:mod:`shared.pool.doorbell`: the encoder's and the audio
+pipeline's commits wake it, with no Ray call per frame) or the earliest of the cores' deadlines
+comes (SRs, a held keyframe request), arming one timer for it as aioquic's shells do.  The cores run on ``time.monotonic()``; the
 wall clock is read only for what is wall-clock data (the SRs' NTP timestamps, stats stamps).
 """
 
@@ -38,6 +40,7 @@ import msgspec
 
 from shared.errors import ResourceError
 from shared.models import StreamStats
+from shared.pool.doorbell import DoorbellListener
 from shared.pool.packet_ring import PacketRing, PacketRingReader
 from shared.pool.shm import segment_name
 from shared.roq.framing import RoqErrorCode
@@ -52,9 +55,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: The longest the actor sleeps without a ``packets_ready`` call: the audio ring has no
-#: wake-up of its own.  The cores' deadlines (SRs, a held keyframe request) can wake it sooner.
-POLL_INTERVAL_S = 0.01
 #: Where each viewer's bandwidth estimate starts (it adapts within a few seconds).
 INITIAL_ESTIMATE_BPS = 2_000_000
 
@@ -96,6 +96,8 @@ class _TrackSource:
         start: Literal["next", "latest_keyframe"],
     ) -> None:
         self.index, self.spec, self.ring = index, spec, ring
+        #: Listening before the reader takes its position: nothing committed after it is missed.
+        self.bell: DoorbellListener = ring.listen()
         self.reader = PacketRingReader(ring, start=start)
         # Nobody is connected yet: what is in the ring now is history, not something to send.
         self.reader.read_available()
@@ -140,13 +142,25 @@ class SenderActor:
         """
         identity = identity or generate_self_signed(host)
         video = PacketRing.attach(self._ring_name)
-        self._sources = [_TrackSource(0, VIDEO_TRACK, video, "latest_keyframe")]
+        try:
+            self._sources = [_TrackSource(0, VIDEO_TRACK, video, "latest_keyframe")]
+        except BaseException:
+            video.close()
+            raise
         try:
             audio = PacketRing.attach(self._audio_ring_name)
         except ResourceError:
             pass  # the stream has no audio
         else:
-            self._sources.append(_TrackSource(1, AUDIO_TRACK, audio, "next"))
+            try:
+                self._sources.append(_TrackSource(1, AUDIO_TRACK, audio, "next"))
+            except BaseException:
+                audio.close()
+                self._close_sources()
+                raise
+        loop = asyncio.get_running_loop()
+        for source in self._sources:
+            source.bell.watch(loop, self._wakeup.set)
         self._rtcp_flows = frozenset(source.spec.rtcp_flow_id for source in self._sources)
         self._broadcast = BroadcastSender(
             [source.spec for source in self._sources], initial_bps=INITIAL_ESTIMATE_BPS
@@ -162,8 +176,7 @@ class SenderActor:
                 host, port, reuse_port=port != 0 if reuse_port is None else reuse_port
             )
         except BaseException:
-            for source in self._sources:
-                source.ring.close()
+            self._close_sources()
             raise
         self._task = asyncio.create_task(self._run(), name="send")
         self._url = str(
@@ -176,24 +189,27 @@ class SenderActor:
         )
         return self._url
 
-    def packets_ready(self, sequence: int, rung: int | None = None) -> None:
-        """The encoder appended up to ``sequence``; this sender reads the top rung's ring."""
-        self._wakeup.set()
+    def _close_sources(self) -> None:
+        for source in self._sources:
+            source.bell.close()
+            source.ring.close()
+        self._sources = []
 
     def _sleep_s(self, now: float) -> float:
-        """Until the earliest core deadline, and never longer than the audio poll."""
+        """Until the earliest core deadline (a ring's doorbell may wake the loop sooner)."""
         deadline = self._broadcast.next_poll()
         held = self._keyframes.next_deadline()
         if held is not None:
             deadline = min(deadline, held)
-        return min(POLL_INTERVAL_S, max(deadline - now, 0.0))
+        return max(deadline - now, 0.0)
 
     async def _run(self) -> None:
         try:
             while True:
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel.
+                sleep = self._sleep_s(time.monotonic())
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self._sleep_s(time.monotonic())):
+                    async with asyncio.timeout(None if sleep == float("inf") else sleep):
                         await self._wakeup.wait()
                 self._wakeup.clear()
                 now, wall_now = time.monotonic(), time.time()
@@ -329,6 +345,5 @@ class SenderActor:
         await self._server.close()
         # Give aioquic a moment to put the CONNECTION_CLOSE on the wire.
         await asyncio.sleep(0.05)
-        for source in self._sources:
-            source.ring.close()
+        self._close_sources()
         return stats

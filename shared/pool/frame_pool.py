@@ -5,7 +5,8 @@ Theory of operation
 The pool is a ring of ``slots`` fixed-size slots.  Frame ``seq`` (1, 2, 3, ...) goes to slot
 ``(seq - 1) % slots``, so the pool always holds the newest ``slots`` frames.  The writer never
 waits: a reader that falls behind simply finds its frame overwritten and is told how many it
-``missed``.  Only sequence numbers travel between processes; pixels stay here.
+``missed``.  Only sequence numbers travel between processes, through the pool's doorbell
+(:mod:`shared.pool.doorbell`), rung after every commit; pixels stay here.
 
 Each slot is guarded by a seqlock.  The writer makes the slot's generation odd, writes the
 pixels and metadata, makes it even again, and only then publishes ``seq`` as the pool's latest.
@@ -268,6 +269,7 @@ class FramePool(SegmentHandle):
         words[base + _S_GEN] = generation + 2
         words[_P_LATEST] = sequence
         self._next_sequence = sequence + 1
+        self._ring(sequence)
 
     # --- reader primitive -------------------------------------------------------------------
 

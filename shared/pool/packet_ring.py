@@ -21,7 +21,8 @@ Writer, for packet ``seq`` (it never waits for readers):
 2. publish ``head = start + length`` *before* touching the bytes, so a reader copying a packet
    that is about to be overwritten will see the claim when it re-checks;
 3. copy the bytes, fill in the entry, make the generation even;
-4. publish ``last_seq = seq``.
+4. publish ``last_seq = seq``, then ring the doorbell (:mod:`shared.pool.doorbell`) so
+   readers wake without polling.
 
 Reader, for sequence ``s <= last_seq``: note the generation (odd: gone), check the entry holds
 ``s``, copy the bytes, then re-check generation and ``head``.  Since an entry and its bytes only
@@ -213,6 +214,7 @@ class PacketRing(SegmentHandle):
         words[base + _E_GEN] = generation + 2
         words[_H_LAST_SEQ] = sequence
         self._last_seq = sequence
+        self._ring(sequence)
         return sequence
 
     def _read(self, sequence: int) -> RingPacket | None:

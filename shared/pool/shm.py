@@ -57,6 +57,7 @@ from typing import Any, ClassVar, Final, Self
 import psutil
 
 from shared.errors import ConfigError, ResourceError
+from shared.pool.doorbell import Doorbell, DoorbellListener
 
 __all__ = [
     "HEADER_BYTES",
@@ -407,9 +408,10 @@ def sweep_stale_segments(prefix: str = "kz_", *, now: float | None = None) -> li
 class SegmentHandle:
     """The lifetime every structure laid over a segment shares (frame pool, packet ring).
 
-    The creating handle is the writer; ``close`` unmaps (marking the segment closed when the
-    writer closes), ``unlink`` removes the name, and leaving a ``with`` block does both for the
-    writer and closes a reader.
+    The creating handle is the writer and owns the segment's doorbell, which it rings after
+    every commit; readers ``listen()`` to it.  ``close`` unmaps (marking the segment closed and
+    hanging up the doorbell when the writer closes), ``unlink`` removes the name, and leaving a
+    ``with`` block does both for the writer and closes a reader.
     """
 
     #: What the structure is called in error messages.
@@ -417,6 +419,15 @@ class SegmentHandle:
 
     def __init__(self, segment: Segment) -> None:
         self._segment: Final = segment
+        #: The writer's wake-up for readers (:mod:`shared.pool.doorbell`); None on readers.
+        self._doorbell: Doorbell | None = None
+        if segment.owner:
+            try:
+                self._doorbell = Doorbell(segment.name)
+            except BaseException:
+                segment.close()
+                segment.unlink()
+                raise
 
     @property
     def name(self) -> str:
@@ -431,6 +442,28 @@ class SegmentHandle:
         """Whether the writer has closed it (nothing more will be written)."""
         return self._live_segment().creator_closed
 
+    @property
+    def readers(self) -> int:
+        """Readers listening to this segment's doorbell (writer only; 0 on a reader).
+
+        A reader that went away is noticed at the writer's next commit."""
+        return self._doorbell.readers if self._doorbell is not None else 0
+
+    @property
+    def doorbell(self) -> Doorbell | None:
+        """The writer's doorbell (None on a reader handle), for its counters."""
+        return self._doorbell
+
+    def listen(self) -> DoorbellListener:
+        """A wake-up for each commit the writer makes from now on (a reader's call)."""
+        self._live_segment()
+        return DoorbellListener(self.name)
+
+    def _ring(self, sequence: int) -> None:
+        """After a commit: wake every reader (never blocks; see :mod:`shared.pool.doorbell`)."""
+        if self._doorbell is not None:
+            self._doorbell.ring(sequence)
+
     def _live_segment(self) -> Segment:
         if self._segment.closed:
             raise ResourceError(f"{self.kind_name} {self.name} is closed")
@@ -441,6 +474,8 @@ class SegmentHandle:
 
     def close(self) -> None:
         """Unmap this handle (idempotent)."""
+        if self._doorbell is not None:
+            self._doorbell.close()  # readers see end-of-file: nothing more will be written
         if not self._segment.closed:
             self._release_views()
             self._segment.close()
