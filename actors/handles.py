@@ -186,8 +186,9 @@ class QualityHandle(Handle[QualityActor]):
     actor_class = QualityActor
     kind = "quality"
 
-    async def start(self) -> None:
-        await self.call(QualityActor.start)
+    async def start(self) -> int:
+        """Start the control loop; the actor's pid."""
+        return await self.call(QualityActor.start)
 
     async def add_sender(self, viewer_id: str, sender: SenderHandle) -> None:
         await self.call(QualityActor.add_sender, viewer_id, sender)

@@ -307,7 +307,7 @@ class Supervisor:
         quality = stream.quality = spawn(
             QualityActor, QualityHandle, name=name("quality"), node_id=node
         )(session_id=sid, encoder=encoder, ceiling_bitrate=config.quality.bitrate)
-        await quality.start()
+        stream.pids["quality"] = await quality.start()
         await capture.start(encoder)
 
     async def stop_stream(self, session_id: str) -> StreamSession | None:

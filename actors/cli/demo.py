@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import psutil
 
 from actors.cli.common import (
     StatusLine,
@@ -23,6 +24,7 @@ from actors.cli.common import (
     quality_from_args,
     run_command,
 )
+from shared.control.resources import ResourceSnapshot
 from shared.models import AudioConfig, RecordingConfig, StreamConfig, parse_source
 
 
@@ -98,6 +100,8 @@ async def run_demo(args: argparse.Namespace, stop: asyncio.Event) -> dict[str, A
                 pass
 
         tasks = [asyncio.create_task(consume(viewer)) for viewer in viewers]
+        meter = StageCpu(sid)
+        await manager.resources()  # starts the actors' CPU counters
         started = time.monotonic()
         deadline = started + args.seconds
         interrupted = False
@@ -124,6 +128,7 @@ async def run_demo(args: argparse.Namespace, stop: asyncio.Event) -> dict[str, A
                     parts.append(f"v{index} {report.frames_decoded} fr p50 {p50}")
                 status.show(" | ".join(parts))
         streamed = time.monotonic() - started
+        cpu = meter.per_second(await manager.resources())
         reports = [viewer.report() for viewer in viewers]
         # Closing a viewer ends its frame iterator; cancel as well, and never wait unbounded.
         for viewer in viewers:
@@ -162,6 +167,9 @@ async def run_demo(args: argparse.Namespace, stop: asyncio.Event) -> dict[str, A
             "bitrate": final.stats.current_bitrate,
         },
         "frames_dropped": final.stats.frames_dropped,
+        # Seconds of CPU per second of streaming, per actor role (summed over that role's
+        # actors) and for this process, which runs the viewers: where the machine goes.
+        "cpu": cpu,
         "recording": (
             {
                 "path": recording.output_path,
@@ -174,6 +182,41 @@ async def run_demo(args: argparse.Namespace, stop: asyncio.Event) -> dict[str, A
             else None
         ),
     }
+
+
+class StageCpu:
+    """CPU seconds per second of each actor role of one stream over the demo.
+
+    The actors' figures come from the supervisor's ResourceMonitor, on the actors' node (which
+    need not be this one): its first snapshot starts each process's CPU counter, the second
+    reads the share used since.  Roles come from the process labels (``<stream>/capture``,
+    ``<stream>/encoder``, ``<stream>/sender-<viewer>``, ``<stream>/quality``; a recording is
+    labelled by its id): the senders' are summed into ``sender``, the recordings' into
+    ``recorder``.  ``viewers`` is this process, which decodes for every demo viewer.
+    """
+
+    ROLES = ("capture", "encoder", "sender", "recorder", "quality", "viewers")
+
+    def __init__(self, session_id: str) -> None:
+        self._session_id = session_id
+        self._process = psutil.Process()
+        self._process.cpu_percent(None)  # starts this process's counter
+
+    def per_second(self, snapshot: ResourceSnapshot) -> dict[str, float]:
+        used = dict.fromkeys(self.ROLES, 0.0)
+        for usage in snapshot.processes:
+            stream, _, role = usage.label.rpartition("/")
+            if stream and stream != self._session_id:
+                continue
+            if not stream:
+                role = "recorder"
+            elif role.startswith("sender"):
+                role = "sender"
+            used[role] = used.get(role, 0.0) + usage.cpu_percent / 100
+        used["viewers"] = self._process.cpu_percent(None) / 100
+        result = {role: round(value, 3) for role, value in used.items()}
+        result["total"] = round(sum(used.values()), 3)
+        return result
 
 
 def _round(value: float | None) -> float | None:
@@ -194,6 +237,12 @@ def _print_summary(result: dict[str, Any]) -> None:
             f"latency p50 {viewer['latency_p50_ms']} ms p99 {viewer['latency_p99_ms']} ms"
         )
     print(f"  frames dropped: {result['frames_dropped']}")
+    cpu = result["cpu"]
+    print(
+        "  CPU (cores busy): "
+        + ", ".join(f"{role} {value:.2f}" for role, value in cpu.items() if role != "total")
+        + f"; total {cpu['total']:.2f} of {psutil.cpu_count()}"
+    )
     if result["recording"]:
         rec = result["recording"]
         print(f"  recording: {rec['path']} ({rec['size_bytes']} bytes, {rec['frames']} frames)")

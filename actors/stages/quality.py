@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -34,8 +35,10 @@ class QualityActor:
         self._task: asyncio.Task[None] | None = None
         self.adjustments = 0
 
-    async def start(self) -> None:
+    async def start(self) -> int:
+        """Start the control loop; the actor's pid."""
         self._task = asyncio.create_task(self._run(), name="quality")
+        return os.getpid()
 
     def add_sender(self, viewer_id: str, handle: SenderHandle) -> None:
         self._senders[viewer_id] = handle
