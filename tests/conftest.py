@@ -49,14 +49,25 @@ def stream_actors(session_id: str | None = None) -> list[str]:
     ]
 
 
+def doorbells(prefix: str = "kz_") -> list[str]:
+    """The segment doorbells (abstract UNIX sockets, ``shared.pool.doorbell``) bound on this
+    host whose segment name starts with ``prefix``."""
+    with open("/proc/net/unix") as table:
+        names = [line.split()[-1] for line in table.read().splitlines()[1:] if line.split()]
+    return sorted(n for n in names if n.startswith(f"@kizuna/{prefix}"))
+
+
 def wait_for_no_leaks(session_id: str | None = None, timeout: float = 15.0) -> None:
-    """Fail unless every actor and shared-memory segment of the stream(s) is gone."""
+    """Fail unless every actor, shared-memory segment and doorbell of the stream(s) is gone."""
     prefix = f"kz_{session_id}_" if session_id else "kz_"
     deadline = time.monotonic() + timeout
     while True:
         actors, segments = stream_actors(session_id), list_segments(prefix)
-        if not actors and not segments:
+        bells = doorbells(prefix)
+        if not actors and not segments and not bells:
             return
         if time.monotonic() > deadline:
-            pytest.fail(f"leaked after stop: actors {actors}, shared memory {segments}")
+            pytest.fail(
+                f"leaked after stop: actors {actors}, shared memory {segments}, doorbells {bells}"
+            )
         time.sleep(0.2)

@@ -93,6 +93,8 @@ class RungStats(RungEncodeStats, kw_only=True):
     ring: str
     #: Readers listening to the ring's doorbell (a departed one is noticed at the next packet).
     readers: int = 0
+    #: Rings a reader missed because it had stopped reading (it costs the encoder nothing).
+    stalled_rings: int = 0
 
 
 class EncoderStats(msgspec.Struct, kw_only=True):
@@ -317,7 +319,12 @@ class EncoderActor:
     async def stats(self) -> EncoderStats:
         figures = self._ladder.stats(time.monotonic())
         rungs = [
-            RungStats(ring=ring.name, readers=ring.readers, **msgspec.structs.asdict(rung))
+            RungStats(
+                ring=ring.name,
+                readers=ring.readers,
+                stalled_rings=ring.doorbell.coalesced if ring.doorbell else 0,
+                **msgspec.structs.asdict(rung),
+            )
             for rung, ring in zip(figures.rungs, self._rings, strict=True)
         ]
         top = rungs[0]

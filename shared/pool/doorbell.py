@@ -51,6 +51,10 @@ _MESSAGE: Final = struct.Struct("<q")
 _BACKLOG: Final = 64
 #: How many queued rings one ``drain`` reads before it stops (they all say "read again").
 _DRAIN_BATCH: Final = 1024
+#: Send buffer of each reader's connection (the kernel doubles it and enforces a minimum): a
+#: handful of rings.  Queued rings all mean "read the segment again", so a deep queue would only
+#: hold kernel memory for a reader that stopped reading, and hide that it did.
+_READER_SNDBUF: Final = 4096
 
 
 def doorbell_address(segment: str) -> bytes:
@@ -109,6 +113,7 @@ class Doorbell:
             except OSError:  # closed under us by another thread's close(): nothing to take
                 return
             reader.setblocking(False)
+            reader.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _READER_SNDBUF)
             self._readers.append(reader)
             self.attached += 1
 
