@@ -8,17 +8,20 @@ import inspect
 import ipaddress
 import random
 import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from shared.capture.testpattern import TestPattern
 from shared.errors import NetworkError
 from shared.media.codec import EncoderConfig, H264Encoder
+from shared.roq.framing import AUDIO_FLOW_ID, VIDEO_FLOW_ID, encode_datagram
 from shared.roq.tls import TlsIdentity, generate_self_signed, load_identity
-from shared.roq.transport import RoqConnection, RoqServer
+from shared.roq.transport import HANDOVER_DATAGRAMS, RoqClient, RoqConnection, RoqServer
 from shared.roq.url import StreamUrl
 from shared.rtp.packet import RtpPacket
 from shared.rtp.sender import VIDEO_TRACK, BroadcastSender, MediaTrack
@@ -390,3 +393,239 @@ def test_a_viewer_can_trust_a_ca_instead_of_pinning(tmp_path: Path) -> None:
         return seen
 
     assert asyncio.run(main()) == list(range(10))
+
+
+# -- a viewer whose ACKs stop or lag: the send queue is bounded by age -----------------------
+
+#: These tests' latency budget (shorter than the default, so they are short).
+STALL_BUDGET_S = 0.2
+
+
+def stall_packet(number: int, index: int, size: int) -> bytes:
+    """Frame ``number``'s ``index``-th packet.  Its first octet is 0, not RTP version 2, so the
+    queue keeps no sequence numbers for it (repairs of it are never refused)."""
+    return struct.pack("!BIH", 0, number, index).ljust(size, b"\x00")
+
+
+class QueueTap:
+    """What one server connection's media queue and aioquic do with each datagram.
+
+    It records the ``now`` the shell passes to the queue's push and pop (the queue's own
+    clock, so the bounds below are the code's, not the machine's speed), and reads aioquic's
+    datagram queue as each batch of packets is built: aioquic writes DATAGRAM frames from its
+    head, so what left it is what went on the wire.
+    """
+
+    def __init__(self, connection: RoqConnection, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.protocol = protocol = connection._protocol
+        queue, quic = protocol.media, protocol._quic
+        self.pushed: dict[bytes, float] = {}
+        self.popped: dict[bytes, float] = {}
+        self.wire: list[bytes] = []
+        self.most_held = 0
+        push, pop, datagrams_to_send = queue.push, queue.pop, quic.datagrams_to_send
+
+        def recording_push(
+            now: float, flow_id: int, datagrams: Sequence[bytes], *, keyframe: bool, kind: str
+        ) -> bool:
+            self.pushed.update((datagram, now) for datagram in datagrams)
+            return push(now, flow_id, datagrams, keyframe=keyframe, kind=kind)
+
+        def recording_pop(now: float, limit: int) -> list[bytes]:
+            out = pop(now, limit)
+            self.popped.update((datagram, now) for datagram in out)
+            return out
+
+        def recording_datagrams_to_send(now: float) -> list[tuple[bytes, tuple[str, int]]]:
+            held = list(protocol._pending_datagrams)
+            self.most_held = max(self.most_held, len(held))
+            out = datagrams_to_send(now)
+            self.wire.extend(held[: len(held) - len(protocol._pending_datagrams)])
+            return cast(list[tuple[bytes, tuple[str, int]]], out)
+
+        monkeypatch.setattr(queue, "push", recording_push)
+        monkeypatch.setattr(queue, "pop", recording_pop)
+        monkeypatch.setattr(quic, "datagrams_to_send", recording_datagrams_to_send)
+
+    def assert_bounded(self, budget_s: float, received: list[tuple[int, bytes]]) -> None:
+        """Every media datagram on the wire (and at the viewer) left the queue within the
+        budget, and aioquic never held more than the top-up (plus one repair) behind it."""
+        media = [datagram for datagram in self.wire if datagram in self.pushed]
+        assert media and all(datagram in self.popped for datagram in media)
+        popped, pushed = self.popped, self.pushed
+        assert all(popped[datagram] - pushed[datagram] < budget_s for datagram in popped)
+        assert self.most_held <= HANDOVER_DATAGRAMS + 1
+        for flow_id, packet in received:
+            datagram = encode_datagram(flow_id, packet)
+            if datagram in pushed:
+                assert popped[datagram] - pushed[datagram] < budget_s
+
+    def assert_chains_unbroken(self, stream: StallStream) -> None:
+        """No P-frame left the queue, even in part, after a gap in its chain."""
+        intact = False
+        for frame in range(stream.number):
+            key = frame in stream.keyframes
+            left = [datagram in self.popped for datagram in stream.video(frame)]
+            if any(left):
+                assert key or intact, f"P-frame {frame} sent after a gap"
+            intact = all(left) and (key or intact)
+
+
+class StallStream:
+    """The encoder and frame clock: 100 video frames/s of 3 kB (a keyframe is 6 kB), audio
+    every other frame.  A keyframe first, then only when the connection asks for one."""
+
+    def __init__(self, connection: RoqConnection) -> None:
+        self.connection = connection
+        self.keyframes: list[int] = []
+        self.number = 0
+
+    def video(self, frame: int) -> list[bytes]:
+        """Frame ``frame``'s datagrams."""
+        count = 6 if frame in self.keyframes else 3
+        return [encode_datagram(VIDEO_FLOW_ID, stall_packet(frame, i, 1000)) for i in range(count)]
+
+    @property
+    def asked(self) -> int:
+        return len(self.keyframes) - 1
+
+    def send_frame(self) -> None:
+        number, connection = self.number, self.connection
+        key = number == 0 or connection.take_keyframe_needed()
+        if key:
+            self.keyframes.append(number)
+        packets = [stall_packet(number, i, 1000) for i in range(6 if key else 3)]
+        connection.send_media(VIDEO_FLOW_ID, packets, keyframe=key)
+        if number % 2 == 0:
+            connection.send_media(AUDIO_FLOW_ID, [stall_packet(number, 0, 160)], keyframe=True)
+        self.number += 1
+
+    async def stream(self, frames: int) -> None:
+        for _ in range(frames):
+            self.send_frame()
+            await asyncio.sleep(0.01)  # the frame clock
+
+
+class StallViewer:
+    """A RoqClient that keeps what it receives."""
+
+    def __init__(self, client: RoqClient) -> None:
+        self.client = client
+        self.received: list[tuple[int, bytes]] = []
+        self._task = asyncio.create_task(self._receive())
+
+    async def _receive(self) -> None:
+        while (item := await self.client.receive()) is not None:
+            self.received.append(item)
+
+    def got(self, frame: int) -> bool:
+        """Whether a packet of video frame ``frame`` arrived."""
+        return any(
+            flow_id == VIDEO_FLOW_ID and struct.unpack_from("!I", packet, 1)[0] == frame
+            for flow_id, packet in self.received
+        )
+
+    async def close(self) -> None:
+        await self.client.close()
+        await asyncio.wait_for(self._task, 5)
+
+
+async def stall_setup(
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[RoqServer, RoqConnection, StallViewer, QueueTap]:
+    identity = generate_self_signed("127.0.0.1")
+    connections: list[RoqConnection] = []
+    server = RoqServer(identity, on_connect=connections.append, latency_budget_s=STALL_BUDGET_S)
+    await server.start("127.0.0.1", 0)
+    client = await RoqClient.connect("127.0.0.1", server.port, fingerprint=identity.fingerprint)
+    await until(lambda: bool(connections), "the server to see the viewer")
+    connection = connections[0]
+    return server, connection, StallViewer(client), QueueTap(connection, monkeypatch)
+
+
+def test_a_viewer_whose_acks_stop_only_gets_media_that_left_the_queue_within_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The server stops hearing the viewer (every packet from it is dropped, so no ACKs):
+    QUIC's congestion window closes and stays closed but for loss-detection probes, while
+    2.4 Mbit/s of video keeps coming for five budgets.  Media on the wire left the queue within
+    the budget, aioquic held no more than the top-up; the dropped video made the connection
+    ask for a keyframe, and once the viewer is heard again it gets that keyframe.
+    """
+
+    async def main() -> None:
+        server, connection, viewer, tap = await stall_setup(monkeypatch)
+        protocol, stream = tap.protocol, StallStream(connection)
+        await stream.stream(10)
+        await until(lambda: viewer.got(9), "frame 9 at the viewer")
+        heard = protocol.datagram_received
+        monkeypatch.setattr(protocol, "datagram_received", lambda data, addr: None)
+        await stream.stream(50)
+        # Media waits for the window: one timer is armed for the moment the oldest goes stale.
+        deadline, timer = protocol.media.next_deadline(), protocol._media_timer
+        assert deadline is not None and timer is not None and timer.when() <= deadline
+        repair = stall_packet(10**6, 0, 200)
+        repaired_after = len(tap.wire)
+        connection.send_media(AUDIO_FLOW_ID, [repair], keyframe=True, urgent=True)
+        await stream.stream(50)
+        monkeypatch.setattr(protocol, "datagram_received", heard)
+        heard_again = stream.number
+
+        def recovered() -> bool:
+            return any(viewer.got(k) for k in stream.keyframes if k >= heard_again)
+
+        for _ in range(1000):  # until a keyframe made since reaches the viewer
+            if recovered():
+                break
+            await stream.stream(1)
+        stats = connection.refresh()
+        await viewer.close()
+        await server.close()
+
+        tap.assert_bounded(STALL_BUDGET_S, viewer.received)
+        tap.assert_chains_unbroken(stream)
+        # The repair went out ahead of everything queued before it.
+        assert tap.wire[repaired_after] == encode_datagram(AUDIO_FLOW_ID, repair)
+        # The stall was real: stale media was dropped, and the keyframe came on request.
+        assert stats.frames_expired > 0 and stats.bytes_expired > 0
+        assert stream.asked >= 1
+        assert recovered(), "no keyframe reached the viewer after the stall"
+
+    asyncio.run(main())
+
+
+def test_a_viewer_whose_acks_lag_gets_what_the_window_allows_and_nothing_stale(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every packet from the viewer reaches the server 0.3 s late, so each ACK is a round trip
+    of at least 0.3 s behind: QUIC's window (about 12 kB at first) lets through far less than
+    the 2.4 Mbit/s offered until it grows, and the first frames go stale before any ACK can
+    come.  Media keeps flowing, in parts and with gaps, and the same bounds hold throughout.
+    """
+
+    async def main() -> None:
+        server, connection, viewer, tap = await stall_setup(monkeypatch)
+        protocol, stream = tap.protocol, StallStream(connection)
+        heard = protocol.datagram_received
+        loop = asyncio.get_running_loop()
+
+        def late(data: bytes, addr: tuple[str, int]) -> None:
+            loop.call_later(0.3, heard, data, addr)
+
+        monkeypatch.setattr(protocol, "datagram_received", late)
+        await stream.stream(150)
+        last = stream.number - 1
+        for _ in range(1000):  # until the viewer is sent a frame made after the lag
+            if any(viewer.got(k) for k in range(last - 20, stream.number)):
+                break
+            await stream.stream(1)
+        stats = connection.refresh()
+        await viewer.close()
+        await server.close()
+
+        tap.assert_bounded(STALL_BUDGET_S, viewer.received)
+        tap.assert_chains_unbroken(stream)
+        assert stats.frames_expired > 0
+        assert any(viewer.got(k) for k in range(last - 20, stream.number))
+
+    asyncio.run(main())

@@ -4,7 +4,9 @@ Everything protocol-shaped is sans-I/O elsewhere (RoQ framing in ``shared.roq.fr
 packets between aioquic and those cores.  Both modes of draft-ietf-avtcore-rtp-over-quic-14:
 datagram mode (§5.3, QUIC DATAGRAM frames of RFC 9221: ``flow id || packet``) and stream mode
 (§5.2: one unidirectional stream per media frame, ``flow id`` then ``length || packet``
-frames, a stale frame cancelled with ROQ_FRAME_CANCELLED; RTCP on one stream per flow).  The
+frames, a stale frame cancelled with ROQ_FRAME_CANCELLED; RTCP on one stream per flow).  In
+datagram mode media waits in an age-bounded :class:`shared.roq.media_queue.MediaQueue` and is
+handed to aioquic only as fast as aioquic sends it; both modes share one latency budget.  The
 mode follows the ``max_datagram_frame_size`` transport parameter (RFC 9221 §3): datagrams when
 both ends offer them, else streams.  A viewer pins the certificate fingerprint from the stream
 URL, or trusts a CA file.  :class:`RoqServer` can share its UDP port (``SO_REUSEPORT``): the
@@ -39,9 +41,10 @@ from aioquic.quic.events import (
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from shared.errors import NetworkError, ProtocolError
+from shared.errors import ConfigError, NetworkError, ProtocolError
 from shared.roq.framing import (
     ALPN,
+    VIDEO_FLOW_ID,
     RoqErrorCode,
     RoqStreamDemux,
     StaleFrames,
@@ -50,6 +53,7 @@ from shared.roq.framing import (
     encode_stream_header,
     encode_stream_packet,
 )
+from shared.roq.media_queue import AUDIO, MEDIA_LATENCY_BUDGET_S, VIDEO, MediaQueue
 from shared.roq.tls import TlsIdentity, certificate_fingerprint
 
 __all__ = ["PeerStats", "RoqClient", "RoqConnection", "RoqServer"]
@@ -58,8 +62,9 @@ __all__ = ["PeerStats", "RoqClient", "RoqConnection", "RoqServer"]
 MAX_DATAGRAM_FRAME_SIZE = 65536
 #: A peer silent for this long is gone (QUIC idle timeout, RFC 9000 §10.1).
 IDLE_TIMEOUT_S = 10.0
-#: A media frame's stream still unsent after this long is cancelled (stream mode).
-STALE_FRAME_S = 0.3
+#: Media datagrams aioquic's own queue is topped up to.  The rest waits in the age-bounded
+#: media queue, where staleness is cut; so few that aioquic sends them within its next flight.
+HANDOVER_DATAGRAMS = 4
 #: Packets a viewer's queue holds before the oldest are dropped (memory bound).
 MAX_RECEIVE_QUEUE = 4096
 #: Open inbound streams per connection beyond which new ones are refused.
@@ -85,6 +90,13 @@ class PeerStats(msgspec.Struct, kw_only=True):
     unknown_flows: int = 0
     frames_dropped: int = 0
     """Video frames this viewer did not get (joined mid-GOP, or congested)."""
+    frames_expired: int = 0
+    """Frames the send queue dropped: older than the latency budget, or video after such a
+    frame up to a keyframe (datagram mode; stream mode counts ``frames_cancelled``)."""
+    bytes_expired: int = 0
+    """Their bytes: counted in ``bytes_sent`` (handed to the transport), never on the wire."""
+    repairs_refused: int = 0
+    """Retransmissions not sent because the send queue had dropped their frame."""
     rtt_ms: float = 0.0
 
 
@@ -103,10 +115,19 @@ def _rtt_s(protocol: QuicConnectionProtocol) -> float:
     return float(getattr(recovery, "_rtt_smoothed", 0.0))
 
 
-class _RoqProtocol(QuicConnectionProtocol):
-    """Both ends: turns QUIC events into ``(flow id, packet)`` for a handler."""
+def _kind(flow_id: int) -> str:
+    # This project's flow ids (shared.roq.framing) say which track a frame belongs to; only
+    # H.264 frames depend on the frames before them.
+    return VIDEO if flow_id == VIDEO_FLOW_ID else AUDIO
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+
+class _RoqProtocol(QuicConnectionProtocol):
+    """Both ends: turns QUIC events into ``(flow id, packet)`` for a handler, and sends media
+    through the age-bounded queue (datagram mode) or one stream per frame (stream mode)."""
+
+    def __init__(
+        self, *args: Any, latency_budget_s: float = MEDIA_LATENCY_BUDGET_S, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         # Packets that arrive before the owner sets its handler wait here (bounded).
         self.early: list[tuple[int, bytes]] = []
@@ -119,7 +140,10 @@ class _RoqProtocol(QuicConnectionProtocol):
         #: Why the connection ended: (error code, reason phrase), None while it is open.
         self.termination: tuple[int, str] | None = None
         self._demux = RoqStreamDemux(max_streams=MAX_INBOUND_STREAMS)
-        self._stale = StaleFrames(STALE_FRAME_S)
+        #: Datagram mode's send queue; stream mode cancels frames on the same budget.
+        self.media = MediaQueue(latency_budget_s)
+        self._media_timer: asyncio.TimerHandle | None = None
+        self._stale = StaleFrames(latency_budget_s)
         self._rtcp_streams: dict[int, int] = {}
         self.peer_fingerprint: str | None = None
         self.streams_opened = 0
@@ -152,6 +176,10 @@ class _RoqProtocol(QuicConnectionProtocol):
             self._demux.reset(event.stream_id)  # a cancelled frame: its packets are lost
         elif isinstance(event, ConnectionTerminated):
             self.termination = (event.error_code, event.reason_phrase)
+            self.media.clear()
+            if self._media_timer is not None:
+                self._media_timer.cancel()
+                self._media_timer = None
             self.on_closed()
 
     def _stream_data(self, event: StreamDataReceived) -> None:
@@ -171,24 +199,23 @@ class _RoqProtocol(QuicConnectionProtocol):
 
     def send_frame(
         self, flow_id: int, packets: Sequence[bytes], *, keyframe: bool, urgent: bool = False
-    ) -> int:
-        """Send one frame's packets; returns the bytes queued.
+    ) -> tuple[int, int]:
+        """Send one frame's packets; returns the (bytes, datagrams or stream frames) queued.
 
-        ``urgent`` packets (retransmissions) go to the head of the datagram queue: when QUIC's
+        Media waits in :attr:`media` until :meth:`transmit` hands it to aioquic.  ``urgent``
+        packets (retransmissions) skip that queue and go to the head of aioquic's: when QUIC's
         congestion window holds media back, a repair is worth more than the next frame.
         """
         if self.datagrams_ok:
-            size = 0
-            pending = self._quic._datagrams_pending
-            for packet in reversed(packets) if urgent else packets:
-                datagram = encode_datagram(flow_id, packet)
-                if urgent:
-                    pending.appendleft(datagram)
-                else:
-                    pending.append(datagram)
-                size += len(datagram)
-            return size
-        now = time.monotonic()
+            datagrams = [encode_datagram(flow_id, packet) for packet in packets]
+            if urgent:
+                datagrams = self.media.repairs(flow_id, datagrams)
+                self._pending_datagrams.extendleft(reversed(datagrams))
+            else:
+                now = self._loop.time()
+                self.media.push(now, flow_id, datagrams, keyframe=keyframe, kind=_kind(flow_id))
+            return sum(map(len, datagrams)), len(datagrams)
+        now = self._loop.time()
         for stale in self._stale.to_cancel(now, keyframe=keyframe, state=self._stream_state):
             self._quic.reset_stream(stale, RoqErrorCode.ROQ_FRAME_CANCELLED)
             self.frames_cancelled += 1
@@ -197,7 +224,57 @@ class _RoqProtocol(QuicConnectionProtocol):
         self._quic.send_stream_data(stream_id, data, end_stream=True)
         self._stale.opened(stream_id, now)
         self.streams_opened += 1
-        return len(data)
+        return len(data), len(packets)
+
+    @property
+    def _pending_datagrams(self) -> collections.deque[bytes]:
+        """aioquic's own DATAGRAM queue, the one private part of aioquic this shell touches.
+
+        It is read for its length (aioquic has no public count; the top-up and :attr:`backlog`
+        need it) and written only by a repair, which goes to its head: a NACKed packet
+        completes a frame the viewer already waits for, so it must not queue behind the next
+        frames, and the public ``send_datagram_frame`` has no priority (it only appends).
+        """
+        return self._quic._datagrams_pending
+
+    def transmit(self) -> None:
+        """Top aioquic's datagram queue up from the media queue, then let aioquic send.
+
+        aioquic calls this whenever it may send: after each datagram received (ACKs open the
+        congestion window, RFC 9002 §7) and each timer (loss detection, pacing); senders call it
+        after queueing; the media queue's deadline timer calls it too.  A round hands over at
+        most :data:`HANDOVER_DATAGRAMS` (stale media is dropped first, in ``pop``), and another
+        round follows only when aioquic sent them all: aioquic never holds back more than that,
+        so media waits where its age is bounded.
+        """
+        media = self.media
+        if not media:
+            super().transmit()
+        else:
+            pending, now = self._pending_datagrams, self._loop.time()
+            while True:
+                for datagram in media.pop(now, HANDOVER_DATAGRAMS - len(pending)):
+                    self._quic.send_datagram_frame(datagram)
+                super().transmit()
+                if pending or not media:
+                    break
+        self._arm_media_timer()
+
+    def _arm_media_timer(self) -> None:
+        """One timer for the media queue's next deadline (an earlier one already armed stays)."""
+        deadline = self.media.next_deadline()
+        timer = self._media_timer
+        if deadline is None or (timer is not None and timer.when() <= deadline):
+            return
+        if timer is not None:
+            timer.cancel()
+        self._media_timer = self._loop.call_at(deadline, self._media_due, deadline)
+
+    def _media_due(self, deadline: float) -> None:
+        self._media_timer = None
+        # asyncio may run a timer a clock tick early; the deadline has come all the same.
+        self.media.expire(max(deadline, self._loop.time()))
+        self.transmit()
 
     def send_control(self, flow_id: int, packet: bytes) -> int:
         """Send one RTCP packet: a datagram, or a frame on the flow's long-lived stream."""
@@ -222,9 +299,10 @@ class _RoqProtocol(QuicConnectionProtocol):
 
     @property
     def backlog(self) -> int:
-        """Datagrams (or stream frames) queued and not yet sent."""
+        """Datagrams (or stream frames) queued and not yet sent; stale media is not counted."""
         if self.datagrams_ok:
-            return len(self._quic._datagrams_pending)
+            self.media.expire(self._loop.time())
+            return len(self.media) + len(self._pending_datagrams)
         return self._stale.unsent(self._stream_state)
 
 
@@ -251,10 +329,15 @@ class RoqConnection:
     def send_media(
         self, flow_id: int, packets: Sequence[bytes], *, keyframe: bool, urgent: bool = False
     ) -> None:
-        size = self._protocol.send_frame(flow_id, packets, keyframe=keyframe, urgent=urgent)
+        size, count = self._protocol.send_frame(flow_id, packets, keyframe=keyframe, urgent=urgent)
         self.stats.bytes_sent += size
-        self.stats.datagrams_sent += len(packets)
+        self.stats.datagrams_sent += count
         self._protocol.transmit()
+
+    def take_keyframe_needed(self) -> bool:
+        """Whether the send queue dropped video and the viewer, drained, now needs a keyframe
+        (:class:`shared.rtp.sender.KeyframeSignal`)."""
+        return self._protocol.media.take_keyframe_needed()
 
     def send_rtcp(self, flow_id: int, packet: bytes) -> None:
         self.stats.bytes_sent += self._protocol.send_control(flow_id, packet)
@@ -267,6 +350,9 @@ class RoqConnection:
             protocol.streams_opened,
             protocol.frames_cancelled,
         )
+        media = protocol.media
+        stats.frames_expired, stats.bytes_expired = media.frames_expired, media.bytes_expired
+        stats.repairs_refused = media.repairs_refused
         stats.datagrams_malformed = max(stats.datagrams_malformed, protocol.malformed)
         return stats
 
@@ -287,7 +373,12 @@ class RoqServer:
         on_packet: PacketHandler | None = None,
         on_connect: Callable[[RoqConnection], None] | None = None,
         on_disconnect: Callable[[RoqConnection], None] | None = None,
+        latency_budget_s: float = MEDIA_LATENCY_BUDGET_S,
     ) -> None:
+        """``latency_budget_s``: how long media may wait to be sent (both modes)."""
+        if not latency_budget_s > 0:
+            raise ConfigError(f"latency budget must be positive, got {latency_budget_s}")
+        self.latency_budget_s = latency_budget_s
         self._identity = identity
         self.on_packet = on_packet
         self.on_connect = on_connect
@@ -307,7 +398,7 @@ class RoqServer:
         )
 
         def create_protocol(*args: Any, **kwargs: Any) -> _RoqProtocol:
-            protocol = _RoqProtocol(*args, **kwargs)
+            protocol = _RoqProtocol(*args, latency_budget_s=self.latency_budget_s, **kwargs)
             protocol.on_handshake = lambda: self._connected(protocol)
             protocol.on_closed = lambda: self._disconnected(protocol)
             return protocol

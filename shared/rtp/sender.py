@@ -19,7 +19,7 @@ A :class:`PeerSender` answers its viewer's RTCP:
   number: plain retransmission, as WebRTC does without RTX);
 - PLI (RFC 4585 §6.3.1): :attr:`PeerSender.keyframe_requested`, as when a congested viewer is
   ready to resume (:class:`shared.rtp.keyframes.VideoAdmission` decides which video frames it
-  is sent);
+  is sent), or when its connection dropped stale video itself (:class:`KeyframeSignal`);
 - transport-wide feedback: the :class:`BandwidthEstimator`.
 
 It sends an SR per track (RFC 3550 §6.4.1) right after the track's first packet and then every
@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import msgspec
 
@@ -72,6 +72,7 @@ __all__ = [
     "H264_PAYLOAD_TYPE",
     "VIDEO_TRACK",
     "BroadcastSender",
+    "KeyframeSignal",
     "MediaConnection",
     "MediaTrack",
     "PeerFeedback",
@@ -334,6 +335,14 @@ class MediaConnection(Protocol):
     def send_rtcp(self, flow_id: int, packet: bytes) -> None: ...
 
 
+@runtime_checkable
+class KeyframeSignal(Protocol):
+    """A connection that drops video itself (``shared.roq.transport``: an age-bounded send
+    queue drops stale frames up to the next keyframe) and says when its viewer needs one."""
+
+    def take_keyframe_needed(self) -> bool: ...
+
+
 class BroadcastSender:
     """Packetizes each frame once and hands every connected viewer its own RTP packets."""
 
@@ -351,6 +360,8 @@ class BroadcastSender:
         self._packetizer = H264Packetizer(mtu=mtu)
         self._parameter_sets = ParameterSets()
         self.peers: dict[MediaConnection, PeerSender] = {}
+        #: The connections that drop video themselves (checked once, not per frame).
+        self._signals: dict[MediaConnection, KeyframeSignal] = {}
         #: Video frames handed to the connections (audio frames are not counted).
         self.frames_sent = 0
         self.packets_sent = 0
@@ -359,11 +370,14 @@ class BroadcastSender:
     def add(self, connection: MediaConnection, now: float) -> PeerSender:
         peer = PeerSender(self.tracks, now=now, initial_bps=self.initial_bps, rng=self._rng)
         self.peers[connection] = peer
+        if isinstance(connection, KeyframeSignal):
+            self._signals[connection] = connection
         # Start the newcomer on a fresh IDR instead of making it wait for the next periodic one.
         self._keyframe_requested = True
         return peer
 
     def remove(self, connection: MediaConnection) -> PeerSender | None:
+        self._signals.pop(connection, None)
         return self.peers.pop(connection, None)
 
     def take_keyframe_request(self) -> bool:
@@ -407,6 +421,9 @@ class BroadcastSender:
             if packets:
                 connection.send_media(flow_id, packets, keyframe=keyframe)
                 self.packets_sent += len(packets)
+            signal = self._signals.get(connection)
+            if signal is not None and signal.take_keyframe_needed():
+                peer.keyframe_requested = True
             self._collect_keyframe_request(peer)
         self.poll(now, wall_now)
 
