@@ -314,7 +314,8 @@ class SenderActor:
             stats.loss = feedback.loss
             stats.jitter_ms = feedback.jitter_ms
             stats.estimate_bps = peer.estimator.estimate_bps
-            stats.frames_dropped = feedback.frames_skipped
+            # Skipped before sending (congested, joined mid-GOP) or expired in the send queue.
+            stats.frames_dropped = feedback.frames_skipped + stats.frames_expired
             stats.nacks_received = feedback.nacks_received
             stats.retransmissions = feedback.retransmissions
             stats.keyframe_requests = feedback.keyframe_requests
