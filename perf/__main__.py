@@ -12,6 +12,7 @@ from perf import (
     bench_latency,
     bench_network_latency,
     bench_pool_handoff,
+    bench_receiver_feedback,
     bench_sender,
 )
 
@@ -23,6 +24,7 @@ if __name__ == "__main__":
         bench_latency.main(flags)
         bench_sender.main(flags)
         bench_network_latency.main(flags)
+        bench_receiver_feedback.main(flags)
         bench_encoder.main(flags)
         bench_ladder.main(flags)
     finally:

@@ -14,6 +14,13 @@ NACKed (RFC 4585 §6.2.1) at once, again after each round trip, and waited for u
 ``latency_budget_s`` after it was noticed.  Frames behind it wait too, so nothing is reordered
 or skipped while a retransmission can still arrive.
 
+"At once" means with no timed reordering allowance: a packet that was merely overtaken is
+NACKed too, and the sender resends one packet it need not have (its resend budget bounds what
+that costs).  A timed allowance would delay the repair of every real loss by the same amount,
+which a latency budget of a few hundred milliseconds cannot spare, while on one QUIC path
+reordering is the exception (and in stream mode it cannot happen).  The allowance that costs nothing is kept: a shell hands over every packet
+already queued before it asks for feedback, so a gap that a queued packet fills is never NACKed.
+
 When the budget runs out the buffer *gives up*: everything up to the missing packet is
 discarded, the start of the next frame is no longer known, and (unless frames are independent)
 the decoding chain is broken: later frames reference the lost picture.  :attr:`keyframe_needed`
@@ -26,6 +33,9 @@ well-formed frames whose references it already has.
 Memory is bounded by ``max_packets`` and ``max_bytes`` (the oldest frame is evicted) and by
 refusing sequence jumps larger than ``max_packets`` (treated as a new start).  Time is passed
 in as ``now`` (seconds, any monotonic clock); nothing here reads a clock.
+:meth:`next_deadline` says when :meth:`poll` or :meth:`nacks` next has work (aioquic's
+``get_timer()``); both compare ``now`` with the very sums it returns, so a shell that calls
+them at that time finds the work done and the next deadline later.
 """
 
 from __future__ import annotations
@@ -37,7 +47,10 @@ from typing import Protocol
 from shared.errors import ConfigError, ProtocolError
 from shared.rtp.packet import RtpPacket, RtpSequenceExtender
 
-__all__ = ["BufferedFrame", "JitterBuffer", "PayloadFormat"]
+__all__ = ["MIN_NACK_RETRY_S", "BufferedFrame", "JitterBuffer", "PayloadFormat"]
+
+#: A NACK is repeated no sooner than this, however short the round trip (loopback).
+MIN_NACK_RETRY_S = 0.01
 
 
 class PayloadFormat(Protocol):
@@ -205,8 +218,8 @@ class JitterBuffer:
         frames: list[BufferedFrame] = []
         while self._missing:
             oldest = min(self._missing)
-            if now - self._missing[oldest].detected < self.latency_budget_s:
-                break
+            if now < self._missing[oldest].detected + self.latency_budget_s:
+                break  # the same sum next_deadline() returns: no rounding between the two
             del self._missing[oldest]
             self.packets_given_up += 1
             if oldest < self._floor:
@@ -224,16 +237,18 @@ class JitterBuffer:
 
     def nacks(self, now: float, limit: int = 256) -> list[int]:
         """16-bit sequence numbers to NACK now: new losses, and old ones a round trip later."""
-        retry = max(1.5 * self.rtt_s, 0.01)
         due: list[int] = []
         for seq, missing in self._missing.items():
             if len(due) >= limit:
                 break
-            if seq < self._floor or missing.nacks >= self.max_nacks:
+            if seq < self._floor:
                 continue
-            if missing.detected + self.latency_budget_s - now < self.rtt_s / 2:
-                continue  # a resend could not arrive in time
-            if missing.nacks and now - missing.last_nack < retry:
+            when = self._nack_time(missing)
+            if when is None or now < when:
+                continue
+            if now > self._last_useful_nack(missing):
+                # A resend asked for now could not arrive in time, nor could a later one.
+                missing.nacks = self.max_nacks
                 continue
             missing.nacks += 1
             missing.last_nack = now
@@ -242,10 +257,32 @@ class JitterBuffer:
         return due
 
     def next_deadline(self) -> float | None:
-        """When :meth:`poll` next has something to give up on (None: nothing missing)."""
+        """When :meth:`poll` next gives up on a packet or :meth:`nacks` next has one to ask
+        for (None: nothing is missing).  A time already past means "now"."""
         if not self._missing:
             return None
-        return min(m.detected for m in self._missing.values()) + self.latency_budget_s
+        lowest = min(self._missing)  # poll() gives up on the lowest first, as here
+        deadline = self._missing[lowest].detected + self.latency_budget_s
+        for seq, missing in self._missing.items():
+            when = self._nack_time(missing) if seq >= self._floor else None
+            if when is not None and when < deadline:
+                deadline = when
+        return deadline
+
+    def _nack_time(self, missing: _Missing) -> float | None:
+        """When ``missing`` is next due for a NACK; None when it never will be again."""
+        if missing.nacks >= self.max_nacks:
+            return None
+        if missing.nacks:
+            # A retransmission takes a round trip: ask again only once it is overdue.
+            when = missing.last_nack + max(1.5 * self.rtt_s, MIN_NACK_RETRY_S)
+        else:
+            when = missing.detected
+        return when if when <= self._last_useful_nack(missing) else None
+
+    def _last_useful_nack(self, missing: _Missing) -> float:
+        """After this a resend (half a round trip away) would land past the budget."""
+        return missing.detected + self.latency_budget_s - self.rtt_s / 2
 
     # -- internals ------------------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
 """The viewer: RTP over QUIC in, decoded pictures and sound out, feedback back to the sender.
 
-``client`` is the asyncio viewer (``Viewer.connect(url)``); ``latency`` keeps bounded latency
-samples for its report.
+``client`` is the asyncio viewer (``Viewer.connect(url)``): protocol work on the event loop;
+``decoding`` is its decode thread (frames in, pictures and sound back, in order); ``latency``
+keeps bounded latency samples for its report.
 """

@@ -9,10 +9,15 @@ the sending half is ``actors/stages/sender.py``.
 The protocol work is the sans-I/O :class:`shared.rtp.receiver.ReceiverSession`: per track
 (video H.264 on flows 0/1, audio Opus on flows 2/3) a jitter buffer that waits for
 retransmissions within a latency budget, reception statistics, and the RTCP feedback (NACK,
-PLI, transport-wide feedback, RR).  This shell moves packets in and feedback out, ticks the
-session every :data:`TICK_S`, and decodes: H.264 and Opus with PyAV.  The latest SR of each
-track maps RTP timestamps to the sender's capture clock (RFC 3550 §6.4.1), which lines audio
-up with video (:attr:`ViewerReport.av_offset_ms`).
+PLI, transport-wide feedback, RR).  This shell is thin, as aioquic's asyncio layer is: it
+hands the session every packet already queued, arms ONE timer for the session's
+:meth:`~shared.rtp.receiver.ReceiverSession.next_deadline` (its ``get_timer()``) while it
+waits for the next packet, ticks the session when that time comes, and sends what the tick
+returns.  A gap therefore brings a NACK in the same pass that saw it, with no polling interval.
+Decoding (H.264 and Opus with PyAV) never runs on this loop: whole frames go to one decode
+thread (:mod:`shared.viewer.decoding`) and the pictures come back, in order, to :meth:`media`.
+The latest SR of each track maps RTP timestamps to the sender's capture clock (RFC 3550
+§6.4.1), which lines audio up with video (:attr:`ViewerReport.av_offset_ms`).
 
 The session runs on ``time.monotonic()`` (packet arrivals, ticks, so jitter, DLSR and the
 NACK/PLI timers): an NTP step cannot disturb them.  The wall clock is read only where it is
@@ -21,7 +26,7 @@ compared with wall-clock data, the capture times (latency, the A/V offset).
 Each test-source picture carries its capture timestamp (``shared.capture.stamp``), so the viewer reads
 capture-to-decode latency from the picture alone.  When the connection drops (QUIC idle
 timeout) the viewer reconnects with exponential backoff, pinning the same certificate; a stream
-the server ends on purpose ends :meth:`media`.
+the server ends on purpose ends :meth:`media`, once the frames already received are decoded.
 """
 
 from __future__ import annotations
@@ -29,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import logging
 import statistics
 import time
@@ -37,32 +41,40 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
-import numpy as np
 
-from shared.capture.stamp import Stamp, read_stamp
 from shared.errors import NetworkError
 from shared.media.codec import H264Decoder
 from shared.models import StreamStats
 from shared.roq.transport import RoqClient
 from shared.roq.url import StreamUrl
-from shared.rtp.h264 import H264PayloadFormat, to_annexb
+from shared.rtp.h264 import H264PayloadFormat
 from shared.rtp.jitter_buffer import BufferedFrame
 from shared.rtp.opus import OpusDecoder, OpusPayloadFormat
 from shared.rtp.rate_window import RateWindow
 from shared.rtp.receiver import ReceiverSession, ReceiverTrack
 from shared.rtp.sender import AUDIO_TRACK, VIDEO_TRACK
+from shared.viewer.decoding import (
+    DECODE_BACKLOG_S,
+    Decoded,
+    DecodedAudio,
+    DecodedFrame,
+    DecodeJob,
+    DecoderFactory,
+    DecodeWorker,
+    read_frame_stamp,
+)
 from shared.viewer.latency import LatencyStats
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DecodedAudio", "DecodedFrame", "Viewer", "ViewerReport", "read_frame_stamp"]
 
-TICK_S = 0.02
-#: A tick waits for queued packets to be handled, but not longer than this.
-MAX_TICK_DELAY_S = 0.1
 RECONNECT_FIRST_DELAY_S, RECONNECT_MAX_DELAY_S = 0.25, 4.0
 #: QUIC idle timeout of a viewer connection: how soon a dead path is noticed.
 VIEWER_IDLE_TIMEOUT_S = 5.0
+
+#: What the receive task hands back: a packet with its arrival time, or None once closed.
+Received = tuple[int, bytes, float] | None
 
 
 class ViewerReport(msgspec.Struct, kw_only=True):
@@ -92,35 +104,11 @@ class ViewerReport(msgspec.Struct, kw_only=True):
     audio_decode_errors: int = 0
     av_offset_ms: float | None = None
     """Median video minus median audio capture-to-decode delay (SR clock), both tracks only."""
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class DecodedFrame:
-    frame: Any  # av.VideoFrame
-    stamp: Stamp | None
-    latency_ms: float | None
-    rtp_timestamp: int = 0
-    capture_us: int | None = None
-    """Capture time on the sender's clock (from its SR), None before the first SR."""
-    keyframe: bool = False
-    access_unit: bytes = b""
-    """The H.264 access unit (Annex B) the picture was decoded from, for remuxing."""
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class DecodedAudio:
-    frame: Any  # av.AudioFrame
-    rtp_timestamp: int
-    capture_us: int | None
-    latency_ms: float | None
-
-
-def read_frame_stamp(frame: Any) -> Stamp | None:
-    """Read the test source's timestamp from a decoded yuv420p frame without copying it all."""
-    plane = frame.planes[0]
-    # A view of the decoder's plane (no copy); read_stamp only touches the strip rows.
-    luma = np.frombuffer(plane, dtype=np.uint8).reshape(-1, plane.line_size)
-    return read_stamp(luma[: frame.height, : frame.width])
+    decode_queue_dropped: int = 0
+    """Video frames dropped, decoded or not, because the decoder or the consumer of
+    :meth:`Viewer.media` fell more than ``decode_backlog_s`` behind (resumed at a keyframe)."""
+    audio_decode_queue_dropped: int = 0
+    """Audio frames dropped for the same reason."""
 
 
 class Viewer:
@@ -134,6 +122,9 @@ class Viewer:
         latency_budget_s: float = 0.2,
         reconnect: bool = True,
         reconnect_timeout_s: float = 30.0,
+        video_decoder: DecoderFactory = H264Decoder,
+        audio_decoder: DecoderFactory = OpusDecoder,
+        decode_backlog_s: float = DECODE_BACKLOG_S,
     ) -> None:
         self.url = url
         self._client = client
@@ -149,12 +140,24 @@ class Viewer:
         self._delays: dict[str, collections.deque[float]] = {
             kind: collections.deque(maxlen=300) for kind in ("video", "audio")
         }
-        self._decoder = H264Decoder()
-        self._audio_decoder: OpusDecoder | None = None
+        self._decoding = DecodeWorker(
+            video_decoder=video_decoder, audio_decoder=audio_decoder, max_backlog_s=decode_backlog_s
+        )
+        #: Decoded items (with the job that made them) not yet handed to media()'s consumer.
+        self._decoded: collections.deque[tuple[DecodedFrame | DecodedAudio, Decoded]] = (
+            collections.deque()
+        )
+        self._decode_failure: Exception | None = None
+        self._decode_backlog_s = decode_backlog_s
+        #: Decoded (video, audio) items dropped because the consumer fell behind.
+        self._undelivered_dropped = [0, 0]
+        #: Set by anything media() waits for: a packet, a decoded frame.  One timer beside it.
+        self._wake = asyncio.Event()
+        self._receiving: asyncio.Task[Received] | None = None
+        self._connection_closed = False
         self._latency = LatencyStats()
         self._report = ViewerReport(url=str(url), mode=client.mode)
         self._started = started
-        self._next_tick = 0.0
         #: Bytes received over the last second, bounded on every packet (``stream_stats``).
         self.received_window = RateWindow(1.0)
         self._closing = False
@@ -170,9 +173,11 @@ class Viewer:
         reconnect: bool = True,
         latency_budget_s: float = 0.2,
         idle_timeout: float = VIEWER_IDLE_TIMEOUT_S,
+        video_decoder: DecoderFactory = H264Decoder,
     ) -> Viewer:
         """Connect to a stream URL; the URL's ``fp`` pins the certificate, else ``ca_file``
-        (or the system's CAs) must vouch for it.  ``datagrams=False`` asks for stream mode."""
+        (or the system's CAs) must vouch for it.  ``datagrams=False`` asks for stream mode;
+        ``video_decoder`` makes the H.264 decoder (e.g. ``lambda: H264Decoder(hardware=True)``)."""
         parsed = url if isinstance(url, StreamUrl) else StreamUrl.parse(url)
         options: dict[str, Any] = {
             "fingerprint": parsed.fingerprint,
@@ -190,6 +195,7 @@ class Viewer:
             connect_options=options,
             latency_budget_s=latency_budget_s,
             reconnect=reconnect,
+            video_decoder=video_decoder,
         )
 
     async def frames(self) -> AsyncIterator[DecodedFrame]:
@@ -199,97 +205,122 @@ class Viewer:
                 yield item
 
     async def media(self) -> AsyncIterator[DecodedFrame | DecodedAudio]:
-        """Decoded pictures and audio frames, as they become ready, until the stream ends."""
-        while True:
-            # Packets already queued are handled before the tick, so a stalled loop never
-            # gives up on a retransmission that is in fact waiting in the queue.
-            item = self._client.receive_nowait()
-            wait = self._next_tick - time.monotonic()
-            if item is None and wait > 0:
-                try:
-                    # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel
-                    # that lands as the receive completes, and the loop would never stop.
-                    async with asyncio.timeout(wait):
-                        item = await self._client.receive_timed()
-                except TimeoutError:
-                    item = None
-                else:
-                    if item is None and not await self._reconnect():
-                        return
-            outputs: list[DecodedFrame | DecodedAudio] = []
-            if item is not None:
-                outputs += self._on_packet(*item)
+        """Decoded pictures and audio frames, in order, as they become ready, until the stream
+        ends.  One pass: every queued packet to the session, a tick if its deadline has come,
+        then one decoded item to the consumer, or a wait for a packet, a decoded item or the
+        session's next deadline, whichever is first."""
+        if self._closing:
+            return
+        self._decoding.start(asyncio.get_running_loop(), self._on_decoded)
+        while not self._closing:
+            self._wake.clear()  # before looking: whatever happens from here on sets it again
+            self._receive_queued()
+            deadline = self._session.next_deadline()
             now = time.monotonic()
-            backlog = self._client.queued
-            if now >= self._next_tick and (not backlog or now - self._next_tick > MAX_TICK_DELAY_S):
-                self._next_tick = now + TICK_S
-                outputs += self._tick(now)
-            for output in outputs:
-                yield output
+            if deadline is not None and now >= deadline:
+                self._tick(now)
+                deadline = self._session.next_deadline()
+            if self._decode_failure is not None:
+                raise self._decode_failure
+            if self._decoded:
+                yield self._take_decoded()
+                continue
+            if self._connection_closed and not self._decoding.outstanding:
+                # What was received is decoded and handed out before a reconnect's backoff.
+                if await self._reconnect():
+                    continue
+                break
+            # Past deadlines (more NACKs due than one tick sends) still let the loop run.
+            delay = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            with contextlib.suppress(TimeoutError):
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that
+                # lands as the wait completes, and the loop would never stop.
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
+        # The stream is over and every frame of it handed out, or the viewer is leaving.
+        await self._decoding.stop()
 
-    # -- packets in, frames out -----------------------------------------------------------
+    # -- packets in, feedback out, frames to the decoder -----------------------------------------
 
-    def _on_packet(
-        self, flow_id: int, data: bytes, arrival: float
-    ) -> list[DecodedFrame | DecodedAudio]:
+    def _receive_queued(self) -> None:
+        """Hand the session the packet the receive task got, then every one queued behind it,
+        and keep one receive pending.  All of them before any tick: a gap that a queued packet
+        fills is never NACKed, and a stalled loop never gives up on a retransmission that is
+        in fact waiting in the queue."""
+        task = self._receiving
+        if task is not None and task.done():
+            self._receiving = None
+            received = task.result()
+            if received is None:
+                self._connection_closed = True
+                return
+            self._on_packet(*received)
+        while (item := self._client.receive_nowait()) is not None:
+            self._on_packet(*item)
+        if self._receiving is None and not self._connection_closed:
+            self._receiving = asyncio.ensure_future(self._client.receive_timed())
+            self._receiving.add_done_callback(lambda _: self._wake.set())
+
+    def _on_packet(self, flow_id: int, data: bytes, arrival: float) -> None:
         self.received_window.add(arrival, len(data))
-        return self._decode(self._session.on_packet(flow_id, data, arrival))
+        self._submit(self._session.on_packet(flow_id, data, arrival))
 
-    def _tick(self, now: float) -> list[DecodedFrame | DecodedAudio]:
+    def _tick(self, now: float) -> None:
         frames, feedback = self._session.tick(now, self._client.rtt_ms / 1000)
         for flow_id, packet in feedback:
             self._client.send(flow_id, packet)
-        return self._decode(frames)
+        self._submit(frames)
 
-    def _decode(
-        self, frames: list[tuple[ReceiverTrack, BufferedFrame]]
-    ) -> list[DecodedFrame | DecodedAudio]:
-        out: list[DecodedFrame | DecodedAudio] = []
+    def _submit(self, frames: list[tuple[ReceiverTrack, BufferedFrame]]) -> None:
+        if not frames:
+            return
+        now = time.monotonic()
+        if self._decoded and now - self._decoded[0][1].queued_at > self._decode_backlog_s:
+            # The consumer is far behind: what waits for it, decoded or not, is stale.  As
+            # when the decoder falls behind, drop it all and resume video at a keyframe.
+            video = sum(isinstance(item, DecodedFrame) for item, _ in self._decoded)
+            self._undelivered_dropped[0] += video
+            self._undelivered_dropped[1] += len(self._decoded) - video
+            self._decoded.clear()
+            self._decoding.drop_waiting(restart_video=video > 0)
         for track, frame in frames:
             capture_us = track.capture_us(frame.rtp_timestamp)
-            if track is self._audio:
-                if self._audio_decoder is None:
-                    self._audio_decoder = OpusDecoder()
-                for audio in self._audio_decoder.decode(frame.units[0]):
-                    delay = self._delay("audio", capture_us)
-                    out.append(DecodedAudio(audio, frame.rtp_timestamp, capture_us, delay))
-                continue
-            access_unit = to_annexb(frame.units)
-            for picture in self._decoder.decode(access_unit):
-                out.append(self._measure(picture, frame, capture_us, access_unit))
-        return out
+            self._decoding.submit(DecodeJob(frame, track is self._audio, capture_us, now))
+        if self._decoding.skipping_to_keyframe:
+            # The decoder dropped frames to catch up: a PLI beats the next periodic keyframe.
+            self._session.request_keyframe(VIDEO_TRACK.flow_id, now)
 
-    def _delay(self, kind: str, capture_us: int | None) -> float | None:
-        """Capture (sender clock, via SR) to decode (this clock), for the A/V offset."""
-        if capture_us is None:
-            return None
-        delay = (time.time_ns() // 1000 - capture_us) / 1000.0
-        self._delays[kind].append(delay)
-        return delay
+    # -- decoded items back ----------------------------------------------------------------------
 
-    def _measure(
-        self, picture: Any, frame: BufferedFrame, capture_us: int | None, access_unit: bytes
-    ) -> DecodedFrame:
-        now_us = time.time_ns() // 1000
+    def _on_decoded(self, result: Decoded | Exception) -> None:
+        """On the loop, in decode order: one job's items, or the exception its decoder raised."""
+        if isinstance(result, Exception):
+            self._decode_failure = self._decode_failure or result
+        else:
+            self._decoded.extend((item, result) for item in result.items)
+        self._wake.set()
+
+    def _take_decoded(self) -> DecodedFrame | DecodedAudio:
+        """The next item for the consumer, counted as it is handed over (the times in it were
+        taken on the decode thread, when it was decoded)."""
+        item, decoded = self._decoded.popleft()
+        if isinstance(item, DecodedAudio):
+            self._report.audio_frames_decoded += 1
+            self._delay("audio", item.capture_us, decoded.decoded_us)
+            return item
         self._report.frames_decoded += 1
         if self._report.first_frame_s is None:
-            self._report.first_frame_s = time.monotonic() - self._started
-        self._delay("video", capture_us)
-        stamp = read_frame_stamp(picture)
-        latency_ms = None
-        if stamp is not None:
-            latency_ms = (now_us - stamp.capture_us) / 1000.0
-            self._latency.add(latency_ms)
+            self._report.first_frame_s = decoded.decoded_at - self._started
+        self._delay("video", item.capture_us, decoded.decoded_us)
+        if item.latency_ms is not None:
+            self._latency.add(item.latency_ms)
             self._report.stamps_read += 1
-        return DecodedFrame(
-            frame=picture,
-            stamp=stamp,
-            latency_ms=latency_ms,
-            rtp_timestamp=frame.rtp_timestamp,
-            capture_us=capture_us,
-            keyframe=frame.keyframe,
-            access_unit=access_unit,
-        )
+        return item
+
+    def _delay(self, kind: str, capture_us: int | None, decoded_us: int) -> None:
+        """Capture (sender clock, via SR) to decode (this clock), for the A/V offset."""
+        if capture_us is not None:
+            self._delays[kind].append((decoded_us - capture_us) / 1000.0)
 
     # -- connection ----------------------------------------------------------------------------
 
@@ -315,6 +346,7 @@ class Viewer:
             except Exception as exc:  # the old path is dead; the new one is what matters
                 logger.debug("closing the old connection: %s", exc)
             self._client = client
+            self._connection_closed = False
             self._session.new_connection()
             self._report.reconnects += 1
             return True
@@ -322,7 +354,8 @@ class Viewer:
 
     @property
     def frames_decoded(self) -> int:
-        """Pictures decoded so far: O(1), for a caller that checks it on every frame."""
+        """Pictures decoded and handed out by :meth:`media` so far: O(1), for a caller that
+        checks it on every frame."""
         return self._report.frames_decoded
 
     def report(self) -> ViewerReport:
@@ -330,7 +363,11 @@ class Viewer:
         samples: O(samples), so a caller refreshes it at a display rate, not per frame."""
         report = self._report
         report.mode = self._client.mode
-        report.decode_errors = self._decoder.decode_errors
+        decoding = self._decoding
+        report.decode_errors = decoding.video_decode_errors
+        report.audio_decode_errors = decoding.audio_decode_errors
+        report.decode_queue_dropped = decoding.video_dropped + self._undelivered_dropped[0]
+        report.audio_decode_queue_dropped = decoding.audio_dropped + self._undelivered_dropped[1]
         report.latency_p50_ms = self._latency.percentile(50)
         report.latency_p99_ms = self._latency.percentile(99)
         video, audio = self._video, self._audio
@@ -350,9 +387,6 @@ class Viewer:
         report.jitter_ms = video.stats.jitter_s * 1000 if video.stats else 0.0
         report.rtt_ms = self._client.rtt_ms
         report.audio_frames_dropped = audio.buffer.frames_dropped
-        if self._audio_decoder is not None:
-            report.audio_frames_decoded = self._audio_decoder.frames_decoded
-            report.audio_decode_errors = self._audio_decoder.decode_errors
         video_delays, audio_delays = self._delays["video"], self._delays["audio"]
         if video_delays and audio_delays:
             report.av_offset_ms = statistics.median(video_delays) - statistics.median(audio_delays)
@@ -391,5 +425,13 @@ class Viewer:
         return self.report()
 
     async def close(self) -> None:
+        """Leave the stream: close the connection and end the decode thread (the frame it is
+        decoding finishes first)."""
         self._closing = True
-        await self._client.close()
+        if self._receiving is not None:
+            self._receiving.cancel()
+            self._receiving = None
+        try:
+            await self._client.close()
+        finally:
+            await self._decoding.stop()
