@@ -87,9 +87,7 @@ def test_a_reader_killed_mid_read_leaves_the_stream_running_and_is_let_go(
             sid = (await manager.start_camera_stream(StreamConfig(quality=QVGA))).session_id
             viewer, consuming = await watching(manager, sid)
             reader: Any = (
-                ray.remote(RingReader)
-                .options(num_cpus=0)
-                .remote(segment_name(sid, "video"), True)
+                ray.remote(RingReader).options(num_cpus=0).remote(segment_name(sid, "video"), True)
             )
             try:
                 pid = ray.get(reader.start.remote())
@@ -136,9 +134,7 @@ def test_a_reader_that_never_reads_does_not_slow_the_encoder(ray_cluster: str) -
             sid = (await manager.start_camera_stream(StreamConfig(quality=QVGA))).session_id
             viewer, consuming = await watching(manager, sid)
             reader: Any = (
-                ray.remote(RingReader)
-                .options(num_cpus=0)
-                .remote(segment_name(sid, "video"), False)
+                ray.remote(RingReader).options(num_cpus=0).remote(segment_name(sid, "video"), False)
             )
             try:
                 ray.get(reader.start.remote())
