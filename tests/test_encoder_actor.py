@@ -69,7 +69,9 @@ class Capture:
         self.pattern = TestPattern(width, height, FPS)
         self.index = 0
 
-    def feed(self, frames: int) -> None:
+    def feed(self, frames: int, between: Callable[[], object] = lambda: None) -> None:
+        """Write ``frames`` frames, each once the actor took the one before; ``between`` runs
+        after each frame is taken."""
         for _ in range(frames):
             capture_us = time.time_ns() // 1000
             sequence = self.pool.write(
@@ -82,6 +84,7 @@ class Capture:
             )
             self.index += 1
             self.wait_taken(sequence)
+            between()
 
     def wait_taken(self, sequence: int) -> None:
         wait_for(
@@ -164,7 +167,7 @@ def test_a_ladder_writes_each_rung_to_its_own_ring_and_rings_its_readers(ray_clu
         ]
         rings = readers(actor)
         bells = [ring.ring.listen() for ring in rings]
-        cap.feed(60)
+        cap.feed(60, between=lambda: [bell.drain() for bell in bells])
         final = settle(actor, 60, 30)  # rung 1 at 15 fps: every other frame, by timestamp
         packets = [ring.read_available().packets for ring in rings]
         for n, rung in enumerate(ladder):
@@ -178,6 +181,7 @@ def test_a_ladder_writes_each_rung_to_its_own_ring_and_rings_its_readers(ray_clu
             assert bell.drain() == rung_packets[-1].sequence
             bell.close()
         assert [r.readers for r in final.rungs] == [1, 1]
+        assert [r.stalled_rings for r in final.rungs] == [0, 0]  # they were read as they came
         assert final.rungs[1].ring == segment_name(sid, "video1")
         assert final.codec == SOFTWARE_ENCODER and not final.hardware
         assert final.frames_encoded == final.rungs[0].frames_encoded == 60
