@@ -10,6 +10,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import pytest
 
@@ -57,13 +58,31 @@ def doorbells(prefix: str = "kz_") -> list[str]:
     return sorted(n for n in names if n.startswith(f"@kizuna/{prefix}"))
 
 
-def wait_for_no_leaks(session_id: str | None = None, timeout: float = 15.0) -> None:
-    """Fail unless every actor, shared-memory segment and doorbell of the stream(s) is gone."""
+class ShmSnapshot(NamedTuple):
+    """The segments and doorbells present at some moment (another program's live streams
+    included), so a test that cannot name its stream checks only what appeared since."""
+
+    segments: frozenset[str]
+    doorbells: frozenset[str]
+
+
+def shm_snapshot() -> ShmSnapshot:
+    return ShmSnapshot(frozenset(list_segments()), frozenset(doorbells()))
+
+
+def wait_for_no_leaks(
+    session_id: str | None = None, timeout: float = 15.0, *, since: ShmSnapshot | None = None
+) -> None:
+    """Fail unless every actor, shared-memory segment and doorbell of the stream(s) is gone.
+
+    Without a session id every stream's count, except what ``since`` already held."""
     prefix = f"kz_{session_id}_" if session_id else "kz_"
+    old = since or ShmSnapshot(frozenset(), frozenset())
     deadline = time.monotonic() + timeout
     while True:
-        actors, segments = stream_actors(session_id), list_segments(prefix)
-        bells = doorbells(prefix)
+        actors = stream_actors(session_id)
+        segments = [name for name in list_segments(prefix) if name not in old.segments]
+        bells = [name for name in doorbells(prefix) if name not in old.doorbells]
         if not actors and not segments and not bells:
             return
         if time.monotonic() > deadline:

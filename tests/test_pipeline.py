@@ -37,7 +37,7 @@ from shared.models import (
     ViewerStatus,
 )
 from shared.viewer.client import DecodedFrame, Viewer
-from tests.conftest import require_tool, stream_actors, wait_for_no_leaks
+from tests.conftest import require_tool, shm_snapshot, stream_actors, wait_for_no_leaks
 
 pytestmark = pytest.mark.ray
 
@@ -226,16 +226,19 @@ def test_demo_without_json_shows_status_and_a_summary(ray_cluster: str) -> None:
 def test_demo_bad_input_is_one_clear_line(
     ray_cluster: str, args: list[str], code: int, message: str
 ) -> None:
+    before = shm_snapshot()
     result = run_cli("demo", "--json", *args, address=ray_cluster)
     assert result.returncode == code, result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
     assert message in json.loads(result.stdout)["error"]["message"]
     # The demo joined this cluster: no stream actor of it may be left, nor shared memory.
-    wait_for_no_leaks()
+    wait_for_no_leaks(since=before)
 
 
 def test_unavailable_source_fails_before_active_and_leaves_nothing(ray_cluster: str) -> None:
+    before = shm_snapshot()
+
     async def main() -> None:
         async with StreamManager.start() as manager:
             with pytest.raises(CaptureError, match="camera /dev/video63 does not exist"):
@@ -245,7 +248,7 @@ def test_unavailable_source_fails_before_active_and_leaves_nothing(ray_cluster: 
             assert await manager.get_active_streams() == []
 
     asyncio.run(main())
-    wait_for_no_leaks()
+    wait_for_no_leaks(since=before)
 
 
 def test_viewer_errors_leave_nothing_and_a_quality_change_reaches_the_viewer(
@@ -387,6 +390,7 @@ class _StderrReader:
 
 
 def test_ctrl_c_during_the_demo_stops_cleanly(ray_cluster: str, tmp_path: Path) -> None:
+    before = shm_snapshot()
     recording = tmp_path / "interrupted.mp4"
     command = [
         sys.executable,
@@ -431,7 +435,7 @@ def test_ctrl_c_during_the_demo_stops_cleanly(ray_cluster: str, tmp_path: Path) 
     # The file was finished properly: every frame the summary counts is in it.
     assert int(written[1]) == recording.stat().st_size > 0
     assert int(ffprobe_video(recording)["nb_read_frames"]) == int(written[2])
-    wait_for_no_leaks()
+    wait_for_no_leaks(since=before)
 
 
 def test_a_crashed_encoder_moves_the_stream_to_error_and_stop_still_cleans_up(

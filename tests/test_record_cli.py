@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import wait_for_no_leaks
+from tests.conftest import shm_snapshot, wait_for_no_leaks
 from tests.test_recording import probe
 from tests.test_serve_view import REPO, TINY, cli, free_udp_port, read_json_line
 
@@ -17,6 +17,7 @@ pytestmark = pytest.mark.ray
 
 
 def test_record_from_a_server_with_rotation(ray_cluster: str, tmp_path: Path) -> None:
+    before = shm_snapshot()
     port = free_udp_port()
     serve = subprocess.Popen(
         cli(
@@ -73,4 +74,4 @@ def test_record_from_a_server_with_rotation(ray_cluster: str, tmp_path: Path) ->
         serve.send_signal(signal.SIGINT)
         serve.communicate(timeout=60)
     assert serve.returncode == 0
-    wait_for_no_leaks()
+    wait_for_no_leaks(since=before)
