@@ -169,6 +169,11 @@ class StreamManager:
             Supervisor.add_viewer, session_id, peer_id, permissions or ViewerPermissions(), port
         )
 
+    async def open_shards(self, session_id: str, count: int = 1, *, port: int = 0) -> str:
+        """Start ``count`` sender shards sharing ``port`` for viewers without a ticket; the
+        URL they connect to (``serve``)."""
+        return await self._supervisor.call(Supervisor.open_shards, session_id, count, port)
+
     async def remove_viewer(self, session_id: str, viewer_id: str) -> None:
         await self._supervisor.call(Supervisor.remove_viewer, session_id, viewer_id)
 

@@ -19,7 +19,6 @@ the typed handles of ``actors.handles``.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 import uuid
@@ -31,18 +30,19 @@ import msgspec
 import ray
 
 from actors.calls import unwrap
-from actors.handles import CaptureHandle, EncoderHandle, Handle, QualityHandle, SenderHandle
+from actors.handles import CaptureHandle, EncoderHandle, Handle, QualityHandle
 from actors.placement import spawn
 from actors.recordings import Recordings, StreamContext
+from actors.shards import ShardPool
 from actors.stages.capture import CaptureActor
 from actors.stages.encoder import EncoderActor, encoder_actor_options, ladder_ring_names
 from actors.stages.quality import QualityActor
-from actors.stages.sender import SenderActor
 from shared.control.ports import ListenPorts
+from shared.control.registry import ViewerState
 from shared.control.resources import ResourceMonitor, ResourceSnapshot, StreamLoad
 from shared.control.scheduler import NodeInfo, StreamScheduler
 from shared.control.session import StreamEvent, StreamLifecycle, StreamOperation
-from shared.control.stats import stage_failure, stream_stats, viewer_connection
+from shared.control.stats import stage_failure, stream_stats
 from shared.control.stream_type import (
     stream_config_with_screen_audio,
     stream_type_after_switch,
@@ -75,11 +75,6 @@ logger = logging.getLogger(__name__)
 HEALTH_INTERVAL_S = 1.0
 
 
-def sender_role(viewer_id: str) -> str:
-    """The name a viewer's sender has among the stream's actors."""
-    return f"sender-{viewer_id}"
-
-
 async def attempt(step: Callable[[], Awaitable[object]], what: str, context: str) -> None:
     """Run one cleanup step; a failure is logged (with what was being done) and not raised,
     so the steps after it still run."""
@@ -89,40 +84,9 @@ async def attempt(step: Callable[[], Awaitable[object]], what: str, context: str
         logger.warning("%s: could not %s: %s", context, what, unwrap(exc))
 
 
-async def detach_viewer(
-    viewer_id: str,
-    sender: SenderHandle,
-    *,
-    quality: QualityHandle | None,
-    context: str,
-) -> None:
-    """Take a viewer's sender out of the stream: take it out of quality control, stop it and
-    kill it.  (The encoder needs no word: the sender hangs up its rings' doorbells on stop, or
-    the kernel does when it is killed, and the encoder's next packet notices.)
-
-    Each step is attempted whatever became of the one before, and a failure is logged: a
-    quality actor that died must not leave the sender running with its port open.
-    """
-    role = sender_role(viewer_id)
-    if quality is not None:
-        await attempt(
-            functools.partial(quality.remove_sender, viewer_id),
-            f"remove {role} from quality control",
-            context,
-        )
-    await attempt(sender.stop, f"stop {role}", context)
-    try:
-        sender.kill()
-    except Exception as exc:
-        logger.warning("%s: could not kill %s: %s", context, role, exc)
-
-
 @dataclass
 class _Viewer:
-    sender: SenderHandle
     status: ViewerStatus
-    #: The fixed port its sender listens on (0: any free port).
-    port: int
 
 
 @dataclass
@@ -140,9 +104,8 @@ class _Stream:
     #: None for an audio-only stream, as is ``quality``.
     encoder: EncoderHandle | None = None
     quality: QualityHandle | None = None
-    #: Every sender by viewer id from its spawn on (a viewer joins ``viewers`` once its sender
-    #: is subscribed), so that a stop coming meanwhile still stops and kills it.
-    senders: dict[str, SenderHandle] = field(default_factory=dict)
+    #: The sender shards serving the stream's viewers (``actors.shards``).
+    shards: ShardPool | None = None
     pids: dict[str, int] = field(default_factory=dict)
     viewers: dict[str, _Viewer] = field(default_factory=dict)
     #: The recording StreamConfig.record asked for, if any (others are started by API).
@@ -156,7 +119,7 @@ class _Stream:
         stages: list[Handle[Any]] = [
             h for h in (self.capture, self.quality, self.encoder) if h is not None
         ]
-        return stages + list(self.senders.values())
+        return stages + (self.shards.handles() if self.shards is not None else [])
 
 
 class Supervisor:
@@ -270,6 +233,7 @@ class Supervisor:
         )
         stream.pids["capture"] = await capture.open()
         if not video:
+            stream.shards = self._shard_pool(stream, None)
             await capture.start(None)
             return
         encoder = stream.encoder = spawn(
@@ -308,7 +272,19 @@ class Supervisor:
             QualityActor, QualityHandle, name=name("quality"), node_id=node
         )(session_id=sid, encoder=encoder, ceiling_bitrate=config.quality.bitrate)
         stream.pids["quality"] = await quality.start()
+        stream.shards = self._shard_pool(stream, ring_name)
         await capture.start(encoder)
+
+    def _shard_pool(self, stream: _Stream, video_ring: str | None) -> ShardPool:
+        return ShardPool(
+            session_id=stream.session.session_id,
+            node_id=stream.node_id,
+            host=stream.config.listen_host,
+            identity=stream.identity,
+            video_ring=video_ring,
+            encoder=stream.encoder,
+            quality=stream.quality,
+        )
 
     async def stop_stream(self, session_id: str) -> StreamSession | None:
         """Stop a stream; stopping one that is already stopped (or unknown) does nothing.
@@ -338,8 +314,8 @@ class Supervisor:
         ):
             if stage is not None:
                 await attempt(stage.stop, f"stop the {role}", context)
-        for viewer_id, sender in list(stream.senders.items()):
-            await attempt(sender.stop, f"stop {sender_role(viewer_id)}", context)
+        if stream.shards is not None:
+            await stream.shards.stop_all()
         self._recordings.cancel_stream(sid)
         for recording_id in self._recordings.of_stream(sid):
             try:
@@ -355,7 +331,7 @@ class Supervisor:
             except Exception as exc:  # nothing left to end; say so rather than hide it
                 logger.warning("could not kill %s: %s", type(handle).__name__, exc)
         stream.capture = stream.encoder = stream.quality = None
-        stream.senders.clear()
+        stream.shards = None
         # Actors unlink what they created on a clean stop; this covers the ones that crashed.
         for name in stream.segments:
             unlink_segment(name)
@@ -412,42 +388,26 @@ class Supervisor:
     async def add_viewer(
         self, session_id: str, peer_id: str, permissions: ViewerPermissions, port: int = 0
     ) -> ViewerTicket:
+        """A ticket for a new viewer on the shard the balancer chose (a new shard, listening
+        on ``port`` when one is given, if every shard is full).  ResourceError when a limit
+        refuses the viewer, with the reason."""
         stream = self._get(session_id)
         if not permissions.can_view:
             raise PermissionError(f"peer {peer_id!r} is not allowed to view")
         stream.lifecycle.check(StreamOperation.ADD_VIEWER)
+        shards = stream.shards
+        assert shards is not None  # set before the stream is Active
         self._ports.reserve(session_id, port)
-        viewer_id = uuid.uuid4().hex[:8]
-        role = sender_role(viewer_id)
-        sender = stream.senders[viewer_id] = spawn(
-            SenderActor, SenderHandle, name=f"kz-{session_id}-{role}", node_id=stream.node_id
-        )(
-            session_id=session_id,
-            viewer_id=viewer_id,
-            ring_name=segment_name(session_id, "video"),
-            encoder=stream.encoder,
-        )
         try:
-            url = await sender.open(stream.config.listen_host, port, stream.identity)
-            stream.pids[role] = (await sender.stats()).pid
-            if stream.quality is not None:
-                await stream.quality.add_sender(viewer_id, sender)
-            # The stream may have begun stopping (or failed) while the sender opened.
+            viewer_id, shard = await shards.ticket(peer_id, port=port)
+            # The stream may have begun stopping (or failed) while a shard opened.
             stream.lifecycle.check(StreamOperation.ADD_VIEWER)
-        except BaseException:
-            stream.senders.pop(viewer_id, None)
-            stream.pids.pop(role, None)
-            self._ports.release(session_id, port)
-            await detach_viewer(
-                viewer_id,
-                sender,
-                quality=stream.quality,
-                context=f"stream {session_id}",
-            )
-            raise
+        finally:
+            # The port stays reserved only if the chosen shard listens on it.
+            if port and not any(s.port == port for s in shards.shards.values()):
+                self._ports.release(session_id, port)
+        url = str(shard.url.with_viewer(viewer_id))
         stream.viewers[viewer_id] = _Viewer(
-            sender=sender,
-            port=port,
             status=ViewerStatus(
                 viewer_id=viewer_id,
                 peer_id=peer_id,
@@ -463,24 +423,37 @@ class Supervisor:
         stream.session.viewers.append(viewer_id)
         return ViewerTicket(viewer_id=viewer_id, session_id=session_id, url=url)
 
+    async def open_shards(self, session_id: str, count: int, port: int) -> str:
+        """Start ``count`` more shards sharing ``port`` (SO_REUSEPORT; 0: one shard on a free
+        port) for viewers without a ticket, as ``serve`` offers; the URL they connect to."""
+        stream = self._get(session_id)
+        stream.lifecycle.check(StreamOperation.ADD_VIEWER)
+        if count < 1:
+            raise ConfigError(f"open at least one shard, not {count}")
+        shards = stream.shards
+        assert shards is not None
+        url = ""
+        for _ in range(count if port else 1):
+            self._ports.reserve(session_id, port)
+            try:
+                shard = await shards.start_shard(port, reuse_port=bool(port))
+            except BaseException:
+                self._ports.release(session_id, port)
+                raise
+            url = str(shard.url)
+        return url
+
     async def remove_viewer(self, session_id: str, viewer_id: str) -> None:
-        """Remove a viewer (removing one that is gone does nothing); its sender is stopped and
-        killed even where unsubscribing it fails."""
+        """Remove a viewer (removing one that is gone does nothing); its connection, if any,
+        is closed."""
         stream = self._get(session_id)
         stream.lifecycle.check(StreamOperation.REMOVE_VIEWER)
         viewer = stream.viewers.pop(viewer_id, None)
         if viewer is None:
             return
-        stream.senders.pop(viewer_id, None)
-        stream.pids.pop(sender_role(viewer_id), None)
         stream.session.viewers.remove(viewer_id)
-        self._ports.release(session_id, viewer.port)
-        await detach_viewer(
-            viewer_id,
-            viewer.sender,
-            quality=stream.quality,
-            context=f"stream {session_id}",
-        )
+        if stream.shards is not None:
+            await stream.shards.remove_viewer(viewer_id)
 
     async def get_viewer_status(self, session_id: str) -> list[ViewerStatus]:
         stream = self._get(session_id)
@@ -490,11 +463,20 @@ class Supervisor:
     # --- monitoring ---------------------------------------------------------------------
 
     async def resources(self) -> ResourceSnapshot:
-        pids = {
-            f"{sid}/{role}": pid
-            for sid, stream in self._streams.items()
-            for role, pid in stream.pids.items()
-        } | self._recordings.pids()
+        pids = (
+            {
+                f"{sid}/{role}": pid
+                for sid, stream in self._streams.items()
+                for role, pid in stream.pids.items()
+            }
+            | {
+                f"{sid}/sender-{shard_id}": pid
+                for sid, stream in self._streams.items()
+                if stream.shards is not None
+                for shard_id, pid in stream.shards.pids().items()
+            }
+            | self._recordings.pids()
+        )
         loads = []
         for sid, stream in list(self._streams.items()):
             if stream.capture is None:
@@ -564,14 +546,24 @@ class Supervisor:
 
     async def _refresh_stats(self, stream: _Stream) -> None:
         """Poll the stream's stages and fold their reports into its session (running streams
-        only: ``StreamLifecycle.running``)."""
+        only: ``StreamLifecycle.running``); reconcile its viewers with its shards'
+        connections.  A shard that died costs its viewers their connection (they reconnect
+        with a new ticket), not the stream."""
+        if not stream.lifecycle.running or stream.shards is None:
+            return
+        try:
+            senders, events = await stream.shards.refresh()
+        except (ray.exceptions.RayActorError, TimeoutError, KizunaError) as exc:
+            if stream.lifecycle.running:
+                self._fail(stream, exc)
+            return
+        for event in events:
+            logger.info("stream %s: %s", stream.session.session_id, event)
         capture, encoder, quality = stream.capture, stream.encoder, stream.quality
-        if not stream.lifecycle.running or capture is None or encoder is None or quality is None:
-            return  # also an audio-only stream: it has no encoder to report frames
-        viewers = list(stream.viewers.values())
+        if capture is None or encoder is None or quality is None:
+            return  # an audio-only stream: it has no encoder to report frames
         try:
             capture_stats, encoder_stats = await asyncio.gather(capture.stats(), encoder.stats())
-            senders = await asyncio.gather(*(viewer.sender.stats() for viewer in viewers))
             classified = await quality.connection_quality()
         except (ray.exceptions.RayActorError, TimeoutError, KizunaError) as exc:
             # A stop that began meanwhile kills the actors: that is no failure of the stream.
@@ -588,11 +580,17 @@ class Supervisor:
             elapsed_s=time.monotonic() - stream.started,
             wall_now=time.time(),
         )
-        for sender in senders:
-            viewer = stream.viewers.get(sender.viewer_id)
-            if viewer is not None:
-                viewer.status.bytes_sent = sender.bytes_sent
-                viewer.status.connection_quality = viewer_connection(sender, classified)
+        registry = stream.shards.registry
+        for viewer_id, viewer in stream.viewers.items():
+            record = registry.get(viewer_id)
+            if record is None:
+                continue
+            viewer.status.bytes_sent = record.bytes_sent
+            viewer.status.connection_quality = (
+                classified.get(record.shard_id or "", ConnectionQuality.GOOD)
+                if record.state is ViewerState.CONNECTED
+                else ConnectionQuality.DISCONNECTED
+            )
 
     def _fail(self, stream: _Stream, exc: BaseException) -> None:
         exc = unwrap(exc)

@@ -15,12 +15,15 @@ import pytest
 import ray
 
 from actors.handles import EncoderHandle, QualityHandle, SenderHandle
+from actors.shards import ShardPool
 from actors.stages.encoder import EncoderActor
 from actors.stages.recorder import RecorderActor
 from actors.stages.sender import SenderActor
-from actors.supervisor import detach_viewer
 from shared.errors import ConfigError
 from shared.models import QualityPreset, StreamQuality
+from shared.roq.tls import generate_self_signed
+
+IDENTITY = generate_self_signed("127.0.0.1")
 
 
 class _Ref:
@@ -127,23 +130,23 @@ def test_no_actor_takes_a_call_per_frame() -> None:
 # --- removing a viewer -------------------------------------------------------------------------
 
 
-def detach(quality: FakeActor | None, sender: FakeActor) -> None:
-    asyncio.run(
-        detach_viewer(
-            "v1",
-            SenderHandle(sender),
-            quality=QualityHandle(quality) if quality else None,
-            context="stream s1",
-        )
+def stop_shard(quality: FakeActor | None, sender: FakeActor) -> None:
+    pool = ShardPool(
+        session_id="s1",
+        node_id="n",
+        host="127.0.0.1",
+        identity=IDENTITY,
+        video_ring=None,
+        encoder=None,
+        quality=QualityHandle(quality) if quality else None,
     )
+    asyncio.run(pool._stop_handle("shard-1", SenderHandle(sender)))
 
 
-def test_removing_a_viewer_takes_it_out_of_quality_stops_and_kills_its_sender(
-    kills: list[str],
-) -> None:
+def test_stopping_a_shard_takes_it_out_of_quality_stops_and_kills_it(kills: list[str]) -> None:
     log: list[str] = []
-    detach(FakeActor("quality", log), FakeActor("sender", log))
-    assert log == ["quality.remove_sender('v1',)", "sender.stop()"]
+    stop_shard(FakeActor("quality", log), FakeActor("sender", log))
+    assert log == ["quality.remove_sender('shard-1',)", "sender.stop()"]
     assert kills == ["sender"]
 
 
@@ -152,25 +155,25 @@ def test_a_failed_step_is_logged_and_the_other_steps_still_run(
 ) -> None:
     log: list[str] = []
     quality = FakeActor("quality", log, fails={"remove_sender": ConfigError("quality gone")})
-    with caplog.at_level(logging.WARNING, logger="actors.supervisor"):
-        detach(quality, FakeActor("sender", log))
+    with caplog.at_level(logging.WARNING, logger="actors.shards"):
+        stop_shard(quality, FakeActor("sender", log))
     assert log == [
-        "quality.remove_sender('v1',)",
+        "quality.remove_sender('shard-1',)",
         "sender.stop()",  # attempted although the step before failed
     ]
     assert kills == ["sender"]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warnings == ["stream s1: could not remove sender-v1 from quality control: quality gone"]
+    assert warnings == ["stream s1: shard-1 out of quality: quality gone"]
 
 
-def test_a_sender_that_will_not_stop_is_killed_anyway(
+def test_a_shard_that_will_not_stop_is_killed_anyway(
     kills: list[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     sender = FakeActor("sender", [], fails={"stop": ray.exceptions.ActorDiedError()})
-    with caplog.at_level(logging.WARNING, logger="actors.supervisor"):
-        detach(None, sender)  # an audio-only stream: no quality actor
+    with caplog.at_level(logging.WARNING, logger="actors.shards"):
+        stop_shard(None, sender)  # an audio-only stream: no quality actor
     assert kills == ["sender"]
-    assert [r.getMessage().split(":")[1] for r in caplog.records] == [" could not stop sender-v1"]
+    assert [r.getMessage().split(":")[1] for r in caplog.records] == [" could not stop shard-1"]
 
 
 def test_spawn_refuses_a_handle_of_another_actor_class() -> None:

@@ -18,8 +18,10 @@ from shared.rtp.rtcp import (
     RtcpPli,
     RtcpReceiverReport,
     RtcpSenderReport,
+    RtcpSourceDescription,
     RtcpTransportFeedback,
     RtcpUnknown,
+    SdesChunk,
     nack_pairs,
     nack_sequences,
     ntp_middle,
@@ -41,7 +43,9 @@ SR = (
     + struct.pack("!QIII", 0xE1234567_89ABCDEF, 90000, 42, 4200)
     + struct.pack("!IIIIII", 0x1234, 25 << 24 | 0xFFFFFD, 0x0001_0005, 17, 0xAABBCCDD, 6553)
 )
-SDES_PADDED = bytes.fromhex("a1ca0003 11111111 0103616263 000003")  # CNAME "abc", padded
+# SDES with CNAME "abc": the item list's null terminator and its word alignment (RFC 3550
+# §6.5), then 4 octets of RTCP padding.
+SDES_PADDED = bytes.fromhex("a1ca0004 11111111 0103616263 000000 00000004")
 
 
 def test_rtcp_vectors() -> None:
@@ -62,14 +66,39 @@ def test_rtcp_vectors() -> None:
         assert b"".join(p.serialize() for p in parse_rtcp_compound(data)) == data
 
 
-def test_rtcp_compound_with_unknown_and_padding() -> None:
+def test_rtcp_compound_with_sdes_and_padding() -> None:
     compound = SR + NACK + SDES_PADDED
     packets = parse_rtcp_compound(compound)
-    assert [type(p) for p in packets] == [RtcpSenderReport, RtcpNack, RtcpUnknown]
+    assert [type(p) for p in packets] == [RtcpSenderReport, RtcpNack, RtcpSourceDescription]
     sdes = packets[2]
-    assert isinstance(sdes, RtcpUnknown)
-    assert (sdes.packet_type, sdes.count, sdes.padding) == (202, 1, b"\x00\x00\x03")
+    assert isinstance(sdes, RtcpSourceDescription)
+    assert sdes.cname_of(0x11111111) == "abc" and sdes.cname_of(0x22) is None
+    assert sdes.padding == b"\x00\x00\x00\x04"
     assert b"".join(p.serialize() for p in packets) == compound
+
+
+def test_sdes_cname_round_trips_and_bad_chunks_are_protocol_errors() -> None:
+    for name in ("", "v", "viewer-1234", "x" * 255):
+        data = RtcpSourceDescription.cname(0x5EED, name).serialize()
+        assert len(data) % 4 == 0
+        [parsed] = parse_rtcp_compound(data)
+        assert isinstance(parsed, RtcpSourceDescription) and parsed.cname_of(0x5EED) == name
+    with pytest.raises(ConfigError):
+        RtcpSourceDescription.cname(1, "x" * 256).serialize()
+    # An item running past its packet, and a chunk without its terminating null item.
+    for body in ("00000001 0109616263", "00000001 01036162"):
+        raw = bytes.fromhex(body)
+        raw += bytes(-len(raw) % 4)
+        header = bytes((0x81, 202)) + (len(raw) // 4).to_bytes(2, "big")
+        with pytest.raises(ProtocolError):
+            parse_rtcp_compound(header + raw)
+
+
+def test_rtcp_compound_with_unknown_packet_types() -> None:
+    bye = bytes.fromhex("81cb0001 11111111")
+    packets = parse_rtcp_compound(SR + bye)
+    assert isinstance(packets[1], RtcpUnknown) and packets[1].packet_type == 203
+    assert b"".join(p.serialize() for p in packets) == SR + bye
 
 
 def test_rtcp_truncations_raise_protocol_error() -> None:
@@ -167,8 +196,19 @@ rtcp_packets: st.SearchStrategy[RtcpPacket] = st.one_of(
     st.builds(RtcpPli, sender_ssrc=u32, media_ssrc=u32),
     st.builds(RtcpNack, sender_ssrc=u32, media_ssrc=u32, pairs=st.lists(st.tuples(u16, u16))),
     st.builds(
+        RtcpSourceDescription,
+        chunks=st.lists(
+            st.builds(
+                SdesChunk,
+                ssrc=u32,
+                items=st.lists(st.tuples(st.integers(1, 255), st.binary(max_size=20)), max_size=3),
+            ),
+            max_size=3,
+        ),
+    ),
+    st.builds(
         RtcpUnknown,
-        packet_type=st.sampled_from([202, 203, 204, 207]),
+        packet_type=st.sampled_from([203, 204, 207]),
         count=st.integers(0, 31),
         body=words,
     ),

@@ -146,17 +146,14 @@ async def serve(
     async with StreamManager.start(address=args.address) as manager:
         session = await manager.start_camera_stream(config)
         sid = session.session_id
-        tickets = [
-            await manager.add_viewer(sid, f"shard-{index}", port=port)
-            for index in range(args.senders)
-        ]
-        url = tickets[0].url
+        url = await manager.open_shards(sid, args.senders, port=port)
         handles = [
-            SenderHandle(ray.get_actor(f"kz-{sid}-sender-{t.viewer_id}", namespace=NAMESPACE))
-            for t in tickets
+            SenderHandle(ray.get_actor(actor["name"], namespace=NAMESPACE))
+            for actor in ray.util.list_named_actors(all_namespaces=True)
+            if actor["name"].startswith(f"kz-{sid}-shard-")
         ]
         if args.json:
-            print_json({"url": url, "session_id": sid, "senders": len(tickets)})
+            print_json({"url": url, "session_id": sid, "senders": len(handles)})
         else:
             status.done()
             print(url)

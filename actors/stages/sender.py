@@ -70,6 +70,8 @@ class PeerStatus(PeerStats, kw_only=True):
     nacks_received: int = 0
     retransmissions: int = 0
     keyframe_requests: int = 0
+    viewer_id: str | None = None
+    """The ticket its viewer named in its RTCP CNAME (None before its first report)."""
 
 
 class SenderStats(msgspec.Struct, kw_only=True):
@@ -108,7 +110,7 @@ class SenderActor:
         self,
         session_id: str,
         viewer_id: str,
-        ring_name: str,
+        ring_name: str | None,
         encoder: EncoderHandle | None,
         audio_ring_name: str | None = None,
     ) -> None:
@@ -141,19 +143,21 @@ class SenderActor:
         the port; a port held by a socket without SO_REUSEPORT is still "already in use".
         """
         identity = identity or generate_self_signed(host)
-        video = PacketRing.attach(self._ring_name)
-        try:
-            self._sources = [_TrackSource(0, VIDEO_TRACK, video, "latest_keyframe")]
-        except BaseException:
-            video.close()
-            raise
+        if self._ring_name is not None:  # None: an audio-only stream
+            video = PacketRing.attach(self._ring_name)
+            try:
+                self._sources = [_TrackSource(0, VIDEO_TRACK, video, "latest_keyframe")]
+            except BaseException:
+                video.close()
+                raise
         try:
             audio = PacketRing.attach(self._audio_ring_name)
         except ResourceError:
-            pass  # the stream has no audio
+            if not self._sources:
+                raise  # no video and no audio: nothing to send
         else:
             try:
-                self._sources.append(_TrackSource(1, AUDIO_TRACK, audio, "next"))
+                self._sources.append(_TrackSource(len(self._sources), AUDIO_TRACK, audio, "next"))
             except BaseException:
                 audio.close()
                 self._close_sources()
@@ -304,6 +308,17 @@ class SenderActor:
             connection.close(RoqErrorCode.ROQ_NO_ERROR, "stream stopped")
         return bool(connections)
 
+    async def close_viewer(self, viewer_id: str, reason: str = "viewer removed") -> int:
+        """Close the connections whose viewer named ``viewer_id``; how many there were."""
+        closing = [
+            connection
+            for connection, peer in self._broadcast.peers.items()
+            if peer.feedback.cname == viewer_id and isinstance(connection, RoqConnection)
+        ]
+        for connection in closing:
+            connection.close(RoqErrorCode.ROQ_NO_ERROR, reason)
+        return len(closing)
+
     def _peer_stats(self, connection: RoqConnection) -> PeerStatus:
         stats = PeerStatus(**msgspec.structs.asdict(connection.refresh()))
         peer = self._broadcast.peers.get(connection)
@@ -319,6 +334,7 @@ class SenderActor:
             stats.nacks_received = feedback.nacks_received
             stats.retransmissions = feedback.retransmissions
             stats.keyframe_requests = feedback.keyframe_requests
+            stats.viewer_id = feedback.cname
         return stats
 
     async def stats(self) -> SenderStats:

@@ -20,6 +20,7 @@ Feedback mode of §1.1).  Transport-wide feedback and receiver reports keep thei
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 from shared.errors import ProtocolError
@@ -31,6 +32,7 @@ from shared.rtp.rtcp import (
     RtcpPli,
     RtcpReceiverReport,
     RtcpSenderReport,
+    RtcpSourceDescription,
     ntp_to_unix,
     parse_rtcp_compound,
 )
@@ -119,11 +121,16 @@ class ReceiverSession:
         *,
         latency_budget_s: float = 0.2,
         ssrc: int = 0x5EED,
+        cname: str | None = None,
         pli_interval_s: float = 0.3,
         feedback_interval_s: float = 0.05,
         report_interval_s: float = 0.5,
     ) -> None:
         self.ssrc = ssrc
+        #: This viewer's CNAME (RFC 3550 §6.5.1), sent with every receiver report: the ticket
+        #: it was given, which ties its connection to the server's viewer registry.
+        self.cname = cname or f"viewer-{os.urandom(6).hex()}"
+        self._sdes = RtcpSourceDescription.cname(ssrc, self.cname).serialize()
         self.tracks = {spec.flow_id: ReceiverTrack(spec, f, latency_budget_s) for spec, f in tracks}
         self._rtcp = {t.spec.rtcp_flow_id: t for t in self.tracks.values()}
         self._intervals = (pli_interval_s, feedback_interval_s, report_interval_s)
@@ -250,5 +257,6 @@ class ReceiverSession:
                 block = track.stats.report_block(now) if track.stats else None
                 if block is not None:
                     report = RtcpReceiverReport(ssrc=self.ssrc, reports=[block])
-                    out.append((track.spec.rtcp_flow_id, report.serialize()))
+                    # A compound RR carries the CNAME (RFC 3550 §6.1).
+                    out.append((track.spec.rtcp_flow_id, report.serialize() + self._sdes))
         return frames, out

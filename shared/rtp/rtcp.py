@@ -25,15 +25,19 @@ __all__ = [
     "RTCP_PSFB",
     "RTCP_RR",
     "RTCP_RTPFB",
+    "RTCP_SDES",
     "RTCP_SR",
+    "SDES_CNAME",
     "ReportBlock",
     "RtcpNack",
     "RtcpPacket",
     "RtcpPli",
     "RtcpReceiverReport",
     "RtcpSenderReport",
+    "RtcpSourceDescription",
     "RtcpTransportFeedback",
     "RtcpUnknown",
+    "SdesChunk",
     "encode_status_chunks",
     "nack_pairs",
     "nack_sequences",
@@ -44,7 +48,9 @@ __all__ = [
     "signed24",
 ]
 
-RTCP_SR, RTCP_RR, RTCP_RTPFB, RTCP_PSFB = 200, 201, 205, 206
+RTCP_SR, RTCP_RR, RTCP_SDES, RTCP_RTPFB, RTCP_PSFB = 200, 201, 202, 205, 206
+#: SDES item types (RFC 3550 §6.5): the end of a chunk's item list, and the canonical name.
+SDES_END, SDES_CNAME = 0, 1
 _FMT_GENERIC_NACK = 1  # RFC 4585 §6.2.1
 _FMT_PLI = 1  # RFC 4585 §6.3.1
 _FMT_TRANSPORT_CC = 15  # draft-holmer-rmcat-transport-wide-cc-extensions-01 §3.1
@@ -165,6 +171,82 @@ class RtcpReceiverReport(RtcpPacket):
     def _content(self) -> tuple[int, int, bytes]:
         blocks = b"".join(block.serialize() for block in self.reports)
         return len(self.reports), RTCP_RR, struct.pack("!I", self.ssrc) + blocks + self.extension
+
+
+@dataclass(slots=True)
+class SdesChunk:
+    """One source's items in an SDES packet: its SSRC and (item type, value) pairs."""
+
+    ssrc: int
+    items: list[tuple[int, bytes]] = field(default_factory=list)
+
+    def get(self, item_type: int) -> bytes | None:
+        return next((value for kind, value in self.items if kind == item_type), None)
+
+
+@dataclass(slots=True)
+class RtcpSourceDescription(RtcpPacket):
+    """SDES (RFC 3550 §6.5), PT=202: per source, items such as its CNAME (§6.5.1).
+
+    Every compound RTCP packet a participant sends carries its CNAME (§6.1); a viewer's CNAME
+    is what ties its connection to the ticket it was given (``shared.control.registry``).
+    """
+
+    chunks: list[SdesChunk] = field(default_factory=list)
+
+    @classmethod
+    def cname(cls, ssrc: int, name: str) -> RtcpSourceDescription:
+        return cls([SdesChunk(ssrc, [(SDES_CNAME, name.encode())])])
+
+    def cname_of(self, ssrc: int | None = None) -> str | None:
+        """The CNAME of ``ssrc`` (None: of the first chunk that has one), as text."""
+        for chunk in self.chunks:
+            if ssrc is None or chunk.ssrc == ssrc:
+                value = chunk.get(SDES_CNAME)
+                if value is not None:
+                    return value.decode("utf-8", "replace")
+        return None
+
+    def _content(self) -> tuple[int, int, bytes]:
+        body = bytearray()
+        for chunk in self.chunks:
+            body += struct.pack("!I", chunk.ssrc)
+            for kind, value in chunk.items:
+                if not 1 <= kind <= 255 or len(value) > 255:
+                    raise ConfigError(f"SDES item {kind} of {len(value)} bytes cannot be encoded")
+                body += bytes((kind, len(value))) + value
+            # The item list ends with a null octet, padded with nulls to a 32-bit boundary.
+            body += bytes(4 - len(body) % 4)
+        return len(self.chunks), RTCP_SDES, bytes(body)
+
+    @classmethod
+    def _parse(cls, count: int, body: bytes, padding: bytes) -> RtcpSourceDescription:
+        chunks: list[SdesChunk] = []
+        pos, size = 0, len(body)
+        for _ in range(count):
+            if size - pos < 4:
+                raise ProtocolError(f"SDES chunk truncated at offset {pos}")
+            chunk = SdesChunk(int.from_bytes(body[pos : pos + 4], "big"))
+            pos += 4
+            while True:
+                if pos >= size:
+                    raise ProtocolError("SDES chunk without its terminating null item")
+                kind = body[pos]
+                if kind == SDES_END:
+                    end = (pos // 4 + 1) * 4  # null octets up to the next word
+                    if end > size or any(body[pos:end]):
+                        raise ProtocolError(f"SDES chunk end at offset {pos} is not null octets")
+                    pos = end
+                    break
+                if pos + 2 > size or pos + 2 + body[pos + 1] > size:
+                    raise ProtocolError(f"SDES item {kind} truncated at offset {pos}")
+                length = body[pos + 1]
+                chunk.items.append((kind, bytes(body[pos + 2 : pos + 2 + length])))
+                pos += 2 + length
+            chunks.append(chunk)
+        if pos != size:
+            raise ProtocolError(f"SDES has {size - pos} bytes after its {count} chunks")
+        return cls(chunks, padding=padding)
 
 
 @dataclass(slots=True)
@@ -354,7 +436,7 @@ def encode_status_chunks(symbols: list[int]) -> list[int]:
 
 @dataclass(slots=True)
 class RtcpUnknown(RtcpPacket):
-    """Any other RTCP packet (SDES, BYE, APP, other feedback), kept verbatim."""
+    """Any other RTCP packet (BYE, APP, other feedback), kept verbatim."""
 
     packet_type: int
     count: int
@@ -408,6 +490,8 @@ def _parse_rtcp(count: int, packet_type: int, body: bytes, padding: bytes) -> Rt
         blocks = [ReportBlock.parse(body, 4 + 24 * i) for i in range(count)]
         ssrc = int.from_bytes(body[:4], "big")
         return RtcpReceiverReport(ssrc, blocks, body[4 + 24 * count :], padding=padding)
+    if packet_type == RTCP_SDES:
+        return RtcpSourceDescription._parse(count, body, padding)
     if packet_type == RTCP_PSFB and count == _FMT_PLI:
         if size != 8:
             raise ProtocolError(f"PLI must carry exactly two SSRCs, got {size} bytes")

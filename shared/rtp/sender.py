@@ -60,6 +60,7 @@ from shared.rtp.rtcp import (
     RtcpPli,
     RtcpReceiverReport,
     RtcpSenderReport,
+    RtcpSourceDescription,
     RtcpTransportFeedback,
     ntp_timestamp,
     parse_rtcp_compound,
@@ -132,6 +133,8 @@ class PeerFeedback(msgspec.Struct, kw_only=True):
     keyframe_requests: int = 0
     rtcp_received: int = 0
     rtcp_malformed: int = 0
+    cname: str | None = None
+    """The viewer's CNAME from its SDES (RFC 3550 §6.5.1): the ticket it connected with."""
 
 
 class PeerSender:
@@ -267,6 +270,10 @@ class PeerSender:
                     self.feedback.keyframe_requests += 1
             elif isinstance(packet, RtcpTransportFeedback):
                 self.estimator.on_transport_feedback(packet, now)
+            elif isinstance(packet, RtcpSourceDescription):
+                cname = packet.cname_of()
+                if cname is not None:
+                    self.feedback.cname = cname[:64]  # bounded: the viewer chooses it
         self._refresh(now)
         return out
 

@@ -134,6 +134,7 @@ class Viewer:
         self._session = ReceiverSession(
             [(VIDEO_TRACK, H264PayloadFormat()), (AUDIO_TRACK, OpusPayloadFormat())],
             latency_budget_s=latency_budget_s,
+            cname=url.viewer,
         )
         self._video = self._session.tracks[VIDEO_TRACK.flow_id]
         self._audio = self._session.tracks[AUDIO_TRACK.flow_id]

@@ -1,0 +1,282 @@
+"""A stream's sender shards: the design's BroadcastController, for the supervisor.
+
+Each shard is a SenderActor: one process serving many viewers of the stream on one event loop,
+on its own UDP port (shards ``serve`` opens on one shared port use SO_REUSEPORT; the shards the
+balancer adds get their own port, so where a ticketed viewer lands is the balancer's choice,
+not a kernel hash).  This module does the I/O around two cores in ``shared.control``:
+
+- ``ConnectionBalancer`` decides where a new viewer goes, when a shard starts and when an idle
+  extra one retires; ``ConnectionRateLimiter`` spreads out arrivals;
+- ``ViewerRegistry`` holds the stream's viewers and is reconciled, on every health round, with
+  the connections each shard reports.  A viewer names its ticket in its RTCP CNAME (the
+  ticket URL's ``viewer=`` parameter, RFC 3550 §6.5.1), which is how a connection is matched
+  to a ticket; a connection that names none counts as anonymous.
+
+Each shard's load is what the balancer needs: its viewers (seats taken, from the registry), its
+CPU (psutil on the shard's process, on the supervisor's node where the stream's actors live)
+and its bytes per second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import psutil
+import ray
+
+from actors.calls import unwrap
+from actors.handles import EncoderHandle, QualityHandle, SenderHandle
+from actors.placement import spawn
+from actors.stages.sender import SenderActor, SenderStats
+from shared.control.balancer import (
+    BalancerPolicy,
+    ConnectionBalancer,
+    ConnectionRateLimiter,
+    Refuse,
+    ShardLoad,
+    StartShard,
+    UseShard,
+    WaitForShard,
+)
+from shared.control.registry import ConnectionReport, RegistryEvent, ViewerRegistry
+from shared.errors import KizunaError, ResourceError
+from shared.roq.tls import TlsIdentity
+from shared.roq.url import StreamUrl
+
+logger = logging.getLogger(__name__)
+
+#: Arrivals admitted per second per stream, and the burst allowed above that rate.
+CONNECT_RATE_PER_S = 50.0
+CONNECT_BURST = 100
+
+
+@dataclass
+class Shard:
+    shard_id: str
+    handle: SenderHandle
+    url: StreamUrl
+    port: int
+    pid: int
+    started_at: float
+    cpu_cores: float = 0.0
+    bytes_per_s: float = 0.0
+    last: SenderStats | None = None
+    _process: psutil.Process | None = None
+    _sampled_at: float = 0.0
+    _bytes: int = 0
+
+    def sample(self, stats: SenderStats, now: float) -> None:
+        """Fold one stats report and the process's CPU counter into the shard's load."""
+        if self._process is None:
+            try:
+                self._process = psutil.Process(self.pid)
+                self._process.cpu_percent(None)  # starts the counter
+            except psutil.Error:
+                self._process = None
+        elif now > self._sampled_at:
+            try:
+                self.cpu_cores = self._process.cpu_percent(None) / 100
+            except psutil.Error:
+                self.cpu_cores = 0.0
+            self.bytes_per_s = max(0, stats.bytes_sent - self._bytes) / (now - self._sampled_at)
+        self._sampled_at, self._bytes, self.last = now, stats.bytes_sent, stats
+
+
+@dataclass
+class ShardPool:
+    """The shards and viewer registry of one stream."""
+
+    session_id: str
+    node_id: str
+    host: str
+    identity: TlsIdentity
+    video_ring: str | None
+    encoder: EncoderHandle | None
+    quality: QualityHandle | None
+    policy: BalancerPolicy = field(default_factory=BalancerPolicy)
+    shards: dict[str, Shard] = field(default_factory=dict)
+    registry: ViewerRegistry = field(default_factory=ViewerRegistry)
+    starting: int = 0
+    _started: asyncio.Condition = field(default_factory=asyncio.Condition)
+    _limiter: ConnectionRateLimiter = field(
+        default_factory=lambda: ConnectionRateLimiter(CONNECT_RATE_PER_S, CONNECT_BURST)
+    )
+    #: Shards spawned and not yet open: stopped too if the stream stops meanwhile.
+    _opening: dict[str, SenderHandle] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.balancer = ConnectionBalancer(self.policy)
+
+    # --- placement ---------------------------------------------------------------------
+
+    def loads(self) -> list[ShardLoad]:
+        counts = self.registry.per_shard()
+        loads = []
+        for shard in self.shards.values():
+            count = counts.get(shard.shard_id)
+            loads.append(
+                ShardLoad(
+                    shard_id=shard.shard_id,
+                    viewers=count.viewers if count else 0,
+                    cpu_cores=shard.cpu_cores,
+                    bytes_per_s=shard.bytes_per_s,
+                    started_at=shard.started_at,
+                    idle_since=count.idle_since if count else shard.started_at,
+                )
+            )
+        return loads
+
+    async def ticket(self, peer_id: str, *, port: int = 0) -> tuple[str, Shard]:
+        """Place a new viewer: (its viewer id, its shard).  ResourceError when refused."""
+        if not self._limiter.admit(time.monotonic()):
+            refusal = self._limiter.refusal(time.monotonic(), stream_name=self.session_id)
+            raise ResourceError(refusal.reason)
+        while True:
+            placement = self.balancer.choose(
+                self.loads(),
+                self.registry.stream_viewers(),
+                self.starting,
+                stream_name=self.session_id,
+            )
+            match placement:
+                case UseShard(shard_id=shard_id):
+                    shard = self.shards[shard_id]
+                    break
+                case StartShard():
+                    shard = await self.start_shard(port)
+                    break
+                case WaitForShard():
+                    async with self._started:
+                        await self._started.wait()
+                case Refuse(reason=reason):
+                    raise ResourceError(reason)
+        viewer_id = uuid.uuid4().hex[:8]
+        self.registry.register(viewer_id, peer_id, shard.shard_id, time.monotonic())
+        return viewer_id, shard
+
+    async def start_shard(self, port: int = 0, *, reuse_port: bool | None = None) -> Shard:
+        """Start one shard listening on ``port`` (0: any free port)."""
+        shard_id = f"shard-{uuid.uuid4().hex[:6]}"
+        self.starting += 1
+        handle = self._opening[shard_id] = spawn(
+            SenderActor,
+            SenderHandle,
+            name=f"kz-{self.session_id}-{shard_id}",
+            node_id=self.node_id,
+        )(
+            session_id=self.session_id,
+            viewer_id=shard_id,
+            ring_name=self.video_ring,
+            encoder=self.encoder,
+        )
+        try:
+            url = StreamUrl.parse(
+                await handle.call(SenderActor.open, self.host, port, self.identity, reuse_port)
+            )
+            pid = (await handle.stats()).pid
+            if self.quality is not None:
+                await self.quality.add_sender(shard_id, handle)
+        except BaseException:
+            await self._stop_handle(shard_id, handle)
+            raise
+        finally:
+            self._opening.pop(shard_id, None)
+            self.starting -= 1
+            async with self._started:
+                self._started.notify_all()
+        shard = Shard(shard_id, handle, url, url.port, pid, time.monotonic())
+        self.shards[shard_id] = shard
+        self.registry.add_shard(shard_id, time.monotonic())
+        return shard
+
+    # --- upkeep (the supervisor's health round) ------------------------------------------
+
+    async def refresh(self) -> tuple[list[SenderStats], list[RegistryEvent]]:
+        """Poll every shard, reconcile the registry, retire idle extra shards; a shard that
+        died is dropped and its viewers marked reconnecting."""
+        events: list[RegistryEvent] = []
+        reports: list[SenderStats] = []
+        shards = list(self.shards.values())
+        results = await asyncio.gather(
+            *(shard.handle.stats() for shard in shards), return_exceptions=True
+        )
+        now = time.monotonic()
+        for shard, result in zip(shards, results, strict=True):
+            if isinstance(result, BaseException):
+                if isinstance(result, ray.exceptions.RayActorError | TimeoutError):
+                    logger.warning(
+                        "stream %s: %s died: %s", self.session_id, shard.shard_id, unwrap(result)
+                    )
+                    self.shards.pop(shard.shard_id, None)
+                    events += self.registry.shard_lost(shard.shard_id, now)
+                    continue
+                raise result
+            shard.sample(result, now)
+            reports.append(result)
+            connections = [
+                ConnectionReport(
+                    peer_id=peer.peer_id,
+                    viewer_id=peer.viewer_id or None,
+                    bytes_sent=peer.bytes_sent,
+                    skipped_to_keyframe=peer.frames_dropped,
+                )
+                for peer in result.peers
+            ]
+            events += self.registry.reconcile(shard.shard_id, connections, now)
+        events += self.registry.expire(now)
+        for shard_id in self.balancer.retire(self.loads(), now):
+            shard = self.shards.pop(shard_id)
+            events += self.registry.shard_lost(shard_id, now)
+            logger.info("stream %s: retiring idle %s", self.session_id, shard_id)
+            await self._stop_handle(shard_id, shard.handle)
+        return reports, events
+
+    async def remove_viewer(self, viewer_id: str) -> bool:
+        """Forget a viewer and close its connection; False if it was not registered."""
+        record = self.registry.get(viewer_id)
+        if record is None:
+            return False
+        self.registry.remove(viewer_id, time.monotonic())
+        shard = self.shards.get(record.shard_id or "")
+        if shard is not None:
+            try:
+                await shard.handle.call(SenderActor.close_viewer, viewer_id)
+            except (KizunaError, ray.exceptions.RayError, TimeoutError) as exc:
+                logger.warning("stream %s: closing viewer %s: %s", self.session_id, viewer_id, exc)
+        return True
+
+    # --- stopping ---------------------------------------------------------------------
+
+    def handles(self) -> list[SenderHandle]:
+        return [shard.handle for shard in self.shards.values()] + list(self._opening.values())
+
+    def pids(self) -> dict[str, int]:
+        return {shard.shard_id: shard.pid for shard in self.shards.values()}
+
+    async def stop_all(self) -> list[SenderStats]:
+        finals = []
+        for shard_id, shard in list(self.shards.items()):
+            try:
+                finals.append(await shard.handle.stop())
+            except Exception as exc:
+                logger.warning("stream %s: could not stop %s: %s", self.session_id, shard_id, exc)
+        return finals
+
+    async def _stop_handle(self, shard_id: str, handle: SenderHandle) -> None:
+        if self.quality is not None:
+            try:
+                await self.quality.remove_sender(shard_id)
+            except Exception as exc:
+                logger.warning("stream %s: %s out of quality: %s", self.session_id, shard_id, exc)
+        try:
+            await handle.stop()
+        except Exception as exc:
+            logger.warning("stream %s: could not stop %s: %s", self.session_id, shard_id, exc)
+        try:
+            handle.kill()
+        except Exception as exc:
+            logger.warning("stream %s: could not kill %s: %s", self.session_id, shard_id, exc)
