@@ -44,15 +44,11 @@ from shared.control.balancer import (
 )
 from shared.control.registry import ConnectionReport, RegistryEvent, ViewerRegistry
 from shared.errors import KizunaError, ResourceError
+from shared.models import ViewerLimits
 from shared.roq.tls import TlsIdentity
 from shared.roq.url import StreamUrl
 
 logger = logging.getLogger(__name__)
-
-#: Arrivals admitted per second per stream, and the burst allowed above that rate.
-CONNECT_RATE_PER_S = 50.0
-CONNECT_BURST = 100
-
 
 @dataclass
 class Shard:
@@ -97,19 +93,26 @@ class ShardPool:
     video_ring: str | None
     encoder: EncoderHandle | None
     quality: QualityHandle | None
-    policy: BalancerPolicy = field(default_factory=BalancerPolicy)
+    limits: ViewerLimits = field(default_factory=ViewerLimits)
     shards: dict[str, Shard] = field(default_factory=dict)
     registry: ViewerRegistry = field(default_factory=ViewerRegistry)
     starting: int = 0
     _started: asyncio.Condition = field(default_factory=asyncio.Condition)
-    _limiter: ConnectionRateLimiter = field(
-        default_factory=lambda: ConnectionRateLimiter(CONNECT_RATE_PER_S, CONNECT_BURST)
-    )
     #: Shards spawned and not yet open: stopped too if the stream stops meanwhile.
     _opening: dict[str, SenderHandle] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.balancer = ConnectionBalancer(self.policy)
+        limits = self.limits
+        self.balancer = ConnectionBalancer(
+            BalancerPolicy(
+                max_shards=limits.max_shards,
+                max_viewers_per_shard=limits.max_viewers_per_shard,
+                max_viewers_per_stream=limits.max_viewers,
+                scale_up_cpu=limits.shard_busy_cpu,
+                retire_after_s=limits.idle_shard_retire_s,
+            )
+        )
+        self._limiter = ConnectionRateLimiter(limits.connect_rate_per_s, limits.connect_burst)
 
     # --- placement ---------------------------------------------------------------------
 

@@ -284,6 +284,7 @@ class Supervisor:
             video_ring=video_ring,
             encoder=stream.encoder,
             quality=stream.quality,
+            limits=stream.config.viewers,
         )
 
     async def stop_stream(self, session_id: str) -> StreamSession | None:
@@ -418,6 +419,7 @@ class Supervisor:
                 bytes_sent=0,
                 current_quality=stream.session.quality,
                 url=url,
+                shard=shard.shard_id,
             ),
         )
         stream.session.viewers.append(viewer_id)

@@ -384,6 +384,38 @@ class RecordingConfig(msgspec.Struct, frozen=True, kw_only=True):
                 ) from None
 
 
+class ViewerLimits(msgspec.Struct, frozen=True, kw_only=True):
+    """How many viewers a stream takes and how its sender shards grow (the balancer's policy,
+    ``shared.control.balancer``, which validates them)."""
+
+    #: Most viewers the stream takes, across its shards.
+    max_viewers: int = 1000
+    #: Most viewers one shard (one sender process) takes.
+    max_viewers_per_shard: int = 250
+    #: Most shards the stream runs at once.
+    max_shards: int = 4
+    #: A shard busier than this (cores of CPU) takes no new viewer while another can.
+    shard_busy_cpu: float = 0.6
+    #: A shard without viewers for this long (seconds) is stopped, the first one excepted.
+    idle_shard_retire_s: float = 30.0
+    #: New viewers admitted per second, and the burst allowed above that rate.
+    connect_rate_per_s: float = 50.0
+    connect_burst: int = 100
+
+    def __post_init__(self) -> None:
+        # Checked when the config is made, by the code that will apply the limits.
+        from shared.control.balancer import BalancerPolicy, ConnectionRateLimiter
+
+        BalancerPolicy(
+            max_shards=self.max_shards,
+            max_viewers_per_shard=self.max_viewers_per_shard,
+            max_viewers_per_stream=self.max_viewers,
+            scale_up_cpu=self.shard_busy_cpu,
+            retire_after_s=self.idle_shard_retire_s,
+        )
+        ConnectionRateLimiter(self.connect_rate_per_s, self.connect_burst)
+
+
 class StreamConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Everything needed to start one stream.
 
@@ -411,6 +443,8 @@ class StreamConfig(msgspec.Struct, frozen=True, kw_only=True):
     #: Extra simulcast rungs below ``quality``, each encoded once (capped by the source).
     rungs: tuple[QualityPreset, ...] = ()
     name: str = ""
+    #: Viewer limits and how the stream's sender shards grow.
+    viewers: ViewerLimits = msgspec.field(default_factory=ViewerLimits)
 
     def __post_init__(self) -> None:
         parse_source(self.source)  # raises ConfigError early, before any actor starts
@@ -464,6 +498,8 @@ class ViewerStatus(msgspec.Struct, kw_only=True):
     bytes_sent: int
     current_quality: StreamQuality
     url: str = ""
+    #: The sender shard its ticket names.
+    shard: str = ""
 
 
 class ViewerTicket(msgspec.Struct, frozen=True, kw_only=True):

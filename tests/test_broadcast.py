@@ -1,0 +1,150 @@
+"""The broadcast tier on the session's real Ray cluster: sender shards chosen by the balancer,
+viewers tracked by the registry, limits refused with their reason.
+
+The balancer's and registry's rules are tested with literal times and loads in
+``test_balancer.py`` and ``test_registry.py``; here the shell: tickets land on the shard the
+balancer chose (its own port, not a kernel hash), a shard starts when the others are full and
+retires when idle, a real viewer's connection is matched to its ticket through its RTCP CNAME,
+and a refused viewer is told why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from typing import Any
+
+import pytest
+
+from actors import StreamManager
+from shared.errors import ResourceError
+from shared.models import (
+    ConnectionQuality,
+    Resolution,
+    StreamConfig,
+    StreamQuality,
+    StreamState,
+    ViewerLimits,
+    ViewerTicket,
+)
+from shared.roq.url import StreamUrl
+from shared.viewer.client import Viewer
+from tests.conftest import stream_actors, wait_for_no_leaks
+from tests.test_pipeline import eventually
+
+pytestmark = pytest.mark.ray
+
+QVGA = StreamQuality(resolution=Resolution(320, 240), framerate=30, bitrate=300_000)
+
+
+def port(ticket: ViewerTicket) -> int:
+    return StreamUrl.parse(ticket.url).port
+
+
+def shards(sid: str) -> list[str]:
+    return sorted(name for name in stream_actors(sid) if "-shard-" in name)
+
+
+async def status_of(manager: StreamManager, sid: str, viewer_id: str) -> Any:
+    return next(v for v in await manager.get_viewer_status(sid) if v.viewer_id == viewer_id)
+
+
+def test_the_balancer_places_starts_refuses_and_retires_shards(ray_cluster: str) -> None:
+    limits = ViewerLimits(
+        max_viewers=4, max_viewers_per_shard=2, max_shards=2, idle_shard_retire_s=1.0
+    )
+
+    async def main() -> str:
+        async with StreamManager.start() as manager:
+            config = StreamConfig(quality=QVGA, viewers=limits)
+            sid = (await manager.start_camera_stream(config)).session_id
+            first = [await manager.add_viewer(sid, f"p{i}") for i in range(2)]
+            assert port(first[0]) == port(first[1])  # one shard takes both
+            assert len(shards(sid)) == 1
+            # The first shard is full: the balancer starts a second, on its own port.
+            second = [await manager.add_viewer(sid, f"q{i}") for i in range(2)]
+            assert port(second[0]) == port(second[1]) != port(first[0])
+            assert len(shards(sid)) == 2
+            # The stream is full: refused, with the reason.
+            with pytest.raises(ResourceError, match="is full"):
+                await manager.add_viewer(sid, "late")
+
+            # A real viewer with a ticket: its CNAME ties its connection to the ticket.
+            viewer = await Viewer.connect(second[0].url)
+            watching = asyncio.create_task(viewer.watch(seconds=60))
+            try:
+                await eventually(
+                    lambda: status_of(manager, sid, second[0].viewer_id),
+                    lambda s: (
+                        s.connection_quality is not ConnectionQuality.DISCONNECTED
+                        and s.bytes_sent > 0
+                    ),
+                    "the viewer's connection matched to its ticket",
+                )
+                unused = await status_of(manager, sid, second[1].viewer_id)
+                assert unused.connection_quality is ConnectionQuality.DISCONNECTED
+
+                # Seats free up on the first shard; the next viewer goes there, not to the
+                # full second shard.
+                for ticket in first:
+                    await manager.remove_viewer(sid, ticket.viewer_id)
+                again = await manager.add_viewer(sid, "again")
+                assert port(again) == port(first[0])
+
+                # Kill -9 the second shard: its viewer loses its connection, the stream goes on.
+                shard = (await status_of(manager, sid, second[0].viewer_id)).shard
+                resources = await manager.resources()
+                [victim] = [p for p in resources.processes if p.label == f"{sid}/sender-{shard}"]
+                os.kill(victim.pid, signal.SIGKILL)
+                await eventually(
+                    lambda: status_of(manager, sid, second[0].viewer_id),
+                    lambda s: s.connection_quality is ConnectionQuality.DISCONNECTED,
+                    "the killed shard's viewer marked disconnected",
+                )
+                assert (await manager.get_stream(sid)).state is StreamState.ACTIVE
+                await eventually(lambda: shards(sid), lambda s: len(s) == 1, "one shard left")
+            finally:
+                watching.cancel()
+                await viewer.close()
+
+            # Everyone leaves: the remaining shard is the first, and it stays (min one shard).
+            for ticket in [*second, again]:
+                await manager.remove_viewer(sid, ticket.viewer_id)
+            assert (await manager.get_stream(sid)).viewers == []
+            assert len(shards(sid)) == 1
+            await manager.stop_stream(sid)
+        return sid
+
+    wait_for_no_leaks(asyncio.run(main()))
+
+
+def test_an_idle_extra_shard_retires_and_a_refused_rate_says_when_to_retry(
+    ray_cluster: str,
+) -> None:
+    limits = ViewerLimits(
+        max_viewers_per_shard=1,
+        max_shards=2,
+        idle_shard_retire_s=1.0,
+        connect_rate_per_s=0.01,
+        connect_burst=2,
+    )
+
+    async def main() -> str:
+        async with StreamManager.start() as manager:
+            config = StreamConfig(quality=QVGA, viewers=limits)
+            sid = (await manager.start_camera_stream(config)).session_id
+            a = await manager.add_viewer(sid, "a")
+            b = await manager.add_viewer(sid, "b")
+            assert port(a) != port(b) and len(shards(sid)) == 2
+            with pytest.raises(ResourceError, match="try again in"):
+                await manager.add_viewer(sid, "c")  # the burst of 2 is spent
+            await manager.remove_viewer(sid, b.viewer_id)
+            # Idle for a second, the extra shard stops; the first stays.
+            await eventually(lambda: shards(sid), lambda s: len(s) == 1, "the idle shard gone")
+            await manager.remove_viewer(sid, a.viewer_id)
+            assert (await manager.get_stream(sid)).state is StreamState.ACTIVE
+            await manager.stop_stream(sid)
+        return sid
+
+    wait_for_no_leaks(asyncio.run(main()))
