@@ -50,6 +50,7 @@ from shared.roq.url import StreamUrl
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass
 class Shard:
     shard_id: str
@@ -175,6 +176,7 @@ class ShardPool:
             viewer_id=shard_id,
             ring_name=self.video_ring,
             encoder=self.encoder,
+            limits=self.limits,
         )
         try:
             url = StreamUrl.parse(

@@ -31,7 +31,7 @@ from shared.models import (
 from shared.roq.url import StreamUrl
 from shared.viewer.client import Viewer
 from tests.conftest import stream_actors, wait_for_no_leaks
-from tests.test_pipeline import eventually
+from tests.test_pipeline import eventually, run_cli
 
 pytestmark = pytest.mark.ray
 
@@ -144,6 +144,36 @@ def test_an_idle_extra_shard_retires_and_a_refused_rate_says_when_to_retry(
             await eventually(lambda: shards(sid), lambda s: len(s) == 1, "the idle shard gone")
             await manager.remove_viewer(sid, a.viewer_id)
             assert (await manager.get_stream(sid)).state is StreamState.ACTIVE
+            await manager.stop_stream(sid)
+        return sid
+
+    wait_for_no_leaks(asyncio.run(main()))
+
+
+def test_a_viewer_over_a_shards_limit_is_closed_with_the_reason_view_prints(
+    ray_cluster: str,
+) -> None:
+    async def main() -> str:
+        async with StreamManager.start() as manager:
+            config = StreamConfig(quality=QVGA, viewers=ViewerLimits(max_viewers_per_shard=1))
+            sid = (await manager.start_camera_stream(config)).session_id
+            url = await manager.open_shards(sid, 1)  # for viewers without a ticket, as serve
+            first = await Viewer.connect(url, reconnect=False)
+            try:
+                report = await first.watch(frames=5, seconds=60)
+                assert report.frames_decoded == 5
+                # The shard is full: the next viewer is closed at once, with the reason.
+                refused = await asyncio.to_thread(
+                    run_cli, "view", url, "--seconds", "20", "--json"
+                )
+                assert refused.returncode == 1, refused.stderr
+                assert f"refused: this sender of stream {sid} is full (1 viewers)" in (
+                    refused.stderr
+                )
+                assert "Traceback" not in refused.stderr
+                assert first.termination is None  # the first viewer was not disturbed
+            finally:
+                await first.close()
             await manager.stop_stream(sid)
         return sid
 

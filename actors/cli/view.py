@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from actors.cli.common import StatusLine, UsageError, consume_until_stopped, run_command
+from shared.errors import NetworkError
 from shared.roq.url import StreamUrl
 
 if TYPE_CHECKING:
@@ -205,9 +206,13 @@ async def watch(args: argparse.Namespace, stop: asyncio.Event) -> dict[str, Any]
     finally:
         report = viewer.report()
         stats = viewer.stream_stats()
+        termination = viewer.termination
         await viewer.close()
         sink.close()
         status.done()
+    if termination is not None and termination[0] != 0:
+        # The server ended it on purpose with a reason (e.g. refused: the stream is full).
+        raise NetworkError(f"the server closed the stream: {termination[1]}")
     return {
         "url": args.url,
         "seconds": round(time.monotonic() - started, 2),

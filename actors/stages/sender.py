@@ -38,8 +38,9 @@ from typing import TYPE_CHECKING, Literal
 
 import msgspec
 
+from shared.control.balancer import ConnectionRateLimiter
 from shared.errors import ResourceError
-from shared.models import StreamStats
+from shared.models import StreamStats, ViewerLimits
 from shared.pool.doorbell import DoorbellListener
 from shared.pool.packet_ring import PacketRing, PacketRingReader
 from shared.pool.shm import segment_name
@@ -87,6 +88,8 @@ class SenderStats(msgspec.Struct, kw_only=True):
     keyframe_requests: int
     tracks: list[str] = msgspec.field(default_factory=list)
     error: str | None = None
+    #: Connections closed at once for a limit (this shard's viewers, the arrival rate).
+    connections_refused: int = 0
 
 
 class _TrackSource:
@@ -113,12 +116,22 @@ class SenderActor:
         ring_name: str | None,
         encoder: EncoderHandle | None,
         audio_ring_name: str | None = None,
+        limits: ViewerLimits | None = None,
     ) -> None:
+        """``limits``: this shard refuses connections beyond ``max_viewers_per_shard`` and
+        above the connection rate (None: no limit)."""
         self._session_id = session_id
         self._viewer_id = viewer_id
         self._ring_name = ring_name
         self._audio_ring_name = audio_ring_name or segment_name(session_id, "audio")
         self._encoder = encoder
+        self._max_viewers = limits.max_viewers_per_shard if limits else None
+        self._limiter = (
+            ConnectionRateLimiter(limits.connect_rate_per_s, limits.connect_burst)
+            if limits
+            else None
+        )
+        self._refused = 0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._sources: list[_TrackSource] = []
@@ -247,8 +260,22 @@ class SenderActor:
 
     def _on_connect(self, connection: RoqConnection) -> None:
         now = time.monotonic()
+        refusal = self._refusal(now)
+        if refusal is not None:
+            # Closed with the reason, which the viewer prints (``kizuna-stream view``).
+            self._refused += 1
+            connection.close(RoqErrorCode.ROQ_GENERAL_ERROR, f"refused: {refusal}")
+            return
         self._broadcast.add(connection, now)
         self._forward_keyframe_request(now)
+
+    def _refusal(self, now: float) -> str | None:
+        """Why a new connection is refused (this shard's viewer limit, the arrival rate)."""
+        if self._max_viewers is not None and len(self._broadcast.peers) >= self._max_viewers:
+            return f"this sender of stream {self._session_id} is full ({self._max_viewers} viewers)"
+        if self._limiter is not None and not self._limiter.admit(now):
+            return self._limiter.refusal(now, stream_name=self._session_id).reason
+        return None
 
     def _on_disconnect(self, connection: RoqConnection) -> None:
         self._departed_bytes += connection.stats.bytes_sent
@@ -351,6 +378,7 @@ class SenderActor:
             keyframe_requests=self._keyframes.requests_forwarded,
             tracks=[source.spec.kind for source in self._sources],
             error=self._error,
+            connections_refused=self._refused,
         )
 
     async def stop(self) -> SenderStats:

@@ -425,6 +425,12 @@ class Viewer:
             await asyncio.wait_for(consume(), seconds)
         return self.report()
 
+    @property
+    def termination(self) -> tuple[int, str] | None:
+        """How the server ended the connection: (RoQ error code, reason), None while open.
+        A server refusing a viewer closes with the reason (``refused: ...``)."""
+        return self._client.termination
+
     async def close(self) -> None:
         """Leave the stream: close the connection and end the decode thread (the frame it is
         decoding finishes first)."""
