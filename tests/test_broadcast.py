@@ -163,9 +163,7 @@ def test_a_viewer_over_a_shards_limit_is_closed_with_the_reason_view_prints(
                 report = await first.watch(frames=5, seconds=60)
                 assert report.frames_decoded == 5
                 # The shard is full: the next viewer is closed at once, with the reason.
-                refused = await asyncio.to_thread(
-                    run_cli, "view", url, "--seconds", "20", "--json"
-                )
+                refused = await asyncio.to_thread(run_cli, "view", url, "--seconds", "20", "--json")
                 assert refused.returncode == 1, refused.stderr
                 assert f"refused: this sender of stream {sid} is full (1 viewers)" in (
                     refused.stderr
