@@ -1,13 +1,15 @@
 """Supervisor: the actor that owns every stream (the design's StreamScheduler and ResourceMonitor).
 
 For each stream it places the actors on one node, creates them in dependency order (capture
-creates the frame pool, the encoder the packet ring, then recorder, quality and per-viewer
-senders attach), reports the stream Active only once every stage is up, and on stop tears them
-down in reverse and removes the shared memory.  Stream actors are owned by the supervisor, so
+creates the frame pool, the encoder the packet ring, then recorder and quality attach; sender
+shards start as viewers arrive, ``actors.shards``), reports the stream Active only once every
+stage is up, and on stop tears them down in reverse and removes the shared memory.  Stream actors are owned by the supervisor, so
 if it dies Ray kills them too; segments a crash leaves behind are swept at the next start.
 
-A health loop polls each stream's capture and encoder once a second; a dead actor or a stage
-that reported a failure moves the stream to the Error state with the reason.
+A health loop polls each stream's stages once a second: a dead capture, encoder or quality
+actor, or a stage that reported a failure, moves the stream to the Error state with the
+reason; the same round reconciles the viewer registry with the shards' connections and
+retires idle shards.
 
 The supervisor does the I/O; the decisions are pure code in ``shared.control``: the stream's
 state changes only through its ``StreamLifecycle`` (the state table in ``session``), which
