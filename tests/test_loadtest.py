@@ -336,6 +336,20 @@ def test_a_port_nobody_listens_on_fails_every_viewer_with_a_reason() -> None:
     assert sum(summary.reasons.values()) == 3
 
 
+def test_a_ramp_spreads_the_viewers_starts_evenly_over_its_seconds() -> None:
+    url = StreamUrl(host="127.0.0.1", port=free_port(), session_id="s", fingerprint="sha256:00")
+    test = LoadTest(url, 4, seconds=30.0, ramp_s=1.2, connect_timeout_s=0.2)
+    asyncio.run(test.run())
+    starts = [viewer.started_at for viewer in test.viewers]
+    assert all(start is not None for start in starts)
+    first = starts[0]
+    assert first is not None
+    # Viewer i starts no sooner than i * 1.2 / 4 s after the first (a bound asyncio's timers
+    # guarantee; how much later depends on the machine and is not asserted).
+    for index, start in enumerate(starts):
+        assert start is not None and start - first >= index * 0.3 - 1e-6
+
+
 def test_bad_arguments_are_refused_before_anything_starts() -> None:
     with pytest.raises(ConfigError):
         LoadTest("roq://127.0.0.1:1/s", 0, seconds=1.0)
@@ -380,6 +394,19 @@ def test_the_command_reports_in_one_json_line_and_fails_when_nobody_connects(
     result = json.loads(line)
     assert result["summary"]["failed"] == 2
     assert [v["state"] for v in result["viewers"]] == ["failed", "failed"]
+
+
+def test_the_command_prints_a_table_and_a_summary_for_a_person(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    port = free_port()
+    url = f"roq://127.0.0.1:{port}/s?fp=sha256:00"
+    code = main(["loadtest", url, "--viewers", "2", "--seconds", "30", "--connect-timeout", "0.5"])
+    out = capsys.readouterr().out
+    assert code == EXIT_ERROR
+    assert "0/2 viewers connected" in out and "2 failed" in out
+    assert out.count(f"cannot connect to 127.0.0.1:{port}") == 3  # two rows and the summary
+    assert "load generator:" in out
 
 
 def test_the_command_prints_one_json_line_with_the_summary_and_every_viewer() -> None:

@@ -165,7 +165,8 @@ def _fps(value: float | None) -> str:
 def _status_text(summary: Any, elapsed_s: float) -> str:
     return (
         f"[{elapsed_s:5.1f}s] {summary.watching}/{summary.viewers} watching"
-        f" ({summary.failed} failed, {summary.closed} closed) | fps min {_fps(summary.fps_min)}"
+        f" ({summary.still_connecting} connecting, {summary.failed} failed,"
+        f" {summary.closed} closed) | fps min {_fps(summary.fps_min)}"
         f" med {_fps(summary.fps_median)} | late {summary.late_frame_ratio:.2%}"
         f" | lost {summary.lost} | {summary.mbps:.1f} Mbps | cpu {summary.cpu_cores:.2f}"
     )
@@ -202,8 +203,10 @@ def _print_report(report: dict[str, Any]) -> None:
     reasons = "; ".join(f"{count} x {reason}" for reason, count in summary["reasons"].items())
     print(
         f"{summary['connected']}/{summary['viewers']} viewers connected"
-        f" ({summary['failed']} failed, {summary['closed']} closed by the server,"
+        f" ({summary['still_connecting']} still connecting at the end, {summary['failed']} failed,"
+        f" {summary['closed']} closed by the server,"
         f" {summary['reconnects']} reconnects) in {summary['seconds']:.1f} s"
+        + (" (stopped early)" if report["interrupted"] else "")
         + (f": {reasons}" if reasons else "")
     )
     print(
@@ -215,5 +218,5 @@ def _print_report(report: dict[str, Any]) -> None:
     print(
         f"load generator: {summary['cpu_cores']:.2f} cores"
         f" ({summary['cpu_per_viewer'] * 100:.2f} % of a core per viewer),"
-        f" {summary['rss_mb']:.0f} MiB resident"
+        f" {summary['rss_mb']:.0f} MiB resident ({summary['rss_start_mb']:.0f} MiB before the viewers)"
     )

@@ -551,8 +551,13 @@ class RoqClient:
             )
         except (TimeoutError, ConnectionError, OSError) as exc:
             await stack.aclose()
-            # TimeoutError and aioquic's ConnectionError carry no message of their own.
-            why = str(exc) or ("timed out" if isinstance(exc, TimeoutError) else repr(exc))
+            # TimeoutError and aioquic's ConnectionError (the connection ended during the
+            # handshake, e.g. on its idle timeout) carry no message of their own.
+            why = str(exc) or (
+                "timed out"
+                if isinstance(exc, TimeoutError)
+                else "the connection closed during the handshake"
+            )
             raise NetworkError(f"cannot connect to {host}:{port}: {why}") from exc
         client = cls(stack, cast(_RoqProtocol, protocol), max_queued=max_queued)
         presented = client._protocol.peer_fingerprint

@@ -47,7 +47,7 @@ __all__ = ["CONNECTS_IN_FLIGHT", "LoadReport", "LoadSummary", "LoadTest"]
 logger = logging.getLogger(__name__)
 
 #: QUIC handshakes in flight at once when connecting (a few at a time, never a stampede).
-CONNECTS_IN_FLIGHT = 4
+CONNECTS_IN_FLIGHT = 8
 
 
 class LoadSummary(msgspec.Struct, kw_only=True):
@@ -61,6 +61,9 @@ class LoadSummary(msgspec.Struct, kw_only=True):
     """Viewers still connected at the end."""
     failed: int
     """Viewers that never connected, or broke (state ``error``; see their ``reason``)."""
+    still_connecting: int
+    """Viewers whose first connection was not established when the run ended (waiting for
+    their turn to connect, or in a handshake the server had not answered yet)."""
     closed: int
     """Viewers whose connection the server closed with a reason (a refusal, the stream ending)."""
     reasons: dict[str, int]
@@ -85,6 +88,9 @@ class LoadSummary(msgspec.Struct, kw_only=True):
     """``cpu_cores`` per viewer connected (the whole process's cost, not only the viewers')."""
     rss_mb: float
     """This process's resident memory at the end, in MiB."""
+    rss_start_mb: float
+    """Its resident memory when the run started (before any viewer), in MiB: what the viewers
+    added is the difference."""
     seconds: float
 
 
@@ -136,6 +142,7 @@ class LoadTest:
         self._process = psutil.Process()
         self._started = time.monotonic()
         self._cpu_start = 0.0
+        self._rss_start_mb = 0.0
 
     async def run(
         self,
@@ -149,6 +156,7 @@ class LoadTest:
         stop = stop or asyncio.Event()
         self._started = time.monotonic()
         self._cpu_start = self._cpu_time()
+        self._rss_start_mb = self._rss_mb()
         end = self._started + self.seconds
         count = len(self.viewers)
         tasks = [
@@ -220,6 +228,7 @@ class LoadTest:
             connected=len(connected),
             watching=sum(r.state == WATCHING for r in reports),
             failed=sum(r.state in (FAILED, ERROR) for r in reports),
+            still_connecting=sum(r.state in (CONNECTING, LEFT) for r in reports),
             closed=sum(r.state == CLOSED for r in reports),
             reasons=dict(reasons),
             reconnects=sum(r.reconnects for r in reports),
@@ -235,6 +244,7 @@ class LoadTest:
             cpu_cores=round(cores, 4),
             cpu_per_viewer=round(cores / len(connected), 5) if connected else 0.0,
             rss_mb=round(self._rss_mb(), 1),
+            rss_start_mb=round(self._rss_start_mb, 1),
             seconds=round(elapsed, 3),
         )
 
