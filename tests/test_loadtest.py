@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+import msgspec
 import pytest
 
 from actors.cli.common import EXIT_ERROR, EXIT_USAGE
@@ -39,6 +40,7 @@ from shared.rtp.rtcp import RtcpReceiverReport, RtcpTransportFeedback, parse_rtc
 from shared.rtp.sender import VIDEO_TRACK, BroadcastSender, PeerSender
 from shared.viewer.light import LATE_AFTER_S, LateFrameClock, LightSession
 from shared.viewer.load import LoadReport, LoadTest
+from tests.impairment import ImpairmentRelay
 from tests.test_network_sender_actor import FakeEncoderHandle
 from tests.test_roq_loopback import until
 
@@ -293,6 +295,46 @@ def test_twenty_light_viewers_all_receive_and_each_sends_a_viewers_feedback() ->
     assert summary.fps_min == min(v.fps for v in report.viewers)
     assert summary.bytes == sum(v.bytes for v in report.viewers)
     assert summary.mbps > 0 and summary.cpu_cores > 0 and summary.rss_mb > 0
+
+
+def test_a_dropped_connection_is_reconnected_and_the_counts_go_on() -> None:
+    async def main() -> tuple[LoadReport, list[int]]:
+        async with streaming() as (url, _):
+            stream = StreamUrl.parse(url)
+            relay = ImpairmentRelay((stream.host, stream.port))
+            port = await relay.start()
+            test = LoadTest(
+                msgspec.structs.replace(stream, port=port), 2, seconds=120.0, idle_timeout_s=1.0
+            )
+            stop = asyncio.Event()
+            run = asyncio.create_task(test.run(stop))
+            try:
+                await until(lambda: all(v.core.frames > 0 for v in test.viewers), "video")
+                relay.cut = True  # the path goes silent: no close, nothing
+                await until(
+                    lambda: all(v.state == "reconnecting" for v in test.viewers), "the drop"
+                )
+                before = [v.core.frames for v in test.viewers]
+                relay.cut = False
+                await until(
+                    lambda: all(
+                        v.reconnects == 1 and v.state == "watching" and v.core.frames > seen
+                        for v, seen in zip(test.viewers, before, strict=True)
+                    ),
+                    "video again on new connections",
+                    timeout=30,
+                )
+            finally:
+                stop.set()
+                report = await run
+                relay.close()
+            return report, before
+
+    report, before = asyncio.run(main())
+    for viewer, seen in zip(report.viewers, before, strict=True):
+        assert (viewer.state, viewer.reconnects, viewer.reason) == ("watching", 1, None)
+        assert viewer.frames > seen
+    assert report.summary.reconnects == 2 and report.summary.watching == 2
 
 
 def test_a_server_that_refuses_with_a_reason_is_reported_per_viewer() -> None:

@@ -296,8 +296,11 @@ class LightViewer:
         connect_timeout_s: float = 10.0,
         latency_budget_s: float = 0.2,
         datagrams: bool = True,
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
         connect_gate: asyncio.Semaphore | None = None,
     ) -> None:
+        """``idle_timeout_s``: how long a silent connection lasts before it counts as dropped
+        (and is reconnected); ``connect_gate`` bounds the handshakes in flight."""
         self.index = index
         self.url = url
         self.core = LightSession(latency_budget_s=latency_budget_s)
@@ -305,7 +308,7 @@ class LightViewer:
             "fingerprint": url.fingerprint,
             "datagrams": datagrams,
             "timeout": connect_timeout_s,
-            "idle_timeout": IDLE_TIMEOUT_S,
+            "idle_timeout": idle_timeout_s,
         }
         self._gate = connect_gate
         self._client: RoqClient | None = None

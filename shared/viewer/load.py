@@ -36,6 +36,7 @@ from shared.viewer.light import (
     CONNECTING,
     ERROR,
     FAILED,
+    IDLE_TIMEOUT_S,
     LEFT,
     WATCHING,
     LightViewer,
@@ -115,6 +116,7 @@ class LoadTest:
         connect_timeout_s: float = 10.0,
         latency_budget_s: float = 0.2,
         datagrams: bool = True,
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
         connects_in_flight: int = CONNECTS_IN_FLIGHT,
     ) -> None:
         self.url = url if isinstance(url, StreamUrl) else StreamUrl.parse(url)
@@ -124,8 +126,8 @@ class LoadTest:
             raise ConfigError(f"the run must last more than 0 seconds, got {seconds}")
         if not 0 <= ramp_s < seconds:
             raise ConfigError(f"the ramp must be at least 0 and shorter than the run, got {ramp_s}")
-        if not connect_timeout_s > 0 or connects_in_flight < 1:
-            raise ConfigError("the connect timeout and connects in flight must be positive")
+        if not (connect_timeout_s > 0 and idle_timeout_s > 0) or connects_in_flight < 1:
+            raise ConfigError("the timeouts and the connects in flight must be positive")
         self.seconds, self.ramp_s = seconds, ramp_s
         gate = asyncio.Semaphore(connects_in_flight)
         self.viewers = [
@@ -135,6 +137,7 @@ class LoadTest:
                 connect_timeout_s=connect_timeout_s,
                 latency_budget_s=latency_budget_s,
                 datagrams=datagrams,
+                idle_timeout_s=idle_timeout_s,
                 connect_gate=gate,
             )
             for index in range(viewers)
