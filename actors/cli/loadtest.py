@@ -52,8 +52,10 @@ def register(commands: Any) -> None:
     loadtest = commands.add_parser(
         "loadtest",
         help="N light viewers of a stream in one process: fps, late frames, loss, bytes",
-        description="Start N light viewers of a stream in this process (they receive RTP and "
-        "send a real viewer's feedback but decode nothing) and report per viewer and overall.",
+        description="Start N light viewers of a stream in this process, on one event loop: they\n"
+        "receive RTP and send a real viewer's feedback (NACK, PLI, transport-wide feedback,\n"
+        "receiver reports) but decode nothing.  Reports each viewer and the run as a whole,\n"
+        "with this process's own CPU and memory.",
         epilog=DEFINITIONS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
