@@ -156,6 +156,17 @@ class _RoqProtocol(QuicConnectionProtocol):
         offered = quic._configuration.max_datagram_frame_size is not None
         return offered and quic._remote_max_datagram_frame_size is not None
 
+    async def wait_connected(self) -> None:
+        try:
+            await super().wait_connected()
+        finally:
+            # aioquic waits on a shielded future: when a connect times out that future stays
+            # behind and later fails with ConnectionError, which asyncio would log as never
+            # retrieved.  Nobody waits for it any more: retrieve it when it ends.
+            waiter = self._connected_waiter
+            if waiter is not None:
+                waiter.add_done_callback(lambda done: done.cancelled() or done.exception())
+
     def quic_event_received(self, event: QuicEvent) -> None:
         if isinstance(event, HandshakeCompleted):
             certificate = getattr(self._quic.tls, "_peer_certificate", None)
@@ -540,7 +551,14 @@ class RoqClient:
             )
         except (TimeoutError, ConnectionError, OSError) as exc:
             await stack.aclose()
-            raise NetworkError(f"cannot connect to {host}:{port}: {exc or 'timed out'}") from exc
+            # TimeoutError and aioquic's ConnectionError (the connection ended during the
+            # handshake, e.g. on its idle timeout) carry no message of their own.
+            why = str(exc) or (
+                "timed out"
+                if isinstance(exc, TimeoutError)
+                else "the connection closed during the handshake"
+            )
+            raise NetworkError(f"cannot connect to {host}:{port}: {why}") from exc
         client = cls(stack, cast(_RoqProtocol, protocol), max_queued=max_queued)
         presented = client._protocol.peer_fingerprint
         if fingerprint is not None and presented != fingerprint:
