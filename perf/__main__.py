@@ -8,6 +8,7 @@ import ray
 
 from perf import (
     bench_encoder,
+    bench_fanout,
     bench_ladder,
     bench_latency,
     bench_network_latency,
@@ -27,5 +28,6 @@ if __name__ == "__main__":
         bench_receiver_feedback.main(flags)
         bench_encoder.main(flags)
         bench_ladder.main(flags)
+        bench_fanout.main(flags)
     finally:
         ray.shutdown()
