@@ -24,6 +24,7 @@ from shared.rtp.rtcp import (
     RtcpPacket,
     RtcpPli,
     RtcpReceiverReport,
+    RtcpSourceDescription,
     RtcpTransportFeedback,
     parse_rtcp_compound,
 )
@@ -43,6 +44,7 @@ def session(
 ) -> ReceiverSession:
     return ReceiverSession(
         [(VIDEO_TRACK, H264PayloadFormat()), (AUDIO_TRACK, OpusPayloadFormat())],
+        cname="ticket-1",
         latency_budget_s=latency_budget_s,
         pli_interval_s=pli_interval_s,
         feedback_interval_s=feedback_interval_s,
@@ -107,7 +109,11 @@ def test_in_order_traffic_only_schedules_the_reports() -> None:
         receiver.on_packet(AUDIO_TRACK.flow_id, audio(seq), 1.0)
     assert receiver.next_deadline() == 1.0  # the first receiver report: a source appeared
     _, feedback = receiver.tick(1.0)
-    assert [type(p) for _, p in rtcp(feedback)] == [RtcpReceiverReport]
+    # A compound RR carries the viewer's CNAME (RFC 3550 §6.1): the ticket it connected with.
+    assert [type(p) for _, p in rtcp(feedback)] == [RtcpReceiverReport, RtcpSourceDescription]
+    sdes = rtcp(feedback)[1][1]
+    assert isinstance(sdes, RtcpSourceDescription)
+    assert sdes.cname_of(receiver.ssrc) == "ticket-1"
     assert receiver.next_deadline() == 1.5  # report_interval_s later, and nothing sooner
     receiver.on_packet(AUDIO_TRACK.flow_id, audio(4), 1.2)
     assert receiver.next_deadline() == 1.5
