@@ -62,6 +62,8 @@ class Shard:
     cpu_cores: float = 0.0
     bytes_per_s: float = 0.0
     last: SenderStats | None = None
+    #: Ports of shards that died, now served here too.
+    adopted_ports: list[int] = field(default_factory=list)
     _process: psutil.Process | None = None
     _sampled_at: float = 0.0
     _bytes: int = 0
@@ -210,6 +212,7 @@ class ShardPool:
             *(shard.handle.stats() for shard in shards), return_exceptions=True
         )
         now = time.monotonic()
+        lost: list[Shard] = []
         for shard, result in zip(shards, results, strict=True):
             if isinstance(result, BaseException):
                 if isinstance(result, ray.exceptions.RayActorError | TimeoutError):
@@ -218,6 +221,7 @@ class ShardPool:
                     )
                     self.shards.pop(shard.shard_id, None)
                     events += self.registry.shard_lost(shard.shard_id, now)
+                    lost.append(shard)
                     continue
                 raise result
             shard.sample(result, now)
@@ -232,6 +236,8 @@ class ShardPool:
                 for peer in result.peers
             ]
             events += self.registry.reconcile(shard.shard_id, connections, now)
+        for shard in lost:
+            await self._adopt(shard)
         events += self.registry.expire(now)
         for shard_id in self.balancer.retire(self.loads(), now):
             shard = self.shards.pop(shard_id)
@@ -239,6 +245,40 @@ class ShardPool:
             logger.info("stream %s: retiring idle %s", self.session_id, shard_id)
             await self._stop_handle(shard_id, shard.handle)
         return reports, events
+
+    async def _adopt(self, dead: Shard) -> None:
+        """Serve a dead shard's addresses from the least-loaded survivor (or a new shard), so
+        its viewers reconnect to the address they know; the registry matches them again by
+        their CNAME (RECONNECTING -> CONNECTED)."""
+        ports = [dead.port, *dead.adopted_ports]
+        try:
+            survivors = sorted(self.shards.values(), key=lambda s: (s.cpu_cores, s.bytes_per_s))
+            if survivors:
+                heir = survivors[0]
+                for port in ports:
+                    await heir.handle.call(SenderActor.listen_also, self.host, port)
+                heir.adopted_ports += ports
+            else:
+                heir = await self.start_shard(ports[0], reuse_port=True)
+                for port in ports[1:]:
+                    await heir.handle.call(SenderActor.listen_also, self.host, port)
+                heir.adopted_ports += ports[1:]
+        except (KizunaError, OSError, ray.exceptions.RayError, TimeoutError) as exc:
+            logger.warning(
+                "stream %s: nobody took over %s's ports %s: %s",
+                self.session_id,
+                dead.shard_id,
+                ports,
+                unwrap(exc),
+            )
+            return
+        logger.info(
+            "stream %s: %s serves %s's ports %s",
+            self.session_id,
+            heir.shard_id,
+            dead.shard_id,
+            ports,
+        )
 
     async def remove_viewer(self, viewer_id: str) -> bool:
         """Forget a viewer and close its connection; False if it was not registered."""

@@ -563,6 +563,15 @@ class Supervisor:
             return
         for event in events:
             logger.info("stream %s: %s", stream.session.session_id, event)
+        registry = stream.shards.registry
+        for viewer_id, viewer in stream.viewers.items():
+            record = registry.get(viewer_id)
+            if record is not None:
+                viewer.status.bytes_sent = record.bytes_sent
+                viewer.status.state = str(record.state)
+                viewer.status.shard = record.shard_id or viewer.status.shard
+                if record.state is not ViewerState.CONNECTED:
+                    viewer.status.connection_quality = ConnectionQuality.DISCONNECTED
         capture, encoder, quality = stream.capture, stream.encoder, stream.quality
         if capture is None or encoder is None or quality is None:
             return  # an audio-only stream: it has no encoder to report frames
@@ -584,17 +593,13 @@ class Supervisor:
             elapsed_s=time.monotonic() - stream.started,
             wall_now=time.time(),
         )
-        registry = stream.shards.registry
         for viewer_id, viewer in stream.viewers.items():
             record = registry.get(viewer_id)
-            if record is None:
-                continue
-            viewer.status.bytes_sent = record.bytes_sent
-            viewer.status.connection_quality = (
-                classified.get(record.shard_id or "", ConnectionQuality.GOOD)
-                if record.state is ViewerState.CONNECTED
-                else ConnectionQuality.DISCONNECTED
-            )
+            if record is not None and record.state is ViewerState.CONNECTED:
+                # The quality actor classifies each shard's viewers from their feedback.
+                viewer.status.connection_quality = classified.get(
+                    record.shard_id or "", ConnectionQuality.GOOD
+                )
 
     def _fail(self, stream: _Stream, exc: BaseException) -> None:
         exc = unwrap(exc)

@@ -498,8 +498,11 @@ class ViewerStatus(msgspec.Struct, kw_only=True):
     bytes_sent: int
     current_quality: StreamQuality
     url: str = ""
-    #: The sender shard its ticket names.
+    #: The sender shard serving it (its ticket's, or the one it reconnected to).
     shard: str = ""
+    #: Where its connection stands in the viewer registry: pending (ticket issued, not yet
+    #: connected), connected, reconnecting (its shard was lost), disconnected.
+    state: str = ""
 
 
 class ViewerTicket(msgspec.Struct, frozen=True, kw_only=True):

@@ -142,6 +142,9 @@ class SenderActor:
         self._error: str | None = None
         self._started = time.monotonic()
         self._departed_bytes = 0
+        #: Every address this shard listens on (the first, and those taken over from shards
+        #: that died).
+        self._servers: list[RoqServer] = []
 
     async def open(
         self,
@@ -182,12 +185,8 @@ class SenderActor:
         self._broadcast = BroadcastSender(
             [source.spec for source in self._sources], initial_bps=INITIAL_ESTIMATE_BPS
         )
-        self._server = RoqServer(
-            identity,
-            on_packet=self._on_packet,
-            on_connect=self._on_connect,
-            on_disconnect=self._on_disconnect,
-        )
+        self._identity = identity
+        self._server = self._new_server()
         try:
             await self._server.start(
                 host, port, reuse_port=port != 0 if reuse_port is None else reuse_port
@@ -195,6 +194,7 @@ class SenderActor:
         except BaseException:
             self._close_sources()
             raise
+        self._servers.append(self._server)
         self._task = asyncio.create_task(self._run(), name="send")
         self._url = str(
             StreamUrl(
@@ -205,6 +205,25 @@ class SenderActor:
             )
         )
         return self._url
+
+    def _new_server(self) -> RoqServer:
+        return RoqServer(
+            self._identity,
+            on_packet=self._on_packet,
+            on_connect=self._on_connect,
+            on_disconnect=self._on_disconnect,
+        )
+
+    async def listen_also(self, host: str, port: int) -> None:
+        """Also take viewers on ``host:port``: a shard that died listened there, and its
+        viewers reconnect to the same address (same certificate: the stream's)."""
+        server = self._new_server()
+        await server.start(host, port, reuse_port=True)
+        self._servers.append(server)
+
+    @property
+    def _connections(self) -> list[RoqConnection]:
+        return [c for server in self._servers for c in server.connections]
 
     def _close_sources(self) -> None:
         for source in self._sources:
@@ -301,7 +320,7 @@ class SenderActor:
     # -- the design's NetworkStreamer, per connection --------------------------------------
 
     def _connection(self, peer_id: str | None) -> list[RoqConnection]:
-        return [c for c in self._server.connections if peer_id is None or c.peer_id == peer_id]
+        return [c for c in self._connections if peer_id is None or c.peer_id == peer_id]
 
     async def adjust_bitrate(self, bitrate: int, peer_id: str | None = None) -> None:
         """Cap the bandwidth estimate of one connection (or all) at ``bitrate``."""
@@ -365,7 +384,7 @@ class SenderActor:
         return stats
 
     async def stats(self) -> SenderStats:
-        peers = [self._peer_stats(c) for c in self._server.connections]
+        peers = [self._peer_stats(c) for c in self._connections]
         return SenderStats(
             pid=os.getpid(),
             viewer_id=self._viewer_id,
@@ -387,7 +406,8 @@ class SenderActor:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         stats = await self.stats()
-        await self._server.close()
+        for server in self._servers:
+            await server.close()
         # Give aioquic a moment to put the CONNECTION_CLOSE on the wire.
         await asyncio.sleep(0.05)
         self._close_sources()
