@@ -175,7 +175,8 @@ def test_a_ladder_writes_each_rung_to_its_own_ring_and_rings_its_readers(ray_clu
             assert decoder.decode_errors == 0 and len(frames) == len(packets[n])
             assert {(w, h) for w, h, _ in frames} == {(rung.width, rung.height)}
             assert packets[n][0].keyframe
-        assert [len(p) for p in packets] == [60, 30]
+        # (With the final stats, so that a miss says whether the encoder reported an error.)
+        assert [len(p) for p in packets] == [60, 30], (final, stats(actor))
         # Each ring's doorbell rang its own readers up to its own newest packet.
         for bell, rung_packets in zip(bells, packets, strict=True):
             assert bell.drain() == rung_packets[-1].sequence
