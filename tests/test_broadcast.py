@@ -13,16 +13,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-import ray
 
 from actors import StreamManager
-from actors.handles import SenderHandle
-from actors.placement import NAMESPACE
 from shared.errors import ResourceError
 from shared.models import (
     ConnectionQuality,
@@ -36,7 +31,7 @@ from shared.models import (
 from shared.roq.url import StreamUrl
 from shared.viewer.client import Viewer
 from tests.conftest import stream_actors, wait_for_no_leaks
-from tests.test_pipeline import REPO, eventually, run_cli
+from tests.test_pipeline import eventually, run_cli
 
 pytestmark = pytest.mark.ray
 
@@ -188,82 +183,3 @@ def test_a_viewer_over_a_shards_limit_is_closed_with_the_reason_view_prints(
         return sid
 
     wait_for_no_leaks(asyncio.run(main()))
-
-
-def test_fifty_viewers_all_receive_and_a_viewer_that_stops_reading_is_isolated(
-    ray_cluster: str,
-) -> None:
-    """50 light viewers (``kizuna-stream loadtest``'s) on one shard, and one real viewer process
-    frozen with SIGSTOP: it reads nothing and acknowledges nothing.  Its own queue expires by
-    age; nobody else loses a frame to it."""
-    from shared.viewer.load import LoadTest
-
-    async def main() -> str:
-        async with StreamManager.start() as manager:
-            sid = (await manager.start_camera_stream(StreamConfig(quality=QVGA))).session_id
-            url = await manager.open_shards(sid, 1)
-            frozen = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "actors.cli", "view", f"{url}&viewer=frozen",
-                "--seconds", "120",
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-                cwd=REPO,
-            )  # fmt: skip
-            test = LoadTest(url, 50, seconds=120.0)
-            stop = asyncio.Event()
-            run = asyncio.create_task(test.run(stop))
-            try:
-                shard_stats = await _shard_stats(manager, sid)
-                connected = await eventually(
-                    shard_stats,
-                    lambda s: len(s.peers) == 51 and any(p.viewer_id == "frozen" for p in s.peers),
-                    "51 viewers connected, the real one's CNAME heard",
-                    timeout=60,
-                )
-                await eventually(
-                    lambda: min(v.core.frames for v in test.viewers),
-                    lambda n: n >= 30,
-                    "every light viewer's first second of video",
-                    timeout=60,
-                )
-                [real] = [p for p in connected.peers if p.viewer_id == "frozen"]
-                os.kill(frozen.pid, signal.SIGSTOP)
-                before = [v.core.frames for v in test.viewers]
-                # Frozen, its connection's media expires in its queue: it is isolated.
-                stalled = await eventually(
-                    shard_stats,
-                    lambda s: any(p.peer_id == real.peer_id and p.frames_expired > 0
-                                  for p in s.peers),
-                    "the frozen viewer's media to expire",
-                    timeout=60,
-                )  # fmt: skip
-                # ...while every other viewer gets two more seconds of video, and none of theirs
-                # expired.
-                await eventually(
-                    lambda: min(v.core.frames - b for v, b in zip(test.viewers, before, strict=True)),
-                    lambda n: n >= 60,
-                    "two more seconds at every light viewer",
-                    timeout=60,
-                )  # fmt: skip
-                others = [p for p in stalled.peers if p.peer_id != real.peer_id]
-                assert len(others) == 50 and all(p.frames_expired == 0 for p in others)
-            finally:
-                stop.set()
-                await run
-                if frozen.returncode is None:
-                    frozen.kill()
-                await frozen.wait()
-            await manager.stop_stream(sid)
-        return sid
-
-    wait_for_no_leaks(asyncio.run(main()))
-
-
-async def _shard_stats(manager: StreamManager, sid: str) -> Callable[[], Awaitable[Any]]:
-    """A reader of the stream's only shard's stats."""
-    [name] = shards(sid)
-    handle = SenderHandle(ray.get_actor(name, namespace=NAMESPACE))
-
-    async def read() -> Any:
-        return await handle.stats()
-
-    return read
