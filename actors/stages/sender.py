@@ -251,7 +251,8 @@ class SenderActor:
                 now, wall_now = time.monotonic(), time.time()
                 self._send_available(now, wall_now)
                 self._broadcast.poll(now, wall_now)
-                self._forward_keyframe_request(now)
+                # The loop re-reads the held request's deadline in _sleep_s: no wake-up needed.
+                self._forward_keyframe_request(now, wake=False)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -308,13 +309,13 @@ class SenderActor:
         self._broadcast.on_rtcp(connection, data, now)
         self._forward_keyframe_request(now)
 
-    def _forward_keyframe_request(self, now: float) -> None:
+    def _forward_keyframe_request(self, now: float, *, wake: bool = True) -> None:
         if self._broadcast.take_keyframe_request():
             self._keyframes.request()
         if self._keyframes.poll(now):
             if self._encoder is not None:  # None: an audio-only stream
                 self._encoder.request_keyframe()
-        elif self._keyframes.next_deadline() is not None:
+        elif wake and self._keyframes.next_deadline() is not None:
             self._wakeup.set()  # held by the throttle: let the loop re-arm its timer for it
 
     # -- the design's NetworkStreamer, per connection --------------------------------------

@@ -52,9 +52,11 @@ from shared.roq.framing import (
     encode_datagram,
     encode_stream_header,
     encode_stream_packet,
+    encode_varint,
 )
 from shared.roq.media_queue import AUDIO, MEDIA_LATENCY_BUDGET_S, VIDEO, MediaQueue
 from shared.roq.tls import TlsIdentity, certificate_fingerprint
+from shared.roq.udp_batch import Address, QueueingTransport, UdpBatchSender
 
 __all__ = ["PeerStats", "RoqClient", "RoqConnection", "RoqServer"]
 
@@ -121,14 +123,38 @@ def _kind(flow_id: int) -> str:
     return VIDEO if flow_id == VIDEO_FLOW_ID else AUDIO
 
 
+class _DatagramCollector:
+    """Stands in for the datagram transport inside aioquic's ``transmit()``: it keeps the QUIC
+    packets aioquic would send one ``sendto`` each, for :class:`UdpBatchSender` to send
+    together."""
+
+    __slots__ = ("datagrams",)
+
+    def __init__(self) -> None:
+        self.datagrams: list[tuple[bytes, Address]] = []
+
+    def sendto(self, data: bytes, addr: Address = None) -> None:
+        self.datagrams.append((data, addr))
+
+
 class _RoqProtocol(QuicConnectionProtocol):
     """Both ends: turns QUIC events into ``(flow id, packet)`` for a handler, and sends media
-    through the age-bounded queue (datagram mode) or one stream per frame (stream mode)."""
+    through the age-bounded queue (datagram mode) or one stream per frame (stream mode).
+
+    With a ``batch`` sender (the server's), the QUIC packets of one :meth:`transmit` leave
+    together, in as few syscalls as :mod:`shared.roq.udp_batch` can manage."""
 
     def __init__(
-        self, *args: Any, latency_budget_s: float = MEDIA_LATENCY_BUDGET_S, **kwargs: Any
+        self,
+        *args: Any,
+        latency_budget_s: float = MEDIA_LATENCY_BUDGET_S,
+        batch: UdpBatchSender | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self._batch = batch
+        self._collector = _DatagramCollector()
+        self._udp: QueueingTransport | None = None
         # Packets that arrive before the owner sets its handler wait here (bounded).
         self.early: list[tuple[int, bytes]] = []
         self.on_packet: Callable[[int, bytes], None] = lambda flow, packet: (
@@ -148,6 +174,14 @@ class _RoqProtocol(QuicConnectionProtocol):
         self.peer_fingerprint: str | None = None
         self.streams_opened = 0
         self.frames_cancelled = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self._batch is not None:
+            # Every path by which aioquic sends (a datagram received, its timer, close, ping)
+            # goes through transmit(), which sends what the collector holds.
+            self._udp = cast(QueueingTransport, transport)
+            self._transport = cast(asyncio.DatagramTransport, self._collector)
 
     @property
     def datagrams_ok(self) -> bool:
@@ -218,7 +252,10 @@ class _RoqProtocol(QuicConnectionProtocol):
         congestion window holds media back, a repair is worth more than the next frame.
         """
         if self.datagrams_ok:
-            datagrams = [encode_datagram(flow_id, packet) for packet in packets]
+            if not all(packets):
+                raise ConfigError("cannot send an empty RTP/RTCP packet")
+            prefix = encode_varint(flow_id)  # what encode_datagram() puts first, made once
+            datagrams = [prefix + packet for packet in packets]
             if urgent:
                 datagrams = self.media.repairs(flow_id, datagrams)
                 self._pending_datagrams.extendleft(reversed(datagrams))
@@ -256,7 +293,8 @@ class _RoqProtocol(QuicConnectionProtocol):
         after queueing; the media queue's deadline timer calls it too.  A round hands over at
         most :data:`HANDOVER_DATAGRAMS` (stale media is dropped first, in ``pop``), and another
         round follows only when aioquic sent them all: aioquic never holds back more than that,
-        so media waits where its age is bounded.
+        so media waits where its age is bounded.  What aioquic sends in all rounds leaves
+        together at the end (with a batch sender).
         """
         media = self.media
         if not media:
@@ -269,6 +307,10 @@ class _RoqProtocol(QuicConnectionProtocol):
                 super().transmit()
                 if pending or not media:
                     break
+        collected = self._collector.datagrams
+        if collected and self._batch is not None and self._udp is not None:
+            self._collector.datagrams = []
+            self._batch.send(collected, self._udp)
         self._arm_media_timer()
 
     def _arm_media_timer(self) -> None:
@@ -374,6 +416,32 @@ class RoqConnection:
 PacketHandler = Callable[[RoqConnection, int, bytes], None]
 
 
+async def _bind_udp(
+    loop: asyncio.AbstractEventLoop, host: str, port: int, *, reuse_port: bool
+) -> socket.socket:
+    """A non-blocking UDP socket bound to ``host:port`` (what ``create_datagram_endpoint``
+    makes from ``local_addr``), with ``SO_REUSEPORT`` when asked."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        infos = await loop.getaddrinfo(host, port, family=family, type=socket.SOCK_DGRAM)
+    except OSError as exc:
+        raise NetworkError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setblocking(False)
+        sock.bind(infos[0][4])
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise NetworkError(
+                f"cannot listen on {host}:{port}: the port is already in use"
+            ) from exc
+        raise NetworkError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    return sock
+
+
 class RoqServer:
     """A QUIC server for RoQ viewers: callbacks on connect, packet and disconnect."""
 
@@ -385,8 +453,11 @@ class RoqServer:
         on_connect: Callable[[RoqConnection], None] | None = None,
         on_disconnect: Callable[[RoqConnection], None] | None = None,
         latency_budget_s: float = MEDIA_LATENCY_BUDGET_S,
+        gso: bool | None = None,
     ) -> None:
-        """``latency_budget_s``: how long media may wait to be sent (both modes)."""
+        """``latency_budget_s``: how long media may wait to be sent (both modes).  ``gso``:
+        whether to send in UDP GSO runs (default: when the socket can, see
+        :mod:`shared.roq.udp_batch`); False sends one datagram per syscall."""
         if not latency_budget_s > 0:
             raise ConfigError(f"latency budget must be positive, got {latency_budget_s}")
         self.latency_budget_s = latency_budget_s
@@ -394,11 +465,14 @@ class RoqServer:
         self.on_packet = on_packet
         self.on_connect = on_connect
         self.on_disconnect = on_disconnect
+        self._gso = gso
         self._server: QuicServer | None = None
         self._connections: dict[_RoqProtocol, RoqConnection] = {}
         self._next_peer = 0
         self.port = 0
         self.host = ""
+        #: How this server's packets leave (its counters: syscalls, datagrams); set by start().
+        self.udp: UdpBatchSender | None = None
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
         """Listen on ``host:port``; ``reuse_port`` shares the port with other servers."""
@@ -407,30 +481,33 @@ class RoqServer:
         configuration.private_key = cast(
             Any, serialization.load_pem_private_key(self._identity.private_key_pem, password=None)
         )
+        loop = asyncio.get_running_loop()
+        sock = await _bind_udp(loop, host, port, reuse_port=reuse_port)
+        udp = UdpBatchSender(sock, gso=self._gso)
 
         def create_protocol(*args: Any, **kwargs: Any) -> _RoqProtocol:
-            protocol = _RoqProtocol(*args, latency_budget_s=self.latency_budget_s, **kwargs)
+            protocol = _RoqProtocol(
+                *args,
+                latency_budget_s=self.latency_budget_s,
+                batch=udp,
+                **kwargs,
+            )
             protocol.on_handshake = lambda: self._connected(protocol)
             protocol.on_closed = lambda: self._disconnected(protocol)
             return protocol
 
-        loop = asyncio.get_running_loop()
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
-            # aioquic's serve() is this call without reuse_port.
+            # aioquic's serve() is this call, on a socket of its own; this one is ours, so the
+            # batch sender can use sendmsg on it.
             transport, protocol = await loop.create_datagram_endpoint(
                 lambda: QuicServer(configuration=configuration, create_protocol=create_protocol),
-                local_addr=(host, port),
-                family=family,
-                reuse_port=reuse_port or None,
+                sock=sock,
             )
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise NetworkError(
-                    f"cannot listen on {host}:{port}: the port is already in use"
-                ) from exc
-            raise NetworkError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+        except BaseException:
+            sock.close()
+            raise
         self._server = protocol
+        self.udp = udp
         self.host, self.port = transport.get_extra_info("sockname")[:2]
 
     @property

@@ -268,25 +268,32 @@ class RtpStream:
         self, payloads: Sequence[bytes], *, pts: int, capture_us: int = 0, marker: bool = True
     ) -> list[RtpPacket]:
         """RTP packets for one frame; ``marker`` sets M on the last one (RFC 6184 §5.1)."""
-        timestamp = self.timestamp(pts)
-        packets = []
+        first, timestamp = self.advance(payloads, pts=pts, capture_us=capture_us)
         last = len(payloads) - 1
-        for index, payload in enumerate(payloads):
-            packets.append(
-                RtpPacket(
-                    payload_type=self.payload_type,
-                    marker=marker and index == last,
-                    sequence_number=self._sequence,
-                    timestamp=timestamp,
-                    ssrc=self.ssrc,
-                    payload=payload,
-                )
+        return [
+            RtpPacket(
+                payload_type=self.payload_type,
+                marker=marker and index == last,
+                sequence_number=(first + index) & 0xFFFF,
+                timestamp=timestamp,
+                ssrc=self.ssrc,
+                payload=payload,
             )
-            self._sequence = (self._sequence + 1) & 0xFFFF
-            self.octets_sent += len(payload)
-        self.packets_sent += len(packets)
+            for index, payload in enumerate(payloads)
+        ]
+
+    def advance(
+        self, payloads: Sequence[bytes], *, pts: int, capture_us: int = 0
+    ) -> tuple[int, int]:
+        """Take sequence numbers for one frame's packets, for a caller that writes the headers
+        itself: returns the first sequence number (the rest follow modulo 2**16) and the
+        frame's RTP timestamp, and counts the packets and payload octets for the SR."""
+        first, timestamp = self._sequence, self.timestamp(pts)
+        self._sequence = (first + len(payloads)) & 0xFFFF
+        self.packets_sent += len(payloads)
+        self.octets_sent += sum(map(len, payloads))
         self._last_timestamp, self._last_capture_s = timestamp, capture_us / 1e6
-        return packets
+        return first, timestamp
 
     def timestamp_at(self, now: float) -> int | None:
         """The RTP timestamp that ``now`` (Unix seconds) has on the capture clock, for an SR

@@ -12,22 +12,25 @@ Time is passed in (``now``, seconds); nothing here reads a clock.
 from __future__ import annotations
 
 import collections
+from typing import Generic, TypeVar
 
 from shared.errors import ConfigError
-from shared.rtp.packet import RtpPacket
 
 __all__ = ["RetransmissionBudget", "SendHistory"]
 
+#: What the caller keeps of each packet to resend it (whatever rebuilds it cheaply).
+T = TypeVar("T")
 
-class _Entry:
+
+class _Entry(Generic[T]):
     __slots__ = ("packet", "resent_at", "sent_at", "size")
 
-    def __init__(self, packet: RtpPacket, size: int, sent_at: float) -> None:
+    def __init__(self, packet: T, size: int, sent_at: float) -> None:
         self.packet, self.size, self.sent_at = packet, size, sent_at
         self.resent_at: float | None = None
 
 
-class SendHistory:
+class SendHistory(Generic[T]):
     """The last packets of one RTP stream by 16-bit sequence number."""
 
     def __init__(
@@ -36,7 +39,7 @@ class SendHistory:
         if max_packets < 1 or max_bytes < 1 or max_age_s <= 0:
             raise ConfigError("send history limits must be positive")
         self.max_packets, self.max_bytes, self.max_age_s = max_packets, max_bytes, max_age_s
-        self._entries: collections.OrderedDict[int, _Entry] = collections.OrderedDict()
+        self._entries: collections.OrderedDict[int, _Entry[T]] = collections.OrderedDict()
         self._bytes = 0
 
     def __len__(self) -> int:
@@ -46,17 +49,18 @@ class SendHistory:
     def bytes(self) -> int:
         return self._bytes
 
-    def put(self, packet: RtpPacket, size: int, now: float) -> None:
-        old = self._entries.pop(packet.sequence_number, None)
+    def put(self, sequence: int, packet: T, size: int, now: float) -> None:
+        """Keep ``packet`` (``size`` bytes on the wire) as RTP sequence number ``sequence``."""
+        old = self._entries.pop(sequence, None)
         if old is not None:
             self._bytes -= old.size
-        self._entries[packet.sequence_number] = _Entry(packet, size, now)
+        self._entries[sequence] = _Entry(packet, size, now)
         self._bytes += size
         # Count and bytes bound memory here; age is checked when a NACK asks (cheaper per packet).
         while len(self._entries) > self.max_packets or self._bytes > self.max_bytes:
             self._pop_oldest()
 
-    def take_for_resend(self, sequence: int, now: float, rtt_s: float) -> RtpPacket | None:
+    def take_for_resend(self, sequence: int, now: float, rtt_s: float) -> T | None:
         """The packet to resend for a NACK of ``sequence``, or None (unknown, too old, or
         already resent within one round trip)."""
         self._expire(now)

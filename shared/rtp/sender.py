@@ -35,7 +35,10 @@ capture times are on.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import random
+import struct
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
@@ -53,7 +56,7 @@ from shared.rtp.h264 import (
 )
 from shared.rtp.keyframes import MAX_BACKLOG, VideoAdmission
 from shared.rtp.opus import OPUS_CLOCK_RATE, OPUS_PAYLOAD_TYPE
-from shared.rtp.packet import RtpPacket, RtpStream, with_transport_sequence
+from shared.rtp.packet import ONE_BYTE_PROFILE, TRANSPORT_CC_EXTENSION_ID, RtpStream
 from shared.rtp.rate_window import RateWindow
 from shared.rtp.rtcp import (
     RtcpNack,
@@ -82,6 +85,21 @@ __all__ = [
 ]
 
 SR_INTERVAL_S = 0.5
+#: How early an SR may go: with a frame, or with another viewer's SR, so that one pass serves
+#: many viewers and the shard does not wake once per viewer per interval.  RFC 3550 §6.2
+#: varies the report interval by a factor of 0.5 to 1.5 anyway.
+SR_EARLY_S = 0.05
+
+#: The RTP header this sender writes (RFC 3550 §5.1): V=2, X=1 (no padding, no CSRCs), M and
+#: PT, sequence number, timestamp, SSRC; then the RFC 8285 §4.2 one-byte extension block
+#: (profile 0xBEDE, one word) holding the transport-wide sequence number element (id
+#: TRANSPORT_CC_EXTENSION_ID, two octets) and one padding octet.
+_HEADER = struct.Struct("!BBHIIHHBHB")
+_FIRST, _PROFILE = 0x80 | 0x10, ONE_BYTE_PROFILE
+_ELEMENT = TRANSPORT_CC_EXTENSION_ID << 4 | 1
+#: What the send history keeps of a packet to resend it: the shard's payload (shared by every
+#: viewer, not copied), the header's second octet (M, PT) and the RTP timestamp.
+_Kept = tuple[bytes, int, int]
 
 
 class MediaTrack(msgspec.Struct, frozen=True, kw_only=True):
@@ -162,7 +180,7 @@ class PeerSender:
             for track in self.tracks
         ]
         self._by_ssrc = {stream.ssrc: index for index, stream in enumerate(self.streams)}
-        self._histories = [SendHistory() for _ in self.tracks]
+        self._histories: list[SendHistory[_Kept]] = [SendHistory() for _ in self.tracks]
         self._reports = [SenderReportTimes() for _ in self.tracks]
         self._next_sr = [float("inf")] * len(self.tracks)
         self._budget = RetransmissionBudget()
@@ -197,7 +215,11 @@ class PeerSender:
         now: float,
         backlog: int = 0,
     ) -> list[bytes]:
-        """Serialized RTP packets of one frame for this viewer; [] when it skips the frame."""
+        """Serialized RTP packets of one frame for this viewer; [] when it skips the frame.
+
+        The payloads are the shard's, made once per frame; only the header is this viewer's,
+        written straight into bytes (the layout :meth:`RtpPacket.serialize` gives a packet
+        with the transport-wide sequence number extension, no CSRCs, no padding)."""
         if self.tracks[track].kind == "video":
             admitted = self.admission.admit(keyframe=keyframe, backlog=backlog)
             self.feedback.frames_skipped = self.admission.frames_skipped
@@ -206,31 +228,55 @@ class PeerSender:
             if not admitted:
                 return []
         stream, history = self.streams[track], self._histories[track]
-        packets = stream.packets(payloads, pts=pts, capture_us=capture_us)
-        out = [self._stamp(packet, history, now) for packet in packets]
-        self.sent_window.add(now, sum(map(len, out)))
+        first, timestamp = stream.advance(payloads, pts=pts, capture_us=capture_us)
+        pack, ssrc, sent = _HEADER.pack, stream.ssrc, self.estimator.on_packet_sent
+        transport, put = self._transport_sequence, history.put
+        second, last = stream.payload_type, len(payloads) - 1
+        out: list[bytes] = []
+        size = 0
+        for index, payload in enumerate(payloads):
+            if index == last:
+                second |= 0x80  # M on the frame's last packet (RFC 6184 §5.1, RFC 7587 §4.2)
+            seq, tsn = (first + index) & 0xFFFF, (transport + index) & 0xFFFF
+            data = (
+                pack(_FIRST, second, seq, timestamp, ssrc, _PROFILE, 1, _ELEMENT, tsn, 0) + payload
+            )
+            out.append(data)
+            sent(tsn, len(data), now)
+            put(seq, (payload, second, timestamp), len(data), now)
+            size += len(data)
+        self._transport_sequence = (transport + len(out)) & 0xFFFF
+        feedback = self.feedback
+        feedback.packets_sent += len(out)
+        feedback.rtp_bytes_sent += size
+        self.sent_window.add(now, size)
         if self._next_sr[track] == float("inf"):
             self._next_sr[track] = now  # the first SR goes out with the first packets
-        self.feedback.frames_sent += self.tracks[track].kind == "video"
+        feedback.frames_sent += self.tracks[track].kind == "video"
         return out
 
-    def _stamp(self, packet: RtpPacket, history: SendHistory | None, now: float) -> bytes:
-        with_transport_sequence(packet, self._transport_sequence)
-        data = packet.serialize()
-        self.estimator.on_packet_sent(self._transport_sequence, len(data), now)
-        self._transport_sequence = (self._transport_sequence + 1) & 0xFFFF
-        if history is not None:
-            history.put(packet, len(data), now)
+    def _resend(self, stream: RtpStream, sequence: int, kept: _Kept, now: float) -> bytes:
+        """A kept packet again, with the same sequence number and a fresh transport-wide one
+        (plain retransmission, as WebRTC does without RTX)."""
+        payload, second, timestamp = kept
+        tsn = self._transport_sequence
+        header = (_FIRST, second, sequence, timestamp, stream.ssrc, _PROFILE, 1, _ELEMENT, tsn, 0)
+        data = _HEADER.pack(*header) + payload
+        self.estimator.on_packet_sent(tsn, len(data), now)
+        self._transport_sequence = (tsn + 1) & 0xFFFF
         self.feedback.packets_sent += 1
         self.feedback.rtp_bytes_sent += len(data)
         return data
 
-    def poll(self, now: float, wall_now: float) -> list[tuple[int, bytes]]:
+    def poll(self, now: float, wall_now: float, *, early_s: float = 0.0) -> list[tuple[int, bytes]]:
         """RTCP due at monotonic ``now``: ``(flow id, packet)`` sender reports, stamped with
-        ``wall_now`` (Unix seconds), the capture clock their RTP timestamps map to."""
+        ``wall_now`` (Unix seconds), the capture clock their RTP timestamps map to.  An SR
+        due within ``early_s`` goes now, and the next one follows a full interval after the
+        time this one was due."""
         due = []
         for index, stream in enumerate(self.streams):
-            if now < self._next_sr[index]:
+            deadline = self._next_sr[index]
+            if now + early_s < deadline:
                 continue
             timestamp = stream.timestamp_at(wall_now)
             if timestamp is not None:
@@ -243,7 +289,8 @@ class PeerSender:
                 )
                 self._reports[index].on_sent(report.ntp_timestamp, now)
                 due.append((self.tracks[index].rtcp_flow_id, report.serialize()))
-            self._next_sr[index] = now + SR_INTERVAL_S
+            # A late poll does not make up for lost time with a burst of SRs.
+            self._next_sr[index] = max(deadline, now) + SR_INTERVAL_S
         return due
 
     def next_poll(self) -> float:
@@ -296,19 +343,20 @@ class PeerSender:
         if index is None:
             return []
         history, flow_id = self._histories[index], self.tracks[index].flow_id
+        stream = self.streams[index]
         sequences = nack.sequences()
         self.feedback.nacks_received += len(sequences)
         out = []
         for sequence in sequences:
-            packet = history.take_for_resend(sequence, now, self.rtt_s)
-            if packet is None:
+            kept = history.take_for_resend(sequence, now, self.rtt_s)
+            if kept is None:
                 self.feedback.retransmissions_refused += 1
                 continue
             rate = max(self.estimator.estimate_bps, self.sent_window.rate_bps(now))
-            if not self._budget.allow(len(packet.payload) + 20, rate, now):
+            if not self._budget.allow(len(kept[0]) + _HEADER.size, rate, now):
                 self.feedback.retransmissions_refused += 1
                 continue
-            out.append((flow_id, self._stamp(packet, None, now)))
+            out.append((flow_id, self._resend(stream, sequence & 0xFFFF, kept, now)))
             self.feedback.retransmissions += 1
         return out
 
@@ -373,6 +421,11 @@ class BroadcastSender:
         self.frames_sent = 0
         self.packets_sent = 0
         self._keyframe_requested = False
+        # SR deadlines: a heap of (deadline, tie-breaker, connection), and each connection's
+        # current deadline; heap entries that no longer match are stale and skipped.
+        self._sr_heap: list[tuple[float, int, MediaConnection]] = []
+        self._sr_due: dict[MediaConnection, float] = {}
+        self._sr_order = itertools.count()
 
     def add(self, connection: MediaConnection, now: float) -> PeerSender:
         peer = PeerSender(self.tracks, now=now, initial_bps=self.initial_bps, rng=self._rng)
@@ -385,6 +438,7 @@ class BroadcastSender:
 
     def remove(self, connection: MediaConnection) -> PeerSender | None:
         self._signals.pop(connection, None)
+        self._sr_due.pop(connection, None)
         return self.peers.pop(connection, None)
 
     def take_keyframe_request(self) -> bool:
@@ -428,6 +482,7 @@ class BroadcastSender:
             if packets:
                 connection.send_media(flow_id, packets, keyframe=keyframe)
                 self.packets_sent += len(packets)
+                self._schedule(connection, peer)
             signal = self._signals.get(connection)
             if signal is not None and signal.take_keyframe_needed():
                 peer.keyframe_requested = True
@@ -449,11 +504,30 @@ class BroadcastSender:
             self._keyframe_requested = True
 
     def poll(self, now: float, wall_now: float) -> None:
-        """Send the RTCP that is due (``now`` monotonic, ``wall_now`` Unix seconds)."""
-        for connection, peer in self.peers.items():
-            for flow_id, packet in peer.poll(now, wall_now):
+        """Send the RTCP that is due (``now`` monotonic, ``wall_now`` Unix seconds): the SRs
+        of the viewers whose SR is due by ``now`` + :data:`SR_EARLY_S`, found in a heap, so a
+        pass costs nothing per viewer that has nothing due."""
+        heap, due, horizon = self._sr_heap, self._sr_due, now + SR_EARLY_S
+        while heap and heap[0][0] <= horizon:
+            deadline, _, connection = heapq.heappop(heap)
+            if due.get(connection) != deadline:
+                continue  # rescheduled or gone
+            del due[connection]
+            peer = self.peers[connection]
+            for flow_id, packet in peer.poll(now, wall_now, early_s=SR_EARLY_S):
                 connection.send_rtcp(flow_id, packet)
+            self._schedule(connection, peer)
 
     def next_poll(self) -> float:
         """When :meth:`poll` next has something to send (monotonic; inf when nothing)."""
-        return min((peer.next_poll() for peer in self.peers.values()), default=float("inf"))
+        heap, due = self._sr_heap, self._sr_due
+        while heap and due.get(heap[0][2]) != heap[0][0]:
+            heapq.heappop(heap)
+        return heap[0][0] - SR_EARLY_S if heap else float("inf")
+
+    def _schedule(self, connection: MediaConnection, peer: PeerSender) -> None:
+        deadline = peer.next_poll()
+        if self._sr_due.get(connection) == deadline or deadline == float("inf"):
+            return
+        self._sr_due[connection] = deadline
+        heapq.heappush(self._sr_heap, (deadline, next(self._sr_order), connection))
