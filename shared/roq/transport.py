@@ -11,6 +11,10 @@ mode follows the ``max_datagram_frame_size`` transport parameter (RFC 9221 §3):
 both ends offer them, else streams.  A viewer pins the certificate fingerprint from the stream
 URL, or trusts a CA file.  :class:`RoqServer` can share its UDP port (``SO_REUSEPORT``): the
 kernel keeps each client's 4-tuple, so each QUIC connection, on one of the sharing servers.
+
+The per-viewer cost is what a sender shard pays per viewer, so the server owns its UDP socket
+and sends the QUIC packets of one ``transmit()`` together, in UDP GSO runs where the kernel
+can (:mod:`shared.roq.udp_batch`: a video frame to one viewer is one ``sendmsg``).
 """
 
 from __future__ import annotations
@@ -67,15 +71,6 @@ IDLE_TIMEOUT_S = 10.0
 #: Media datagrams aioquic's own queue is topped up to.  The rest waits in the age-bounded
 #: media queue, where staleness is cut; so few that aioquic sends them within its next flight.
 HANDOVER_DATAGRAMS = 4
-#: How long a viewer holds back its ACK of media (RFC 9000 §13.2.1 allows up to the
-#: max_ack_delay it advertises, 25 ms in aioquic; aioquic itself waits 1 ms).  Every ACK-only
-#: packet is one the sender shard must receive, decrypt and process, per viewer: a frame that
-#: arrives in two bursts got two, and an ACK waiting a little rides on the viewer's next RTCP
-#: packet instead.  The sender's RTT samples are corrected by the delay the ACK reports
-#: (RFC 9002 §5.3), and its loss timers already allow max_ack_delay.
-VIEWER_ACK_DELAY_S = 0.02
-#: The max_ack_delay aioquic advertises (RFC 9000 §18.2), which an ACK may not exceed.
-MAX_ACK_DELAY_S = 0.025
 #: Packets a viewer's queue holds before the oldest are dropped (memory bound).
 MAX_RECEIVE_QUEUE = 4096
 #: Open inbound streams per connection beyond which new ones are refused.
@@ -599,16 +594,12 @@ class RoqClient:
         timeout: float = 10.0,
         idle_timeout: float = IDLE_TIMEOUT_S,
         max_queued: int = MAX_RECEIVE_QUEUE,
-        ack_delay_s: float = VIEWER_ACK_DELAY_S,
     ) -> RoqClient:
         """Connect; pin ``fingerprint`` (self-signed server) or verify against ``ca_file``.
 
         ``datagrams=False`` does not offer DATAGRAM support, so the server uses stream mode.
         ``max_queued`` packets wait for the reader; beyond that the oldest are dropped.
-        ``ack_delay_s``: how long QUIC ACKs wait for a packet to ride on (at most 25 ms).
         """
-        if not 0 <= ack_delay_s <= MAX_ACK_DELAY_S:
-            raise ConfigError(f"ACK delay must be within 0..{MAX_ACK_DELAY_S} s, got {ack_delay_s}")
         configuration = _configuration(
             is_client=True,
             datagrams=datagrams,
@@ -632,9 +623,6 @@ class RoqClient:
             await stack.aclose()
             raise NetworkError(f"cannot connect to {host}:{port}: {exc or 'timed out'}") from exc
         client = cls(stack, cast(_RoqProtocol, protocol), max_queued=max_queued)
-        # Only now that 1-RTT keys are in use: Initial and Handshake packets are acknowledged
-        # at once (RFC 9000 §13.2.1).  aioquic has no public setting for this.
-        client._protocol._quic._ack_delay = ack_delay_s
         presented = client._protocol.peer_fingerprint
         if fingerprint is not None and presented != fingerprint:
             client._protocol.close(RoqErrorCode.ROQ_EXPECTATION_UNMET, "certificate mismatch")

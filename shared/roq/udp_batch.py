@@ -18,10 +18,12 @@ address, every segment the size of the first except a shorter last one, at most
 ``sendmsg`` as separate buffers (scatter-gather), so nothing is joined in Python.
 
 Other batching was weighed.  ``sendmmsg`` would take datagrams to many viewers in one syscall,
-but Python's socket module does not expose it; through ctypes each message costs a handful of
-ctypes objects, as much Python work as the ``sendto`` it replaces, and the kernel still walks
-the stack once per datagram.  GSO saves the kernel's per-packet work too, and needs nothing
-beyond the standard library.
+but Python's socket module does not expose it; through ctypes each message needs its iovecs,
+address and control buffer built as ctypes objects, more Python work than the ``sendmsg`` it
+replaces, and the kernel still walks the stack once per datagram (measured on this project's
+machine, one 6-packet frame to each of 20 viewers: 16 us per viewer with a GSO ``sendmsg``
+each, 27 us with one ctypes ``sendmmsg`` for all; six ``sendto`` each, 37 us).  GSO saves the
+kernel's per-packet work too, and needs nothing beyond the standard library.
 
 GSO can be missing: an older kernel or another platform (``ENOPROTOOPT`` when probed, or no
 ``sendmsg``), or a route that cannot offload (``EIO``: no checksum offload, IPsec), or a segment
