@@ -110,7 +110,8 @@ def test_fu_a_fragments() -> None:
     payloads = H264Packetizer(mtu=1100).packetize([nal])
     assert len(payloads) == 5
     sizes = [len(p) for p in payloads]
-    assert max(sizes) <= 1100 and max(sizes) - min(sizes) <= 1  # evenly cut, no runt
+    assert max(sizes) <= 1100 and max(sizes) - min(sizes) < len(payloads)  # evenly cut, no runt
+    assert len(set(sizes[:-1])) == 1 and sizes[-1] <= sizes[0]  # one size, the last no larger
     for index, payload in enumerate(payloads):
         assert payload[0] == (0x65 & 0xE0) | NAL_FU_A  # F and NRI copied, type 28
         assert payload[1] & 0x80 == (0x80 if index == 0 else 0)  # S
@@ -118,6 +119,13 @@ def test_fu_a_fragments() -> None:
         assert payload[1] & 0x20 == 0 and payload[1] & 0x1F == NAL_IDR  # R, type
     assert b"".join(p[2:] for p in payloads) == nal[1:]
     assert depacketize(payloads) == [nal]
+    for length in (1100, 2200, 5119, 5125, 9001):  # cuts that leave a shorter last fragment
+        unit = bytes([0x41]) + bytes(range(256)) * (length // 256) + bytes(length % 256)
+        cut = H264Packetizer(mtu=1100).packetize([unit])
+        sizes = [len(p) for p in cut]
+        assert max(sizes) <= 1100 and len(set(sizes[:-1])) <= 1
+        assert sizes[0] - len(cut) < sizes[-1] <= sizes[0]
+        assert depacketize(cut) == [unit]
 
 
 def test_single_nal_and_aggregation_boundaries() -> None:

@@ -11,6 +11,10 @@ mode follows the ``max_datagram_frame_size`` transport parameter (RFC 9221 §3):
 both ends offer them, else streams.  A viewer pins the certificate fingerprint from the stream
 URL, or trusts a CA file.  :class:`RoqServer` can share its UDP port (``SO_REUSEPORT``): the
 kernel keeps each client's 4-tuple, so each QUIC connection, on one of the sharing servers.
+
+The per-viewer cost is what a sender shard pays per viewer, so the server owns its UDP socket
+and sends the QUIC packets of one ``transmit()`` together, in UDP GSO runs where the kernel
+can (:mod:`shared.roq.udp_batch`: a video frame to one viewer is one ``sendmsg``).
 """
 
 from __future__ import annotations

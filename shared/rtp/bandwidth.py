@@ -128,6 +128,7 @@ class BandwidthEstimator:
         self._sent: collections.OrderedDict[int, tuple[float, int]] = collections.OrderedDict()
         self._max_tracked = max_tracked
         self._acked: collections.deque[tuple[float, int]] = collections.deque()
+        self._acked_bytes = 0  # the sum of the sizes in _acked, kept as it changes
         self._group: _Group | None = None
         self._previous_group: _Group | None = None
         self._accumulated_ms = 0.0
@@ -161,7 +162,7 @@ class BandwidthEstimator:
         if len(self._acked) < 2:
             return 0
         span = self._acked[-1][0] - self._acked[0][0]
-        return int(sum(size for _, size in self._acked) * 8 / max(span, ACKED_WINDOW_S / 5))
+        return int(self._acked_bytes * 8 / max(span, ACKED_WINDOW_S / 5))
 
     def on_packet_sent(self, transport_sequence: int, size: int, now: float) -> None:
         seq = transport_sequence & 0xFFFF
@@ -185,9 +186,10 @@ class BandwidthEstimator:
             received += 1
             arrival = arrival_us / 1e6
             self._acked.append((arrival, record[1]))
+            self._acked_bytes += record[1]
             self._on_arrival(record[0], arrival, now)
         while self._acked and self._acked[-1][0] - self._acked[0][0] > ACKED_WINDOW_S:
-            self._acked.popleft()
+            self._acked_bytes -= self._acked.popleft()[1]
         self.packets_reported += received + lost
         self.packets_lost += lost
         # §6 acts on loss over an RTCP interval; a few packets per feedback are too noisy, so

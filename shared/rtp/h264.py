@@ -154,16 +154,17 @@ class H264Packetizer:
         indicator = bytes([(nal[0] & 0xE0) | NAL_FU_A])
         body = memoryview(nal)[1:]
         count = -(-len(body) // (self.mtu - 2))
-        # Near-equal fragments rather than full ones plus a runt: smoother pacing.
-        base, extra = divmod(len(body), count)
-        pos = 0
+        # Near-equal fragments rather than full ones plus a runt: smoother pacing.  All but the
+        # last are the same size and the last is at most ``count`` octets shorter, so a
+        # fragment run is one UDP GSO send (shared.roq.udp_batch: equal segments, the last
+        # one may be shorter).
+        size = -(-len(body) // count)
         for index in range(count):
             header = nal[0] & 0x1F
             header |= 0x80 if index == 0 else 0
             header |= 0x40 if index == count - 1 else 0
-            size = base + (1 if index < extra else 0)
+            pos = index * size
             payloads.append(b"".join((indicator, bytes([header]), body[pos : pos + size])))
-            pos += size
 
 
 class H264Depacketizer:

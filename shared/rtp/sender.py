@@ -519,11 +519,13 @@ class BroadcastSender:
             self._schedule(connection, peer)
 
     def next_poll(self) -> float:
-        """When :meth:`poll` next has something to send (monotonic; inf when nothing)."""
+        """When :meth:`poll` next has an SR due (monotonic; inf when nothing).  That poll also
+        sends the SRs due within :data:`SR_EARLY_S` after it, so timer wake-ups come at most
+        one per SR_EARLY_S however many viewers there are."""
         heap, due = self._sr_heap, self._sr_due
         while heap and due.get(heap[0][2]) != heap[0][0]:
             heapq.heappop(heap)
-        return heap[0][0] - SR_EARLY_S if heap else float("inf")
+        return heap[0][0] if heap else float("inf")
 
     def _schedule(self, connection: MediaConnection, peer: PeerSender) -> None:
         deadline = peer.next_poll()
