@@ -5,5 +5,5 @@
 ``control`` is the control-stream wire format (a specification a third-party RoQ client can
 implement), sans-I/O; ``admission`` decides, per viewer connection, whether and when media may
 flow (hello, token, approval of unknown viewers, revocation, permission checks), with the time
-passed in, and keeps the pending approval requests.
+passed in; ``pending`` keeps the requests of viewers without a token until an operator answers.
 """
