@@ -358,7 +358,9 @@ class TokenVerifier:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError:
             raise AuthError("not a JWT: the header does not decode", AuthReason.MALFORMED) from None
-        if header.get("alg") != algorithm:
+        if not isinstance(header.get("alg"), str):  # RFC 7515 §4.1.1: alg is required
+            raise AuthError("not a JWT: the header names no algorithm", AuthReason.MALFORMED)
+        if header["alg"] != algorithm:
             # Checked before PyJWT (which pins too) so the reason is plain: a token naming
             # another algorithm was not made by this server's key.
             raise AuthError(
