@@ -234,7 +234,8 @@ def allowed_rungs(rungs: Sequence[RungInfo], cap: QualityPreset) -> tuple[RungIn
 
 
 def _new_id() -> str:
-    return secrets.token_hex(4)
+    # 48 random bits: ids of requests waiting at once (tens) never collide in practice.
+    return secrets.token_hex(6)
 
 
 # --- one connection ---------------------------------------------------------------------------

@@ -90,8 +90,11 @@ class PendingRequests:
     def add(self, request: PendingRequest, now: float) -> Denial | None:
         """Queue ``request``; a :class:`Denial` (too many waiting) to pass to its connection."""
         self.expire(now)
-        if request.request_id in self._requests:
-            return None
+        known = self._requests.get(request.request_id)
+        if known is not None:
+            if known != request:
+                raise ConfigError(f"request id {request.request_id!r} is already in use")
+            return None  # the same request told twice
         if len(self._requests) >= self.capacity:
             return Denial(
                 request_id=request.request_id,
