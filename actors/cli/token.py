@@ -30,6 +30,9 @@ from shared.models import QualityPreset, ViewerPermissions
 def register(commands: Any) -> None:
     token = commands.add_parser(
         "token",
+        # Without this, argparse takes `--secret VALUE` for `--secret-file VALUE` and then
+        # prints VALUE (the secret) in its "does not exist" error.
+        allow_abbrev=False,
         help="print a viewer token for a stream",
         description=(
             "Print a viewer token (a signed JWT) that lets one viewer watch one stream. "
