@@ -269,6 +269,15 @@ def test_protocol_errors_close_the_connection(data: bytes) -> None:
     assert conn.receive(hello(token()), T0) == []  # closed: nothing more happens
 
 
+@pytest.mark.parametrize("fields", [{"name": "\x1b[2Jhi"}, {"viewer": "a\nb"}])
+def test_control_characters_in_viewer_or_name_are_refused(fields: dict[str, str]) -> None:
+    conn = connection()
+    assert refused(conn.receive(hello(None, **fields), T0)) == (
+        AccessErrorCode.PROTOCOL_ERROR,
+        "protocol",
+    )
+
+
 def test_a_second_hello_cuts_an_admitted_viewer() -> None:
     conn = connection()
     admitted(conn, conn.receive(hello(token()), T0))
@@ -639,7 +648,7 @@ def test_random_bytes_never_admit_and_never_raise(chunks: list[bytes], times: li
 
 
 @settings(max_examples=300, deadline=None)
-@given(tok=TOKENS, viewer=st.none() | st.text(min_size=1, max_size=64))
+@given(tok=TOKENS, viewer=st.none() | st.text(min_size=1, max_size=64).filter(str.isprintable))
 def test_random_tokens_are_refused_with_a_token_reason(tok: str, viewer: str | None) -> None:
     conn = connection()
     message = {"type": "hello", "version": 1, "stream": "cam", "token": tok, "viewer": viewer}

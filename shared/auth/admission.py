@@ -470,6 +470,9 @@ class ViewerAdmission:
                 f"not {hello.version}",
                 now,
             )
+        if not all(f is None or f.isprintable() for f in (hello.viewer, hello.name)):
+            # The name is shown on the operator's terminal: no control characters (escapes).
+            return self._protocol_error("viewer and name must be printable text", now)
         if hello.stream not in self._streams:
             return self._refuse(
                 AccessErrorCode.UNKNOWN_STREAM,
