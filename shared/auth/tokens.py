@@ -19,7 +19,7 @@ EdDSA over Ed25519 (a key pair, RFC 8037), as LiveKit and MediaMTX tokens are.  
 
 :meth:`TokenVerifier.verify` checks, in this order, and raises :class:`~shared.errors.AuthError`
 with the first reason that applies: ``missing`` (no token), ``malformed`` (not a compact JWS of
-sane size), ``forged`` (the header names another algorithm than the verifier's one, or the
+sane size, or its header names no algorithm), ``forged`` (the header names another algorithm than the verifier's one, or the
 signature fails), ``malformed`` (claims missing or mistyped), ``expired``, ``wrong_stream``,
 ``revoked``.  The signature is checked before any claim is believed, so nothing an attacker
 writes in the payload can choose the answer.
