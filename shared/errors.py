@@ -12,8 +12,11 @@ boundaries unchanged: Ray re-raises a remote error as a subclass of the original
 from __future__ import annotations
 
 import builtins
+import enum
 
 __all__ = [
+    "AuthError",
+    "AuthReason",
     "CaptureError",
     "ConfigError",
     "EncodingError",
@@ -54,6 +57,41 @@ class ProtocolError(NetworkError, ValueError):
 
 class PermissionError(KizunaError, builtins.PermissionError):
     """Camera or screen access was denied, or a viewer lacks the permission it asked to use."""
+
+
+class AuthReason(enum.StrEnum):
+    """Why a viewer's credential was refused (``AuthError.reason``), as the control stream and
+    ``kizuna-stream view`` spell it."""
+
+    #: No token was presented.
+    MISSING = "missing"
+    #: Not a JWT this server issues: bad encoding, missing or mistyped claims, too long.
+    MALFORMED = "malformed"
+    #: The signature does not verify, or the token names an algorithm this server does not use
+    #: (``none``, or HS256 against an EdDSA key: algorithm confusion).
+    FORGED = "forged"
+    #: Past its ``exp``.
+    EXPIRED = "expired"
+    #: Issued for another stream.
+    WRONG_STREAM = "wrong_stream"
+    #: Its token id or its viewer was revoked.
+    REVOKED = "revoked"
+
+
+class AuthError(PermissionError):
+    """A viewer's token (or lack of one) does not let it in; ``reason`` says why.
+
+    The message never contains the token: it is a bearer credential, and messages end up in
+    logs and on the viewer's screen.
+    """
+
+    def __init__(self, message: str, reason: AuthReason) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type[AuthError], tuple[str, AuthReason]]:
+        # Exception pickles as cls(*args), which would lose ``reason``; Ray pickles errors.
+        return (type(self), (str(self), self.reason))
 
 
 class ResourceError(KizunaError):
