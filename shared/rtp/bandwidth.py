@@ -12,7 +12,7 @@ the sender as libwebrtc does with transport-wide feedback:
   (§5.4) signals overuse, below its negative underuse.  The rate controller (§5.5) then
   decreases to 0.85 x the acknowledged rate, holds, or increases by 8 % per second.
 - loss-based (§6): over each feedback interval, above 10 % loss back off by half the loss,
-  below 2 % grow by 5 %, in between hold.
+  below 2 % grow by 5 % (but not past the delay-based estimate), in between hold.
 - the estimate is the smaller of the two, clamped to ``[min_bps, max_bps]``.
 - probing: a sender limited by its application (a viewer on a low rung sends less than the
   path carries) never sees the path's capacity in its acknowledged rate, so both halves would
@@ -315,7 +315,11 @@ class BandwidthEstimator:
         if loss > HIGH_LOSS:
             self._loss_bps *= 1 - 0.5 * loss
         elif loss < LOW_LOSS:
-            self._loss_bps *= 1.05
+            # Grown no further than the delay-based estimate, as libwebrtc caps its loss-based
+            # target by the delay-based limit: a loss-based half left to grow 5 % per clean
+            # interval would, after a minute without loss, sit at max_bps, and the next loss
+            # burst would have to halve it a dozen times before it limited anything.
+            self._loss_bps = min(self._loss_bps * 1.05, max(self._delay_bps, self._loss_bps))
         else:
             return
         self._loss_bps = min(max(self._loss_bps, self.min_bps), self.max_bps)
