@@ -244,14 +244,10 @@ class RungTargets:
             rank = max(math.ceil(self.config.percentile * len(ordered)), 1)
             wanted = min(max(ordered[rank - 1], floor), ceiling)
             why = f"{self.config.percentile:.0%} of {len(ordered)} viewers' estimates"
-        else:
+        else:  # paused, or only watched by viewers leaving it: back to its need
             wanted = ceiling
             why = "no viewer: its need"
         changed = False
-        if state.paused:
-            # A paused rung resumes at its need: a stream nobody watches returns to its
-            # configured quality.
-            wanted = ceiling
         if wanted != state.target:
             small = abs(wanted - state.target) < state.target * self.config.min_change
             if not small or wanted in (floor, ceiling):
