@@ -63,13 +63,21 @@ __all__ = [
     "FEEDBACK_INTERVAL_S",
     "KEYFRAME_FACTOR",
     "PACKET_SIZE",
+    "SETTLE_S",
+    "STEP_CAPACITY",
+    "STEP_END",
+    "STEP_LADDER",
     "Link",
     "LinkSpec",
     "SimLadder",
     "SimRung",
     "Simulation",
+    "StepReport",
     "ViewerSpec",
     "ViewerTrace",
+    "best_fitting_rate",
+    "run_capacity_steps",
+    "step_report",
 ]
 
 PACKET_SIZE: Final = 1200

@@ -22,9 +22,9 @@ condition                          wanted rung
 =================================  ==========================================================
 pinned                             the pin, but never above the cap (permission wins)
 the rung is above the cap          the highest allowed rung that holds (else the lowest)
-the rung does not hold, within     stay, and probe the rung's rate (below: the switch's IDR)
-``switch_grace_s`` of an up-switch
-and without loss
+the rung does not hold, within     stay, and probe the rung's rate, for at most
+``idr_grace_s`` of an IDR the      ``idr_grace_s`` (below: IDR bursts)
+viewer got, and without loss
 the rung does not hold             at once, on this feedback: the highest rung below that
                                    holds (else the lowest).  GCC's delay-based controller
                                    has already decided the path is over-used (§5.5: the
@@ -47,18 +47,22 @@ upward only above ``up_headroom`` x its rate, sustained: with 1.2 and 0.05 the e
 26 % between the two, more than GCC's own sawtooth (a decrease to 0.85x and the 8 %/s climb
 back, §5.5), so the ripple of a steady estimate can never flip a viewer between two rungs.
 
-*The switch's own IDR.*  GCC's §5.5 decrease takes the estimate to 0.85 x the rate received
-over the last 500 ms.  Right after an up-switch that window still holds the old rung's rate,
-and the new rung's first frame is an IDR of 5 to 10 frames' bits sent at once, a burst of
-queueing the trendline reads as overuse: measured in ``tests/netsim.py``, a 4 Mbps path and a
-3 Mbps top rung entered from 1.5 Mbps, the estimate falls to 2.3 Mbps 0.3 s after every
-up-switch, and the viewer would flip back at once, every time.  So for ``switch_grace_s``
-after an up-switch a fall of the estimate with no loss does not move the viewer at once: the
-selector asks for a probe at the rung's rate (:meth:`RungSelector.probe_target`), as
-libwebrtc's ProbeController probes after a large drop of its estimate, and the result lifts
-the estimate back if the path carries the rung.  If it does not, the viewer steps down when
-the grace ends (or at once, on loss above ``low_loss``), and that counts as a failed up-switch.
-A real drop of capacity in that window thus costs at most ``switch_grace_s`` more.
+*IDR bursts.*  An IDR carries 5 to 10 frames' bits (``shared.media.rate_control``) and the
+sender sends a frame at once, so every IDR is a burst of queueing at the bottleneck that GCC's
+trendline reads as overuse; its §5.5 decrease then takes the estimate to 0.85 x the rate
+received over the last 500 ms, under the rung's hold (0.95 x its rate) by construction.
+Measured in ``tests/netsim.py`` (4 Mbps path, 3 Mbps top rung, IDRs of 5 frames): after an
+up-switch from 1.5 Mbps the estimate falls to 2.3 Mbps 0.3 s later, every time, and after an
+IDR another viewer of the rung asked for, to 2.85 Mbps; each would pull the viewer down, and
+one viewer's switch up would knock the others on its rung down.  So a fall of the estimate
+under the rung within ``idr_grace_s`` of an IDR the viewer received, with no loss, is doubted
+rather than acted on: the viewer stays, the selector asks for a probe at the rung's rate
+(:meth:`RungSelector.probe_target`; libwebrtc's ProbeController likewise probes after a large
+drop of its estimate), and the probe's result lifts the estimate back if the path carries the
+rung.  If it does not within ``idr_grace_s`` of the fall (IDRs coming on meanwhile do not
+extend it), or on loss above ``low_loss``, the viewer steps down, and after an up-switch that
+counts as a failed one.  A real drop of capacity just after an IDR thus costs at most
+``idr_grace_s`` more.
 
 *Back-off.*  An up-switch undone within ``revert_window_s`` (a step down from the rung it went
 to) doubles that rung's hold, up to ``max_up_hold_s``; a rung kept through the window gets its
@@ -127,9 +131,9 @@ class RungSelectorConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Ask again for the IDR of a pending switch after this long without it."""
     feedback_timeout_s: float = 1.0
     """Without feedback this long, step down one rung (and again after each timeout)."""
-    switch_grace_s: float = 1.5
-    """After an up-switch, for this long a fall of the estimate alone (no loss) is checked with
-    a probe before the viewer steps back down (the switch's own IDR, module doc)."""
+    idr_grace_s: float = 1.5
+    """A fall of the estimate (without loss) this soon after an IDR the viewer got is checked
+    with a probe, for at most this long, before the viewer steps down (module doc)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.down_tolerance < 1:
@@ -146,8 +150,8 @@ class RungSelectorConfig(msgspec.Struct, frozen=True, kw_only=True):
             "keyframe_retry_s": self.keyframe_retry_s,
             "feedback_timeout_s": self.feedback_timeout_s,
         }
-        if self.switch_grace_s < 0:
-            raise ConfigError(f"switch_grace_s must not be negative, got {self.switch_grace_s}")
+        if self.idr_grace_s < 0:
+            raise ConfigError(f"idr_grace_s must not be negative, got {self.idr_grace_s}")
         for name, value in times.items():
             if value <= 0:
                 raise ConfigError(f"{name} must be positive, got {value}")
@@ -240,9 +244,11 @@ class RungSelector:
         self._keyframe_asked_at: float | None = None
         self._estimate: int | None = None
         self._loss = 0.0
-        #: The current rung does not hold by the estimate, but is kept through an up-switch's
-        #: grace while a probe checks it.
-        self._doubted = False
+        #: Since when the rung has not held by the estimate but was kept, just after an IDR,
+        #: while a probe checks it (None: no doubt).
+        self._doubt_since: float | None = None
+        #: When the viewer last got an IDR of its rung.
+        self._idr_at: float | None = None
         self._rtt: float | None = None
         self._rtt_min: collections.deque[tuple[float, float]] = collections.deque()
         self._last_feedback_at = now
@@ -254,7 +260,6 @@ class RungSelector:
         self.switches_down = 0
         self.failed_ups = 0
         self.last_switch: RungSwitch | None = None
-        self._switched_at: float | None = None
 
     # -- inputs -----------------------------------------------------------------------------
 
@@ -359,8 +364,12 @@ class RungSelector:
         return self.pending is not None and self.pending.to_rung == rung
 
     def on_keyframe(self, rung: int, now: float) -> bool:
-        """An IDR of ``rung`` is about to be sent.  True: the switch is done, and the viewer
-        gets this IDR and everything after it from ``rung`` (and nothing more from the old)."""
+        """An IDR of ``rung`` is about to be sent (the shell calls this for every IDR of the
+        viewer's rung and of the rung it is switching to).  True: the switch is done, and the
+        viewer gets this IDR and everything after it from ``rung`` (nothing more from the
+        old one)."""
+        if rung == self.rung:
+            self._idr_at = now
         pending = self.pending
         if pending is None or pending.to_rung != rung:
             return False
@@ -368,7 +377,8 @@ class RungSelector:
         self._keyframe_asked_at = None
         self.rung = rung
         self.last_switch = pending
-        self._switched_at = now
+        self._idr_at = now
+        self._doubt_since = None
         self._above_since.clear()
         if pending.up:
             self.switches_up += 1
@@ -411,9 +421,9 @@ class RungSelector:
         what the top allowed rung needs, when the viewer is below it and free to go up."""
         if self._pin is not None or self.pending is not None:
             return None
-        if self._doubted:
-            # Confirm the rung the viewer just went up to (libwebrtc probes after a large
-            # drop of its estimate, at the rate it had before).
+        if self._doubt_since is not None:
+            # Confirm the rung the viewer is on (libwebrtc probes after a large drop of its
+            # estimate, at the rate it had before).
             return int(self._rates[self.rung] * self.config.up_headroom)
         if self.rung <= self._cap or self._up_blocked(now) is not None:
             return None
@@ -438,8 +448,8 @@ class RungSelector:
         if self._pin is None and self._floor() < len(self._rates) - 1:
             deadlines.append(self._last_feedback_at + self.config.feedback_timeout_s)
         deadlines.extend(since + self._hold_s(r) for r, since in self._above_since.items())
-        if self._doubted and self._switched_at is not None:
-            deadlines.append(self._switched_at + self.config.switch_grace_s)
+        if self._doubt_since is not None:
+            deadlines.append(self._doubt_since + self.config.idr_grace_s)
         return min(deadlines, default=None)
 
     def _holds(self, rung: int) -> bool:
@@ -476,11 +486,12 @@ class RungSelector:
             return self._want(self.rung, now, "")
         rate = self._rates[self.rung]
         pending = self.pending
-        self._doubted = False
-        if not self._holds(self.rung) and self._carried_in_grace(now):
-            self._doubted = True
+        if self._holds(self.rung):
+            self._doubt_since = None
+        elif (pending is None or pending.up) and self._doubted(now):
             return self._want(self.rung, now, "")
-        if not self._holds(self.rung):
+        else:
+            self._doubt_since = None
             target = self._highest_holding(self.rung + 1)
             if pending is not None and not pending.up:
                 target = max(target, pending.to_rung)
@@ -497,16 +508,16 @@ class RungSelector:
                 return None  # never less conservative while a step down waits
         return self._want(target, now, reason)
 
-    def _carried_in_grace(self, now: float) -> bool:
-        """Just after an up-switch, without loss: the fall may be the switch's own IDR."""
-        last = self.last_switch
-        return (
-            last is not None
-            and last.up
-            and self._switched_at is not None
-            and now - self._switched_at < self.config.switch_grace_s
-            and self._loss <= self.config.low_loss
-        )
+    def _doubted(self, now: float) -> bool:
+        """The rung does not hold: is the fall an IDR's burst, to be probed (module doc)?"""
+        grace = self.config.idr_grace_s
+        if self._loss > self.config.low_loss:
+            return False
+        if self._doubt_since is None:
+            if self._idr_at is None or now - self._idr_at >= grace:
+                return False
+            self._doubt_since = now
+        return now - self._doubt_since < grace
 
     def _up_candidate(self, now: float) -> tuple[int, str]:
         """The highest rung the estimate has cleared for its hold, else the current rung."""
