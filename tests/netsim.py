@@ -420,7 +420,7 @@ class Simulation:
     def schedule(self, at: float, action: Callable[[float], None]) -> None:
         heapq.heappush(self._events, (at, next(self._order), action))
 
-    def at(self, when: float, action: Callable[[Simulation, float], None]) -> None:
+    def at(self, when: float, action: Callable[[Simulation, float], object]) -> None:
         """Run ``action(sim, now)`` at ``when`` (a cap or a pin changing, say)."""
         self.schedule(when, lambda now: action(self, now))
 
