@@ -422,7 +422,11 @@ class Simulation:
 
     def at(self, when: float, action: Callable[[Simulation, float], object]) -> None:
         """Run ``action(sim, now)`` at ``when`` (a cap or a pin changing, say)."""
-        self.schedule(when, lambda now: action(self, now))
+
+        def run(now: float) -> None:
+            action(self, now)
+
+        self.schedule(when, run)
 
     def _frame_loop(self, rung: int, interval: float, when: float) -> None:
         def tick(now: float) -> None:
