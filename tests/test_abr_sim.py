@@ -161,17 +161,27 @@ def test_a_capped_viewer_never_receives_more_even_on_an_open_link() -> None:
 
 
 def test_a_pinned_viewer_stays_on_its_rung_until_it_lets_go() -> None:
+    """Pinned below what its path carries, it is not moved up; pinned above it (its own
+    choice), it is not moved down."""
     sim = Simulation(
-        STEP_LADDER, [ViewerSpec("pinned", LinkSpec(capacity_bps=[(0.0, 4e6)]), pin=1)]
+        STEP_LADDER,
+        [
+            ViewerSpec("under", LinkSpec(capacity_bps=[(0.0, 4e6)]), pin=1),
+            ViewerSpec("over", LinkSpec(capacity_bps=[(0.0, 1e6)], seed=2), pin=0),
+        ],
     )
     sim.run(20.0)
-    viewer = sim.viewers["pinned"]
-    assert {rung for _, rung in viewer.trace.rungs} == {1}
-    assert viewer.probe.clusters_sent == 0
-    sim.at(20.0, lambda s, now: s.viewers["pinned"].selector.set_pin(None, now))
+    under, over = sim.viewers["under"], sim.viewers["over"]
+    assert {rung for _, rung in under.trace.rungs} == {1}
+    assert {rung for _, rung in over.trace.rungs} == {0}
+    assert over.estimator.estimate_bps < RATES[1]  # its estimate says otherwise
+    assert under.probe.clusters_sent == over.probe.clusters_sent == 0
+    sim.at(20.0, lambda s, now: [v.selector.set_pin(None, now) for v in s.viewers.values()])
     sim.run(30.0)
-    up = viewer.trace.first_time(20.0, lambda rung: rung == 0)
+    up = under.trace.first_time(20.0, lambda rung: rung == 0)
     assert up is not None and up - 20.0 <= 5.0
+    down = over.trace.first_time(20.0, lambda rung: rung == 2)
+    assert down is not None and down - 20.0 <= 2.0
 
 
 def test_a_returning_viewer_starts_where_it_left() -> None:
