@@ -7,6 +7,7 @@ the HIGH / MEDIUM / LOW presets' bitrates (3, 1.5 and 0.5 Mbps) at 30 fps.
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 
@@ -203,3 +204,17 @@ def test_a_config_without_the_grace_shows_why_it_is_there() -> None:
     """The same steps with no grace after an up-switch: the top rung is never kept."""
     report, _ = run_capacity_steps(config=RungSelectorConfig(idr_grace_s=0.0))
     assert max(report.up_s) > 5.0 and report.utilisation < 0.8
+
+
+def test_bench_abr_prints_strict_json(capsys: pytest.CaptureFixture[str]) -> None:
+    from perf import bench_abr
+
+    bench_abr.main(["--json", "--keyframe-factor", "8"])  # IDRs over the queue: targets missed
+
+    def refuse(name: str) -> None:
+        raise AssertionError(f"{name} is not JSON")
+
+    result = json.loads(capsys.readouterr().out, parse_constant=refuse)
+    assert result["arm"].startswith("simulated link")
+    assert result["targets_met"] is False and "up_s" in result["targets_missed"]
+    assert result["up_s"] is None  # never back on the top rung: null, not Infinity
