@@ -120,6 +120,30 @@ def test_a_probe_that_falls_short_backs_off() -> None:
     assert probe.next_deadline() == now - 1.0
 
 
+def test_a_cluster_at_the_ceiling_that_falls_short_is_not_repeated_at_once() -> None:
+    probe = ProbeController(now=0.0)
+    probe.update(estimate_bps=2_500_000, wanted_bps=3_000_000, now=0.0)
+    times = send_cluster(probe, 0.0)  # at the ceiling: 1.25 x 3 Mbps
+    result = probe.on_transport_feedback(
+        list(enumerate(bottleneck(times, capacity_bps=3_000_000))), now=0.2
+    )
+    # 2.85 Mbps: over 70 % of what it probed, but nothing higher is left to probe.
+    assert result is not None and result.estimate_bps == pytest.approx(2_850_000, rel=0.01)
+    assert probe.probes_failed == 1
+    assert probe.next_deadline() == pytest.approx(0.2 + PROBE_INTERVAL_S)
+
+
+def test_the_same_goal_asked_again_keeps_its_back_off() -> None:
+    probe = ProbeController(now=0.0)
+    probe.update(estimate_bps=1_000_000, wanted_bps=3_600_000, now=0.0)
+    times = send_cluster(probe, 0.0)
+    probe.on_transport_feedback(list(enumerate(bottleneck(times, 1_100_000))), now=0.2)
+    assert probe.next_deadline() == pytest.approx(1.2)
+    probe.update(estimate_bps=1_000_000, wanted_bps=None, now=0.3)  # blocked a moment
+    probe.update(estimate_bps=1_000_000, wanted_bps=3_600_000, now=0.4)
+    assert probe.next_deadline() == pytest.approx(1.2)
+
+
 def test_a_cluster_mostly_lost_fails() -> None:
     probe = ProbeController(now=0.0)
     probe.update(estimate_bps=1_000_000, wanted_bps=3_600_000, now=0.0)
