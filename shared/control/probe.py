@@ -24,8 +24,9 @@ long at the bottleneck, which is why it can afford to be frequent.
 
 *At what rate.*  Exponential, as libwebrtc's: the first cluster at :data:`PROBE_SCALE` x the
 estimate; when a cluster's result reaches :data:`REPEAT_MIN_FRACTION` of what it probed, the
-next one follows at once at twice the result, until the wanted rate is confirmed.  No cluster
-goes above ``wanted x`` :data:`PROBE_OVERSHOOT`: on a saturated path a result is 95 % of the
+next one follows at once at twice the result, until the wanted rate is confirmed or a cluster
+at the ceiling falls short (that is a failed probe).  No cluster goes above
+``wanted x`` :data:`PROBE_OVERSHOOT`: on a saturated path a result is 95 % of the
 delivery rate (below), so probing a little past the wanted rate lets a path that does carry it
 confirm it.
 
@@ -161,6 +162,8 @@ class ProbeController:
 
     def __init__(self, *, now: float) -> None:
         self._wanted: int | None = None
+        #: The last rate wanted (the goal the back-off belongs to).
+        self._goal: int | None = None
         self._estimate = 0
         self._cluster: _Cluster | None = None
         self._next_cluster_id = 1
@@ -183,8 +186,10 @@ class ProbeController:
             raise ConfigError(f"an estimate must be positive, got {estimate_bps} bps")
         if wanted_bps is not None and wanted_bps <= 0:
             raise ConfigError(f"a wanted rate must be positive, got {wanted_bps} bps")
-        if wanted_bps != self._wanted:
+        if wanted_bps is not None and wanted_bps != self._goal:
             # A new goal is not the one earlier probes fell short of: no back-off carried over.
+            # (The same goal asked for again after a pause keeps its back-off.)
+            self._goal = wanted_bps
             self._interval = PROBE_INTERVAL_S
             self._next_probe_at = now
         self._wanted = wanted_bps
@@ -285,9 +290,11 @@ class ProbeController:
                 self._interval = PROBE_INTERVAL_S
                 self._next_probe_at = now
                 return result
-            if estimate >= REPEAT_MIN_FRACTION * cluster.target_bps:
-                # The path took most of it: look further at once (libwebrtc's exponential
-                # probing), from what it delivered.
+            further = cluster.target_bps < self._ceiling()
+            if further and estimate >= REPEAT_MIN_FRACTION * cluster.target_bps:
+                # The path took most of it and there is further to look: at once (libwebrtc's
+                # exponential probing), from what it delivered.  A cluster at the ceiling
+                # that fell short is a probe that failed, or it would repeat back to back.
                 self._repeat_bps = min(int(estimate * PROBE_SCALE), self._ceiling())
                 self._next_probe_at = now
                 return result
