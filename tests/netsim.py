@@ -275,6 +275,8 @@ class SimViewer:
     def send_frame(self, frame: int, rung: int, size: int, now: float) -> None:
         count = max(1, math.ceil(size / PACKET_SIZE))
         self._frames[frame] = [count, size, rung]
+        if len(self._frames) > 600:  # frames that lost a packet never complete: forget them
+            del self._frames[next(iter(self._frames))]
         base, extra = divmod(size, count)
         for index in range(count):
             self._send_packet(base + (1 if index < extra else 0), now, frame)

@@ -66,8 +66,10 @@ counts as a failed one.  A real drop of capacity just after an IDR thus costs at
 
 *Back-off.*  An up-switch undone within ``revert_window_s`` (a step down from the rung it went
 to) doubles that rung's hold, up to ``max_up_hold_s``; a rung kept through the window gets its
-base hold back.  A path whose capacity sits just under a rung's need thus costs one failed
-attempt every ``max_up_hold_s`` at worst, not a flip every few seconds.
+base hold back.  A path that passes the probes but not the switch (an IDR larger than its
+bottleneck's queue, cross traffic that comes and goes) thus costs one failed attempt every
+``max_up_hold_s`` at worst, not a flip every few seconds.  (A path whose capacity sits just
+under a rung's need costs no attempts at all: its probes never clear the headroom.)
 
 *Probing before going up.*  Delay- and loss-based GCC cannot see capacity the viewer is not
 using (§5.5 bounds the increase to 1.5x the received rate), so an estimate on a low rung stays
@@ -81,13 +83,16 @@ cap, or while going up is blocked (loss, queue, settling).
 *Switching at the IDR.*  A new wanted rung becomes :attr:`RungSelector.pending`;
 :meth:`RungSelector.keyframe_request` says which rung's encoder to ask for an IDR (at once,
 then every ``keyframe_retry_s`` until it comes), and the shell, when it is about to send an IDR
-of a rung, calls :meth:`RungSelector.on_keyframe`: on the pending rung that completes the
-switch, and this IDR is the first frame the viewer gets from the new rung.  A pending switch
+of the viewer's rung or of the rung it is switching to, calls
+:meth:`RungSelector.on_keyframe`: on the pending rung that completes the switch, and this IDR
+is the first frame the viewer gets from the new rung; on its own rung it starts the IDR
+grace.  A pending switch
 up is dropped if the target stops holding; a pending switch down is never made less
 conservative while it waits.
 
 :meth:`RungSelector.next_deadline` says when :meth:`RungSelector.on_timer` must run (a hold
-expiring, a keyframe request to repeat, the feedback timeout).  Nothing here reads a clock.
+expiring, a keyframe request to repeat, a doubt running out, the feedback timeout).  Nothing
+here reads a clock.
 """
 
 from __future__ import annotations
