@@ -12,8 +12,14 @@ the sender as libwebrtc does with transport-wide feedback:
   (§5.4) signals overuse, below its negative underuse.  The rate controller (§5.5) then
   decreases to 0.85 x the acknowledged rate, holds, or increases by 8 % per second.
 - loss-based (§6): over each feedback interval, above 10 % loss back off by half the loss,
-  below 2 % grow by 5 %, in between hold.
+  below 2 % grow by 5 % (but not past the delay-based estimate), in between hold.
 - the estimate is the smaller of the two, clamped to ``[min_bps, max_bps]``.
+- probing: a sender limited by its application (a viewer on a low rung sends less than the
+  path carries) never sees the path's capacity in its acknowledged rate, so both halves would
+  stay near what it sends.  :meth:`BandwidthEstimator.on_probe_result` takes the delivery rate
+  a probe cluster measured (:mod:`shared.control.probe`) and lifts both halves to it, as
+  libwebrtc's GoogCcNetworkController does with a probe result (``DelayBasedBwe`` sets the AIMD
+  estimate, ``SetSendBitrate`` the loss-based one).
 
 QUIC's own RTT and the RTCP RTT (:class:`SenderReportTimes`) both feed
 :attr:`BandwidthEstimator.rtt_s`.  Every method takes the time as an argument (``now``: the
@@ -204,6 +210,23 @@ class BandwidthEstimator:
             self._interval_received = self._interval_lost = 0
         self._update_delay_rate(now)
 
+    def on_probe_result(self, probe_bps: int, now: float) -> None:
+        """A probe cluster was delivered at ``probe_bps``: the path carries at least that.
+
+        Only ever raises the estimate: a short cluster that met cross traffic measures less
+        than the path carries, and congestion is the delay- and loss-based halves' to find.
+        Not while the detector sees overuse (libwebrtc applies a probe only when not
+        overusing), since then the queue that built up says the rate is too high already.
+        """
+        if probe_bps <= 0:
+            raise ConfigError(f"a probe result must be positive, got {probe_bps} bps")
+        if self.usage is BandwidthUsage.OVERUSE:
+            return
+        value = float(min(max(probe_bps, self.min_bps), self.max_bps))
+        self._delay_bps = max(self._delay_bps, value)
+        self._loss_bps = max(self._loss_bps, value)
+        self._last_update = now
+
     def on_receiver_report(self, fraction_lost: float, now: float) -> None:
         """RR loss, used only while no transport-wide feedback is coming."""
         if self.packets_reported == 0:
@@ -292,7 +315,11 @@ class BandwidthEstimator:
         if loss > HIGH_LOSS:
             self._loss_bps *= 1 - 0.5 * loss
         elif loss < LOW_LOSS:
-            self._loss_bps *= 1.05
+            # Grown no further than the delay-based estimate, as libwebrtc caps its loss-based
+            # target by the delay-based limit: a loss-based half left to grow 5 % per clean
+            # interval would, after a minute without loss, sit at max_bps, and the next loss
+            # burst would have to halve it a dozen times before it limited anything.
+            self._loss_bps = min(self._loss_bps * 1.05, max(self._delay_bps, self._loss_bps))
         else:
             return
         self._loss_bps = min(max(self._loss_bps, self.min_bps), self.max_bps)
