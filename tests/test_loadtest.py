@@ -21,6 +21,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import msgspec
+import numpy as np
 import pytest
 
 from actors.cli.common import EXIT_ERROR, EXIT_USAGE
@@ -43,7 +44,7 @@ from shared.rtp.rtcp import (
     parse_rtcp_compound,
 )
 from shared.rtp.sender import VIDEO_TRACK, BroadcastSender, PeerSender
-from shared.viewer.light import LATE_AFTER_S, LateFrameClock, LightSession
+from shared.viewer.light import LATE_AFTER_S, LateFrameClock, LightSession, LightViewer
 from shared.viewer.load import LoadReport, LoadTest
 from tests.impairment import ImpairmentRelay
 from tests.test_network_sender_actor import FakeEncoderHandle
@@ -146,6 +147,14 @@ def test_frames_are_counted_and_only_the_frame_whose_own_last_packet_came_late_i
     # Frames 11-14 waited behind frame 10 in the jitter buffer, but their own packets came in
     # time: by the definition only frame 10 is late.
     assert core.late == 1
+    # Each frame's delay: 0 for the on-time ones, 150 ms for frame 10; its p99 sits between.
+    delays = core.delays.values()
+    assert len(delays) == 30
+    assert max(delays) == pytest.approx(150.0) and sorted(delays)[-2] == pytest.approx(
+        0.0, abs=1e-6
+    )
+    p99 = core.delays.percentile(99)
+    assert p99 is not None and 100.0 < p99 < 150.0
     assert core.packets_lost == 0
     assert core.nacks_sent >= 1  # the gap was asked for at once
     assert core.packets_recovered == 1  # and the late packet filled it
@@ -250,7 +259,7 @@ def free_port() -> int:
 def test_twenty_light_viewers_all_receive_and_each_sends_a_viewers_feedback() -> None:
     viewers = 20
 
-    async def main() -> tuple[LoadReport, dict[str, set[str]]]:
+    async def main() -> tuple[LoadReport, dict[str, set[str]], list[LightViewer]]:
         async with streaming() as (url, sender):
             # What each connection's RTCP carried, seen where the sender receives it (the
             # actor's QUIC server calls its packet callback through this attribute).
@@ -295,9 +304,9 @@ def test_twenty_light_viewers_all_receive_and_each_sends_a_viewers_feedback() ->
 
             await until(done, "a second of video at every viewer, feedback from each", timeout=150)
             stop.set()
-            return await run, by_viewer()
+            return await run, by_viewer(), test.viewers
 
-    report, feedback = asyncio.run(main())
+    report, feedback, test_viewers = asyncio.run(main())
     summary = report.summary
     assert report.interrupted  # stopped by the condition, not by the clock
     assert (summary.viewers, summary.connected, summary.watching) == (viewers, viewers, viewers)
@@ -312,6 +321,9 @@ def test_twenty_light_viewers_all_receive_and_each_sends_a_viewers_feedback() ->
     late = sum(v.late for v in report.viewers)
     assert summary.frames == frames and summary.late == late
     assert summary.late_frame_ratio == round(late / frames, 6)
+    pooled = np.concatenate([v.core.delays.values() for v in test_viewers])
+    assert summary.delay_p99_ms == round(float(np.percentile(pooled, 99)), 2)
+    assert all(v.delay_p99_ms is not None for v in report.viewers)
     assert summary.fps_min == min(v.fps for v in report.viewers)
     assert summary.bytes == sum(v.bytes for v in report.viewers)
     assert summary.mbps > 0 and summary.cpu_cores > 0 and summary.rss_mb > 0

@@ -214,7 +214,12 @@ def _print_report(report: dict[str, Any]) -> None:
     print(
         f"fps min {_fps(summary['fps_min'])} median {_fps(summary['fps_median'])}"
         f" | late frames {summary['late']}/{summary['frames']} ({summary['late_frame_ratio']:.2%})"
-        f" | lost {summary['lost']} packets ({summary['loss']:.2%})"
+        + (
+            f", delay p99 {summary['delay_p99_ms']:.0f} ms"
+            if summary["delay_p99_ms"] is not None
+            else ""
+        )
+        + f" | lost {summary['lost']} packets ({summary['loss']:.2%})"
         f" | {summary['mbps']:.2f} Mbps received"
     )
     print(

@@ -28,6 +28,10 @@ class LatencyStats:
     def __len__(self) -> int:
         return min(self._count, len(self._samples))
 
+    def values(self) -> np.ndarray[tuple[int], np.dtype[np.float64]]:
+        """The samples held (a view, not a copy: read it before the next :meth:`add`)."""
+        return self._samples[: len(self)]
+
     def percentile(self, q: float) -> float | None:
         if not self._count:
             return None

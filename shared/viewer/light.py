@@ -29,6 +29,10 @@ Definitions (the load test's report uses exactly these):
   timestamp ``t0``, so a frame with timestamp ``t`` is due at ``a0 + (t - t0) / 90000`` s (the
   video clock, RFC 6184 §5.1).  A new connection starts a new alignment.  The late ratio is
   late frames over frames.
+- **delay**: how long after that due time a frame's last packet came (negative: early), in
+  ms; the report gives its 99th percentile over the viewer's frames (the newest
+  :data:`DELAY_SAMPLES`), the load test's over every viewer's.  It is latency less the first
+  frame's, which is what a stalled neighbour or a busy sender would add.
 - **lost**: RTP packets never received, after NACK repair: expected minus received per RFC 3550
   Appendix A.3 (a retransmission that arrived counts as received), video and audio.
 - **bytes**: what arrived in RoQ payloads, RTP and RTCP (QUIC and UDP overhead not counted).
@@ -57,6 +61,7 @@ from shared.rtp.opus import OpusPayloadFormat
 from shared.rtp.receiver import ReceiverSession
 from shared.rtp.rtcp import RTCP_PSFB, RTCP_RR, RTCP_RTPFB
 from shared.rtp.sender import AUDIO_TRACK, VIDEO_TRACK
+from shared.viewer.latency import LatencyStats
 
 __all__ = [
     "LATE_AFTER_S",
@@ -70,6 +75,8 @@ logger = logging.getLogger(__name__)
 
 #: A frame whose last packet arrives later than this after its RTP time is late.
 LATE_AFTER_S = 0.1
+#: Frame delays kept per viewer for the percentile (about two minutes at 30 fps).
+DELAY_SAMPLES = 4096
 #: QUIC idle timeout of a light viewer's connection, as the real viewer's: how soon a dead
 #: path is noticed (and reconnected).
 IDLE_TIMEOUT_S = 5.0
@@ -96,13 +103,13 @@ class LateFrameClock:
     modulo 2**32 as a signed 32-bit number, RFC 3550 §5.1), so a wrap changes nothing.
     """
 
-    __slots__ = ("_anchor", "_clock_rate", "_elapsed", "_late_after", "_previous")
+    __slots__ = ("_anchor", "_clock_rate", "_elapsed", "_previous", "late_after_s")
 
     def __init__(
         self, clock_rate: int = VIDEO_TRACK.clock_rate, late_after_s: float = LATE_AFTER_S
     ):
         self._clock_rate = clock_rate
-        self._late_after = late_after_s
+        self.late_after_s = late_after_s
         self._anchor: float | None = None
         self._previous = 0
         self._elapsed = 0  # RTP ticks from the aligning frame to the previous one
@@ -114,13 +121,17 @@ class LateFrameClock:
     def is_late(self, rtp_timestamp: int, last_arrival: float) -> bool:
         """Whether the frame with ``rtp_timestamp`` whose last packet arrived at
         ``last_arrival`` (seconds, the clock the alignment was made on) is late."""
+        return self.delay(rtp_timestamp, last_arrival) > self.late_after_s
+
+    def delay(self, rtp_timestamp: int, last_arrival: float) -> float:
+        """Seconds past its due time that the frame's last packet arrived (0 for the frame
+        that makes the alignment); call once per frame, in order."""
         if self._anchor is None:
             self._anchor, self._previous, self._elapsed = last_arrival, rtp_timestamp, 0
-            return False
+            return 0.0
         self._elapsed += (rtp_timestamp - self._previous + 2**31) % 2**32 - 2**31
         self._previous = rtp_timestamp
-        due = self._anchor + self._elapsed / self._clock_rate
-        return last_arrival - due > self._late_after
+        return last_arrival - (self._anchor + self._elapsed / self._clock_rate)
 
 
 class LightSession:
@@ -139,6 +150,8 @@ class LightSession:
         self._video = self.session.tracks[VIDEO_TRACK.flow_id]
         self._audio = self.session.tracks[AUDIO_TRACK.flow_id]
         self.late_clock = LateFrameClock(VIDEO_TRACK.clock_rate)
+        #: Each frame's delay past its due time (ms), the newest DELAY_SAMPLES.
+        self.delays = LatencyStats(DELAY_SAMPLES)
         #: Latest arrival of a packet of each video frame not yet released, by RTP timestamp.
         self._arrivals: dict[int, float] = {}
         self.frames = 0
@@ -199,7 +212,9 @@ class LightSession:
             if self.first_frame_at is None:
                 self.first_frame_at = arrival
             self.last_frame_at = arrival
-            if self.late_clock.is_late(frame.rtp_timestamp, arrival):
+            delay = self.late_clock.delay(frame.rtp_timestamp, arrival)
+            self.delays.add(delay * 1000)
+            if delay > self.late_clock.late_after_s:
                 self.late += 1
 
     def _note_sent(self, packet: bytes) -> None:
@@ -283,6 +298,8 @@ class LightViewerReport(msgspec.Struct, kw_only=True):
     first_frame_s: float | None = None
     """From the start of its first connection attempt to its first frame."""
     rtt_ms: float = 0.0
+    delay_p99_ms: float | None = None
+    """The 99th percentile of its frames' delay (see the module doc; None before a frame)."""
 
 
 class LightViewer:
@@ -464,4 +481,9 @@ class LightViewer:
             reports_sent=core.reports_sent,
             first_frame_s=first_frame_s,
             rtt_ms=round(self._rtt_ms, 2),
+            delay_p99_ms=_rounded(self.core.delays.percentile(99)),
         )
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 
 import msgspec
+import numpy as np
 import psutil
 
 from shared.errors import ConfigError
@@ -77,6 +78,9 @@ class LoadSummary(msgspec.Struct, kw_only=True):
     late: int
     late_frame_ratio: float
     """Late frames over frames, all viewers together (0 with no frames)."""
+    delay_p99_ms: float | None = None
+    """The 99th percentile of frame delay over every viewer's frames (``shared.viewer.light``
+    defines it; None with no frames)."""
     lost: int
     loss: float
     """RTP packets lost over packets expected (received + lost), all viewers together."""
@@ -240,6 +244,7 @@ class LoadTest:
             frames=frames,
             late=late,
             late_frame_ratio=round(late / frames, 6) if frames else 0.0,
+            delay_p99_ms=self._delay_p99_ms(),
             lost=lost,
             loss=round(lost / expected, 6) if expected else 0.0,
             bytes=total_bytes,
@@ -250,6 +255,11 @@ class LoadTest:
             rss_start_mb=round(self._rss_start_mb, 1),
             seconds=round(elapsed, 3),
         )
+
+    def _delay_p99_ms(self) -> float | None:
+        delays = [viewer.core.delays.values() for viewer in self.viewers]
+        pooled = np.concatenate(delays) if delays else np.empty(0)
+        return round(float(np.percentile(pooled, 99)), 2) if pooled.size else None
 
     def _rss_mb(self) -> float:
         with contextlib.suppress(psutil.Error):
