@@ -28,12 +28,20 @@ aiortc's examples do, one encoder per peer, aiortc receiving and decoding on the
 its ``viewers_per_core`` is peers served at 90 % of the frame rate or more over the server
 process's cores.  ``ratio_viewers_per_core_vs_aiortc`` is ours over its best.
 
+The stalled arm measures isolation: N light viewers of a fresh stream run twice for the same
+``seconds``, once alone and once beside one more light viewer (its own ``loadtest`` process)
+frozen with SIGSTOP once the N are connected: it reads nothing and acknowledges nothing until
+the shard drops it at the QUIC idle timeout (10 s).  ``delay_p99_ratio`` is the N viewers'
+frame delay p99 with the frozen one over without (:mod:`shared.viewer.light` defines the
+delay); the target is under 1.10.  ``stalled_frames_expired`` shows the frozen viewer's media
+expiring in its own queue meanwhile.
+
 Targets (reported, not asserted): sender CPU <= 0.5 % of a core per 1.5 Mbps viewer; >= 100
 concurrent 720p30 viewers with <= 1 % late frames; <= 2 MB per viewer; >= 20x aiortc's viewers
 per core.
 
 Usage: python -m perf.bench_fanout [--viewers 10,50,100,200] [--seconds S] [--bitrate KBPS]
-       [--aiortc-peers 1,2,4] [--arms ours,aiortc] [--json]
+       [--aiortc-peers 1,2,4] [--stalled-viewers 20] [--arms ours,aiortc,stalled] [--json]
 """
 
 from __future__ import annotations
@@ -42,8 +50,11 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
+import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import psutil
@@ -53,7 +64,7 @@ from perf._report import emit
 from perf.aiortc_fanout import CODECS, run_aiortc
 from shared.models import QualityPreset, Resolution, StreamConfig, StreamQuality
 
-ARMS: Final = ("ours", "aiortc")
+ARMS: Final = ("ours", "aiortc", "stalled")
 DEFAULT_VIEWERS: Final = (10, 50, 100, 200)
 DEFAULT_AIORTC_PEERS: Final = (1, 2, 4)
 #: Saturated: stop adding viewers past a run this bad.
@@ -69,6 +80,15 @@ TARGET_CPU_PER_VIEWER: Final = 0.005
 TARGET_VIEWERS: Final = 100
 TARGET_MB_PER_VIEWER: Final = 2.0
 TARGET_RATIO_VS_AIORTC: Final = 20.0
+TARGET_STALLED_P99_RATIO: Final = 1.10
+#: The stalled arm's stream: light enough that the N viewers, their load generator, the
+#: encoder and the shard leave a 2-core machine idle time, so that what the frozen viewer
+#: changes is not lost in CPU contention.
+STALLED_QUALITY: Final = StreamQuality(
+    resolution=Resolution(640, 360), framerate=30, bitrate=500_000
+)
+#: The frozen viewer's own idle timeout: longer than the shard's, so the shard decides.
+STALLED_IDLE_TIMEOUT_S: Final = 60.0
 
 
 class ShardProbe:
@@ -100,8 +120,8 @@ async def _shard_pid(manager: StreamManager, session_id: str, before: set[str]) 
     return new[0].pid
 
 
-async def _loadtest(url: str, viewers: int, seconds: float) -> dict[str, Any]:
-    process = await asyncio.create_subprocess_exec(
+def _loadtest_process(url: str, viewers: int, seconds: float, *extra: str) -> Any:
+    return asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "actors.cli",
@@ -110,9 +130,14 @@ async def _loadtest(url: str, viewers: int, seconds: float) -> dict[str, Any]:
         f"--viewers={viewers}",
         f"--seconds={seconds}",
         "--json",
+        *extra,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
+
+
+async def _loadtest(url: str, viewers: int, seconds: float) -> dict[str, Any]:
+    process = await _loadtest_process(url, viewers, seconds)
     out, err = await process.communicate()
     lines = out.decode().strip().splitlines()
     if not lines:
@@ -181,6 +206,86 @@ async def run_ours(
                 break
         await manager.stop_stream(sid)
     return rows
+
+
+async def _shard_stats(session_id: str) -> Callable[[], Awaitable[Any]]:
+    """A reader of the stream's only sender shard's stats."""
+    import ray
+
+    from actors.handles import SenderHandle
+    from actors.placement import NAMESPACE
+
+    names = [
+        actor["name"]
+        for actor in ray.util.list_named_actors(all_namespaces=True)
+        if actor["name"].startswith(f"kz-{session_id}-") and "-shard-" in actor["name"]
+    ]
+    if len(names) != 1:
+        raise RuntimeError(f"expected one sender shard of {session_id}, found {names}")
+    handle = SenderHandle(ray.get_actor(names[0], namespace=NAMESPACE))
+
+    async def read() -> Any:
+        return await handle.stats()
+
+    return read
+
+
+async def _until(read: Callable[[], Awaitable[Any]], done: Callable[[Any], bool], what: str) -> Any:
+    deadline = time.monotonic() + 60.0
+    while True:
+        value = await read()
+        if done(value):
+            return value
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"gave up waiting for {what}")
+        await asyncio.sleep(SAMPLE_INTERVAL_S)
+
+
+async def run_stalled(viewers: int, seconds: float, quality: StreamQuality) -> dict[str, Any]:
+    """N viewers alone, then N viewers beside a frozen one: their delay p99, each way."""
+    async with StreamManager.start() as manager:
+        session = await manager.start_camera_stream(StreamConfig(source="test", quality=quality))
+        sid = session.session_id
+        url = await manager.open_shards(sid, 1)
+        stats = await _shard_stats(sid)
+        alone = (await _loadtest(url, viewers, seconds))["summary"]
+
+        frozen = await _loadtest_process(url, 1, 600.0, f"--idle-timeout={STALLED_IDLE_TIMEOUT_S}")
+        expired = 0
+        try:
+            first = await _until(stats, lambda s: len(s.peers) == 1, "the frozen viewer")
+            [frozen_peer] = [p.peer_id for p in first.peers]
+            load = asyncio.create_task(_loadtest(url, viewers, seconds))
+            await _until(stats, lambda s: len(s.peers) == viewers + 1, "every viewer")
+            os.kill(frozen.pid, signal.SIGSTOP)
+            while not load.done():
+                now = await stats()
+                expired = max(
+                    [expired] + [p.frames_expired for p in now.peers if p.peer_id == frozen_peer]
+                )
+                await asyncio.wait([load], timeout=SAMPLE_INTERVAL_S)
+            beside = load.result()["summary"]
+        finally:
+            if frozen.returncode is None:
+                frozen.kill()
+            await frozen.communicate()
+        await manager.stop_stream(sid)
+    before, after = alone["delay_p99_ms"], beside["delay_p99_ms"]
+    ratio = round(after / before, 3) if before and after is not None else None
+    return {
+        "viewers": viewers,
+        "quality": _quality_text(quality),
+        "seconds": seconds,
+        "delay_p99_ms_alone": before,
+        "delay_p99_ms_beside_stalled": after,
+        "delay_p99_ratio": ratio,
+        "late_frame_ratio_alone": alone["late_frame_ratio"],
+        "late_frame_ratio_beside_stalled": beside["late_frame_ratio"],
+        "fps_min_alone": alone["fps_min"],
+        "fps_min_beside_stalled": beside["fps_min"],
+        "stalled_frames_expired": expired,
+        "target_p99_change_lt_10pct": None if ratio is None else ratio < TARGET_STALLED_P99_RATIO,
+    }
 
 
 def _saturated(row: dict[str, Any]) -> bool:
@@ -300,6 +405,12 @@ async def _run(args: argparse.Namespace) -> None:
             )
             aiortc.append(run)
     result = summarize(rows, aiortc)
+    stalled = (
+        await run_stalled(args.stalled_viewers, args.seconds, STALLED_QUALITY)
+        if "stalled" in args.arms
+        else None
+    )
+    result["stalled"] = stalled
     if args.json:
         emit("fanout_vs_aiortc", result, as_json=True)
         return
@@ -311,6 +422,13 @@ async def _run(args: argparse.Namespace) -> None:
         f" ratio {result['ratio_viewers_per_core_vs_aiortc']}"
     )
     print("targets: " + ", ".join(f"{k} {v}" for k, v in result["targets"].items()))
+    if stalled is not None:
+        print(
+            f"stalled viewer: {stalled['viewers']} viewers' delay p99"
+            f" {stalled['delay_p99_ms_alone']} ms alone, {stalled['delay_p99_ms_beside_stalled']} ms"
+            f" beside a frozen one (ratio {stalled['delay_p99_ratio']}, target < 1.10;"
+            f" its frames expired: {stalled['stalled_frames_expired']})"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -327,13 +445,23 @@ def main(argv: list[str] | None = None) -> None:
         default=DEFAULT_AIORTC_PEERS,
         help="aiortc peer counts (default 1,2,4)",
     )
+    parser.add_argument(
+        "--stalled-viewers",
+        type=int,
+        default=20,
+        metavar="N",
+        help="viewers beside the frozen one in the stalled arm (default 20)",
+    )
     parser.add_argument("--seconds", type=float, default=10.0, help="each run (default 10)")
     parser.add_argument(
         "--bitrate", type=int, default=1500, metavar="KBPS", help="720p30 at KBPS (default 1500)"
     )
     parser.add_argument("--codec", choices=CODECS, default="vp8", help="aiortc's codec")
     parser.add_argument(
-        "--arms", type=_arms, default=ARMS, help="comma-separated: ours,aiortc (default both)"
+        "--arms",
+        type=_arms,
+        default=ARMS,
+        help="comma-separated: ours,aiortc,stalled (default all)",
     )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -341,6 +469,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--seconds must be positive, not {args.seconds}")
     if args.bitrate <= 0:
         parser.error(f"--bitrate must be positive, not {args.bitrate}")
+    if args.stalled_viewers < 1:
+        parser.error(f"--stalled-viewers must be at least 1, not {args.stalled_viewers}")
     asyncio.run(_run(args))
 
 

@@ -82,6 +82,14 @@ def register(commands: Any) -> None:
         help="give up on a connection after S seconds (default 10)",
     )
     loadtest.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="count a connection silent for S seconds as dropped (default 5; the server's own"
+        " limit still applies)",
+    )
+    loadtest.add_argument(
         "--latency-budget",
         type=float,
         default=200.0,
@@ -125,6 +133,8 @@ def _check(args: argparse.Namespace) -> StreamUrl:
         raise UsageError(f"--ramp must be at least 0 and shorter than --seconds, got {args.ramp}")
     if not args.connect_timeout > 0:
         raise UsageError(f"--connect-timeout must be positive, got {args.connect_timeout}")
+    if args.idle_timeout is not None and not args.idle_timeout > 0:
+        raise UsageError(f"--idle-timeout must be positive, got {args.idle_timeout}")
     if not args.latency_budget >= 0:
         raise UsageError(f"--latency-budget must be at least 0, got {args.latency_budget}")
     try:
@@ -144,6 +154,7 @@ async def load(args: argparse.Namespace, url: StreamUrl, stop: asyncio.Event) ->
         connect_timeout_s=args.connect_timeout,
         latency_budget_s=args.latency_budget / 1000,
         datagrams=not args.streams,
+        **({} if args.idle_timeout is None else {"idle_timeout_s": args.idle_timeout}),
     )
     status = StatusLine(enabled=not args.json)
     status.show(f"connecting {args.viewers} viewers to {url} ...")

@@ -29,10 +29,15 @@ Definitions (the load test's report uses exactly these):
   timestamp ``t0``, so a frame with timestamp ``t`` is due at ``a0 + (t - t0) / 90000`` s (the
   video clock, RFC 6184 §5.1).  A new connection starts a new alignment.  The late ratio is
   late frames over frames.
-- **delay**: how long after that due time a frame's last packet came (negative: early), in
-  ms; the report gives its 99th percentile over the viewer's frames (the newest
-  :data:`DELAY_SAMPLES`), the load test's over every viewer's.  It is latency less the first
-  frame's, which is what a stalled neighbour or a busy sender would add.
+- **delay**: how much later than the viewer's fastest frame a frame's last packet came,
+  relative to its RTP time: with the late rule's clock, ``arrival - due`` for each frame less
+  the smallest such value (so the fastest frame has delay 0 and a frame that queued 30 ms
+  longer somewhere has 30).  This is latency less the path's fixed part, which is what a
+  stalled neighbour or a busy sender adds; it does not depend on the first frame being on
+  time.  The report gives its 99th percentile over the viewer's frames on its current
+  connection (the newest :data:`DELAY_SAMPLES`), the load test's over every viewer's.  A
+  connection's first :data:`DELAY_WARMUP_FRAMES` frames are left out: they come while QUIC's
+  congestion window opens behind the first keyframe, which ``first_frame_s`` already reports.
 - **lost**: RTP packets never received, after NACK repair: expected minus received per RFC 3550
   Appendix A.3 (a retransmission that arrived counts as received), video and audio.
 - **bytes**: what arrived in RoQ payloads, RTP and RTCP (QUIC and UDP overhead not counted).
@@ -52,6 +57,7 @@ import time
 from typing import Any
 
 import msgspec
+import numpy as np
 
 from shared.errors import NetworkError
 from shared.roq.transport import RoqClient
@@ -77,6 +83,8 @@ logger = logging.getLogger(__name__)
 LATE_AFTER_S = 0.1
 #: Frame delays kept per viewer for the percentile (about two minutes at 30 fps).
 DELAY_SAMPLES = 4096
+#: Frames at the start of each connection not sampled for the delay (one second at 30 fps).
+DELAY_WARMUP_FRAMES = 30
 #: QUIC idle timeout of a light viewer's connection, as the real viewer's: how soon a dead
 #: path is noticed (and reconnected).
 IDLE_TIMEOUT_S = 5.0
@@ -150,8 +158,10 @@ class LightSession:
         self._video = self.session.tracks[VIDEO_TRACK.flow_id]
         self._audio = self.session.tracks[AUDIO_TRACK.flow_id]
         self.late_clock = LateFrameClock(VIDEO_TRACK.clock_rate)
-        #: Each frame's delay past its due time (ms), the newest DELAY_SAMPLES.
-        self.delays = LatencyStats(DELAY_SAMPLES)
+        #: Each frame's ``arrival - due`` on the late clock (ms), the newest DELAY_SAMPLES of
+        #: this connection; :meth:`frame_delays` makes them delays.
+        self._transit = LatencyStats(DELAY_SAMPLES)
+        self._connection_frames = 0
         #: Latest arrival of a packet of each video frame not yet released, by RTP timestamp.
         self._arrivals: dict[int, float] = {}
         self.frames = 0
@@ -199,7 +209,18 @@ class LightSession:
             track.stats = None  # the next packet starts the new source's statistics
         self.session.new_connection()
         self.late_clock.align()
+        self._transit = LatencyStats(DELAY_SAMPLES)
+        self._connection_frames = 0
         self._arrivals.clear()
+
+    def frame_delays(self) -> np.ndarray[tuple[int], np.dtype[np.float64]]:
+        """Each frame's delay in ms (the module doc's definition), this connection's."""
+        transit = self._transit.values()
+        return transit - transit.min() if len(transit) else transit.copy()
+
+    def delay_p99_ms(self) -> float | None:
+        delays = self.frame_delays()
+        return round(float(np.percentile(delays, 99)), 2) if len(delays) else None
 
     def _count(self, released: list[Any], now: float) -> None:
         video = self._video
@@ -213,7 +234,9 @@ class LightSession:
                 self.first_frame_at = arrival
             self.last_frame_at = arrival
             delay = self.late_clock.delay(frame.rtp_timestamp, arrival)
-            self.delays.add(delay * 1000)
+            self._connection_frames += 1
+            if self._connection_frames > DELAY_WARMUP_FRAMES:
+                self._transit.add(delay * 1000)
             if delay > self.late_clock.late_after_s:
                 self.late += 1
 
@@ -481,9 +504,5 @@ class LightViewer:
             reports_sent=core.reports_sent,
             first_frame_s=first_frame_s,
             rtt_ms=round(self._rtt_ms, 2),
-            delay_p99_ms=_rounded(self.core.delays.percentile(99)),
+            delay_p99_ms=self.core.delay_p99_ms(),
         )
-
-
-def _rounded(value: float | None) -> float | None:
-    return None if value is None else round(value, 2)

@@ -257,7 +257,7 @@ class LoadTest:
         )
 
     def _delay_p99_ms(self) -> float | None:
-        delays = [viewer.core.delays.values() for viewer in self.viewers]
+        delays = [viewer.core.frame_delays() for viewer in self.viewers]
         pooled = np.concatenate(delays) if delays else np.empty(0)
         return round(float(np.percentile(pooled, 99)), 2) if pooled.size else None
 
