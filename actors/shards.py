@@ -243,14 +243,19 @@ class ShardPool:
             shard = self.shards.pop(shard_id)
             events += self.registry.shard_lost(shard_id, now)
             logger.info("stream %s: retiring idle %s", self.session_id, shard_id)
+            # Its own port had no viewer for the idle time and goes with it (a new viewer
+            # gets a new ticket), but ports it adopted from a dead shard are addresses viewers
+            # (or ``serve``'s printed URL) still use: they move to a survivor first.
+            if shard.adopted_ports:
+                await self._adopt(shard, ports=shard.adopted_ports)
             await self._stop_handle(shard_id, shard.handle)
         return reports, events
 
-    async def _adopt(self, dead: Shard) -> None:
-        """Serve a dead shard's addresses from the least-loaded survivor (or a new shard), so
-        its viewers reconnect to the address they know; the registry matches them again by
-        their CNAME (RECONNECTING -> CONNECTED)."""
-        ports = [dead.port, *dead.adopted_ports]
+    async def _adopt(self, dead: Shard, *, ports: list[int] | None = None) -> None:
+        """Serve a dead shard's addresses (or ``ports`` of a retiring one) from the
+        least-loaded survivor (or a new shard), so its viewers reconnect to the address they
+        know; the registry matches them again by their CNAME (RECONNECTING -> CONNECTED)."""
+        ports = list(ports) if ports is not None else [dead.port, *dead.adopted_ports]
         try:
             survivors = sorted(self.shards.values(), key=lambda s: (s.cpu_cores, s.bytes_per_s))
             if survivors:

@@ -167,6 +167,60 @@ def test_an_idle_extra_shard_retires_and_a_refused_rate_says_when_to_retry(
     wait_for_no_leaks(asyncio.run(main()))
 
 
+def test_ports_a_shard_took_over_move_on_when_it_retires(ray_cluster: str) -> None:
+    """Shard A dies; C, the least loaded, takes over its port.  When C retires idle, A's port
+    (an address A's viewers still use) moves to B instead of closing with C."""
+    limits = ViewerLimits(max_viewers_per_shard=1, max_shards=3, idle_shard_retire_s=1.0)
+
+    async def main() -> str:
+        async with StreamManager.start() as manager:
+            sid = (
+                await manager.start_camera_stream(StreamConfig(quality=QVGA, viewers=limits))
+            ).session_id
+            a, b, c = [await manager.add_viewer(sid, name) for name in "abc"]
+            assert len({port(a), port(b), port(c)}) == 3
+            by_port = {port(t): name for t, name in ((a, "A"), (b, "B"), (c, "C"))}
+            handles = {
+                by_port[StreamUrl.parse((await h.stats()).url).port]: h
+                for h in (SenderHandle(ray.get_actor(n, namespace=NAMESPACE)) for n in shards(sid))
+            }
+            # B serves a real viewer, so C (no traffic) is the least loaded survivor.
+            viewer = await Viewer.connect(b.url)
+            watching = asyncio.create_task(viewer.watch(seconds=60))
+            try:
+                await eventually(lambda: viewer.frames_decoded, lambda n: n > 5, "b's frames")
+                await eventually(
+                    lambda: status_of(manager, sid, b.viewer_id),
+                    lambda s: s.state == "connected" and s.bytes_sent > 0,
+                    "b's traffic seen by the supervisor",
+                )
+                os.kill((await handles["A"].stats()).pid, signal.SIGKILL)
+                await eventually(
+                    handles["C"].stats, lambda s: port(a) in s.ports, "C serving A's port"
+                )
+                # C goes idle and retires; A's port moves to B first.
+                await manager.remove_viewer(sid, c.viewer_id)
+                await eventually(lambda: shards(sid), lambda s: len(s) == 1, "C retired")
+                assert port(a) in (await handles["B"].stats()).ports
+                # A's viewer, coming back to the address it knows, is served (once b has left
+                # B's one seat).
+                watching.cancel()
+                await viewer.close()
+                again = await Viewer.connect(a.url)
+                try:
+                    await again.watch(seconds=30, frames=10)
+                    assert again.frames_decoded >= 10
+                finally:
+                    await again.close()
+            finally:
+                watching.cancel()
+                await viewer.close()
+            await manager.stop_stream(sid)
+        return sid
+
+    wait_for_no_leaks(asyncio.run(main()))
+
+
 def test_a_viewer_over_a_shards_limit_is_closed_with_the_reason_view_prints(
     ray_cluster: str,
 ) -> None:

@@ -90,6 +90,9 @@ class SenderStats(msgspec.Struct, kw_only=True):
     error: str | None = None
     #: Connections closed at once for a limit (this shard's viewers, the arrival rate).
     connections_refused: int = 0
+    #: Every port it takes viewers on: its own first, then those taken over from shards that
+    #: died (``listen_also``).
+    ports: list[int] = msgspec.field(default_factory=list)
 
 
 class _TrackSource:
@@ -399,6 +402,7 @@ class SenderActor:
             tracks=[source.spec.kind for source in self._sources],
             error=self._error,
             connections_refused=self._refused,
+            ports=[server.port for server in self._servers],
         )
 
     async def stop(self) -> SenderStats:
