@@ -690,3 +690,57 @@ def test_a_viewer_whose_acks_lag_gets_what_the_window_allows_and_nothing_stale(
         assert any(viewer.got(k) for k in range(last - 20, stream.number))
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("datagrams", [True, False], ids=["datagram", "stream"])
+def test_the_control_stream_carries_bytes_both_ways_and_other_bidi_streams_are_refused(
+    datagrams: bool,
+) -> None:
+    """Stream 0 (the access-control stream) reaches the server's handler, in order, with its
+    end; the server's replies reach the client; a second bidirectional stream is refused and
+    counted, and RoQ's unidirectional RTCP streams still work beside them."""
+
+    async def main() -> None:
+        identity = generate_self_signed("127.0.0.1")
+        received: list[tuple[bytes, bool]] = []
+        rtcp: list[tuple[int, bytes]] = []
+        connections: list[RoqConnection] = []
+
+        def on_control(connection: RoqConnection, data: bytes, end: bool) -> None:
+            received.append((data, end))
+            connection.send_control(b"echo:" + data)
+
+        server = RoqServer(
+            identity,
+            on_connect=connections.append,
+            on_control=on_control,
+            on_packet=lambda c, flow, packet: rtcp.append((flow, packet)),
+        )
+        await server.start("127.0.0.1", 0)
+        client = await RoqClient.connect(
+            "127.0.0.1", server.port, fingerprint=identity.fingerprint, datagrams=datagrams
+        )
+        try:
+            client.send_control(b"hello")
+            client.send_control(b"bye", end_stream=True)
+            replies = b""
+            while replies != b"echo:helloecho:bye":
+                item = await asyncio.wait_for(client.receive_control(), 10)
+                assert item is not None
+                replies += item[0]
+            assert b"".join(d for d, _ in received) == b"hellobye"
+            assert received[-1][1] is True
+            # A second client-initiated bidirectional stream (ID 4) is not RoQ: refused.
+            protocol = client._protocol
+            protocol._quic.send_stream_data(4, b"\x00\x01junk")
+            protocol.transmit()
+            [connection] = connections
+            await until(lambda: connection.refresh().datagrams_malformed == 1, "refusal")
+            client.send(VIDEO_FLOW_ID + 1, b"\x81\xc9\x00\x01" + bytes(4))
+            await until(lambda: len(rtcp) == 1, "the RTCP beside the control stream")
+            assert b"junk" not in b"".join(d for d, _ in received)
+        finally:
+            await client.close()
+            await server.close()
+
+    asyncio.run(main())

@@ -68,6 +68,12 @@ __all__ = ["PeerStats", "RoqClient", "RoqConnection", "RoqServer"]
 MAX_DATAGRAM_FRAME_SIZE = 65536
 #: A peer silent for this long is gone (QUIC idle timeout, RFC 9000 §10.1).
 IDLE_TIMEOUT_S = 10.0
+#: The access-control stream (``shared.auth.control``): the viewer's first client-initiated
+#: bidirectional stream (RFC 9000 §2.1: stream ID 0).  RoQ media and RTCP use unidirectional
+#: streams, so it never meets the RoQ stream demultiplexer.
+CONTROL_STREAM_ID = 0
+#: Control bytes held for a handler that is not set yet (a hello is far smaller).
+MAX_EARLY_CONTROL = 64 * 1024
 #: Media datagrams aioquic's own queue is topped up to.  The rest waits in the age-bounded
 #: media queue, where staleness is cut; so few that aioquic sends them within its next flight.
 HANDOVER_DATAGRAMS = 4
@@ -166,6 +172,10 @@ class _RoqProtocol(QuicConnectionProtocol):
         )
         self.on_handshake: Callable[[], None] = lambda: None
         self.on_closed: Callable[[], None] = lambda: None
+        #: Control-stream bytes (data, end of stream); until an owner sets it they wait in
+        #: ``early_control`` (bounded: past MAX_EARLY_CONTROL the rest is counted malformed).
+        self.early_control: list[tuple[bytes, bool]] = []
+        self.on_control: Callable[[bytes, bool], None] = self._hold_control
         self.malformed = 0
         #: Why the connection ended: (error code, reason phrase), None while it is open.
         self.termination: tuple[int, str] | None = None
@@ -231,7 +241,27 @@ class _RoqProtocol(QuicConnectionProtocol):
                 self._media_timer = None
             self.on_closed()
 
+    def _hold_control(self, data: bytes, end_stream: bool) -> None:
+        if sum(len(d) for d, _ in self.early_control) + len(data) > MAX_EARLY_CONTROL:
+            self.malformed += 1
+            return
+        self.early_control.append((data, end_stream))
+
+    def send_control_stream(self, data: bytes, *, end_stream: bool = False) -> None:
+        """Write on the control stream (the client opens it by writing first)."""
+        self._quic.send_stream_data(CONTROL_STREAM_ID, data, end_stream)
+        self.transmit()
+
     def _stream_data(self, event: StreamDataReceived) -> None:
+        if event.stream_id == CONTROL_STREAM_ID:
+            self.on_control(event.data, event.end_stream)
+            return
+        if event.stream_id % 4 in (0, 1):
+            # Another bidirectional stream: nothing in RoQ or the control protocol uses one.
+            self.malformed += 1
+            with contextlib.suppress(ValueError):
+                self._quic.stop_stream(event.stream_id, RoqErrorCode.ROQ_STREAM_CREATION_ERROR)
+            return
         if not self._demux.accepts(event.stream_id):
             self.malformed += 1
             self._quic.stop_stream(event.stream_id, RoqErrorCode.ROQ_STREAM_CREATION_ERROR)
@@ -413,11 +443,22 @@ class RoqConnection:
         stats.datagrams_malformed = max(stats.datagrams_malformed, protocol.malformed)
         return stats
 
+    def send_control(self, data: bytes) -> None:
+        """Write on the viewer's control stream (``shared.auth.control`` messages)."""
+        self.stats.bytes_sent += len(data)
+        self._protocol.send_control_stream(data)
+
+    @property
+    def peer_fingerprint(self) -> str | None:
+        """The viewer's client certificate fingerprint, when it presented one."""
+        return self._protocol.peer_fingerprint
+
     def close(self, code: int = RoqErrorCode.ROQ_NO_ERROR, reason: str = "") -> None:
         self._protocol.close(error_code=code, reason_phrase=reason)
 
 
 PacketHandler = Callable[[RoqConnection, int, bytes], None]
+ControlHandler = Callable[[RoqConnection, bytes, bool], None]
 
 
 async def _bind_udp(
@@ -456,6 +497,7 @@ class RoqServer:
         on_packet: PacketHandler | None = None,
         on_connect: Callable[[RoqConnection], None] | None = None,
         on_disconnect: Callable[[RoqConnection], None] | None = None,
+        on_control: ControlHandler | None = None,
         latency_budget_s: float = MEDIA_LATENCY_BUDGET_S,
         gso: bool | None = None,
     ) -> None:
@@ -469,6 +511,8 @@ class RoqServer:
         self.on_packet = on_packet
         self.on_connect = on_connect
         self.on_disconnect = on_disconnect
+        #: Control-stream bytes of a connection (data, end of stream); None: ignored.
+        self.on_control = on_control
         self._gso = gso
         self._server: QuicServer | None = None
         self._connections: dict[_RoqProtocol, RoqConnection] = {}
@@ -540,8 +584,18 @@ class RoqServer:
                 self.on_packet(connection, flow_id, packet)
 
         protocol.on_packet = received
+
+        def control(data: bytes, end_stream: bool) -> None:
+            stats.bytes_received += len(data)
+            if self.on_control is not None:
+                self.on_control(connection, data, end_stream)
+
+        early, protocol.early_control = protocol.early_control, []
+        protocol.on_control = control
         if self.on_connect is not None:
             self.on_connect(connection)
+        for data, end_stream in early:
+            control(data, end_stream)
 
     def _disconnected(self, protocol: _RoqProtocol) -> None:
         connection = self._connections.pop(protocol, None)
@@ -579,6 +633,16 @@ class RoqClient:
         for flow_id, packet in protocol.early:
             self._enqueue(flow_id, packet)
         protocol.early.clear()
+        #: The server's control-stream bytes (``shared.auth.control``), in order; the owner
+        #: replaces it to take them as they come.  Until then they are kept.
+        self._control: collections.deque[tuple[bytes, bool]] = collections.deque(
+            protocol.early_control
+        )
+        self._control_ready = asyncio.Event()
+        if self._control:
+            self._control_ready.set()
+        protocol.early_control = []
+        protocol.on_control = self._on_control
 
     def _enqueue(self, flow_id: int, packet: bytes) -> None:
         if len(self._queue) >= self.max_queued:
@@ -591,6 +655,29 @@ class RoqClient:
         self.closed = True
         self._queue.append(None)
         self._ready.set()
+        self._control_ready.set()
+
+    def _on_control(self, data: bytes, end_stream: bool) -> None:
+        self._control.append((data, end_stream))
+        self._control_ready.set()
+
+    def send_control(self, data: bytes, *, end_stream: bool = False) -> None:
+        """Write on the control stream (the first write opens it: stream 0)."""
+        if not self.closed:
+            self._protocol.send_control_stream(data, end_stream=end_stream)
+
+    async def receive_control(self) -> tuple[bytes, bool] | None:
+        """The server's next control-stream bytes and whether the stream ended there; None
+        once the connection has closed with nothing left to read."""
+        while not self._control:
+            if self.closed:
+                return None
+            self._control_ready.clear()
+            await self._control_ready.wait()
+        return self._control.popleft()
+
+    def receive_control_nowait(self) -> tuple[bytes, bool] | None:
+        return self._control.popleft() if self._control else None
 
     @classmethod
     async def connect(
