@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -27,8 +28,9 @@ import ray
 
 from actors.calls import CALL_TIMEOUT_S, unwrap
 from actors.handles import Handle
-from actors.placement import NAMESPACE
+from actors.placement import NAMESPACE, SUPERVISOR_PREFIX
 from actors.supervisor import Supervisor
+from shared.auth.pending import PendingRequest
 from shared.control.resources import ResourceSnapshot
 from shared.errors import ConfigError, ResourceError
 from shared.models import (
@@ -84,12 +86,23 @@ class StreamManager:
         num_cpus: int | None = None,
         max_streams: int = 16,
         dashboard: bool = False,
+        token_secret: bytes | None = None,
     ) -> AsyncIterator[StreamManager]:
+        """``token_secret``: the key viewer tokens of token streams are signed with (default:
+        ``KIZUNA_TOKEN_SECRET``, else the secret file ``kizuna-stream token`` also reads,
+        created on first use; see ``shared.auth.secret_file``)."""
         ensure_ray(address, num_cpus=num_cpus, dashboard=dashboard)
         supervisor = Handle[Supervisor](
             ray.remote(Supervisor)
-            .options(namespace=NAMESPACE, num_cpus=0, max_restarts=0, max_concurrency=1000)
-            .remote(max_streams),
+            .options(
+                namespace=NAMESPACE,
+                # Named, so ``kizuna-stream viewers`` can find a running server's supervisor.
+                name=f"{SUPERVISOR_PREFIX}{uuid.uuid4().hex[:8]}",
+                num_cpus=0,
+                max_restarts=0,
+                max_concurrency=1000,
+            )
+            .remote(max_streams, token_secret),
             timeout=SUPERVISOR_CALL_TIMEOUT_S,
         )
         manager = cls(supervisor)
@@ -168,6 +181,56 @@ class StreamManager:
         return await self._supervisor.call(
             Supervisor.add_viewer, session_id, peer_id, permissions or ViewerPermissions(), port
         )
+
+    async def issue_token(
+        self,
+        session_id: str,
+        permissions: ViewerPermissions | None = None,
+        *,
+        viewer_id: str | None = None,
+        ttl_s: float = 3600.0,
+    ) -> str:
+        """A viewer token for a token stream (a secret: give it to that viewer only)."""
+        return await self._supervisor.call(
+            Supervisor.issue_token,
+            session_id,
+            permissions or ViewerPermissions(),
+            viewer_id,
+            ttl_s,
+        )
+
+    async def viewer_requests(self, session_id: str) -> list[PendingRequest]:
+        """Viewers without a token waiting for an operator's approval."""
+        return await self._supervisor.call(Supervisor.viewer_requests, session_id)
+
+    async def approve_viewer_request(
+        self,
+        session_id: str,
+        request_id: str,
+        permissions: ViewerPermissions | None = None,
+        *,
+        viewer_id: str | None = None,
+    ) -> None:
+        await self._supervisor.call(
+            Supervisor.approve_viewer_request, session_id, request_id, permissions, viewer_id
+        )
+
+    async def deny_viewer_request(self, session_id: str, request_id: str, reason: str = "") -> None:
+        await self._supervisor.call(Supervisor.deny_viewer_request, session_id, request_id, reason)
+
+    async def revoke_viewer(
+        self, session_id: str, *, token_id: str | None = None, viewer_id: str | None = None
+    ) -> int:
+        """Revoke a token (by its id) or a viewer: cut at once, and kept out."""
+        return await self._supervisor.call(
+            Supervisor.revoke_viewer, session_id, token_id=token_id, viewer_id=viewer_id
+        )
+
+    async def broadcast_to_viewers(
+        self, session_id: str, text: str, data: dict[str, Any] | None = None
+    ) -> int:
+        """A notice to every viewer of the stream; how many got it."""
+        return await self._supervisor.call(Supervisor.broadcast_to_viewers, session_id, text, data)
 
     async def open_shards(self, session_id: str, count: int = 1, *, port: int = 0) -> str:
         """Start ``count`` sender shards sharing ``port`` for viewers without a ticket; the

@@ -18,6 +18,9 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from actors.handles import Handle
 
 NAMESPACE = "kizuna"
+#: A StreamManager's supervisor is named this plus a random suffix (``kizuna-stream viewers``
+#: looks a running server's up by it).
+SUPERVISOR_PREFIX = "kizuna-supervisor-"
 
 #: CPU reservation per actor kind, as Ray accounts it (not a limit on real use).
 CPU_RESERVATION: dict[str, float] = {

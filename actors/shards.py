@@ -32,6 +32,7 @@ from actors.calls import unwrap
 from actors.handles import EncoderHandle, QualityHandle, SenderHandle
 from actors.placement import spawn
 from actors.stages.sender import SenderActor, SenderStats
+from shared.auth.server import AccessSettings
 from shared.control.balancer import (
     BalancerPolicy,
     ConnectionBalancer,
@@ -97,6 +98,8 @@ class ShardPool:
     encoder: EncoderHandle | None
     quality: QualityHandle | None
     limits: ViewerLimits = field(default_factory=ViewerLimits)
+    #: Who may watch, and the key tokens are checked with; new shards start with the latest.
+    access: AccessSettings | None = None
     shards: dict[str, Shard] = field(default_factory=dict)
     registry: ViewerRegistry = field(default_factory=ViewerRegistry)
     starting: int = 0
@@ -179,6 +182,7 @@ class ShardPool:
             ring_name=self.video_ring,
             encoder=self.encoder,
             limits=self.limits,
+            access=self.access,
         )
         try:
             url = StreamUrl.parse(

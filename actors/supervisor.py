@@ -32,13 +32,19 @@ import msgspec
 import ray
 
 from actors.calls import unwrap
-from actors.handles import CaptureHandle, EncoderHandle, Handle, QualityHandle
+from actors.handles import CaptureHandle, EncoderHandle, Handle, QualityHandle, SenderHandle
 from actors.placement import spawn
 from actors.recordings import Recordings, StreamContext
 from actors.shards import ShardPool
 from actors.stages.capture import CaptureActor
 from actors.stages.encoder import EncoderActor, encoder_actor_options, ladder_ring_names
 from actors.stages.quality import QualityActor
+from actors.stages.sender import SenderActor
+from shared.auth.control import RungInfo
+from shared.auth.pending import PendingRequest
+from shared.auth.secret_file import load_secret
+from shared.auth.server import AccessSettings
+from shared.auth.tokens import TokenIssuer, TokenKey
 from shared.control.ports import ListenPorts
 from shared.control.registry import ViewerState
 from shared.control.resources import ResourceMonitor, ResourceSnapshot, StreamLoad
@@ -53,6 +59,7 @@ from shared.control.stream_type import (
 from shared.errors import ConfigError, KizunaError, PermissionError, StreamNotFoundError
 from shared.media.scaler import plan_ladder
 from shared.models import (
+    AccessMode,
     ConnectionQuality,
     ErrorInfo,
     RecordingConfig,
@@ -116,6 +123,9 @@ class _Stream:
     started: float = field(default_factory=time.monotonic)
     #: Held while the stream starts and while it stops: a stop waits for the start to finish.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: Token ids and viewer ids revoked on this stream (new shards start with them).
+    revoked_tokens: set[str] = field(default_factory=set)
+    revoked_viewers: set[str] = field(default_factory=set)
 
     def handles(self) -> list[Handle[Any]]:
         stages: list[Handle[Any]] = [
@@ -125,7 +135,10 @@ class _Stream:
 
 
 class Supervisor:
-    def __init__(self, max_streams: int = 16) -> None:
+    def __init__(self, max_streams: int = 16, token_secret: bytes | None = None) -> None:
+        """``token_secret``: the HS256 key viewer tokens are signed with (None: the default
+        secret file, ``shared.auth.secret_file``, created when a token stream first needs it)."""
+        self._token_secret = token_secret
         self._streams: dict[str, _Stream] = {}
         self._scheduler = StreamScheduler(max_streams=max_streams)
         self._ports = ListenPorts()
@@ -277,6 +290,24 @@ class Supervisor:
         stream.shards = self._shard_pool(stream, ring_name)
         await capture.start(encoder)
 
+    def _secret(self) -> bytes:
+        if self._token_secret is None:
+            self._token_secret = load_secret(create=True)
+        return self._token_secret
+
+    def _access(self, stream: _Stream) -> AccessSettings:
+        config = stream.config
+        rungs: tuple[RungInfo, ...] = ()
+        if stream.encoder is not None:  # None: an audio-only stream, nothing to cap
+            rungs = tuple(RungInfo.of(r) for r in plan_ladder(config.quality, config.rungs).rungs)
+        return AccessSettings(
+            access=config.access,
+            secret=self._secret() if config.access.mode == AccessMode.TOKEN else None,
+            revoked_tokens=tuple(sorted(stream.revoked_tokens)),
+            revoked_viewers=tuple(sorted(stream.revoked_viewers)),
+            rungs=rungs,
+        )
+
     def _shard_pool(self, stream: _Stream, video_ring: str | None) -> ShardPool:
         return ShardPool(
             session_id=stream.session.session_id,
@@ -287,6 +318,7 @@ class Supervisor:
             encoder=stream.encoder,
             quality=stream.quality,
             limits=stream.config.viewers,
+            access=self._access(stream),
         )
 
     async def stop_stream(self, session_id: str) -> StreamSession | None:
@@ -425,7 +457,99 @@ class Supervisor:
             ),
         )
         stream.session.viewers.append(viewer_id)
-        return ViewerTicket(viewer_id=viewer_id, session_id=session_id, url=url)
+        token = None
+        if stream.config.access.mode == AccessMode.TOKEN:
+            token, _ = TokenIssuer(TokenKey.hs256(self._secret())).issue(
+                stream=session_id, now=time.time(), permissions=permissions, viewer=viewer_id
+            )
+        return ViewerTicket(viewer_id=viewer_id, session_id=session_id, url=url, token=token)
+
+    # --- access control (the design's ViewerManager and ViewerAuthentication) -------------
+
+    def _shard_handles(self, session_id: str) -> list[SenderHandle]:
+        stream = self._get(session_id)
+        return [] if stream.shards is None else [s.handle for s in stream.shards.shards.values()]
+
+    async def issue_token(
+        self,
+        session_id: str,
+        permissions: ViewerPermissions,
+        viewer_id: str | None = None,
+        ttl_s: float = 3600.0,
+    ) -> str:
+        """A token for one viewer of a token stream (a secret: hand it to that viewer only)."""
+        stream = self._get(session_id)
+        if stream.config.access.mode != AccessMode.TOKEN:
+            raise ConfigError(f"stream {session_id} is open: its viewers need no token")
+        token, _ = TokenIssuer(TokenKey.hs256(self._secret())).issue(
+            stream=session_id,
+            now=time.time(),
+            permissions=permissions,
+            viewer=viewer_id,
+            ttl_s=ttl_s,
+        )
+        return token
+
+    async def viewer_requests(self, session_id: str) -> list[PendingRequest]:
+        """Viewers without a token waiting for an operator, on every shard of the stream."""
+        lists = await asyncio.gather(
+            *(h.call(SenderActor.pending_requests) for h in self._shard_handles(session_id))
+        )
+        return sorted((r for rs in lists for r in rs), key=lambda r: r.requested_at)
+
+    async def approve_viewer_request(
+        self,
+        session_id: str,
+        request_id: str,
+        permissions: ViewerPermissions | None = None,
+        viewer_id: str | None = None,
+    ) -> None:
+        """Let a waiting viewer in (view only unless ``permissions`` say more)."""
+        for handle in self._shard_handles(session_id):
+            if await handle.call(SenderActor.approve_request, request_id, permissions, viewer_id):
+                return
+        raise StreamNotFoundError(
+            f"no viewer of stream {session_id} waits with request {request_id}"
+        )
+
+    async def deny_viewer_request(self, session_id: str, request_id: str, reason: str = "") -> None:
+        for handle in self._shard_handles(session_id):
+            if await handle.call(SenderActor.deny_request, request_id, reason):
+                return
+        raise StreamNotFoundError(
+            f"no viewer of stream {session_id} waits with request {request_id}"
+        )
+
+    async def revoke_viewer(
+        self, session_id: str, *, token_id: str | None = None, viewer_id: str | None = None
+    ) -> int:
+        """Revoke a token or a viewer: its live connections are cut now, and it cannot come
+        back; how many connections were cut."""
+        if token_id is None and viewer_id is None:
+            raise ConfigError("name a token id or a viewer id to revoke")
+        stream = self._get(session_id)
+        if token_id is not None:
+            stream.revoked_tokens.add(token_id)
+        if viewer_id is not None:
+            stream.revoked_viewers.add(viewer_id)
+        if stream.shards is not None:
+            stream.shards.access = self._access(stream)
+        cuts = await asyncio.gather(
+            *(
+                h.call(SenderActor.revoke, token_id, viewer_id)
+                for h in self._shard_handles(session_id)
+            )
+        )
+        return sum(cuts)
+
+    async def broadcast_to_viewers(
+        self, session_id: str, text: str, data: dict[str, Any] | None = None
+    ) -> int:
+        """A notice to every viewer of the stream, over their control streams; how many."""
+        counts = await asyncio.gather(
+            *(h.call(SenderActor.notify, text, data) for h in self._shard_handles(session_id))
+        )
+        return sum(counts)
 
     async def open_shards(self, session_id: str, count: int, port: int) -> str:
         """Start ``count`` more shards sharing ``port`` (SO_REUSEPORT; 0: one shard on a free

@@ -20,6 +20,7 @@ import msgspec
 from shared.errors import ConfigError
 
 __all__ = [
+    "AccessMode",
     "AudioConfig",
     "CameraDevice",
     "CameraSource",
@@ -39,6 +40,7 @@ __all__ = [
     "ScreenRegion",
     "ScreenSource",
     "SessionId",
+    "StreamAccess",
     "StreamConfig",
     "StreamQuality",
     "StreamSession",
@@ -416,6 +418,33 @@ class ViewerLimits(msgspec.Struct, frozen=True, kw_only=True):
         ConnectionRateLimiter(self.connect_rate_per_s, self.connect_burst)
 
 
+class AccessMode(enum.StrEnum):
+    #: Any viewer that reaches a shard's port watches (a trusted network, a test bench).
+    OPEN = "open"
+    #: A viewer watches with a valid token (``shared.auth.tokens``) or once an operator
+    #: approved its request; until then it gets no media packet.
+    TOKEN = "token"
+
+
+class StreamAccess(msgspec.Struct, frozen=True, kw_only=True):
+    """Who may watch a stream (issue: viewer access control; ``shared.auth``)."""
+
+    mode: AccessMode = AccessMode.OPEN
+    #: In token mode, a viewer without a token may ask to watch and waits for an operator.
+    allow_requests: bool = True
+    #: A connection that has not said hello within this long is closed.
+    hello_timeout_s: float = 5.0
+    #: A request nobody approves within this long lapses.
+    approval_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        from shared.auth.admission import AdmissionPolicy
+
+        AdmissionPolicy(
+            hello_timeout_s=self.hello_timeout_s, approval_timeout_s=self.approval_timeout_s
+        )
+
+
 class StreamConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Everything needed to start one stream.
 
@@ -445,6 +474,8 @@ class StreamConfig(msgspec.Struct, frozen=True, kw_only=True):
     name: str = ""
     #: Viewer limits and how the stream's sender shards grow.
     viewers: ViewerLimits = msgspec.field(default_factory=ViewerLimits)
+    #: Who may watch: anyone who reaches the port, or token holders and approved requests.
+    access: StreamAccess = msgspec.field(default_factory=StreamAccess)
 
     def __post_init__(self) -> None:
         parse_source(self.source)  # raises ConfigError early, before any actor starts
@@ -511,6 +542,16 @@ class ViewerTicket(msgspec.Struct, frozen=True, kw_only=True):
     viewer_id: ViewerId
     session_id: SessionId
     url: str
+    #: In token mode, the viewer's token (a secret: give it to that viewer only; it is left
+    #: out of this struct's repr so it never reaches a log).
+    token: str | None = None
+
+    def __repr__(self) -> str:
+        token = "None" if self.token is None else "'<redacted>'"
+        return (
+            f"ViewerTicket(viewer_id={self.viewer_id!r}, session_id={self.session_id!r},"
+            f" url={self.url!r}, token={token})"
+        )
 
 
 class RecordingSession(msgspec.Struct, kw_only=True):

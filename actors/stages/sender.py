@@ -34,13 +34,14 @@ import contextlib
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
+from shared.auth.server import AccessControl, AccessSettings
 from shared.control.balancer import ConnectionRateLimiter
 from shared.errors import ResourceError
-from shared.models import StreamStats, ViewerLimits
+from shared.models import StreamAccess, StreamStats, ViewerLimits, ViewerPermissions
 from shared.pool.doorbell import DoorbellListener
 from shared.pool.packet_ring import PacketRing, PacketRingReader
 from shared.pool.shm import segment_name
@@ -53,6 +54,8 @@ from shared.rtp.sender import AUDIO_TRACK, VIDEO_TRACK, BroadcastSender, MediaTr
 
 if TYPE_CHECKING:
     from actors.handles import EncoderHandle
+    from shared.auth.pending import PendingRequest
+    from shared.auth.tokens import ViewerGrant
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +75,11 @@ class PeerStatus(PeerStats, kw_only=True):
     retransmissions: int = 0
     keyframe_requests: int = 0
     viewer_id: str | None = None
-    """The ticket its viewer named in its RTCP CNAME (None before its first report)."""
+    """Its viewer: the one its token or the operator's approval named, else the ticket it
+    named in its RTCP CNAME (None before either)."""
+    access: str = "open"
+    """``open`` (open stream), or its admission state: ``awaiting_hello``,
+    ``pending_approval``, ``admitted`` (only an admitted connection gets media)."""
 
 
 class SenderStats(msgspec.Struct, kw_only=True):
@@ -90,6 +97,10 @@ class SenderStats(msgspec.Struct, kw_only=True):
     error: str | None = None
     #: Connections closed at once for a limit (this shard's viewers, the arrival rate).
     connections_refused: int = 0
+    #: Connections closed by access control, by reason (``expired``, ``forged``, ...).
+    access_refusals: dict[str, int] = msgspec.field(default_factory=dict)
+    #: Viewers waiting here for an operator's approval.
+    pending_requests: int = 0
     #: Every port it takes viewers on: its own first, then those taken over from shards that
     #: died (``listen_also``).
     ports: list[int] = msgspec.field(default_factory=list)
@@ -120,9 +131,11 @@ class SenderActor:
         encoder: EncoderHandle | None,
         audio_ring_name: str | None = None,
         limits: ViewerLimits | None = None,
+        access: AccessSettings | None = None,
     ) -> None:
         """``limits``: this shard refuses connections beyond ``max_viewers_per_shard`` and
-        above the connection rate (None: no limit)."""
+        above the connection rate (None: no limit).  ``access``: who may watch (None: an
+        open stream, as ``StreamAccess()``)."""
         self._session_id = session_id
         self._viewer_id = viewer_id
         self._ring_name = ring_name
@@ -135,6 +148,7 @@ class SenderActor:
             else None
         )
         self._refused = 0
+        self._access_settings = access or AccessSettings(access=StreamAccess())
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._sources: list[_TrackSource] = []
@@ -188,6 +202,12 @@ class SenderActor:
         self._broadcast = BroadcastSender(
             [source.spec for source in self._sources], initial_bps=INITIAL_ESTIMATE_BPS
         )
+        self._access = AccessControl(
+            self._session_id,
+            self._access_settings,
+            admit=self._admit_viewer,
+            rungs=self._access_settings.rungs,
+        )
         self._identity = identity
         self._server = self._new_server()
         try:
@@ -215,6 +235,7 @@ class SenderActor:
             on_packet=self._on_packet,
             on_connect=self._on_connect,
             on_disconnect=self._on_disconnect,
+            on_control=self._on_control,
         )
 
     async def listen_also(self, host: str, port: int) -> None:
@@ -240,6 +261,9 @@ class SenderActor:
         held = self._keyframes.next_deadline()
         if held is not None:
             deadline = min(deadline, held)
+        admission = self._access.next_deadline()  # hello timeouts, lapsing requests
+        if admission is not None:
+            deadline = min(deadline, admission)
         return max(deadline - now, 0.0)
 
     async def _run(self) -> None:
@@ -252,6 +276,7 @@ class SenderActor:
                         await self._wakeup.wait()
                 self._wakeup.clear()
                 now, wall_now = time.monotonic(), time.time()
+                self._access.handle_timers(now)
                 self._send_available(now, wall_now)
                 self._broadcast.poll(now, wall_now)
                 # The loop re-reads the held request's deadline in _sleep_s: no wake-up needed.
@@ -289,8 +314,24 @@ class SenderActor:
             self._refused += 1
             connection.close(RoqErrorCode.ROQ_GENERAL_ERROR, f"refused: {refusal}")
             return
+        # Open streams send media at once; in token mode only once the viewer is admitted.
+        if self._access.on_connect(connection, connection.stats.address, now):
+            self._broadcast.add(connection, now)
+            self._forward_keyframe_request(now)
+        else:
+            self._wakeup.set()  # its hello timeout: the loop re-arms its timer
+
+    def _admit_viewer(self, connection: object, grant: ViewerGrant, rungs: tuple[int, ...]) -> None:
+        """Access control let a viewer in (``rungs``: those within its ``max_quality``)."""
+        assert isinstance(connection, RoqConnection)
+        now = time.monotonic()
+        logger.info("stream %s: viewer %s admitted", self._session_id, grant.viewer)
         self._broadcast.add(connection, now)
         self._forward_keyframe_request(now)
+
+    def _on_control(self, connection: RoqConnection, data: bytes, end_stream: bool) -> None:
+        self._access.on_control(connection, data, end_stream, time.monotonic(), time.time())
+        self._wakeup.set()  # a deadline may have moved (a pending request, a cut)
 
     def _refusal(self, now: float) -> str | None:
         """Why a new connection is refused (this shard's viewer limit, the arrival rate)."""
@@ -302,6 +343,7 @@ class SenderActor:
 
     def _on_disconnect(self, connection: RoqConnection) -> None:
         self._departed_bytes += connection.stats.bytes_sent
+        self._access.on_disconnect(connection)
         self._broadcast.remove(connection)
 
     def _on_packet(self, connection: RoqConnection, flow_id: int, data: bytes) -> None:
@@ -385,6 +427,8 @@ class SenderActor:
             stats.retransmissions = feedback.retransmissions
             stats.keyframe_requests = feedback.keyframe_requests
             stats.viewer_id = feedback.cname
+        stats.viewer_id = self._access.viewer_of(connection) or stats.viewer_id
+        stats.access = self._access.state_of(connection)
         return stats
 
     async def stats(self) -> SenderStats:
@@ -403,7 +447,43 @@ class SenderActor:
             error=self._error,
             connections_refused=self._refused,
             ports=[server.port for server in self._servers],
+            access_refusals=dict(self._access.refusals),
+            pending_requests=len(self._access.pending),
         )
+
+    # -- access control (the supervisor's ViewerManager calls these) ------------------------
+
+    async def pending_requests(self) -> list[PendingRequest]:
+        """Viewers without a token waiting here for an operator."""
+        return self._access.requests(time.monotonic())
+
+    async def approve_request(
+        self,
+        request_id: str,
+        permissions: ViewerPermissions | None = None,
+        viewer_id: str | None = None,
+    ) -> bool:
+        """Let a waiting viewer in; False if no connection here waits with that request."""
+        approved = self._access.approve(
+            request_id, time.monotonic(), permissions=permissions, viewer=viewer_id
+        )
+        self._wakeup.set()
+        return approved
+
+    async def deny_request(self, request_id: str, text: str = "") -> bool:
+        denied = self._access.deny(request_id, time.monotonic(), text=text)
+        self._wakeup.set()
+        return denied
+
+    async def revoke(self, token_id: str | None = None, viewer_id: str | None = None) -> int:
+        """Revoke a token or a viewer here: its connections are closed now; how many."""
+        cut = self._access.revoke(time.monotonic(), token_id=token_id, viewer=viewer_id)
+        self._wakeup.set()
+        return cut
+
+    async def notify(self, text: str, data: dict[str, Any] | None = None) -> int:
+        """A notice to every viewer here (``broadcast_to_viewers``); how many got it."""
+        return self._access.notify(text, data)
 
     async def stop(self) -> SenderStats:
         if self._task is not None:

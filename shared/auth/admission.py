@@ -268,6 +268,7 @@ class ViewerAdmission:
         self._grant: ViewerGrant | None = None
         self._request: PendingRequest | None = None
         self._rung: int | None = None
+        self._wall_now = now
         #: Why the connection was closed (the reason word), once it is.
         self.close_reason: str | None = None
 
@@ -324,8 +325,15 @@ class ViewerAdmission:
 
     # -- inputs
 
-    def receive(self, data: bytes, now: float, *, end_stream: bool = False) -> list[Action]:
-        """Bytes from the control stream (``end_stream``: the viewer sent FIN)."""
+    def receive(
+        self, data: bytes, now: float, *, end_stream: bool = False, wall_now: float | None = None
+    ) -> list[Action]:
+        """Bytes from the control stream (``end_stream``: the viewer sent FIN).
+
+        ``now`` times the deadlines (a shell passes its monotonic clock); a token's ``exp``
+        and ``iat`` are wall-clock seconds since the epoch (RFC 7519 §4.1.4), checked against
+        ``wall_now`` (default ``now``, for a caller whose ``now`` is the wall clock)."""
+        self._wall_now = now if wall_now is None else wall_now
         actions = self.handle_timer(now)  # a hello arriving after its deadline is too late
         if self._state is AdmissionState.CLOSED:
             return actions
@@ -484,7 +492,7 @@ class ViewerAdmission:
         if hello.token is None:
             return self._ask_approval(hello, now)
         try:
-            grant = self._verifier.verify(hello.token, stream=hello.stream, now=now)
+            grant = self._verifier.verify(hello.token, stream=hello.stream, now=self._wall_now)
             viewer = grant.viewer or hello.viewer or self._new_id()
             # The token named no viewer and the viewer named itself: that id may be revoked.
             self._verifier.check_revoked(grant, viewer=viewer)
@@ -543,7 +551,8 @@ class ViewerAdmission:
                 AccessErrorCode.REVOKED, Reason.REVOKED, "this viewer was revoked", now
             )
         rungs = self._allowed(grant)
-        if not rungs:
+        # An audio-only stream has no rungs to cap; one with rungs must offer one that fits.
+        if not rungs and self._streams.get(grant.stream):
             return self._refuse(
                 AccessErrorCode.FORBIDDEN,
                 Reason.QUALITY_CAP,

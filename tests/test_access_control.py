@@ -1,0 +1,270 @@
+"""Viewer access control on the session's real Ray cluster: token streams admit a viewer only
+with a valid token or an operator's approval, and the server enforces it.
+
+The viewers here are plain RoQ clients that speak the control protocol by hand
+(``shared.auth.control``), as a third-party client would from the README: they count the
+media packets that reach them, so "refused" means zero media, not a viewer that chose not to
+decode.  The admission rules themselves are tested with literal times in
+``test_admission.py``; here the shard's shell, the supervisor and the manager.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from actors import StreamManager
+from shared.auth.control import (
+    PROTOCOL_VERSION,
+    AccessErrorCode,
+    Hello,
+    Notice,
+    Pending,
+    QualityReply,
+    QualityRequest,
+    Refused,
+    ServerMessage,
+    Welcome,
+    encode_message,
+    server_message_parser,
+)
+from shared.auth.tokens import TokenIssuer, TokenKey
+from shared.errors import StreamNotFoundError
+from shared.models import (
+    AccessMode,
+    QualityPreset,
+    Resolution,
+    StreamAccess,
+    StreamConfig,
+    StreamQuality,
+    ViewerPermissions,
+)
+from shared.roq.transport import RoqClient
+from shared.roq.url import StreamUrl
+from tests.conftest import wait_for_no_leaks
+from tests.test_pipeline import eventually
+
+pytestmark = pytest.mark.ray
+
+SECRET = b"test-secret-of-thirty-two-bytes!"
+QVGA = StreamQuality(resolution=Resolution(320, 240), framerate=30, bitrate=300_000)
+
+
+def token_config(*, allow_requests: bool = False, hello_timeout_s: float = 5.0) -> StreamConfig:
+    return StreamConfig(
+        quality=QVGA,
+        access=StreamAccess(
+            mode=AccessMode.TOKEN, allow_requests=allow_requests, hello_timeout_s=hello_timeout_s
+        ),
+    )
+
+
+class RawViewer:
+    """A RoQ client that says hello by hand and counts what arrives."""
+
+    def __init__(self, client: RoqClient) -> None:
+        self.client = client
+        self.media = 0
+        self.messages: list[ServerMessage] = []
+        self._parser = server_message_parser()
+        self._tasks = [asyncio.create_task(self._media()), asyncio.create_task(self._control())]
+
+    @classmethod
+    async def connect(cls, url: str, hello: Hello | None) -> RawViewer:
+        parsed = StreamUrl.parse(url)
+        client = await RoqClient.connect(parsed.host, parsed.port, fingerprint=parsed.fingerprint)
+        viewer = cls(client)
+        if hello is not None:
+            client.send_control(encode_message(hello))
+        return viewer
+
+    async def _media(self) -> None:
+        while await self.client.receive() is not None:
+            self.media += 1
+
+    async def _control(self) -> None:
+        while (item := await self.client.receive_control()) is not None:
+            self.messages.extend(self._parser.feed(item[0], end_stream=item[1]))
+
+    def of(self, kind: type[Any]) -> list[Any]:
+        return [m for m in self.messages if isinstance(m, kind)]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.client.close()
+
+
+def hello(sid: str, token: str | None = None, **extra: Any) -> Hello:
+    return Hello(version=PROTOCOL_VERSION, stream=sid, token=token, **extra)
+
+
+def test_a_ticket_token_admits_and_every_bad_token_is_refused_with_zero_media(
+    ray_cluster: str,
+) -> None:
+    async def main() -> str:
+        async with StreamManager.start(token_secret=SECRET) as manager:
+            sid = (await manager.start_camera_stream(token_config())).session_id
+            ticket = await manager.add_viewer(sid, "alice")
+            assert ticket.token is not None and ticket.token not in repr(ticket)
+            assert ticket.token not in ticket.url
+            good = await RawViewer.connect(ticket.url, hello(sid, ticket.token))
+            issuer = TokenIssuer(TokenKey.hs256(SECRET))
+            expired, _ = issuer.issue(stream=sid, now=time.time() - 7200, ttl_s=60)
+            other_stream, _ = issuer.issue(stream="elsewhere", now=time.time())
+            forged, _ = TokenIssuer(TokenKey.hs256(b"x" * 32)).issue(stream=sid, now=time.time())
+            bad = {
+                "expired": await RawViewer.connect(ticket.url, hello(sid, expired)),
+                "wrong_stream": await RawViewer.connect(ticket.url, hello(sid, other_stream)),
+                "forged": await RawViewer.connect(ticket.url, hello(sid, forged)),
+                "malformed": await RawViewer.connect(ticket.url, hello(sid, "not.a.jwt")),
+                "missing": await RawViewer.connect(ticket.url, hello(sid)),
+            }
+            try:
+                await eventually(lambda: good.media, lambda n: n > 30, "media at the good viewer")
+                [welcome] = good.of(Welcome)
+                assert welcome.viewer == ticket.viewer_id and welcome.stream == sid
+                for reason, viewer in bad.items():
+                    await eventually(
+                        lambda v=viewer: v.client.termination,  # type: ignore[misc]
+                        lambda t: t is not None,
+                        f"the {reason} token's connection closed",
+                    )
+                    [refused] = viewer.of(Refused)
+                    assert refused.reason == reason, (reason, refused)
+                    code, phrase = viewer.client.termination or (0, "")
+                    assert code == refused.code and phrase.startswith(f"{reason}:")
+                    assert viewer.media == 0, reason
+                    assert not viewer.of(Welcome)
+                # The shard counted each refusal by its reason.
+                statuses = await manager.get_viewer_status(sid)
+                assert [s.viewer_id for s in statuses] == [ticket.viewer_id]
+            finally:
+                for viewer in [good, *bad.values()]:
+                    await viewer.close()
+            await manager.stop_stream(sid)
+        return sid
+
+    wait_for_no_leaks(asyncio.run(main()))
+
+
+def test_a_viewer_that_never_says_hello_is_closed_with_zero_media(ray_cluster: str) -> None:
+    async def main() -> str:
+        async with StreamManager.start(token_secret=SECRET) as manager:
+            sid = (await manager.start_camera_stream(token_config(hello_timeout_s=1.0))).session_id
+            ticket = await manager.add_viewer(sid, "mute")
+            mute = await RawViewer.connect(ticket.url, None)
+            try:
+                await eventually(
+                    lambda: mute.client.termination, lambda t: t is not None, "the hello timeout"
+                )
+                code, phrase = mute.client.termination or (0, "")
+                assert code == AccessErrorCode.HELLO_TIMEOUT and "hello" in phrase
+                assert mute.media == 0
+            finally:
+                await mute.close()
+            await manager.stop_stream(sid)
+        return sid
+
+    wait_for_no_leaks(asyncio.run(main()))
+
+
+def test_requests_wait_for_the_operator_who_approves_or_denies_them(ray_cluster: str) -> None:
+    async def main() -> str:
+        async with StreamManager.start(token_secret=SECRET) as manager:
+            sid = (await manager.start_camera_stream(token_config(allow_requests=True))).session_id
+            url = await manager.open_shards(sid, 1)
+            bob = await RawViewer.connect(url, hello(sid, viewer="bob", name="Bob's laptop"))
+            eve = await RawViewer.connect(url, hello(sid, viewer="eve"))
+            try:
+                waiting = await eventually(
+                    lambda: manager.viewer_requests(sid), lambda r: len(r) == 2, "two requests"
+                )
+                by_viewer = {r.viewer: r for r in waiting}
+                assert by_viewer["bob"].name == "Bob's laptop"
+                assert by_viewer["bob"].peer.address.startswith("127.0.0.1:")
+                await eventually(lambda: len(bob.of(Pending)), lambda n: n == 1, "bob told")
+                assert bob.media == eve.media == 0  # nothing before a decision
+
+                await manager.approve_viewer_request(sid, by_viewer["bob"].request_id)
+                await manager.deny_viewer_request(sid, by_viewer["eve"].request_id, "not today")
+                await eventually(lambda: bob.media, lambda n: n > 30, "media once approved")
+                [welcome] = bob.of(Welcome)
+                assert welcome.viewer == "bob" and not welcome.permissions.can_record
+                await eventually(
+                    lambda: eve.client.termination, lambda t: t is not None, "eve refused"
+                )
+                [refused] = eve.of(Refused)
+                assert refused.reason == "denied" and refused.text == "not today"
+                assert eve.media == 0
+                assert await manager.viewer_requests(sid) == []
+                with pytest.raises(StreamNotFoundError, match="waits with request"):
+                    await manager.approve_viewer_request(sid, "no-such-request")
+
+                # A viewer without can_control_quality asks for a rung: refused, with why.
+                bob.client.send_control(encode_message(QualityRequest(id=1, rung=0)))
+                await eventually(
+                    lambda: [m for m in bob.messages if getattr(m, "id", None) == 1],
+                    lambda replies: len(replies) == 1,
+                    "the quality reply",
+                )
+                [reply] = [m for m in bob.of(QualityReply) if m.id == 1]
+                assert not reply.ok and reply.reason == "not_permitted"
+            finally:
+                await bob.close()
+                await eve.close()
+            await manager.stop_stream(sid)
+        return sid
+
+    wait_for_no_leaks(asyncio.run(main()))
+
+
+def test_revoking_cuts_a_live_viewer_and_keeps_it_out_and_notices_reach_viewers(
+    ray_cluster: str,
+) -> None:
+    async def main() -> str:
+        async with StreamManager.start(token_secret=SECRET) as manager:
+            sid = (await manager.start_camera_stream(token_config())).session_id
+            carol = await manager.add_viewer(sid, "carol")
+            dave = await manager.add_viewer(
+                sid, "dave", ViewerPermissions(max_quality=QualityPreset.HIGH)
+            )
+            viewers = [await RawViewer.connect(t.url, hello(sid, t.token)) for t in (carol, dave)]
+            try:
+                for viewer in viewers:
+                    await eventually(lambda v=viewer: v.media, lambda n: n > 10, "media")  # type: ignore[misc]
+                assert await manager.broadcast_to_viewers(sid, "back in 5", {"eta_s": 300}) == 2
+                for viewer in viewers:
+                    await eventually(lambda v=viewer: v.of(Notice), bool, "the notice")  # type: ignore[misc]
+                    [note] = viewer.of(Notice)
+                    assert (note.text, note.data) == ("back in 5", {"eta_s": 300})
+
+                assert await manager.revoke_viewer(sid, viewer_id=carol.viewer_id) == 1
+                cut, kept = viewers
+                await eventually(
+                    lambda: cut.client.termination, lambda t: t is not None, "carol cut"
+                )
+                code, _ = cut.client.termination or (0, "")
+                assert code == AccessErrorCode.REVOKED and cut.of(Refused)[0].reason == "revoked"
+                seen = kept.media
+                await eventually(lambda: kept.media, lambda n: n > seen + 10, "dave goes on")
+                # Her token no longer opens the door.
+                again = await RawViewer.connect(carol.url, hello(sid, carol.token))
+                try:
+                    await eventually(
+                        lambda: again.client.termination, lambda t: t is not None, "kept out"
+                    )
+                    assert again.media == 0 and again.of(Refused)[0].reason == "revoked"
+                finally:
+                    await again.close()
+            finally:
+                for viewer in viewers:
+                    await viewer.close()
+            await manager.stop_stream(sid)
+        return sid
+
+    wait_for_no_leaks(asyncio.run(main()))
