@@ -22,6 +22,8 @@ def test_record_from_a_server_with_rotation(ray_cluster: str, tmp_path: Path) ->
     serve = subprocess.Popen(
         cli(
             "serve",
+            "--access",
+            "open",
             "--listen",
             f"127.0.0.1:{port}",
             "--senders",

@@ -58,6 +58,8 @@ def test_serve_one_address_many_viewers_then_ctrl_c(ray_cluster: str, tmp_path: 
     serve = subprocess.Popen(
         cli(
             "serve",
+            "--access",
+            "open",
             "--listen",
             f"127.0.0.1:{port}",
             "--senders",

@@ -8,11 +8,21 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-from actors.cli import cameras, demo, encoders, loadtest, record, serve, token, view
+from actors.cli import cameras, demo, encoders, loadtest, record, serve, token, view, viewers
 from actors.cli.common import EXIT_USAGE
 
 #: Every command, in the order ``--help`` lists them; each module has ``register(subparsers)``.
-COMMANDS: tuple[ModuleType, ...] = (demo, serve, view, loadtest, record, token, cameras, encoders)
+COMMANDS: tuple[ModuleType, ...] = (
+    demo,
+    serve,
+    view,
+    viewers,
+    loadtest,
+    record,
+    token,
+    cameras,
+    encoders,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,6 +8,13 @@ kernel spreads viewers across them and keeps each QUIC connection on one.  All s
 stream's TLS identity (``--cert``/``--key``, or a generated self-signed certificate), so one
 URL, which carries the certificate's fingerprint, serves any number of viewers.
 
+Who may watch (``--access``): by default a viewer needs a token (``kizuna-stream token
+--stream ID`` on this machine prints one; ``view --token``) or an operator's approval of its
+request (``kizuna-stream viewers list|approve|deny``); ``--access open`` lets anyone who
+reaches the port watch.  Tokens are signed with the secret from ``--secret-file``,
+``KIZUNA_TOKEN_SECRET``, or a file created on the first start, readable only by this user
+(``shared.auth.secret_file``); the secret is never printed.
+
 It prints the URL on stdout at once (``--json``: a JSON line ``{"url": ..., ...}``), shows a
 status line of connected viewers while it runs, and on Ctrl-C (or after ``--seconds``) stops
 the stream and prints a summary (``--json``: a second JSON line).
@@ -37,7 +44,7 @@ from actors.cli.common import (
     run_until_signalled,
 )
 from shared.errors import KizunaError
-from shared.models import StreamConfig, parse_source
+from shared.models import AccessMode, StreamAccess, StreamConfig, parse_source
 
 if TYPE_CHECKING:
     from actors.handles import SenderHandle
@@ -61,6 +68,20 @@ def register(commands: Any) -> None:
         type=int,
         default=os.cpu_count() or 1,
         help="sender actors sharing the port (default: one per CPU core)",
+    )
+    serve.add_argument(
+        "--access",
+        choices=[mode.value for mode in AccessMode],
+        default=AccessMode.TOKEN.value,
+        help="token (default): a token or an approved request; open: anyone who reaches the port",
+    )
+    serve.add_argument(
+        "--no-requests",
+        action="store_true",
+        help="refuse viewers without a token instead of letting them ask for approval",
+    )
+    serve.add_argument(
+        "--secret-file", help="file holding the token signing secret (default: see above)"
     )
     add_quality_arguments(serve)
     serve.add_argument("--seconds", type=float, help="stop after this long (default: Ctrl-C)")
@@ -131,19 +152,23 @@ async def serve(
     from actors.handles import SenderHandle
     from actors.manager import StreamManager
     from actors.placement import NAMESPACE
+    from shared.auth.secret_file import load_secret
 
+    access = StreamAccess(mode=AccessMode(args.access), allow_requests=not args.no_requests)
+    secret = load_secret(args.secret_file, create=True) if access.mode == AccessMode.TOKEN else None
     config = StreamConfig(
         source=args.source,
         quality=quality_from_args(args),
         listen_host=host,
         tls_cert_path=args.cert,
         tls_key_path=args.key,
+        access=access,
     )
     if port == 0:
         port = free_port(host)
     status = StatusLine(enabled=not args.json)
     status.show("starting Ray and the stream actors ...")
-    async with StreamManager.start(address=args.address) as manager:
+    async with StreamManager.start(address=args.address, token_secret=secret) as manager:
         session = await manager.start_camera_stream(config)
         sid = session.session_id
         url = await manager.open_shards(sid, args.senders, port=port)
@@ -153,10 +178,20 @@ async def serve(
             if actor["name"].startswith(f"kz-{sid}-shard-")
         ]
         if args.json:
-            print_json({"url": url, "session_id": sid, "senders": len(handles)})
+            print_json(
+                {"url": url, "session_id": sid, "senders": len(handles), "access": args.access}
+            )
         else:
             status.done()
             print(url)
+            if access.mode == AccessMode.TOKEN:
+                print(
+                    f"viewers need a token (kizuna-stream token --stream {sid}) or your approval"
+                    " (kizuna-stream viewers list)"
+                    if access.allow_requests
+                    else f"viewers need a token (kizuna-stream token --stream {sid})",
+                    file=sys.stderr,
+                )
         sys.stdout.flush()
         started = time.monotonic()
         deadline = started + args.seconds if args.seconds else None
