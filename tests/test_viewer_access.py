@@ -563,6 +563,37 @@ def test_a_viewer_without_a_token_waits_for_approval_with_no_media_then_is_let_i
     asyncio.run(main())
 
 
+def test_a_viewer_that_reconnects_after_a_drop_says_hello_again_and_is_welcomed_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def main() -> None:
+        broadcast = GuardedBroadcast()
+        url = await broadcast.start()
+        viewer = await Viewer.connect(url, token=broadcast.token(viewer="ana"), idle_timeout=1.0)
+        seen: list[int] = []
+        task = asyncio.create_task(collect(viewer, seen))
+        try:
+            await until(lambda: viewer.welcome is not None, "the first welcome")
+            first = viewer.welcome
+            # The path goes dark: the viewer hears nothing, its QUIC idle timeout ends the
+            # connection, and it reconnects.
+            monkeypatch.setattr(viewer._client._protocol, "datagram_received", lambda *_: None)
+            await until(lambda: viewer.report().reconnects == 1, "the reconnect")
+            await until(lambda: len(broadcast.admitted) == 2, "the second admission")
+            await until(lambda: viewer.welcome is not None, "the second welcome")
+            assert viewer.welcome == first  # the same viewer, let in again on its token
+            assert viewer.access_state is AccessState.ADMITTED
+            await broadcast.stream_until(lambda: len(seen) >= 5)
+        finally:
+            task.cancel()
+            await viewer.close()
+            await broadcast.server.close()
+        welcomes = [m for _, m in broadcast.sent if isinstance(m, Welcome)]
+        assert len(welcomes) == 2 and welcomes[0] == welcomes[1]
+
+    asyncio.run(main())
+
+
 def test_a_server_that_never_answers_the_hello_still_streams_to_the_viewer() -> None:
     """A server older than the control stream ignores it: media flows all the same, and a
     quality request fails cleanly after its timeout instead of hanging."""
@@ -695,7 +726,8 @@ def test_view_prints_its_admission_and_each_notice_then_its_summary() -> None:
     assert token not in out + err
 
 
-def test_view_json_gives_pending_and_notices_as_lines_and_the_denial_as_its_error() -> None:
+@pytest.mark.parametrize("json_output", [True, False], ids=["json", "text"])
+def test_view_shows_the_pending_request_then_the_denial_as_its_error(json_output: bool) -> None:
     async def main() -> tuple[int, str, str, list[PendingRequest], list[Refused]]:
         broadcast = GuardedBroadcast(approvals=True)
         url = await broadcast.start()
@@ -705,18 +737,78 @@ def test_view_json_gives_pending_and_notices_as_lines_and_the_denial_as_its_erro
             [request] = broadcast.requests
             broadcast.answer(request, Denial(request_id=request.request_id, text="not today"))
 
-        result = await run_view(
-            broadcast, [str(url), "--json", "--name", "Ana"], while_running=drive
-        )
+        arguments = [str(url), "--name", "Ana", *(["--json"] if json_output else [])]
+        result = await run_view(broadcast, arguments, while_running=drive)
         await broadcast.server.close()
         return *result, broadcast.requests, broadcast.refusals()
 
     code, out, err, requests, refusals = asyncio.run(main())
-    [request] = requests
+    [request], [refusal] = requests, refusals
     assert request.name == "Ana"
-    assert code == 1, err
-    first, last = (json.loads(line) for line in out.splitlines())
-    assert first == {"type": "pending", "request": request.request_id, "expires_in": 60.0}
-    [refusal] = refusals
     assert said(refusal) == "denied: not today"
-    assert last["error"]["message"] == "the server refused this viewer: denied: not today"
+    assert code == 1, err
+    if json_output:
+        first, last = (json.loads(line) for line in out.splitlines())
+        assert first == {"type": "pending", "request": request.request_id, "expires_in": 60.0}
+        assert last["error"]["message"] == "the server refused this viewer: denied: not today"
+    else:
+        waiting = f"waiting for the operator's approval (request {request.request_id}, "
+        assert out.splitlines()[0] == waiting + "expires in 60 s)"
+        assert "kizuna-stream: error: the server refused this viewer: denied: not today" in err
+
+
+# -- kizuna-stream record and loadtest ---------------------------------------------------------
+
+
+async def run_command(arguments: list[str]) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "actors.cli",
+        *arguments,
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 120)  # a hang guard only
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+def test_record_presents_its_token_and_a_refusal_ends_it_with_the_reason(tmp_path: Path) -> None:
+    async def main() -> tuple[int, str, str, str, list[Refused]]:
+        broadcast = GuardedBroadcast()
+        url = await broadcast.start()
+        token = _bad_token(broadcast, "wrong_stream")
+        out = tmp_path / "talk.mp4"
+        result = await run_command(["record", str(url), "--out", str(out), "--token", token])
+        await broadcast.server.close()
+        return *result, token, broadcast.refusals()
+
+    code, out, err, token, refusals = asyncio.run(main())
+    [refusal] = refusals
+    assert refusal.reason == "wrong_stream"
+    assert code == 1, err
+    assert f"the server refused this viewer: {said(refusal)}" in err
+    assert token not in out + err
+
+
+def test_loadtest_presents_its_token_and_reports_each_refusal_by_reason() -> None:
+    async def main() -> tuple[int, str, str, str, list[Refused]]:
+        broadcast = GuardedBroadcast()
+        url = await broadcast.start()
+        token = _bad_token(broadcast, "forged")
+        arguments = ["loadtest", str(url), "--viewers", "2", "--seconds", "60", "--json"]
+        result = await run_command([*arguments, "--token", token])
+        await broadcast.server.close()
+        return *result, token, broadcast.refusals()
+
+    _code, out, err, token, refusals = asyncio.run(main())
+    first, second = refusals
+    assert first.reason == second.reason == "forged"
+    [line] = out.splitlines()
+    report = json.loads(line)
+    assert report["summary"]["closed"] == 2
+    assert report["summary"]["reasons"] == {said(first): 2}
+    assert [v["access"] for v in report["viewers"]] == ["refused", "refused"]
+    assert token not in out + err
