@@ -51,6 +51,8 @@ def test_view_takes_the_full_report_at_the_status_rate_not_per_frame(
             streams=False,
             latency_budget=200.0,
             json=json_output,
+            token=None,
+            name=None,
         )
         watching = asyncio.create_task(view.watch(args, asyncio.Event()))
         await until(lambda: len(broadcast.sender.peers) == 1, "the server to see the viewer")

@@ -73,6 +73,16 @@ class StatusLine:
         sys.stderr.flush()
         self._width = len(text)
 
+    def above(self, text: str) -> None:
+        """Print ``text`` on stdout, on a line of its own: the status line is wiped first (the
+        next :meth:`show` draws it again below)."""
+        if self.enabled and self._width:
+            sys.stderr.write("\r" + " " * self._width + "\r")
+            sys.stderr.flush()
+            self._width = 0
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+
     def done(self) -> None:
         if self.enabled and self._width:
             sys.stderr.write("\n")

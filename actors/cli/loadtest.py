@@ -6,7 +6,8 @@ transport-wide feedback, receiver reports) but decode nothing, so one process ca
 hundreds of viewers: the tool to run before an event, and the load generator of a fan-out
 benchmark.  A status line updates while it runs; at the end a summary and a table of viewers
 (``--json``: exactly one JSON line).  Ctrl-C stops it with the report so far (exit code 130);
-it exits 1 when no viewer could connect.
+it exits 1 when no viewer could connect.  Every viewer presents ``--token`` (or
+``$KIZUNA_TOKEN``); a refused one is ``closed`` with the server's reason.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import msgspec
 
+from actors.cli.access import add_access_arguments, check_access
 from actors.cli.common import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -102,13 +104,15 @@ def register(commands: Any) -> None:
     loadtest.add_argument(
         "--json", action="store_true", help="print one JSON line instead of a status line"
     )
+    add_access_arguments(loadtest)
     loadtest.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         url = _check(args)
-        report = run_until_signalled(args, lambda stop: load(args, url, stop))
+        token = check_access(args, url)
+        report = run_until_signalled(args, lambda stop: load(args, url, token, stop))
     except UsageError as exc:
         report_error(args, exc)
         return EXIT_USAGE
@@ -143,7 +147,9 @@ def _check(args: argparse.Namespace) -> StreamUrl:
         raise UsageError(str(exc)) from None
 
 
-async def load(args: argparse.Namespace, url: StreamUrl, stop: asyncio.Event) -> dict[str, Any]:
+async def load(
+    args: argparse.Namespace, url: StreamUrl, token: str | None, stop: asyncio.Event
+) -> dict[str, Any]:
     from shared.viewer.load import LoadSummary, LoadTest
 
     test = LoadTest(
@@ -154,6 +160,7 @@ async def load(args: argparse.Namespace, url: StreamUrl, stop: asyncio.Event) ->
         connect_timeout_s=args.connect_timeout,
         latency_budget_s=args.latency_budget / 1000,
         datagrams=not args.streams,
+        token=token,
         **({} if args.idle_timeout is None else {"idle_timeout_s": args.idle_timeout}),
     )
     status = StatusLine(enabled=not args.json)

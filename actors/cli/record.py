@@ -10,6 +10,9 @@ limit is (nearly) reached (``talk.mp4``, ``talk-001.mp4``, ...); a viewer cannot
 keyframe, so that is the stream's next periodic one.  A progress line shows what has been written; ``--json`` prints one line
 at the end.
 
+It presents ``--token`` (or ``$KIZUNA_TOKEN``) as ``view`` does; a refused viewer exits 1 with
+the server's reason.
+
 Audio is not recorded by this command: the viewer decodes it and a copy would have to be
 re-encoded; record on the server (``StreamManager.start_recording``) to keep the Opus track.
 """
@@ -23,8 +26,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from actors.cli.access import add_access_arguments, check_access
 from actors.cli.common import StatusLine, UsageError, consume_until_stopped, run_command
-from shared.errors import RecordingError
+from shared.errors import ConfigError, NetworkError, RecordingError
 from shared.models import VideoFormat
 from shared.recording.core import (
     CloseSegment,
@@ -37,6 +41,7 @@ from shared.recording.core import (
 )
 from shared.recording.muxer import StreamRecorder
 from shared.recording.policy import FileLimits
+from shared.roq.url import StreamUrl
 
 #: The RTP clock for H.264 (RFC 6184 §8.2.1).
 RTP_CLOCK = 90_000
@@ -66,6 +71,7 @@ def register(commands: Any) -> None:
     )
     record.add_argument("--ca", metavar="FILE", help="trust this CA for a URL without fp=")
     record.add_argument("--json", action="store_true", help="print one JSON line at the end")
+    add_access_arguments(record)
     record.set_defaults(run=run)
 
 
@@ -132,6 +138,11 @@ def _print_summary(result: dict[str, Any]) -> None:
 async def record(args: argparse.Namespace, stop: asyncio.Event) -> dict[str, Any]:
     from shared.viewer.client import DecodedFrame, Viewer
 
+    try:
+        url = StreamUrl.parse(args.url)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    token = check_access(args, url)
     out = Path(args.out).resolve()
     if not out.parent.is_dir():
         raise UsageError(f"--out {args.out}: folder {out.parent} does not exist")
@@ -155,7 +166,7 @@ async def record(args: argparse.Namespace, stop: asyncio.Event) -> dict[str, Any
     files = _SegmentFiles(VideoFormat(args.format or suffix))
     status = StatusLine(enabled=not args.json)
     status.show(f"connecting to {args.url} ...")
-    viewer = await Viewer.connect(args.url, ca_file=args.ca)
+    viewer = await Viewer.connect(url, ca_file=args.ca, token=token)
     started = time.monotonic()
     last_status = 0.0
 
@@ -186,9 +197,12 @@ async def record(args: argparse.Namespace, stop: asyncio.Event) -> dict[str, Any
     try:
         await consume_until_stopped(consume(), stop, args.seconds)
     finally:
+        refused = viewer.refusal_reason
         await viewer.close()
         files.apply(core.stop(time.monotonic()))
         status.done()
+    if refused is not None:
+        raise NetworkError(f"the server refused this viewer: {refused}")
     return {
         "url": args.url,
         "seconds": round(time.monotonic() - started, 2),

@@ -6,6 +6,15 @@ extension a container PyAV can write, e.g. ``.mp4`` or ``.mkv``); ``--display`` 
 same bitstream into ``ffplay``.  A status line updates as it runs; ``--json`` prints one JSON
 line at the end instead.  It ends after ``--frames`` pictures, ``--seconds``, when the server
 ends the stream, or on Ctrl-C (exit code 130).
+
+Access (``shared.auth.control``): the viewer presents ``--token`` (or ``$KIZUNA_TOKEN``);
+without one a server may let it ask the operator's approval, under ``--name``.  What the server
+says is printed as it comes: that the viewer waits for approval (with the request id the
+operator sees), that it was admitted, each notice (``notice: TEXT`` and its data as compact
+JSON).  With ``--json`` the pending status and the notices are JSON lines of their own
+(``{"type": "pending", ...}``, ``{"type": "notice", ...}``) before the final one.  A refused
+viewer exits 1 with the server's reason (``reason: text``) on stderr (and in the ``--json``
+error object).  The token itself is never printed.
 """
 
 from __future__ import annotations
@@ -22,8 +31,16 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from actors.cli.common import StatusLine, UsageError, consume_until_stopped, run_command
-from shared.errors import NetworkError
+from actors.cli.access import add_access_arguments, check_access
+from actors.cli.common import (
+    StatusLine,
+    UsageError,
+    consume_until_stopped,
+    print_json,
+    run_command,
+)
+from shared.auth.control import Notice, Pending, ServerMessage, Welcome
+from shared.errors import ConfigError, NetworkError
 from shared.roq.url import StreamUrl
 
 if TYPE_CHECKING:
@@ -55,6 +72,7 @@ def register(commands: Any) -> None:
     view.add_argument(
         "--json", action="store_true", help="print one JSON line instead of a status line"
     )
+    add_access_arguments(view, name=True)
     view.set_defaults(run=run)
 
 
@@ -155,6 +173,51 @@ def _status_text(report: ViewerReport, elapsed_s: float) -> str:
     )
 
 
+def _printable(text: str) -> str:
+    """``text`` with any control character (a terminal escape from a hostile server) shown as
+    U+FFFD; printable text is left exactly as the server wrote it."""
+    return "".join(c if c.isprintable() else "\ufffd" for c in text)
+
+
+class _ControlEcho:
+    """Says on the terminal (or in JSON lines) what the server says on the control stream."""
+
+    def __init__(self, status: StatusLine, json_lines: bool) -> None:
+        self.status = status
+        self.json_lines = json_lines
+
+    def __call__(self, message: ServerMessage) -> None:
+        if isinstance(message, Notice):
+            if self.json_lines:
+                print_json({"type": "notice", "text": message.text, "data": message.data})
+                return
+            data = msgspec.json.encode(message.data).decode() if message.data else ""
+            self.status.above(_printable(f"notice: {message.text}" + (f" {data}" if data else "")))
+        elif isinstance(message, Pending):
+            if self.json_lines:
+                print_json(
+                    {
+                        "type": "pending",
+                        "request": message.request,
+                        "expires_in": message.expires_in,
+                    }
+                )
+                return
+            text = _printable(
+                f"waiting for the operator's approval (request {message.request}, "
+                f"expires in {message.expires_in:.0f} s)"
+            )
+            self.status.above(text)
+            self.status.show(text)
+        elif isinstance(message, Welcome) and not self.json_lines:
+            self.status.above(
+                _printable(
+                    f"admitted to stream {message.stream} as viewer {message.viewer} "
+                    f"(max quality {message.permissions.max_quality})"
+                )
+            )
+
+
 def run(args: argparse.Namespace) -> int:
     return run_command(args, lambda stop: watch(args, stop), _print_summary)
 
@@ -168,7 +231,11 @@ def _print_summary(result: dict[str, Any]) -> None:
 
 
 async def watch(args: argparse.Namespace, stop: asyncio.Event) -> dict[str, Any]:
-    StreamUrl.parse(args.url)
+    try:
+        url = StreamUrl.parse(args.url)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    token = check_access(args, url)
     if args.frames is not None and args.frames <= 0:
         raise UsageError(f"--frames must be positive, got {args.frames}")
     if args.seconds is not None and args.seconds <= 0:
@@ -179,10 +246,13 @@ async def watch(args: argparse.Namespace, stop: asyncio.Event) -> dict[str, Any]
     status = StatusLine(enabled=not args.json)
     status.show(f"connecting to {args.url} ...")
     viewer = await Viewer.connect(
-        args.url,
+        url,
         ca_file=args.ca,
         datagrams=not args.streams,
         latency_budget_s=args.latency_budget / 1000,
+        token=token,
+        name=args.name,
+        on_message=_ControlEcho(status, json_lines=args.json),
     )
     started = time.monotonic()
     next_status = started
@@ -207,17 +277,23 @@ async def watch(args: argparse.Namespace, stop: asyncio.Event) -> dict[str, Any]
         report = viewer.report()
         stats = viewer.stream_stats()
         termination = viewer.termination
+        refused = viewer.refusal_reason
+        welcome = viewer.welcome
         await viewer.close()
         sink.close()
         status.done()
+    if refused is not None:
+        # In the server's words: "<reason>: <text>" (e.g. "expired: the token expired 5 s ago").
+        raise NetworkError(f"the server refused this viewer: {_printable(refused)}")
     if termination is not None and termination[0] != 0:
-        # The server ended it on purpose with a reason (e.g. refused: the stream is full).
-        raise NetworkError(f"the server closed the stream: {termination[1]}")
+        # The server ended it on purpose with a reason (e.g. the stream is full).
+        raise NetworkError(f"the server closed the stream: {_printable(termination[1])}")
     return {
         "url": args.url,
         "seconds": round(time.monotonic() - started, 2),
         "interrupted": stop.is_set(),
         "report": msgspec.to_builtins(report),
         "stats": msgspec.to_builtins(stats),
+        "welcome": msgspec.to_builtins(welcome) if welcome is not None else None,
         "out": str(Path(args.out).resolve()) if args.out else None,
     }

@@ -23,6 +23,14 @@ The session runs on ``time.monotonic()`` (packet arrivals, ticks, so jitter, DLS
 NACK/PLI timers): an NTP step cannot disturb them.  The wall clock is read only where it is
 compared with wall-clock data, the capture times (latency, the A/V offset).
 
+Before any media the viewer says who it is on the control stream (:mod:`shared.viewer.access`,
+the protocol in :mod:`shared.auth.control`): right after each QUIC handshake it sends
+``hello`` with the stream id and its token, and one task reads what the server says back
+(``welcome``, ``pending``, ``refused``, notices, replies to :meth:`Viewer.request_quality` and
+:meth:`Viewer.request_recording`).  Media is never made to wait for that task: an older server
+says nothing and the viewer watches as before.  A refused viewer's :meth:`media` ends with the
+connection, and :attr:`Viewer.refusal_reason` says why in the server's words.
+
 Each test-source picture carries its capture timestamp (``shared.capture.stamp``), so the viewer reads
 capture-to-decode latency from the picture alone.  When the connection drops (QUIC idle
 timeout) the viewer reconnects with exponential backoff, pinning the same certificate; a stream
@@ -37,11 +45,20 @@ import contextlib
 import logging
 import statistics
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Literal, TypeVar
 
 import msgspec
 
+from shared.auth.control import (
+    Notice,
+    Pending,
+    QualityReply,
+    RecordReply,
+    Refused,
+    ServerMessage,
+    Welcome,
+)
 from shared.errors import NetworkError
 from shared.media.codec import H264Decoder
 from shared.models import StreamStats
@@ -53,6 +70,7 @@ from shared.rtp.opus import OpusDecoder, OpusPayloadFormat
 from shared.rtp.rate_window import RateWindow
 from shared.rtp.receiver import ReceiverSession, ReceiverTrack
 from shared.rtp.sender import AUDIO_TRACK, VIDEO_TRACK
+from shared.viewer.access import AccessState, ViewerAccess
 from shared.viewer.decoding import (
     DECODE_BACKLOG_S,
     Decoded,
@@ -72,6 +90,12 @@ __all__ = ["DecodedAudio", "DecodedFrame", "Viewer", "ViewerReport", "read_frame
 RECONNECT_FIRST_DELAY_S, RECONNECT_MAX_DELAY_S = 0.25, 4.0
 #: QUIC idle timeout of a viewer connection: how soon a dead path is noticed.
 VIEWER_IDLE_TIMEOUT_S = 5.0
+
+R = TypeVar("R", QualityReply, RecordReply)
+
+#: How long :meth:`Viewer.request_quality` and :meth:`Viewer.request_recording` wait for the
+#: server's reply by default.
+REQUEST_TIMEOUT_S = 10.0
 
 #: What the receive task hands back: a packet with its arrival time, or None once closed.
 Received = tuple[int, bytes, float] | None
@@ -109,6 +133,11 @@ class ViewerReport(msgspec.Struct, kw_only=True):
     :meth:`Viewer.media` fell more than ``decode_backlog_s`` behind (resumed at a keyframe)."""
     audio_decode_queue_dropped: int = 0
     """Audio frames dropped for the same reason."""
+    access: str = AccessState.UNANSWERED.value
+    """What the server said of this viewer on the control stream (``unanswered``, ``pending``,
+    ``admitted`` or ``refused``; see :class:`shared.viewer.access.AccessState`)."""
+    notices: int = 0
+    """Notices the server sent this viewer."""
 
 
 class Viewer:
@@ -125,9 +154,20 @@ class Viewer:
         video_decoder: DecoderFactory = H264Decoder,
         audio_decoder: DecoderFactory = OpusDecoder,
         decode_backlog_s: float = DECODE_BACKLOG_S,
+        access: ViewerAccess | None = None,
+        on_notice: Callable[[Notice], None] | None = None,
+        on_message: Callable[[ServerMessage], None] | None = None,
     ) -> None:
+        """``access``: the control-stream state (None: this viewer speaks no control protocol,
+        as over a test's in-memory transport); :meth:`connect` makes it and starts it."""
         self.url = url
         self._client = client
+        self.access = access
+        self._on_notice = on_notice
+        self._on_message = on_message
+        self._control_task: asyncio.Task[None] | None = None
+        #: Requests sent on the control stream, by id, waiting for their reply.
+        self._replies: dict[int, asyncio.Future[ServerMessage]] = {}
         self._connect_options = connect_options
         self._reconnect_enabled = reconnect
         self._reconnect_timeout_s = reconnect_timeout_s
@@ -175,11 +215,25 @@ class Viewer:
         latency_budget_s: float = 0.2,
         idle_timeout: float = VIEWER_IDLE_TIMEOUT_S,
         video_decoder: DecoderFactory = H264Decoder,
+        token: str | None = None,
+        name: str | None = None,
+        on_notice: Callable[[Notice], None] | None = None,
+        on_message: Callable[[ServerMessage], None] | None = None,
     ) -> Viewer:
         """Connect to a stream URL; the URL's ``fp`` pins the certificate, else ``ca_file``
         (or the system's CAs) must vouch for it.  ``datagrams=False`` asks for stream mode;
-        ``video_decoder`` makes the H.264 decoder (e.g. ``lambda: H264Decoder(hardware=True)``)."""
+        ``video_decoder`` makes the H.264 decoder (e.g. ``lambda: H264Decoder(hardware=True)``).
+
+        The hello on the control stream names the URL's stream and viewer, and carries
+        ``token`` (a viewer token; without one the server may let the viewer ask an operator's
+        approval, shown ``name``).  ``on_notice`` gets each notice the server sends, and
+        ``on_message`` every message it sends (welcome, pending, refused, notices, replies),
+        both on the event loop after :attr:`access` has taken it in."""
         parsed = url if isinstance(url, StreamUrl) else StreamUrl.parse(url)
+        # Checked before any connection: a name or token the server would refuse fails here.
+        access = ViewerAccess(
+            stream=parsed.session_id, token=token, viewer=parsed.viewer, name=name
+        )
         options: dict[str, Any] = {
             "fingerprint": parsed.fingerprint,
             "ca_file": ca_file,
@@ -189,7 +243,7 @@ class Viewer:
         }
         started = time.monotonic()
         client = await RoqClient.connect(parsed.host, parsed.port, **options)
-        return cls(
+        viewer = cls(
             parsed,
             client,
             started=started,
@@ -197,7 +251,12 @@ class Viewer:
             latency_budget_s=latency_budget_s,
             reconnect=reconnect,
             video_decoder=video_decoder,
+            access=access,
+            on_notice=on_notice,
+            on_message=on_message,
         )
+        viewer._start_control()
+        return viewer
 
     async def frames(self) -> AsyncIterator[DecodedFrame]:
         """Decoded pictures until the stream ends (audio is received but not returned)."""
@@ -323,6 +382,140 @@ class Viewer:
         if capture_us is not None:
             self._delays[kind].append((decoded_us - capture_us) / 1000.0)
 
+    # -- the control stream ----------------------------------------------------------------------
+
+    def _start_control(self) -> None:
+        """Say hello on this connection's control stream and read the server's answers in a
+        task of their own, so media never waits on them."""
+        access = self.access
+        if access is None:
+            return
+        if self._control_task is not None:
+            self._control_task.cancel()
+        client = self._client
+        client.send_control(access.hello())
+        self._control_task = asyncio.ensure_future(self._read_control(client))
+
+    async def _read_control(self, client: RoqClient) -> None:
+        while (item := await client.receive_control()) is not None:
+            self._on_control(*item)
+        # The connection is gone: no reply can come on it any more.
+        self._fail_requests("the connection closed before the server answered")
+
+    def _drain_control(self) -> None:
+        """Take in what the server sent that the control task has not read yet (a refusal that
+        arrived with the close is read here before anyone asks why the connection ended)."""
+        if self.access is None:
+            return
+        while (item := self._client.receive_control_nowait()) is not None:
+            self._on_control(*item)
+
+    def _on_control(self, data: bytes, end_stream: bool) -> None:
+        assert self.access is not None
+        for message in self.access.receive(data, end_stream=end_stream):
+            if isinstance(message, QualityReply | RecordReply) and message.id is not None:
+                future = self._replies.pop(message.id, None)
+                if future is not None and not future.done():
+                    future.set_result(message)
+            try:
+                if isinstance(message, Notice) and self._on_notice is not None:
+                    self._on_notice(message)
+                if self._on_message is not None:
+                    self._on_message(message)
+            except Exception:
+                # The caller's callback broke, not the stream: say so loudly, keep reading.
+                logger.exception("a control message callback raised")
+
+    def _fail_requests(self, why: str) -> None:
+        replies, self._replies = self._replies, {}
+        for future in replies.values():
+            if not future.done():
+                future.set_exception(NetworkError(why))
+
+    async def _request(
+        self, request_id: int, data: bytes, reply_type: type[R], what: str, timeout: float
+    ) -> R:
+        if self.access is None or self._client.closed:
+            raise NetworkError(f"cannot send the {what}: the connection is closed")
+        future: asyncio.Future[ServerMessage] = asyncio.get_running_loop().create_future()
+        self._replies[request_id] = future
+        self._client.send_control(data)
+        try:
+            async with asyncio.timeout(timeout):
+                reply = await future
+        except TimeoutError:
+            raise NetworkError(
+                f"the server did not answer the {what} within {timeout:g} s"
+            ) from None
+        finally:
+            self._replies.pop(request_id, None)
+        if not isinstance(reply, reply_type):
+            raise NetworkError(f"the server answered the {what} with a {type(reply).__name__}")
+        return reply
+
+    async def request_quality(
+        self,
+        *,
+        rung: int | None = None,
+        preset: str | None = None,
+        timeout: float = REQUEST_TIMEOUT_S,
+    ) -> QualityReply:
+        """Ask the server for one rung (by index, or by the preset it was made from; neither:
+        back to the rung the server picks by bandwidth) and return its answer: ``ok``, or why
+        not (``reason``, ``text``).  :class:`NetworkError` when no answer comes in ``timeout``
+        seconds (an older server) or the connection closes first."""
+        if self.access is None:
+            raise NetworkError("this viewer has no control stream")
+        request_id, data = self.access.quality_request(rung=rung, preset=preset)
+        return await self._request(request_id, data, QualityReply, "quality request", timeout)
+
+    async def request_recording(
+        self, action: Literal["start", "stop"], *, timeout: float = REQUEST_TIMEOUT_S
+    ) -> RecordReply:
+        """Ask the server to start or stop recording the stream (needs ``can_record``)."""
+        if self.access is None:
+            raise NetworkError("this viewer has no control stream")
+        request_id, data = self.access.record_request(action)
+        return await self._request(request_id, data, RecordReply, "recording request", timeout)
+
+    @property
+    def access_state(self) -> AccessState:
+        """What the server has said of this viewer (``unanswered`` without a control stream)."""
+        if self.access is None:
+            return AccessState.UNANSWERED
+        self._drain_control()
+        return self.access.state
+
+    @property
+    def welcome(self) -> Welcome | None:
+        """The server's welcome on this connection: the viewer id, permissions and rungs."""
+        return self.access.welcome if self.access is not None else None
+
+    @property
+    def pending(self) -> Pending | None:
+        """The approval request this viewer waits on (its id is what the operator sees)."""
+        return self.access.pending if self.access is not None else None
+
+    @property
+    def refusal(self) -> Refused | None:
+        """The server's ``refused`` message, if it sent one."""
+        self._drain_control()
+        return self.access.refusal if self.access is not None else None
+
+    @property
+    def notices(self) -> list[Notice]:
+        """The newest notices the server sent (up to ``shared.viewer.access.MAX_NOTICES``)."""
+        return list(self.access.notices) if self.access is not None else []
+
+    @property
+    def refusal_reason(self) -> str | None:
+        """Why the server refused or cut this viewer, exactly as it said it (``"<reason>:
+        <text>"``), or None when it did not."""
+        self._drain_control()
+        if self.access is None:
+            return None
+        return self.access.refusal_reason(self._client.termination)
+
     # -- connection ----------------------------------------------------------------------------
 
     async def _reconnect(self) -> bool:
@@ -350,6 +543,9 @@ class Viewer:
             self._connection_closed = False
             self._session.new_connection()
             self._report.reconnects += 1
+            if self.access is not None:
+                self.access.new_connection()
+                self._start_control()
             return True
         return False
 
@@ -387,6 +583,10 @@ class Viewer:
         report.packets_lost = sum(t.stats.packets_lost for t in (video, audio) if t.stats)
         report.jitter_ms = video.stats.jitter_s * 1000 if video.stats else 0.0
         report.rtt_ms = self._client.rtt_ms
+        if self.access is not None:
+            self._drain_control()
+            report.access = self.access.state.value
+            report.notices = self.access.notices_received
         report.audio_frames_dropped = audio.buffer.frames_dropped
         video_delays, audio_delays = self._delays["video"], self._delays["audio"]
         if video_delays and audio_delays:
@@ -427,8 +627,9 @@ class Viewer:
 
     @property
     def termination(self) -> tuple[int, str] | None:
-        """How the server ended the connection: (RoQ error code, reason), None while open.
-        A server refusing a viewer closes with the reason (``refused: ...``)."""
+        """How the server ended the connection: (error code, reason phrase), None while
+        open.  A server refusing a viewer closes with an ``AccessErrorCode`` and
+        ``"<reason>: <text>"`` (:attr:`refusal_reason` prefers the ``refused`` message)."""
         return self._client.termination
 
     async def close(self) -> None:
@@ -438,6 +639,10 @@ class Viewer:
         if self._receiving is not None:
             self._receiving.cancel()
             self._receiving = None
+        if self._control_task is not None:
+            self._control_task.cancel()
+            self._control_task = None
+        self._fail_requests("the viewer closed")
         try:
             await self._client.close()
         finally:

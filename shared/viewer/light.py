@@ -42,9 +42,15 @@ Definitions (the load test's report uses exactly these):
   Appendix A.3 (a retransmission that arrived counts as received), video and audio.
 - **bytes**: what arrived in RoQ payloads, RTP and RTCP (QUIC and UDP overhead not counted).
 
+Each connection starts as the real viewer's does: a ``hello`` with the stream id and the token
+on the control stream (:mod:`shared.viewer.access`).  No task reads the answers: they are taken
+in, without waiting, whenever packets are, when the connection ends and when a report is made,
+so a light viewer costs no more than before; media is never made to wait for them.
+
 A connection that drops (QUIC idle timeout, nothing said) is reconnected with backoff, as the
 real viewer does; one the server closes with a reason (a refusal, the stream stopping) ends the
-viewer, and the reason is kept for its report.  A failed first connection is reported, not
+viewer, and the reason is kept for its report: a refusal's in the server's words
+(``"<reason>: <text>"``).  A failed first connection is reported, not
 retried: it is what the operator runs the test to find.
 """
 
@@ -67,6 +73,7 @@ from shared.rtp.opus import OpusPayloadFormat
 from shared.rtp.receiver import ReceiverSession
 from shared.rtp.rtcp import RTCP_PSFB, RTCP_RR, RTCP_RTPFB
 from shared.rtp.sender import AUDIO_TRACK, VIDEO_TRACK
+from shared.viewer.access import ViewerAccess
 from shared.viewer.latency import LatencyStats
 
 __all__ = [
@@ -323,6 +330,11 @@ class LightViewerReport(msgspec.Struct, kw_only=True):
     rtt_ms: float = 0.0
     delay_p99_ms: float | None = None
     """The 99th percentile of its frames' delay (see the module doc; None before a frame)."""
+    access: str = "unanswered"
+    """What the server said of it on the control stream: ``unanswered`` (nothing, e.g. an
+    older server), ``pending`` (waiting for approval), ``admitted`` or ``refused``."""
+    notices: int = 0
+    """Notices the server sent it."""
 
 
 class LightViewer:
@@ -338,12 +350,15 @@ class LightViewer:
         datagrams: bool = True,
         idle_timeout_s: float = IDLE_TIMEOUT_S,
         connect_gate: asyncio.Semaphore | None = None,
+        token: str | None = None,
     ) -> None:
         """``idle_timeout_s``: how long a silent connection lasts before it counts as dropped
-        (and is reconnected); ``connect_gate`` bounds the handshakes in flight."""
+        (and is reconnected); ``connect_gate`` bounds the handshakes in flight; ``token``: the
+        viewer token its hello carries."""
         self.index = index
         self.url = url
         self.core = LightSession(latency_budget_s=latency_budget_s)
+        self.access = ViewerAccess(stream=url.session_id, token=token, viewer=url.viewer)
         self._options: dict[str, Any] = {
             "fingerprint": url.fingerprint,
             "datagrams": datagrams,
@@ -373,12 +388,15 @@ class LightViewer:
         while True:
             self.state = WATCHING
             await self._watch(self._client)
+            self._take_control()  # a refusal comes just before the close
             termination = self._client.termination
             self._disarm()
-            if termination is not None and termination[1] != "Idle timeout":
+            reason = self.access.refusal_reason(termination)
+            if reason is None and termination is not None and termination[1] != "Idle timeout":
+                reason = termination[1] or f"QUIC error {termination[0]:#x}"
+            if reason is not None:
                 # On purpose, with a reason: a refusal, the stream stopping.  Not retried.
-                self.state = CLOSED
-                self.reason = termination[1] or f"QUIC error {termination[0]:#x}"
+                self.state, self.reason = CLOSED, reason
                 return
             self.state = RECONNECTING
             client = await self._reconnect()
@@ -393,7 +411,10 @@ class LightViewer:
         async with gate:
             if first:
                 self.started_at = time.monotonic()
-            return await RoqClient.connect(self.url.host, self.url.port, **self._options)
+            client = await RoqClient.connect(self.url.host, self.url.port, **self._options)
+        self.access.new_connection()
+        client.send_control(self.access.hello())
+        return client
 
     async def _reconnect(self) -> RoqClient:
         """A new connection after a drop, retried with exponential backoff until cancelled."""
@@ -419,7 +440,17 @@ class LightViewer:
             core.on_packet(*item)
             while (item := client.receive_nowait()) is not None:
                 core.on_packet(*item)
+            self._take_control()
             self._arm(time.monotonic())
+
+    def _take_control(self) -> None:
+        """What the server said on the control stream since the last look (no waiting)."""
+        client = self._client
+        if client is None:
+            return
+        while (item := client.receive_control_nowait()) is not None:
+            data, end_stream = item
+            self.access.receive(data, end_stream=end_stream)
 
     def _arm(self, now: float) -> None:
         """Tick now if the session's deadline has come; else keep one timer at it."""
@@ -481,6 +512,7 @@ class LightViewer:
     def report(self, end: float) -> LightViewerReport:
         """The viewer's figures, fps over its run up to ``end`` (monotonic seconds)."""
         core = self.core
+        self._take_control()
         first_frame_s = None
         if core.first_frame_at is not None and self.started_at is not None:
             first_frame_s = round(core.first_frame_at - self.started_at, 3)
@@ -505,4 +537,6 @@ class LightViewer:
             first_frame_s=first_frame_s,
             rtt_ms=round(self._rtt_ms, 2),
             delay_p99_ms=self.core.delay_p99_ms(),
+            access=self.access.state.value,
+            notices=self.access.notices_received,
         )

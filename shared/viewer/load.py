@@ -122,7 +122,10 @@ class LoadTest:
         datagrams: bool = True,
         idle_timeout_s: float = IDLE_TIMEOUT_S,
         connects_in_flight: int = CONNECTS_IN_FLIGHT,
+        token: str | None = None,
     ) -> None:
+        """``token``: the viewer token every light viewer presents (the server may give each
+        its own viewer id when the token names none)."""
         self.url = url if isinstance(url, StreamUrl) else StreamUrl.parse(url)
         if viewers < 1:
             raise ConfigError(f"the number of viewers must be at least 1, got {viewers}")
@@ -143,6 +146,7 @@ class LoadTest:
                 datagrams=datagrams,
                 idle_timeout_s=idle_timeout_s,
                 connect_gate=gate,
+                token=token,
             )
             for index in range(viewers)
         ]
