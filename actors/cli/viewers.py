@@ -167,7 +167,10 @@ def _supervisor(args: argparse.Namespace) -> Any:
     if not ray.is_initialized():
         try:
             ray.init(
-                address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR"
+                address=address,
+                namespace=NAMESPACE,
+                log_to_driver=False,
+                logging_level=logging.ERROR,
             )
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise KizunaError(
