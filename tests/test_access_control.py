@@ -11,12 +11,17 @@ decode.  The admission rules themselves are tested with literal times in
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import time
 from typing import Any
 
 import pytest
+import ray
 
 from actors import StreamManager
+from actors.placement import SUPERVISOR_PREFIX
 from shared.auth.control import (
     PROTOCOL_VERSION,
     AccessErrorCode,
@@ -45,7 +50,7 @@ from shared.models import (
 from shared.roq.transport import RoqClient
 from shared.roq.url import StreamUrl
 from tests.conftest import wait_for_no_leaks
-from tests.test_pipeline import eventually
+from tests.test_pipeline import REPO, eventually
 
 pytestmark = pytest.mark.ray
 
@@ -264,6 +269,66 @@ def test_revoking_cuts_a_live_viewer_and_keeps_it_out_and_notices_reach_viewers(
             finally:
                 for viewer in viewers:
                     await viewer.close()
+            await manager.stop_stream(sid)
+        return sid
+
+    wait_for_no_leaks(asyncio.run(main()))
+
+
+def viewers_cli(address: str, *args: str) -> dict[str, Any]:
+    """``kizuna-stream viewers ARGS --json`` in its own process, joined to the test cluster."""
+    names = [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith(SUPERVISOR_PREFIX)
+    ]
+    assert len(names) == 1, names
+    command = [sys.executable, "-m", "actors.cli", "viewers", *args, "--json"]
+    done = subprocess.run(
+        [*command, "--address", address, "--server", names[0]],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def test_the_viewers_command_lists_approves_notifies_and_revokes(ray_cluster: str) -> None:
+    async def main() -> str:
+        async with StreamManager.start(token_secret=SECRET) as manager:
+            sid = (await manager.start_camera_stream(token_config(allow_requests=True))).session_id
+            url = await manager.open_shards(sid, 1)
+            frank = await RawViewer.connect(url, hello(sid, viewer="frank", name="Frank"))
+            try:
+                await eventually(lambda: len(frank.of(Pending)), lambda n: n == 1, "pending")
+                listed = await asyncio.to_thread(viewers_cli, ray_cluster, "list")
+                [request] = listed["pending"]
+                assert (request["viewer"], request["name"], listed["stream"]) == (
+                    "frank",
+                    "Frank",
+                    sid,
+                )
+                await asyncio.to_thread(viewers_cli, ray_cluster, "approve", request["request"])
+                await eventually(lambda: frank.media, lambda n: n > 10, "media once approved")
+                sent = await asyncio.to_thread(
+                    viewers_cli, ray_cluster, "notify", "starting soon", "--data", '{"in_s": 60}'
+                )
+                assert sent["sent"] == 1
+                await eventually(lambda: frank.of(Notice), bool, "the notice")
+                assert frank.of(Notice)[0].data == {"in_s": 60}
+                revoked = await asyncio.to_thread(
+                    viewers_cli, ray_cluster, "revoke", "--viewer", "frank"
+                )
+                assert revoked["cut"] == 1
+                await eventually(
+                    lambda: frank.client.termination, lambda t: t is not None, "frank cut"
+                )
+                assert (frank.client.termination or (0, ""))[0] == AccessErrorCode.REVOKED
+            finally:
+                await frank.close()
             await manager.stop_stream(sid)
         return sid
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import fractions
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -29,6 +30,13 @@ pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--size", "320x180", "--fps", "15", "--bitrate", "200"]
+#: serve and token share the signing secret through the environment, as on one machine.
+TEST_SECRET = "serve-view-test-secret-0123456789abcdef"
+
+
+def secret_env() -> dict[str, str]:
+    """This process's environment (as Ray left it once the cluster started) plus the secret."""
+    return {**os.environ, "KIZUNA_TOKEN_SECRET": TEST_SECRET}
 
 
 def cli(*args: str) -> list[str]:
@@ -58,8 +66,6 @@ def test_serve_one_address_many_viewers_then_ctrl_c(ray_cluster: str, tmp_path: 
     serve = subprocess.Popen(
         cli(
             "serve",
-            "--access",
-            "open",
             "--listen",
             f"127.0.0.1:{port}",
             "--senders",
@@ -73,16 +79,37 @@ def test_serve_one_address_many_viewers_then_ctrl_c(ray_cluster: str, tmp_path: 
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=secret_env(),
     )
     try:
         started = read_json_line(serve, timeout=120)
         url = started["url"]
         assert url.startswith(f"roq://127.0.0.1:{port}/") and "fp=sha256:" in url
-        assert started["senders"] == 2
+        assert started["senders"] == 2 and started["access"] == "token"
+        # Token access by default: `token` on the same machine mints one from the same secret.
+        token = subprocess.run(
+            cli("token", "--stream", started["session_id"]),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+            env=secret_env(),
+        ).stdout.strip()
         saved = tmp_path / "seen.mp4"
         views = [
             subprocess.Popen(
-                cli("view", url, "--frames", "30", "--seconds", "60", "--json", *extra),
+                cli(
+                    "view",
+                    url,
+                    "--frames",
+                    "30",
+                    "--seconds",
+                    "60",
+                    "--json",
+                    "--token",
+                    token,
+                    *extra,
+                ),
                 cwd=REPO,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -128,6 +155,7 @@ def test_serve_one_address_many_viewers_then_ctrl_c(ray_cluster: str, tmp_path: 
             serve.kill()
     assert serve.returncode == 0, stderr
     assert "Traceback" not in stderr
+    assert token not in stdout + stderr and TEST_SECRET not in stdout + stderr
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["peak_viewers"] >= 1 and summary["state"] == "stopped"
     wait_for_no_leaks(started["session_id"])
