@@ -183,6 +183,8 @@ class ShardPool:
             encoder=self.encoder,
             limits=self.limits,
             access=self.access,
+            # The supervisor runs this pool: its own handle, for viewers' recording requests.
+            supervisor=ray.get_runtime_context().current_actor,
         )
         try:
             url = StreamUrl.parse(

@@ -26,6 +26,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -126,6 +127,8 @@ class _Stream:
     #: Token ids and viewer ids revoked on this stream (new shards start with them).
     revoked_tokens: set[str] = field(default_factory=set)
     revoked_viewers: set[str] = field(default_factory=set)
+    #: Recordings viewers started (``can_record``), by viewer id.
+    viewer_recordings: dict[str, str] = field(default_factory=dict)
 
     def handles(self) -> list[Handle[Any]]:
         stages: list[Handle[Any]] = [
@@ -541,6 +544,36 @@ class Supervisor:
             )
         )
         return sum(cuts)
+
+    async def viewer_recording(
+        self, session_id: str, viewer_id: str, action: str
+    ) -> tuple[bool, str | None]:
+        """A shard forwards an admitted viewer's recording request (its ``can_record`` was
+        checked there, from its token or approval): start or stop that viewer's recording."""
+        stream = self._get(session_id)
+        folder = stream.config.access.viewer_recordings_dir
+        if folder is None:
+            return False, "this server records on no viewer's request (no viewer_recordings_dir)"
+        if action == "stop":
+            recording_id = stream.viewer_recordings.pop(viewer_id, None)
+            if recording_id is None:
+                return False, "this viewer has no recording running"
+            done = await self._recordings.stop(recording_id)
+            return True, f"recording stopped: {done.file_size} bytes"
+        if viewer_id in stream.viewer_recordings:
+            return False, "this viewer's recording is already running"
+        if stream.context is None:
+            return False, "recording an audio-only stream is not supported yet"
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = str(Path(folder) / f"{session_id}-{viewer_id}-{stamp}.mp4")
+        try:
+            started = await self._recordings.start(
+                stream.context, RecordingConfig(output_path=path)
+            )
+        except KizunaError as exc:
+            return False, str(exc)
+        stream.viewer_recordings[viewer_id] = started.session_id
+        return True, f"recording {started.session_id} started"
 
     async def broadcast_to_viewers(
         self, session_id: str, text: str, data: dict[str, Any] | None = None

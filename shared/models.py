@@ -436,6 +436,9 @@ class StreamAccess(msgspec.Struct, frozen=True, kw_only=True):
     hello_timeout_s: float = 5.0
     #: A request nobody approves within this long lapses.
     approval_timeout_s: float = 60.0
+    #: Where recordings that a viewer with ``can_record`` starts are written (None: this
+    #: server records on no viewer's request, and says so).
+    viewer_recordings_dir: str | None = None
 
     def __post_init__(self) -> None:
         from shared.auth.admission import AdmissionPolicy

@@ -15,6 +15,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,6 +31,8 @@ from shared.auth.control import (
     Pending,
     QualityReply,
     QualityRequest,
+    RecordReply,
+    RecordRequest,
     Refused,
     ServerMessage,
     Welcome,
@@ -51,6 +54,7 @@ from shared.roq.transport import RoqClient
 from shared.roq.url import StreamUrl
 from tests.conftest import wait_for_no_leaks
 from tests.test_pipeline import REPO, eventually
+from tests.test_recording import probe
 
 pytestmark = pytest.mark.ray
 
@@ -122,12 +126,17 @@ def test_a_ticket_token_admits_and_every_bad_token_is_refused_with_zero_media(
             expired, _ = issuer.issue(stream=sid, now=time.time() - 7200, ttl_s=60)
             other_stream, _ = issuer.issue(stream="elsewhere", now=time.time())
             forged, _ = TokenIssuer(TokenKey.hs256(b"x" * 32)).issue(stream=sid, now=time.time())
+            blind, _ = issuer.issue(
+                stream=sid, now=time.time(), permissions=ViewerPermissions(can_view=False)
+            )
             bad = {
                 "expired": await RawViewer.connect(ticket.url, hello(sid, expired)),
                 "wrong_stream": await RawViewer.connect(ticket.url, hello(sid, other_stream)),
                 "forged": await RawViewer.connect(ticket.url, hello(sid, forged)),
                 "malformed": await RawViewer.connect(ticket.url, hello(sid, "not.a.jwt")),
                 "missing": await RawViewer.connect(ticket.url, hello(sid)),
+                # A valid token whose can_view is false.
+                "not_permitted": await RawViewer.connect(ticket.url, hello(sid, blind)),
             }
             try:
                 await eventually(lambda: good.media, lambda n: n > 30, "media at the good viewer")
@@ -329,6 +338,63 @@ def test_the_viewers_command_lists_approves_notifies_and_revokes(ray_cluster: st
                 assert (frank.client.termination or (0, ""))[0] == AccessErrorCode.REVOKED
             finally:
                 await frank.close()
+            await manager.stop_stream(sid)
+        return sid
+
+    wait_for_no_leaks(asyncio.run(main()))
+
+
+def test_a_viewer_records_on_the_server_only_with_can_record(
+    ray_cluster: str, tmp_path: Path
+) -> None:
+    async def main() -> str:
+        async with StreamManager.start(token_secret=SECRET) as manager:
+            config = StreamConfig(
+                quality=QVGA,
+                access=StreamAccess(mode=AccessMode.TOKEN, viewer_recordings_dir=str(tmp_path)),
+            )
+            sid = (await manager.start_camera_stream(config)).session_id
+            grace = await manager.add_viewer(sid, "grace", ViewerPermissions(can_record=True))
+            henry = await manager.add_viewer(sid, "henry")
+            viewers = [await RawViewer.connect(t.url, hello(sid, t.token)) for t in (grace, henry)]
+            allowed, refused = viewers
+
+            async def ask(viewer: RawViewer, action: str, number: int) -> RecordReply:
+                viewer.client.send_control(
+                    encode_message(RecordRequest(action=action, id=number))  # type: ignore[arg-type]
+                )
+                await eventually(
+                    lambda: [m for m in viewer.of(RecordReply) if m.id == number],
+                    bool,
+                    f"the reply to record {action}",
+                )
+                [reply] = [m for m in viewer.of(RecordReply) if m.id == number]
+                assert isinstance(reply, RecordReply)
+                return reply
+
+            try:
+                for viewer in viewers:
+                    await eventually(lambda v=viewer: v.media, lambda n: n > 10, "media")  # type: ignore[misc]
+                no = await ask(refused, "start", 1)
+                assert not no.ok and no.reason == "not_permitted"
+                assert list(tmp_path.iterdir()) == []
+                yes = await ask(allowed, "start", 2)
+                assert yes.ok, yes
+                again = await ask(allowed, "start", 3)
+                assert not again.ok and "already running" in (again.text or "")
+                [recording] = await eventually(
+                    lambda: list(tmp_path.glob(f"{sid}-{grace.viewer_id}-*.mp4")),
+                    lambda files: len(files) == 1 and files[0].stat().st_size > 10_000,
+                    "the recording's bytes",
+                )
+                stopped = await ask(allowed, "stop", 4)
+                assert stopped.ok, stopped
+                # Stopped cleanly: a whole file that FFmpeg reads.
+                video = probe(recording)["streams"]["video"]
+                assert video["codec_name"] == "h264" and int(video["nb_read_frames"]) > 10
+            finally:
+                for viewer in viewers:
+                    await viewer.close()
             await manager.stop_stream(sid)
         return sid
 

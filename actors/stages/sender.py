@@ -54,6 +54,7 @@ from shared.rtp.sender import AUDIO_TRACK, VIDEO_TRACK, BroadcastSender, MediaTr
 
 if TYPE_CHECKING:
     from actors.handles import EncoderHandle
+    from shared.auth.admission import RecordCommand
     from shared.auth.pending import PendingRequest
     from shared.auth.tokens import ViewerGrant
 
@@ -132,10 +133,14 @@ class SenderActor:
         audio_ring_name: str | None = None,
         limits: ViewerLimits | None = None,
         access: AccessSettings | None = None,
+        supervisor: Any = None,
     ) -> None:
         """``limits``: this shard refuses connections beyond ``max_viewers_per_shard`` and
         above the connection rate (None: no limit).  ``access``: who may watch (None: an
-        open stream, as ``StreamAccess()``)."""
+        open stream, as ``StreamAccess()``).  ``supervisor``: the handle recording requests
+        of viewers with ``can_record`` go to (None: refused)."""
+        self._supervisor = supervisor
+        self._record_tasks: set[asyncio.Task[None]] = set()
         self._session_id = session_id
         self._viewer_id = viewer_id
         self._ring_name = ring_name
@@ -207,6 +212,7 @@ class SenderActor:
             self._access_settings,
             admit=self._admit_viewer,
             rungs=self._access_settings.rungs,
+            on_record=self._on_record_request,
         )
         self._identity = identity
         self._server = self._new_server()
@@ -328,6 +334,29 @@ class SenderActor:
         logger.info("stream %s: viewer %s admitted", self._session_id, grant.viewer)
         self._broadcast.add(connection, now)
         self._forward_keyframe_request(now)
+
+    def _on_record_request(
+        self, connection: object, command: RecordCommand
+    ) -> tuple[bool, str | None] | None:
+        """A permitted viewer asks to start or stop a server-side recording: the supervisor
+        does it (a Ray call, off the media path); the reply follows when it answers."""
+        viewer = self._access.viewer_of(connection)  # type: ignore[arg-type]
+        if self._supervisor is None or viewer is None:
+            return (False, "this server does not record on a viewer's request")
+
+        async def ask() -> None:
+            try:
+                ok, text = await self._supervisor.viewer_recording.remote(
+                    self._session_id, viewer, command.action
+                )
+            except Exception as exc:
+                ok, text = False, f"the server could not {command.action} recording: {exc}"
+            self._access.recording_done(connection, command, ok=ok, text=text)  # type: ignore[arg-type]
+
+        task = asyncio.create_task(ask())
+        self._record_tasks.add(task)
+        task.add_done_callback(self._record_tasks.discard)
+        return None
 
     def _on_control(self, connection: RoqConnection, data: bytes, end_stream: bool) -> None:
         self._access.on_control(connection, data, end_stream, time.monotonic(), time.time())

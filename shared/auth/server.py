@@ -96,7 +96,8 @@ class _OpenConnection:
 class AccessControl:
     """Admission for every connection of one shard (module doc).
 
-    ``admit(connection, grant, rungs)`` is called when a viewer may get media (``rungs``: the
+    ``on_record`` answers at once with ``(ok, text)``, or returns None and the caller
+    answers later with :meth:`recording_done`.  ``admit(connection, grant, rungs)`` is called when a viewer may get media (``rungs``: the
     indexes within its ``max_quality``, best first); ``on_select_rung`` and
     ``on_record`` carry out permitted requests (the reply is sent here).
     """
@@ -109,7 +110,7 @@ class AccessControl:
         admit: Callable[[Any, ViewerGrant, tuple[int, ...]], None],
         rungs: Sequence[RungInfo] = (),
         on_select_rung: Callable[[Any, int | None], None] | None = None,
-        on_record: Callable[[Any, RecordCommand], tuple[bool, str | None]] | None = None,
+        on_record: Callable[[Any, RecordCommand], tuple[bool, str | None] | None] | None = None,
     ) -> None:
         self.stream = stream
         self.mode = AccessMode(settings.access.mode)
@@ -293,6 +294,21 @@ class AccessControl:
                 sent += 1
         return sent
 
+    def recording_done(
+        self,
+        connection: ControlledConnection,
+        command: RecordCommand,
+        *,
+        ok: bool,
+        text: str | None,
+    ) -> None:
+        """The answer to a recording request ``on_record`` deferred."""
+        admission = self._admissions.get(connection)
+        if admission is not None:
+            self._carry_out(
+                connection, admission, admission.recording_done(command, ok=ok, text=text)
+            )
+
     def viewer_of(self, connection: ControlledConnection) -> str | None:
         """The admitted viewer's id (its token's, or the operator's approval), or None."""
         admission = self._admissions.get(connection)
@@ -338,14 +354,18 @@ class AccessControl:
                     if self._on_select_rung is not None:
                         self._on_select_rung(connection, rung)
                 case RecordCommand():
-                    ok, text = (
+                    answer = (
                         self._on_record(connection, action)
                         if self._on_record is not None
                         else (False, "this server does not record on a viewer's request")
                     )
-                    self._carry_out(
-                        connection, admission, admission.recording_done(action, ok=ok, text=text)
-                    )
+                    if answer is not None:
+                        ok, text = answer
+                        self._carry_out(
+                            connection,
+                            admission,
+                            admission.recording_done(action, ok=ok, text=text),
+                        )
                 case RequestApproval(request=request):
                     denial = self.pending.add(request, request.requested_at)
                     if denial is not None:
