@@ -54,6 +54,7 @@ __all__ = [
     "ViewerPermissions",
     "ViewerStatus",
     "ViewerTicket",
+    "check_access_timeouts",
     "parse_source",
 ]
 
@@ -441,11 +442,17 @@ class StreamAccess(msgspec.Struct, frozen=True, kw_only=True):
     viewer_recordings_dir: str | None = None
 
     def __post_init__(self) -> None:
-        from shared.auth.admission import AdmissionPolicy
+        check_access_timeouts(self.hello_timeout_s, self.approval_timeout_s)
+        if self.viewer_recordings_dir is not None and not self.viewer_recordings_dir:
+            raise ConfigError("viewer_recordings_dir must be a folder, or None")
 
-        AdmissionPolicy(
-            hello_timeout_s=self.hello_timeout_s, approval_timeout_s=self.approval_timeout_s
-        )
+
+def check_access_timeouts(hello_timeout_s: float, approval_timeout_s: float) -> None:
+    """The bounds of the access timeouts (``StreamAccess``; ``shared.auth.admission``)."""
+    if not 0 < hello_timeout_s <= 60:
+        raise ConfigError(f"hello timeout {hello_timeout_s} s must be in (0, 60]")
+    if not 0 < approval_timeout_s <= 3600:
+        raise ConfigError(f"approval timeout {approval_timeout_s} s must be in (0, 3600]")
 
 
 class StreamConfig(msgspec.Struct, frozen=True, kw_only=True):

@@ -76,7 +76,7 @@ from shared.errors import (
     ProtocolError,
     StreamStateError,
 )
-from shared.models import QualityPreset, StreamQuality
+from shared.models import QualityPreset, StreamQuality, check_access_timeouts
 from shared.roq.framing import RoqErrorCode
 
 __all__ = [
@@ -146,10 +146,7 @@ class AdmissionPolicy(msgspec.Struct, frozen=True, kw_only=True):
     allow_approval_requests: bool = True
 
     def __post_init__(self) -> None:
-        if not 0 < self.hello_timeout_s <= 60:
-            raise ConfigError(f"hello timeout {self.hello_timeout_s} s must be in (0, 60]")
-        if not 0 < self.approval_timeout_s <= 3600:
-            raise ConfigError(f"approval timeout {self.approval_timeout_s} s must be in (0, 3600]")
+        check_access_timeouts(self.hello_timeout_s, self.approval_timeout_s)
 
 
 # --- actions ----------------------------------------------------------------------------------
