@@ -35,6 +35,7 @@ from actors.stages.quality import QualityActor
 from actors.stages.recorder import RecorderActor
 from actors.stages.sender import SenderActor, SenderStats
 from shared.capture.source import SourceInfo
+from shared.media.scaler import Rung
 from shared.models import ConnectionQuality, RecordingSession, StreamQuality, StreamSource
 from shared.roq.tls import TlsIdentity
 
@@ -128,6 +129,10 @@ class EncoderHandle(Handle[EncoderActor]):
     async def rung_names(self) -> list[str]:
         return await self.call(EncoderActor.rung_names)
 
+    async def ladder(self) -> list[Rung]:
+        """The rungs the encoder writes, rung 0 first (their sizes and bitrates)."""
+        return await self.call(EncoderActor.ladder)
+
     async def configure(self, quality: StreamQuality) -> StreamQuality:
         """The quality the encoder applied (``quality``, capped by the source)."""
         return await self.call(EncoderActor.configure, quality)
@@ -156,6 +161,14 @@ class SenderHandle(Handle[SenderActor]):
 
     async def stats(self) -> SenderStats:
         return await self.call(SenderActor.stats)
+
+    async def set_rung_cap(self, peer_or_viewer: str, cap: int) -> int:
+        """A viewer gets rungs ``cap`` and below; how many connections it applied to."""
+        return await self.call(SenderActor.set_rung_cap, peer_or_viewer, cap)
+
+    async def pin_rung(self, peer_or_viewer: str, rung: int | None) -> int:
+        """Pin a viewer to ``rung`` (None: unpin); how many connections it applied to."""
+        return await self.call(SenderActor.pin_rung, peer_or_viewer, rung)
 
     async def stop(self) -> SenderStats:
         return await self.call(SenderActor.stop)
