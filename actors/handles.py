@@ -35,6 +35,7 @@ from actors.stages.quality import QualityActor
 from actors.stages.recorder import RecorderActor
 from actors.stages.sender import SenderActor, SenderStats
 from shared.capture.source import SourceInfo
+from shared.control.rung_targets import RungTarget
 from shared.media.scaler import Rung
 from shared.models import ConnectionQuality, RecordingSession, StreamQuality, StreamSource
 from shared.roq.tls import TlsIdentity
@@ -214,6 +215,10 @@ class QualityHandle(Handle[QualityActor]):
 
     async def connection_quality(self) -> dict[str, ConnectionQuality]:
         return await self.call(QualityActor.connection_quality)
+
+    async def targets(self) -> list[RungTarget]:
+        """Each rung's encoder target and state after the last round."""
+        return await self.call(QualityActor.targets)
 
     async def stop(self) -> None:
         await self.call(QualityActor.stop)

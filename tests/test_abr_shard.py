@@ -20,10 +20,17 @@ import ray
 from actors import StreamManager
 from actors.handles import SenderHandle
 from actors.placement import NAMESPACE
-from shared.models import QualityPreset, Resolution, StreamConfig, StreamQuality
+from shared.models import (
+    ConnectionQuality,
+    QualityPreset,
+    Resolution,
+    StreamConfig,
+    StreamQuality,
+)
 from shared.viewer.client import Viewer
 from shared.viewer.decoding import DecodedFrame
 from tests.conftest import stream_actors, wait_for_no_leaks
+from tests.test_broadcast import status_of
 from tests.test_pipeline import eventually
 
 pytestmark = pytest.mark.ray
@@ -73,6 +80,15 @@ def test_a_capped_viewer_gets_the_low_rung_and_climbs_at_an_idr_when_lifted(
                     lambda p: p is not None and p.rung == p.rung_wanted == 1 and p.rung_cap == 1,
                     "the viewer on the low rung",
                 )
+                # The stream's status says so: the viewer's quality is the low rung's.
+                await eventually(
+                    lambda: status_of(manager, sid, ticket.viewer_id),
+                    lambda v: (
+                        v.current_quality.resolution == Resolution(*LOW)
+                        and v.connection_quality is not ConnectionQuality.DISCONNECTED
+                    ),
+                    "the viewer's status showing the low rung",
+                )
                 capped_from = len(sizes)
                 await eventually(
                     lambda: len(sizes), lambda n: n >= capped_from + 45, "3 s of capped frames"
@@ -96,6 +112,11 @@ def test_a_capped_viewer_gets_the_low_rung_and_climbs_at_an_idr_when_lifted(
                 # The same SSRC, and its sequence numbers continuous across the switch.
                 assert viewer._video.stats is not None
                 assert viewer._video.stats.ssrc == ssrc
+                await eventually(
+                    lambda: status_of(manager, sid, ticket.viewer_id),
+                    lambda v: v.current_quality == TOP,
+                    "the viewer's status showing the stream's own quality",
+                )
                 final = viewer.report()
                 assert final.packets_lost == 0 and final.decode_errors == 0
                 assert report.resolution_changes >= 1
