@@ -141,6 +141,10 @@ class EncoderHandle(Handle[EncoderActor]):
     async def set_bitrate(self, bitrate: int, rung: int = 0) -> int:
         return await self.call(EncoderActor.set_bitrate, bitrate, rung)
 
+    async def set_paused(self, rung: int, paused: bool) -> bool:
+        """Pause a rung nobody watches (no encoder time), or resume it with an IDR."""
+        return await self.call(EncoderActor.set_paused, rung, paused)
+
     async def stats(self) -> EncoderStats:
         return await self.call(EncoderActor.stats)
 

@@ -111,6 +111,7 @@ class FakeLadderEncoder:
             for i, rate in enumerate(rates)
         ]
         self.set: list[tuple[int, int]] = []
+        self.paused: list[tuple[int, bool]] = []
 
     async def ladder(self) -> list[object]:
         return list(self.rungs)
@@ -118,6 +119,10 @@ class FakeLadderEncoder:
     async def set_bitrate(self, bitrate: int, rung: int = 0) -> int:
         self.set.append((rung, bitrate))
         return bitrate
+
+    async def set_paused(self, rung: int, paused: bool) -> bool:
+        self.paused.append((rung, paused))
+        return paused
 
 
 def shard(peers: list[tuple[int, int]]) -> object:
@@ -184,3 +189,23 @@ def test_each_rung_follows_its_own_viewers_and_the_lowest_may_go_lower() -> None
         return dict(encoder.set)
 
     assert asyncio.run(main()) == {1: 200_000}  # the lowest rung's floor is 10 %, not 50 %
+
+
+def test_a_rung_nobody_watches_is_paused_and_resumed_for_a_viewer_going_to_it() -> None:
+    import asyncio
+    from typing import Any, cast
+
+    from actors.stages.quality import QualityActor
+
+    async def main() -> list[tuple[int, bool]]:
+        encoder = FakeLadderEncoder([2_000_000, 600_000])
+        actor = QualityActor("s", cast(Any, encoder), 2_000_000)
+        await actor._plan()
+        await actor.apply([cast(Any, shard([(0, 3_000_000)]))], now=1.0)
+        assert encoder.paused == [(1, True)]  # rung 0 always runs
+        going = cast(Any, shard([(0, 800_000)]))
+        going.peers[0].rung_wanted = 1  # on its way down, waiting for rung 1's IDR
+        await actor.apply([going], now=2.0)
+        return encoder.paused
+
+    assert asyncio.run(main()) == [(1, True), (1, False)]

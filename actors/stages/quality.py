@@ -83,6 +83,8 @@ class QualityActor:
         self._task: asyncio.Task[None] | None = None
         self.adjustments = 0
         self.last_targets: list[RungTarget] = []
+        #: Each rung's pause as last applied to the encoder.
+        self._paused: dict[int, bool] = {}
 
     async def start(self) -> int:
         """Learn the ladder and start the control loop; the actor's pid."""
@@ -159,6 +161,18 @@ class QualityActor:
         ]
         self.last_targets = targets.update(viewers, now=now)
         for target in self.last_targets:
+            was = self._paused.get(target.rung, False)
+            # A rung nobody watches costs no encoder time; resumed, it starts at an IDR.  A
+            # pause is applied again every round: a viewer's IDR request resumes a rung in the
+            # encoder itself (a switch must not wait for this round), and if that viewer never
+            # came, the rung pauses again here.
+            if target.paused or was:
+                if target.paused != was:
+                    logger.info(
+                        "stream %s rung %d: %s", self._session_id, target.rung, target.reason
+                    )
+                await self._encoder.set_paused(target.rung, target.paused)
+                self._paused[target.rung] = target.paused
             if target.changed:
                 self.adjustments += 1
                 logger.info("stream %s rung %d: %s", self._session_id, target.rung, target.reason)
