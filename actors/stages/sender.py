@@ -14,9 +14,15 @@ The actor is its own process and event loop, so viewers fan out in parallel acro
 one slow viewer never delays the others.  Several actors can serve one listen address: each
 binds the port with ``SO_REUSEPORT`` and the kernel keeps each client on one of them.
 
-Tracks are generic: video from the encoder's ring (H.264, flows 0/1, 90 kHz) and, when the
-stream has audio, Opus from the ``audio`` ring (flows 2/3, 48 kHz).  Each frame is packetized
-once and handed to every connection through :class:`shared.rtp.sender.BroadcastSender`, which
+Tracks are generic: video from the encoder's rings (H.264, flows 0/1, 90 kHz) and, when the
+stream has audio, Opus from the ``audio`` ring (flows 2/3, 48 kHz).  With a simulcast ladder
+the shard reads every rung's ring (rung n's is ``video{n}``, rates from the encoder's
+``ladder()``) and each viewer receives one rung, chosen per viewer from its own bandwidth
+estimate (:mod:`shared.rtp.adaptation`), capped by ``set_rung_cap`` (its permissions'
+``max_quality``) or pinned by ``pin_rung``; a switch waits for an IDR of the new rung, which
+the shard asks that rung's encoder for, and the viewer keeps one SSRC and sequence space.
+Each frame is packetized once per rung and handed to every connection on that rung through
+:class:`shared.rtp.sender.BroadcastSender`, which
 answers RTCP (NACK from a bounded history, PLI, RR, transport-wide feedback for the bandwidth
 estimate).  What to skip when the actor falls behind, and when a PLI (or a newcomer, or a
 viewer resuming after congestion) becomes a keyframe request to the encoder, is decided by
@@ -75,7 +81,9 @@ class PeerStatus(PeerStats, kw_only=True):
     viewer_id: str | None = None
     """The ticket its viewer named in its RTCP CNAME (None before its first report)."""
     rung: int = 0
-    """The rung of the ladder it receives (0: the top, the stream's own quality)."""
+    """The rung of the ladder it receives (0: the top, the stream's own quality).
+    ``frames_dropped`` counts, per viewer, the frames dropped rather than queued under
+    congestion (skipped before sending, or expired in its send queue)."""
     rung_wanted: int = 0
     """The rung it is switching to (its IDR pending), else ``rung``."""
     rung_cap: int = 0
