@@ -26,10 +26,11 @@ from typing import Any
 import pytest
 
 from actors import StreamManager
+from actors.handles import SenderHandle
 from shared.models import QualityPreset, Resolution, StreamConfig, StreamQuality
 from tests.conftest import wait_for_no_leaks
 from tests.netns import CappedLink, missing_tools
-from tests.test_abr_shard import peer, shard_of
+from tests.test_abr_shard import shard_of
 from tests.test_pipeline import REPO, eventually
 
 pytestmark = pytest.mark.ray
@@ -41,6 +42,31 @@ CAP_BPS = 1_000_000
 MOVE_S = 20.0
 #: How long the viewer must stay on the low rung under the cap.
 SETTLE_S = 6.0
+
+
+async def peer_of(shard: SenderHandle, viewer_id: str) -> Any:
+    """The shard's status of the viewer that named itself ``viewer_id`` (None: not yet)."""
+    stats = await shard.stats()
+    return next((p for p in stats.peers if p.viewer_id == viewer_id), None)
+
+
+def view(*prefix: str, url: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [*prefix, sys.executable, "-m", "actors.cli", "view", url, "--seconds", "120", "--json"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def result_of(viewer: subprocess.Popen[bytes]) -> dict[str, Any]:
+    """Stop a viewer (SIGINT: it prints its report and exits) and read its report."""
+    viewer.send_signal(signal.SIGINT)
+    out, err = viewer.communicate(timeout=30)
+    lines = out.decode().strip().splitlines()
+    assert lines, f"the viewer printed nothing: {err.decode()[-2000:]}"
+    report: dict[str, Any] = json.loads(lines[-1])["report"]
+    return report
 
 
 @pytest.fixture
@@ -60,21 +86,22 @@ def link() -> Iterator[CappedLink]:
 def test_a_capped_path_settles_on_the_low_rung_and_climbs_back_when_lifted(
     ray_cluster: str, link: CappedLink
 ) -> None:
+    """Two viewers of one stream: one behind the capped link, one on an open path (this
+    namespace, to the same address): under the cap they get different rungs."""
+
     async def main() -> tuple[str, dict[str, Any]]:
         async with StreamManager.start() as manager:
             config = StreamConfig(quality=TOP, rungs=(QualityPreset.LOW,), listen_host=link.host)
             sid = (await manager.start_camera_stream(config)).session_id
             ticket = await manager.add_viewer(sid, "netns")
+            other = await manager.add_viewer(sid, "open")
             shard = shard_of(sid)
-            viewer = subprocess.Popen(
-                link.command(
-                    sys.executable, "-m", "actors.cli", "view", ticket.url,
-                    "--seconds", "120", "--json",
-                ),
-                cwd=REPO,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-            )  # fmt: skip
+
+            def peer(_: SenderHandle) -> Any:
+                return peer_of(shard, ticket.viewer_id)
+
+            viewer = view(*link.command(), url=ticket.url)
+            open_viewer = view(url=other.url)
             try:
                 await eventually(
                     lambda: peer(shard),
@@ -91,6 +118,13 @@ def test_a_capped_path_settles_on_the_low_rung_and_climbs_back_when_lifted(
                     timeout=MOVE_S,
                 )
                 down_s = time.monotonic() - capped_at
+                # The viewer on the open path stays on the top rung of the same stream.
+                await eventually(
+                    lambda: peer_of(shard, other.viewer_id),
+                    lambda p: p is not None and p.rung == p.rung_wanted == 0,
+                    "the open viewer on the top rung while the other is capped",
+                    timeout=MOVE_S,
+                )
                 # It stays there: no attempt up sticks while the path carries 1 Mbps, and
                 # the shard keeps sending it pictures.
                 deadline = time.monotonic() + SETTLE_S
@@ -117,13 +151,12 @@ def test_a_capped_path_settles_on_the_low_rung_and_climbs_back_when_lifted(
                 )
                 final = await peer(shard)
             finally:
-                viewer.send_signal(signal.SIGINT)
-                out, err = await asyncio.to_thread(viewer.communicate, timeout=30)
-            await manager.remove_viewer(sid, ticket.viewer_id)
+                report = await asyncio.to_thread(result_of, viewer)
+                open_report = await asyncio.to_thread(result_of, open_viewer)
+            for gone in (ticket, other):
+                await manager.remove_viewer(sid, gone.viewer_id)
             await manager.stop_stream(sid)
-        lines = out.decode().strip().splitlines()
-        assert lines, f"the viewer printed nothing: {err.decode()[-2000:]}"
-        result: dict[str, Any] = json.loads(lines[-1])
+        result: dict[str, Any] = {"report": report, "open_report": open_report}
         result["final_peer"] = final
         result["down_s"], result["up_s"] = down_s, up_s
         print(f"down {down_s:.1f} s, up {up_s:.1f} s, report {result['report']}")  # for -s
@@ -137,4 +170,7 @@ def test_a_capped_path_settles_on_the_low_rung_and_climbs_back_when_lifted(
     assert report["decode_errors"] == 0
     assert report["frames_decoded"] > 15 * 10  # pictures all along, not a stall
     assert result["final_peer"].rung_switches >= 3
+    opened = result["open_report"]
+    assert (opened["width"], opened["height"]) == (1024, 576)
+    assert opened["decode_errors"] == 0 and opened["frames_decoded"] > 15 * 10
     wait_for_no_leaks(sid)

@@ -20,6 +20,8 @@ import ray
 from actors import StreamManager
 from actors.handles import SenderHandle
 from actors.placement import NAMESPACE
+from shared.control.rung_choice import cap_for
+from shared.media.scaler import plan_ladder
 from shared.models import (
     ConnectionQuality,
     QualityPreset,
@@ -70,8 +72,11 @@ def test_a_capped_viewer_gets_the_low_rung_and_climbs_at_an_idr_when_lifted(
             watching = asyncio.create_task(consume())
             try:
                 # The shard knows the viewer by its ticket once its first RTCP names it.
+                # The cap a viewer whose permissions say max_quality=LOW gets on this ladder.
+                cap = cap_for(QualityPreset.LOW, plan_ladder(TOP, config.rungs).rungs)
+                assert cap == 1
                 await eventually(
-                    lambda: shard.set_rung_cap(ticket.viewer_id, 1),
+                    lambda: shard.set_rung_cap(ticket.viewer_id, cap),
                     lambda n: n == 1,
                     "the cap applied to the viewer's connection",
                 )
