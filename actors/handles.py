@@ -35,6 +35,8 @@ from actors.stages.quality import QualityActor
 from actors.stages.recorder import RecorderActor
 from actors.stages.sender import SenderActor, SenderStats
 from shared.capture.source import SourceInfo
+from shared.control.rung_targets import RungTarget
+from shared.media.scaler import Rung
 from shared.models import ConnectionQuality, RecordingSession, StreamQuality, StreamSource
 from shared.roq.tls import TlsIdentity
 
@@ -128,12 +130,20 @@ class EncoderHandle(Handle[EncoderActor]):
     async def rung_names(self) -> list[str]:
         return await self.call(EncoderActor.rung_names)
 
+    async def ladder(self) -> list[Rung]:
+        """The rungs the encoder writes, rung 0 first (their sizes and bitrates)."""
+        return await self.call(EncoderActor.ladder)
+
     async def configure(self, quality: StreamQuality) -> StreamQuality:
         """The quality the encoder applied (``quality``, capped by the source)."""
         return await self.call(EncoderActor.configure, quality)
 
     async def set_bitrate(self, bitrate: int, rung: int = 0) -> int:
         return await self.call(EncoderActor.set_bitrate, bitrate, rung)
+
+    async def set_paused(self, rung: int, paused: bool) -> bool:
+        """Pause a rung nobody watches (no encoder time), or resume it with an IDR."""
+        return await self.call(EncoderActor.set_paused, rung, paused)
 
     async def stats(self) -> EncoderStats:
         return await self.call(EncoderActor.stats)
@@ -156,6 +166,14 @@ class SenderHandle(Handle[SenderActor]):
 
     async def stats(self) -> SenderStats:
         return await self.call(SenderActor.stats)
+
+    async def set_rung_cap(self, peer_or_viewer: str, cap: int) -> int:
+        """A viewer gets rungs ``cap`` and below; how many connections it applied to."""
+        return await self.call(SenderActor.set_rung_cap, peer_or_viewer, cap)
+
+    async def pin_rung(self, peer_or_viewer: str, rung: int | None) -> int:
+        """Pin a viewer to ``rung`` (None: unpin); how many connections it applied to."""
+        return await self.call(SenderActor.pin_rung, peer_or_viewer, rung)
 
     async def stop(self) -> SenderStats:
         return await self.call(SenderActor.stop)
@@ -201,6 +219,10 @@ class QualityHandle(Handle[QualityActor]):
 
     async def connection_quality(self) -> dict[str, ConnectionQuality]:
         return await self.call(QualityActor.connection_quality)
+
+    async def targets(self) -> list[RungTarget]:
+        """Each rung's encoder target and state after the last round."""
+        return await self.call(QualityActor.targets)
 
     async def stop(self) -> None:
         await self.call(QualityActor.stop)

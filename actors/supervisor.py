@@ -39,7 +39,7 @@ from actors.recordings import Recordings, StreamContext
 from actors.shards import ShardPool
 from actors.stages.capture import CaptureActor
 from actors.stages.encoder import EncoderActor, encoder_actor_options, ladder_ring_names
-from actors.stages.quality import QualityActor
+from actors.stages.quality import QualityActor, viewer_quality
 from actors.stages.sender import SenderActor
 from shared.auth.control import RungInfo
 from shared.auth.pending import PendingRequest
@@ -750,10 +750,18 @@ class Supervisor:
             elapsed_s=time.monotonic() - stream.started,
             wall_now=time.time(),
         )
+        peers = {peer.viewer_id: peer for sender in senders for peer in sender.peers}
         for viewer_id, viewer in stream.viewers.items():
             record = registry.get(viewer_id)
             if record is not None and record.state is ViewerState.CONNECTED:
-                # The quality actor classifies each shard's viewers from their feedback.
+                peer = peers.get(viewer_id)
+                if peer is not None:
+                    # Its own feedback, and the rung its shard sends it.
+                    viewer.status.connection_quality, viewer.status.current_quality = (
+                        viewer_quality(peer, encoder_stats, stream.session.quality)
+                    )
+                    continue
+                # Not yet named in its RTCP: the quality actor's view of its shard.
                 viewer.status.connection_quality = classified.get(
                     record.shard_id or "", ConnectionQuality.GOOD
                 )

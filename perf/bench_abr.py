@@ -4,9 +4,9 @@ This arm runs the real cores (``shared.rtp.bandwidth.BandwidthEstimator``,
 ``shared.control.probe.ProbeController``, ``shared.control.rung_choice.RungSelector``) in closed
 loop with the deterministic link of ``tests/netsim.py``: a FIFO bottleneck with a 64 kB
 drop-tail queue, 20 ms each way, transport-wide feedback every 50 ms, frames sent whole at
-30 fps, switch IDRs 5 frames large.  It measures the control loop, not a network stack; a
-real-network arm (network namespaces, ``tc tbf``, the impairment relay) is to come with the
-sender integration.
+30 fps, switch IDRs 5 frames large.  It measures the control loop, not a network stack; the
+real-network arm (``--arm network``: a Ray stream, a viewer in a network namespace behind a
+``tc tbf`` cap, root needed) is :mod:`perf.abr_network`, with the same keys.
 
 The scenario: the ladder 3 / 1.5 / 0.5 Mbps (the HIGH, MEDIUM and LOW presets' bitrates), one
 viewer starting on the lowest rung, the capacity 4 -> 1 -> 4 -> 1 -> 4 Mbps, 20 s each.
@@ -26,7 +26,7 @@ A convergence time is null where the viewer never got there before the next step
 
 Baseline, the same run and link: every viewer on rung 0 (what the sender does before issue 12).
 
-Usage: python -m perf.bench_abr [--json] [--keyframe-factor F]
+Usage: python -m perf.bench_abr [--json] [--keyframe-factor F] [--arm sim|network] [--step-s S]
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ import math
 from typing import Any
 
 from perf._report import emit
+from perf.abr_network import STEADY_AFTER_S
+from perf.abr_network import measure as network_measure
 from tests.netsim import (
     KEYFRAME_FACTOR,
     STEP_CAPACITY,
@@ -110,9 +112,28 @@ def main(argv: list[str] | None = None) -> None:
         default=KEYFRAME_FACTOR,
         help="an IDR's size in average frames (default %(default)s)",
     )
+    parser.add_argument(
+        "--arm",
+        choices=("sim", "network"),
+        default="sim",
+        help="the simulated link (default) or the real network (netns + tc tbf, needs root)",
+    )
+    parser.add_argument(
+        "--step-s", type=float, default=15.0, help="network arm: seconds per capacity step"
+    )
     args = parser.parse_args(argv)
     if args.keyframe_factor < 1:
         parser.error("--keyframe-factor must be at least 1")
+    if args.arm == "network":
+        if args.step_s < 2 * STEADY_AFTER_S:
+            parser.error(f"--step-s must be at least {2 * STEADY_AFTER_S:g}")
+        from tests.netns import missing_tools
+
+        why = missing_tools()
+        if why is not None:
+            parser.error(f"the network arm cannot run here: {why}")
+        emit("abr_network", network_measure(args.step_s), as_json=args.json)
+        return
     emit("abr", measure(args.keyframe_factor), as_json=args.json)
 
 

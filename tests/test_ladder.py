@@ -326,6 +326,31 @@ def test_keyframe_requests_and_bitrates_are_per_rung() -> None:
     ladder.close()
 
 
+def test_a_paused_rung_takes_no_frames_and_resumes_at_an_idr() -> None:
+    source = StreamQuality(resolution=Resolution(640, 360), framerate=30, bitrate=800_000)
+    ladder = LadderEncoder(source, (LOW,), keyframe_interval_s=10.0)
+    feed = Feed(ladder, 640, 360, 30)
+    feed.run(4)
+    ladder.set_paused(1, True)
+    paused = feed.run(8)
+    assert feed.units(1, paused) == []  # no encoder time spent on it
+    assert len(feed.units(0, paused)) == 8
+    assert ladder.stats(now=1.0).rungs[1].paused
+    ladder.set_paused(1, False)
+    resumed = feed.run(4)
+    units = feed.units(1, resumed)
+    assert units and units[0].keyframe  # its viewers' decoders start there
+    # A viewer's IDR request for a paused rung resumes it at once (a switch cannot wait).
+    ladder.set_paused(1, True)
+    feed.run(2)
+    ladder.request_keyframe(1)
+    again = feed.units(1, feed.run(2))
+    assert again and again[0].keyframe
+    with pytest.raises(ConfigError, match="never paused"):
+        ladder.set_paused(0, True)
+    ladder.close()
+
+
 def test_a_scene_cut_is_an_idr_on_every_rung_even_one_that_skips_the_cut_frame() -> None:
     quality = StreamQuality(resolution=Resolution(320, 180), framerate=30, bitrate=300_000)
     ladder = LadderEncoder(quality, (LOW,), keyframe_interval_s=10.0)

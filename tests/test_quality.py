@@ -95,3 +95,117 @@ def test_scheduler_stream_limit_and_dead_nodes() -> None:
     scheduler.place("a", low, [NodeInfo(node_id="n", cpus=8)])
     with pytest.raises(ResourceError, match="limit is 1"):
         scheduler.place("b", low, [NodeInfo(node_id="n", cpus=8)])
+
+
+# -- the quality actor's rounds: per-rung targets from the shards' viewers ----------------------
+
+
+class FakeLadderEncoder:
+    """What the quality actor calls on its encoder: the ladder, and each rung's bitrate."""
+
+    def __init__(self, rates: list[int]) -> None:
+        from shared.media.scaler import Rung
+
+        self.rungs = [
+            Rung(index=i, width=640 >> i, height=360 >> i, framerate=30, bitrate=rate)
+            for i, rate in enumerate(rates)
+        ]
+        self.set: list[tuple[int, int]] = []
+        self.paused: list[tuple[int, bool]] = []
+
+    async def ladder(self) -> list[object]:
+        return list(self.rungs)
+
+    async def set_bitrate(self, bitrate: int, rung: int = 0) -> int:
+        self.set.append((rung, bitrate))
+        return bitrate
+
+    async def set_paused(self, rung: int, paused: bool) -> bool:
+        self.paused.append((rung, paused))
+        return paused
+
+
+def shard(peers: list[tuple[int, int]]) -> object:
+    from actors.stages.sender import PeerStatus, SenderStats
+
+    return SenderStats(
+        pid=1,
+        viewer_id="shard-1",
+        url="",
+        peers=[
+            PeerStatus(
+                peer_id=f"p{i}",
+                address="127.0.0.1:1",
+                connected_at=0.0,
+                rung=rung,
+                rung_wanted=rung,
+                estimate_bps=estimate,
+            )
+            for i, (rung, estimate) in enumerate(peers)
+        ],
+        frames_sent=0,
+        frames_missed=0,
+        packets_sent=0,
+        bytes_sent=0,
+        keyframe_requests=0,
+    )
+
+
+def test_after_an_overload_of_thirty_viewers_the_stream_returns_to_its_quality() -> None:
+    """The old bug: one shared target, stuck at ~300 kbps once the viewers had gone."""
+    import asyncio
+    from typing import Any, cast
+
+    from actors.stages.quality import QualityActor
+
+    async def main() -> list[tuple[int, int]]:
+        encoder = FakeLadderEncoder([2_000_000, 600_000])
+        actor = QualityActor("s", cast(Any, encoder), 2_000_000)
+        await actor._plan()
+        overloaded = shard([(0, 300_000)] * 30)
+        await actor.apply([cast(Any, overloaded)], now=1.0)
+        assert encoder.set[-1] == (0, 1_000_000)  # rung 0 at its floor, not lower
+        await actor.apply([cast(Any, shard([]))], now=2.0)  # everyone left
+        assert encoder.set[-1] == (0, 2_000_000)
+        return encoder.set
+
+    assert asyncio.run(main()) == [(0, 1_000_000), (0, 2_000_000)]
+
+
+def test_each_rung_follows_its_own_viewers_and_the_lowest_may_go_lower() -> None:
+    import asyncio
+    from typing import Any, cast
+
+    from actors.stages.quality import QualityActor
+
+    async def main() -> dict[int, int]:
+        encoder = FakeLadderEncoder([2_000_000, 600_000])
+        actor = QualityActor("s", cast(Any, encoder), 2_000_000)
+        await actor._plan()
+        # Good viewers on the top rung, one poor one on the low rung: the top keeps its rate.
+        stats = shard([(0, 3_000_000), (0, 2_500_000), (1, 200_000)])
+        targets = await actor.apply([cast(Any, stats)], now=1.0)
+        assert [t.viewers for t in targets] == [2, 1]
+        return dict(encoder.set)
+
+    assert asyncio.run(main()) == {1: 200_000}  # the lowest rung's floor is 10 %, not 50 %
+
+
+def test_a_rung_nobody_watches_is_paused_and_resumed_for_a_viewer_going_to_it() -> None:
+    import asyncio
+    from typing import Any, cast
+
+    from actors.stages.quality import QualityActor
+
+    async def main() -> list[tuple[int, bool]]:
+        encoder = FakeLadderEncoder([2_000_000, 600_000])
+        actor = QualityActor("s", cast(Any, encoder), 2_000_000)
+        await actor._plan()
+        await actor.apply([cast(Any, shard([(0, 3_000_000)]))], now=1.0)
+        assert encoder.paused == [(1, True)]  # rung 0 always runs
+        going = cast(Any, shard([(0, 800_000)]))
+        going.peers[0].rung_wanted = 1  # on its way down, waiting for rung 1's IDR
+        await actor.apply([going], now=2.0)
+        return encoder.paused
+
+    assert asyncio.run(main()) == [(1, True), (1, False)]

@@ -247,6 +247,11 @@ class EncoderActor:
         async with self._encoding:
             return self._ladder.set_bitrate(bitrate, rung)
 
+    async def set_paused(self, rung: int, paused: bool) -> bool:
+        """Pause a rung nobody watches, or resume it with an IDR (``LadderEncoder``)."""
+        async with self._encoding:
+            return self._ladder.set_paused(rung, paused)
+
     async def configure(self, quality: StreamQuality) -> StreamQuality:
         """Make rung 0 encode at ``quality`` (see :meth:`LadderEncoder.configure`)."""
         async with self._encoding:

@@ -14,9 +14,15 @@ The actor is its own process and event loop, so viewers fan out in parallel acro
 one slow viewer never delays the others.  Several actors can serve one listen address: each
 binds the port with ``SO_REUSEPORT`` and the kernel keeps each client on one of them.
 
-Tracks are generic: video from the encoder's ring (H.264, flows 0/1, 90 kHz) and, when the
-stream has audio, Opus from the ``audio`` ring (flows 2/3, 48 kHz).  Each frame is packetized
-once and handed to every connection through :class:`shared.rtp.sender.BroadcastSender`, which
+Tracks are generic: video from the encoder's rings (H.264, flows 0/1, 90 kHz) and, when the
+stream has audio, Opus from the ``audio`` ring (flows 2/3, 48 kHz).  With a simulcast ladder
+the shard reads every rung's ring (rung n's is ``video{n}``, rates from the encoder's
+``ladder()``) and each viewer receives one rung, chosen per viewer from its own bandwidth
+estimate (:mod:`shared.rtp.adaptation`), capped by ``set_rung_cap`` (its permissions'
+``max_quality``) or pinned by ``pin_rung``; a switch waits for an IDR of the new rung, which
+the shard asks that rung's encoder for, and the viewer keeps one SSRC and sequence space.
+Each frame is packetized once per rung and handed to every connection on that rung through
+:class:`shared.rtp.sender.BroadcastSender`, which
 answers RTCP (NACK from a bounded history, PLI, RR, transport-wide feedback for the bandwidth
 estimate).  What to skip when the actor falls behind, and when a PLI (or a newcomer, or a
 viewer resuming after congestion) becomes a keyframe request to the encoder, is decided by
@@ -34,13 +40,14 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
 from shared.auth.server import AccessControl, AccessSettings
 from shared.control.balancer import ConnectionRateLimiter
-from shared.errors import ResourceError
+from shared.errors import ConfigError, ResourceError
 from shared.models import StreamAccess, StreamStats, ViewerLimits, ViewerPermissions
 from shared.pool.doorbell import DoorbellListener
 from shared.pool.packet_ring import PacketRing, PacketRingReader
@@ -81,6 +88,19 @@ class PeerStatus(PeerStats, kw_only=True):
     access: str = "open"
     """``open`` (open stream), or its admission state: ``awaiting_hello``,
     ``pending_approval``, ``admitted`` (only an admitted connection gets media)."""
+    rung: int = 0
+    """The rung of the ladder it receives (0: the top, the stream's own quality).
+    ``frames_dropped`` counts, per viewer, the frames dropped rather than queued under
+    congestion (skipped before sending, or expired in its send queue)."""
+    rung_wanted: int = 0
+    """The rung it is switching to (its IDR pending), else ``rung``."""
+    rung_cap: int = 0
+    """The highest rung it may get (``set_rung_cap``)."""
+    rung_pin: int | None = None
+    rung_switches: int = 0
+    probe_clusters: int = 0
+    padding_bytes: int = 0
+    """Probe padding sent to it (``shared.rtp.adaptation``)."""
 
 
 class SenderStats(msgspec.Struct, kw_only=True):
@@ -95,6 +115,9 @@ class SenderStats(msgspec.Struct, kw_only=True):
     """Every connection's, including those that have left."""
     keyframe_requests: int
     tracks: list[str] = msgspec.field(default_factory=list)
+    #: The ladder's rungs this shard reads (1: no per-viewer rungs) and their rates.
+    rungs: int = 1
+    rung_rates: list[int] = msgspec.field(default_factory=list)
     error: str | None = None
     #: Connections closed at once for a limit (this shard's viewers, the arrival rate).
     connections_refused: int = 0
@@ -114,8 +137,9 @@ class _TrackSource:
         spec: MediaTrack,
         ring: PacketRing,
         start: Literal["next", "latest_keyframe"],
+        rung: int = 0,
     ) -> None:
-        self.index, self.spec, self.ring = index, spec, ring
+        self.index, self.spec, self.ring, self.rung = index, spec, ring, rung
         #: Listening before the reader takes its position: nothing committed after it is missed.
         self.bell: DoorbellListener = ring.listen()
         self.reader = PacketRingReader(ring, start=start)
@@ -134,11 +158,14 @@ class SenderActor:
         limits: ViewerLimits | None = None,
         access: AccessSettings | None = None,
         supervisor: Any = None,
+        rung_rates: Sequence[int] | None = None,
     ) -> None:
         """``limits``: this shard refuses connections beyond ``max_viewers_per_shard`` and
         above the connection rate (None: no limit).  ``access``: who may watch (None: an
         open stream, as ``StreamAccess()``).  ``supervisor``: the handle recording requests
-        of viewers with ``can_record`` go to (None: refused)."""
+        of viewers with ``can_record`` go to (None: refused).  ``rung_rates``: each rung's
+        bitrate, top first, when the encoder writes a ladder (None: asked of the encoder when
+        the rings of rungs 1.. exist, see :meth:`open`)."""
         self._supervisor = supervisor
         self._record_tasks: set[asyncio.Task[None]] = set()
         self._session_id = session_id
@@ -160,6 +187,10 @@ class SenderActor:
         #: The flows viewers send RTCP on, fixed once the rings are attached.
         self._rtcp_flows: frozenset[int] = frozenset()
         self._keyframes = KeyframePolicy()
+        #: Per rung: when a viewer's IDR request goes to that rung's encoder (rung 0's is
+        #: ``_keyframes``, which also counts what the shard missed).
+        self._rung_keyframes = [self._keyframes]
+        self._rung_rates = list(rung_rates) if rung_rates is not None else None
         self._url = ""
         self._error: str | None = None
         self._started = time.monotonic()
@@ -182,12 +213,7 @@ class SenderActor:
         """
         identity = identity or generate_self_signed(host)
         if self._ring_name is not None:  # None: an audio-only stream
-            video = PacketRing.attach(self._ring_name)
-            try:
-                self._sources = [_TrackSource(0, VIDEO_TRACK, video, "latest_keyframe")]
-            except BaseException:
-                video.close()
-                raise
+            await self._attach_rungs()
         try:
             audio = PacketRing.attach(self._audio_ring_name)
         except ResourceError:
@@ -195,7 +221,8 @@ class SenderActor:
                 raise  # no video and no audio: nothing to send
         else:
             try:
-                self._sources.append(_TrackSource(len(self._sources), AUDIO_TRACK, audio, "next"))
+                index = 1 if self._sources else 0  # after the video track, if any
+                self._sources.append(_TrackSource(index, AUDIO_TRACK, audio, "next"))
             except BaseException:
                 audio.close()
                 self._close_sources()
@@ -204,15 +231,20 @@ class SenderActor:
         for source in self._sources:
             source.bell.watch(loop, self._wakeup.set)
         self._rtcp_flows = frozenset(source.spec.rtcp_flow_id for source in self._sources)
+        rates = self._rung_rates or []
         self._broadcast = BroadcastSender(
-            [source.spec for source in self._sources], initial_bps=INITIAL_ESTIMATE_BPS
+            [source.spec for source in self._sources if source.rung == 0],
+            initial_bps=INITIAL_ESTIMATE_BPS,
+            rung_rates=rates if len(rates) > 1 else (),
         )
+        self._rung_keyframes += [KeyframePolicy() for _ in range(1, len(rates))]
         self._access = AccessControl(
             self._session_id,
             self._access_settings,
             admit=self._admit_viewer,
             rungs=self._access_settings.rungs,
             on_record=self._on_record_request,
+            on_select_rung=self._on_select_rung,
         )
         self._identity = identity
         self._server = self._new_server()
@@ -234,6 +266,52 @@ class SenderActor:
             )
         )
         return self._url
+
+    async def _attach_rungs(self) -> None:
+        """Every rung's ring: rung 0's is ``ring_name``, rung n's the encoder's
+        ``ladder_ring_names`` (``video{n}``), attached while they exist.  A ladder of several
+        rungs needs their rates, for the viewers' rung choice."""
+        assert self._ring_name is not None
+        rings = [PacketRing.attach(self._ring_name)]
+        try:
+            while True:
+                name = segment_name(self._session_id, f"video{len(rings)}")
+                try:
+                    rings.append(PacketRing.attach(name))
+                except ResourceError:
+                    break
+            if self._rung_rates is None:
+                if len(rings) > 1 and self._encoder is not None:
+                    self._rung_rates = [rung.bitrate for rung in await self._encoder.ladder()]
+                else:
+                    self._rung_rates = []
+            if len(self._rung_rates) > 1:
+                # A rung the encoder does not name has no rate to choose it by.
+                for ring in rings[len(self._rung_rates) :]:
+                    ring.close()
+                rings = rings[: len(self._rung_rates)]
+                if len(rings) != len(self._rung_rates):
+                    raise ConfigError(
+                        f"stream {self._session_id}: {len(self._rung_rates)} rung rates for "
+                        f"{len(rings)} rung rings"
+                    )
+            else:
+                for ring in rings[1:]:
+                    ring.close()
+                rings = rings[:1]
+        except BaseException:
+            for ring in rings:
+                ring.close()
+            raise
+        for rung, ring in enumerate(rings):
+            try:
+                self._sources.append(_TrackSource(0, VIDEO_TRACK, ring, "latest_keyframe", rung))
+            except BaseException:
+                ring.close()
+                for rest in rings[rung + 1 :]:
+                    rest.close()
+                self._close_sources()
+                raise
 
     def _new_server(self) -> RoqServer:
         return RoqServer(
@@ -264,9 +342,10 @@ class SenderActor:
     def _sleep_s(self, now: float) -> float:
         """Until the earliest core deadline (a ring's doorbell may wake the loop sooner)."""
         deadline = self._broadcast.next_poll()
-        held = self._keyframes.next_deadline()
-        if held is not None:
-            deadline = min(deadline, held)
+        for policy in self._rung_keyframes:
+            held = policy.next_deadline()
+            if held is not None:
+                deadline = min(deadline, held)
         admission = self._access.next_deadline()  # hello timeouts, lapsing requests
         if admission is not None:
             deadline = min(deadline, admission)
@@ -298,7 +377,7 @@ class SenderActor:
             batch = source.reader.read_available()
             # Skipped frames never get sequence numbers, so viewers see no gap, only a jump
             # to a keyframe.
-            packets = self._keyframes.select(
+            packets = self._rung_keyframes[source.rung].select(
                 batch.packets, missed=batch.missed, video=source.spec.kind == "video"
             )
             for packet in packets:
@@ -310,6 +389,7 @@ class SenderActor:
                     keyframe=packet.keyframe,
                     now=now,
                     wall_now=wall_now,
+                    rung=source.rung,
                 )
 
     def _on_connect(self, connection: RoqConnection) -> None:
@@ -332,7 +412,17 @@ class SenderActor:
         assert isinstance(connection, RoqConnection)
         now = time.monotonic()
         logger.info("stream %s: viewer %s admitted", self._session_id, grant.viewer)
-        self._broadcast.add(connection, now)
+        # max_quality, enforced here: the best rung it may get is the best of those allowed.
+        ladder = len(self._rung_rates or []) > 1
+        self._broadcast.add(connection, now, cap=min(rungs) if ladder and rungs else 0)
+        self._forward_keyframe_request(now)
+
+    def _on_select_rung(self, connection: object, rung: int | None) -> None:
+        """A viewer with ``can_control_quality`` chose a rung (None: adaptive again); the
+        admission core checked it against the viewer's cap."""
+        assert isinstance(connection, RoqConnection)
+        now = time.monotonic()
+        self._broadcast.set_pin(connection, rung, now)
         self._forward_keyframe_request(now)
 
     def _on_record_request(
@@ -384,13 +474,17 @@ class SenderActor:
         self._forward_keyframe_request(now)
 
     def _forward_keyframe_request(self, now: float, *, wake: bool = True) -> None:
-        if self._broadcast.take_keyframe_request():
-            self._keyframes.request()
-        if self._keyframes.poll(now):
-            if self._encoder is not None:  # None: an audio-only stream
-                self._encoder.request_keyframe()
-        elif wake and self._keyframes.next_deadline() is not None:
-            self._wakeup.set()  # held by the throttle: let the loop re-arm its timer for it
+        """Viewers' IDR requests (PLIs, newcomers, rung switches) to each rung's encoder,
+        each rung throttled on its own."""
+        for rung in self._broadcast.take_keyframe_rungs():
+            if rung < len(self._rung_keyframes):
+                self._rung_keyframes[rung].request()
+        for rung, policy in enumerate(self._rung_keyframes):
+            if policy.poll(now):
+                if self._encoder is not None:  # None: an audio-only stream
+                    self._encoder.request_keyframe(rung)
+            elif wake and policy.next_deadline() is not None:
+                self._wakeup.set()  # held by the throttle: let the loop re-arm its timer
 
     # -- the design's NetworkStreamer, per connection --------------------------------------
 
@@ -404,6 +498,48 @@ class SenderActor:
             if peer is not None:
                 estimator = peer.estimator
                 estimator.max_bps = max(bitrate, estimator.min_bps)
+
+    def _viewer_connections(self, peer_or_viewer: str) -> list[RoqConnection]:
+        """The connections of a peer id, or of the viewer that named itself in its CNAME."""
+        return [
+            connection
+            for connection in self._connections
+            if connection.peer_id == peer_or_viewer
+            or self._access.viewer_of(connection) == peer_or_viewer
+            or (
+                (peer := self._broadcast.peers.get(connection)) is not None
+                and peer.feedback.cname == peer_or_viewer
+            )
+        ]
+
+    def _check_rung(self, rung: int, what: str) -> None:
+        count = max(len(self._rung_rates or []), 1)
+        if not 0 <= rung < count:
+            raise ConfigError(f"{what} {rung} is not a rung of this {count}-rung stream")
+
+    async def set_rung_cap(self, peer_or_viewer: str, cap: int) -> int:
+        """Let a viewer (a peer id or the viewer id in its CNAME) get rungs ``cap`` and below
+        only (``cap_for(ViewerPermissions.max_quality, rungs)``): above it, it moves down at
+        once, at the allowed rung's IDR.  How many connections it applied to."""
+        self._check_rung(cap, "cap")
+        connections = self._viewer_connections(peer_or_viewer)
+        now = time.monotonic()
+        for connection in connections:
+            self._broadcast.set_cap(connection, cap, now)
+        self._forward_keyframe_request(now)
+        return len(connections)
+
+    async def pin_rung(self, peer_or_viewer: str, rung: int | None) -> int:
+        """Pin a viewer to ``rung`` (``ViewerPermissions.can_control_quality``), or unpin it
+        (None); its cap still wins.  How many connections it applied to."""
+        if rung is not None:
+            self._check_rung(rung, "rung")
+        connections = self._viewer_connections(peer_or_viewer)
+        now = time.monotonic()
+        for connection in connections:
+            self._broadcast.set_pin(connection, rung, now)
+        self._forward_keyframe_request(now)
+        return len(connections)
 
     async def get_stream_stats(self, peer_id: str | None = None) -> StreamStats:
         """StreamStats for one connection (or all of this actor's), sender side."""
@@ -450,12 +586,23 @@ class SenderActor:
             stats.loss = feedback.loss
             stats.jitter_ms = feedback.jitter_ms
             stats.estimate_bps = peer.estimator.estimate_bps
-            # Skipped before sending (congested, joined mid-GOP) or expired in the send queue.
+            # Frames dropped under congestion, per viewer: skipped before sending (congested)
+            # or expired in the send queue.
             stats.frames_dropped = feedback.frames_skipped + stats.frames_expired
             stats.nacks_received = feedback.nacks_received
             stats.retransmissions = feedback.retransmissions
             stats.keyframe_requests = feedback.keyframe_requests
             stats.viewer_id = feedback.cname
+            adaptation = peer.adaptation
+            if adaptation is not None:
+                selector = adaptation.selector
+                stats.rung = selector.rung
+                stats.rung_wanted = selector.wanted
+                stats.rung_cap = selector.cap
+                stats.rung_pin = selector.pin
+                stats.rung_switches = selector.switches
+                stats.probe_clusters = adaptation.probe.clusters_sent
+                stats.padding_bytes = adaptation.padding_bytes
         stats.viewer_id = self._access.viewer_of(connection) or stats.viewer_id
         stats.access = self._access.state_of(connection)
         return stats
@@ -468,11 +615,13 @@ class SenderActor:
             url=self._url,
             peers=peers,
             frames_sent=self._broadcast.frames_sent,
-            frames_missed=self._keyframes.frames_missed,
+            frames_missed=sum(policy.frames_missed for policy in self._rung_keyframes),
             packets_sent=self._broadcast.packets_sent,
             bytes_sent=self._departed_bytes + sum(p.bytes_sent for p in peers),
-            keyframe_requests=self._keyframes.requests_forwarded,
-            tracks=[source.spec.kind for source in self._sources],
+            keyframe_requests=sum(p.requests_forwarded for p in self._rung_keyframes),
+            tracks=[source.spec.kind for source in self._sources if source.rung == 0],
+            rungs=max(len(self._rung_rates or []), 1),
+            rung_rates=list(self._rung_rates or []),
             error=self._error,
             connections_refused=self._refused,
             ports=[server.port for server in self._servers],

@@ -157,6 +157,8 @@ class RungEncodeStats(msgspec.Struct, kw_only=True):
     reconfigurations: int
     #: CPU milliseconds per frame spent scaling and encoding this rung.
     encode_cpu_ms: float = 0.0
+    #: Paused: nobody watches it (``LadderEncoder.set_paused``).
+    paused: bool = False
 
 
 class LadderStats(msgspec.Struct, kw_only=True):
@@ -184,6 +186,8 @@ class _RungState:
     )
     #: A scene cut came on a frame this rung left out: its next frame is an IDR.
     cut_pending: bool = False
+    #: Nobody watches it: it takes no frames (``LadderEncoder.set_paused``).
+    paused: bool = False
     wall_s: float = 0.0
     cpu_s: float = 0.0
 
@@ -296,7 +300,7 @@ class LadderEncoder:
         due: list[int] = []
         idr: set[int] = set()
         for state in self._rungs:
-            if state.decimator.admit(pts):
+            if not state.paused and state.decimator.admit(pts):
                 due.append(state.rung.index)
                 if cut or state.cut_pending:
                     idr.add(state.rung.index)
@@ -362,6 +366,23 @@ class LadderEncoder:
         self._keyframe_requests += 1
         for state in states:
             state.encoder.request_keyframe()
+        if rung is not None:
+            # A viewer asking a paused rung for an IDR is on its way to it (a switch of rung,
+            # ``shared.control.rung_choice``): it resumes at once, not at the next round of
+            # the quality actor, so a step down under congestion does not wait.
+            self._rungs[rung].paused = False
+
+    def set_paused(self, rung: int, paused: bool) -> bool:
+        """Pause a rung nobody watches (it takes no frames: no encoder time) or resume it; a
+        resumed rung's first frame is an IDR.  Rung 0, the stream's own quality that
+        recordings follow, is never paused.  Returns whether it is paused now."""
+        state = self._rung(rung)
+        if rung == 0 and paused:
+            raise ConfigError("rung 0 is the stream's own quality: it is never paused")
+        if state.paused and not paused:
+            state.encoder.request_keyframe()
+        state.paused = paused
+        return paused
 
     def set_bitrate(self, bitrate: int, rung: int = 0) -> int:
         """Retarget ``rung``; returns the bitrate applied (clamped).  At or below the encoder's
@@ -436,6 +457,7 @@ class LadderEncoder:
             hardware_fallbacks=encoder.hardware_fallbacks,
             reconfigurations=encoder.reconfigurations,
             encode_cpu_ms=state.cpu_s * 1000 / frames if frames else 0.0,
+            paused=state.paused,
         )
 
     def stats(self, now: float) -> LadderStats:

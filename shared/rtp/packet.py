@@ -261,6 +261,16 @@ class RtpStream:
         self._last_timestamp: int | None = None
         self._last_capture_s = 0.0
 
+    @property
+    def next_sequence(self) -> int:
+        """The sequence number the next packet takes."""
+        return self._sequence
+
+    @property
+    def last_timestamp(self) -> int | None:
+        """The RTP timestamp of the last frame sent (None before the first)."""
+        return self._last_timestamp
+
     def timestamp(self, pts: int) -> int:
         return (pts + self._offset) & 0xFFFF_FFFF
 

@@ -145,6 +145,8 @@ class ReceiverSession:
         self.packets_malformed = 0
         self.unknown_flows = 0
         self.keyframe_requests = 0
+        #: Padding-only packets (the sender's probes), not handed to a track.
+        self.padding_received = 0
 
     def new_connection(self) -> None:
         """A new QUIC connection: a new transport-wide sequence space."""
@@ -198,6 +200,11 @@ class ReceiverSession:
                 self.feedback.on_packet(sequence, int(now * 1e6))
                 if self._feedback_since is None:
                     self._feedback_since = now
+            if not packet.payload and packet.padding:
+                # Padding only (RFC 3550 §5.1): the sender's bandwidth probe, which counts in
+                # the transport-wide feedback above and carries no media.
+                self.padding_received += 1
+                return []
             if self._reporting_since is None:
                 self._reporting_since = now
             return [(track, frame) for frame in track.on_packet(packet, now)]

@@ -44,8 +44,10 @@ from typing import Protocol, runtime_checkable
 
 import msgspec
 
-from shared.errors import ProtocolError
+from shared.control.rung_choice import RungSelectorConfig
+from shared.errors import ConfigError, ProtocolError
 from shared.roq.framing import AUDIO_FLOW_ID, AUDIO_RTCP_FLOW_ID, VIDEO_FLOW_ID, VIDEO_RTCP_FLOW_ID
+from shared.rtp.adaptation import PeerAdaptation, padding_sizes
 from shared.rtp.bandwidth import BandwidthEstimator, SenderReportTimes
 from shared.rtp.h264 import (
     DEFAULT_MTU,
@@ -89,6 +91,9 @@ SR_INTERVAL_S = 0.5
 #: many viewers and the shard does not wake once per viewer per interval.  RFC 3550 §6.2
 #: varies the report interval by a factor of 0.5 to 1.5 anyway.
 SR_EARLY_S = 0.05
+#: The shortest wait before a viewer's adaptation runs again (its probe packets are spaced
+#: by at least this at 10 Mbps: 1200 bytes take 1 ms).
+ADAPTATION_STEP_S = 0.001
 
 #: The RTP header this sender writes (RFC 3550 §5.1): V=2, X=1 (no padding, no CSRCs), M and
 #: PT, sequence number, timestamp, SSRC; then the RFC 8285 §4.2 one-byte extension block
@@ -96,6 +101,8 @@ SR_EARLY_S = 0.05
 #: TRANSPORT_CC_EXTENSION_ID, two octets) and one padding octet.
 _HEADER = struct.Struct("!BBHIIHHBHB")
 _FIRST, _PROFILE = 0x80 | 0x10, ONE_BYTE_PROFILE
+#: A padding-only packet's first octet: P set as well (RFC 3550 §5.1).
+_FIRST_PADDING = _FIRST | 0x20
 _ELEMENT = TRANSPORT_CC_EXTENSION_ID << 4 | 1
 #: What the send history keeps of a packet to resend it: the shard's payload (shared by every
 #: viewer, not copied), the header's second octet (M, PT) and the RTP timestamp.
@@ -166,7 +173,9 @@ class PeerSender:
         initial_bps: int,
         rng: random.Random | None = None,
         max_backlog: int = MAX_BACKLOG,
+        adaptation: PeerAdaptation | None = None,
     ) -> None:
+        """``adaptation``: the viewer's rung and probing, for a stream of several rungs."""
         rng = rng or random.Random()
         self.tracks = list(tracks)
         self.streams = [
@@ -194,6 +203,15 @@ class PeerSender:
         self.feedback = PeerFeedback(estimate_bps=initial_bps)
         #: Media bytes sent to this viewer over the last second (bounded on every send).
         self.sent_window = RateWindow(1.0)
+        self.adaptation = adaptation
+        self._video = next(
+            (index for index, track in enumerate(self.tracks) if track.kind == "video"), None
+        )
+
+    @property
+    def rung(self) -> int:
+        """The rung of the ladder this viewer receives (0 without adaptation)."""
+        return 0 if self.adaptation is None else self.adaptation.rung
 
     @property
     def rtt_s(self) -> float:
@@ -229,7 +247,7 @@ class PeerSender:
                 return []
         stream, history = self.streams[track], self._histories[track]
         first, timestamp = stream.advance(payloads, pts=pts, capture_us=capture_us)
-        pack, ssrc, sent = _HEADER.pack, stream.ssrc, self.estimator.on_packet_sent
+        pack, ssrc, sent = _HEADER.pack, stream.ssrc, self._on_packet_sent
         transport, put = self._transport_sequence, history.put
         second, last = stream.payload_type, len(payloads) - 1
         out: list[bytes] = []
@@ -255,6 +273,47 @@ class PeerSender:
         feedback.frames_sent += self.tracks[track].kind == "video"
         return out
 
+    def _on_packet_sent(self, transport_sequence: int, size: int, now: float) -> None:
+        self.estimator.on_packet_sent(transport_sequence, size, now)
+        if self.adaptation is not None:
+            self.adaptation.on_packet_sent(transport_sequence, size, now)
+
+    def padding(self, now: float) -> list[bytes]:
+        """The probe padding due now (:mod:`shared.rtp.adaptation`): padding-only packets on
+        the video SSRC, repeating the last media packet's sequence number and timestamp, each
+        with a fresh transport-wide sequence number; [] when none is due or before any video."""
+        if self.adaptation is None or self._video is None:
+            return []
+        stream = self.streams[self._video]
+        if stream.packets_sent == 0:
+            return []  # nothing to repeat yet: the viewer has no sequence space to fit in
+        sequence = (stream.next_sequence - 1) & 0xFFFF
+        timestamp = stream.last_timestamp or 0
+        out: list[bytes] = []
+        for size in self.adaptation.probe_bytes_due(now):
+            for count in padding_sizes(size, _HEADER.size):
+                tsn = self._transport_sequence
+                header = _HEADER.pack(
+                    _FIRST_PADDING,
+                    stream.payload_type,
+                    sequence,
+                    timestamp,
+                    stream.ssrc,
+                    _PROFILE,
+                    1,
+                    _ELEMENT,
+                    tsn,
+                    0,
+                )
+                data = header + bytes(count - 1) + bytes((count,))
+                self._on_packet_sent(tsn, len(data), now)
+                self._transport_sequence = (tsn + 1) & 0xFFFF
+                out.append(data)
+        self.feedback.packets_sent += len(out)
+        self.adaptation.padding_packets += len(out)
+        self.adaptation.padding_bytes += sum(map(len, out))
+        return out
+
     def _resend(self, stream: RtpStream, sequence: int, kept: _Kept, now: float) -> bytes:
         """A kept packet again, with the same sequence number and a fresh transport-wide one
         (plain retransmission, as WebRTC does without RTX)."""
@@ -262,7 +321,7 @@ class PeerSender:
         tsn = self._transport_sequence
         header = (_FIRST, second, sequence, timestamp, stream.ssrc, _PROFILE, 1, _ELEMENT, tsn, 0)
         data = _HEADER.pack(*header) + payload
-        self.estimator.on_packet_sent(tsn, len(data), now)
+        self._on_packet_sent(tsn, len(data), now)
         self._transport_sequence = (tsn + 1) & 0xFFFF
         self.feedback.packets_sent += 1
         self.feedback.rtp_bytes_sent += len(data)
@@ -306,6 +365,7 @@ class PeerSender:
             self.feedback.rtcp_malformed += 1
             return []
         out: list[tuple[int, bytes]] = []
+        transport_feedback = False
         for packet in packets:
             if isinstance(packet, RtcpReceiverReport | RtcpSenderReport):
                 self._on_report(packet, now)
@@ -317,11 +377,17 @@ class PeerSender:
                     self.feedback.keyframe_requests += 1
             elif isinstance(packet, RtcpTransportFeedback):
                 self.estimator.on_transport_feedback(packet, now)
+                if self.adaptation is not None:
+                    self.adaptation.on_transport_feedback(self.estimator, packet, now)
+                transport_feedback = True
             elif isinstance(packet, RtcpSourceDescription):
                 cname = packet.cname_of()
                 if cname is not None:
                     self.feedback.cname = cname[:64]  # bounded: the viewer chooses it
         self._refresh(now)
+        if transport_feedback and self.adaptation is not None:
+            # Down within one feedback interval (shared.control.rung_choice).
+            self.adaptation.decide(self.estimator, now)
         return out
 
     def _on_report(self, report: RtcpReceiverReport | RtcpSenderReport, now: float) -> None:
@@ -399,7 +465,15 @@ class KeyframeSignal(Protocol):
 
 
 class BroadcastSender:
-    """Packetizes each frame once and hands every connected viewer its own RTP packets."""
+    """Packetizes each frame once and hands every connected viewer its own RTP packets.
+
+    With a ladder of several rungs (``rung_rates``, rung 0 the top), the video track comes in
+    one variant per rung: each rung's frames are packetized once, and each viewer is sent the
+    frames of its own rung, chosen by its :class:`shared.rtp.adaptation.PeerAdaptation`.  A
+    viewer keeps one video SSRC, and one sequence and timestamp space, across a switch (the
+    headers are its own, the timestamps come from the stream's pts, shared by the rungs), so
+    to its decoder a switch is an IDR with new SPS/PPS.
+    """
 
     def __init__(
         self,
@@ -408,49 +482,112 @@ class BroadcastSender:
         initial_bps: int,
         mtu: int = DEFAULT_MTU,
         rng: random.Random | None = None,
+        rung_rates: Sequence[int] = (),
+        selector_config: RungSelectorConfig | None = None,
     ) -> None:
+        """``rung_rates``: each rung's bitrate, top first; fewer than two: no adaptation."""
         self.tracks = list(tracks)
         self.initial_bps = initial_bps
         self._rng = rng or random.Random()
         self._packetizer = H264Packetizer(mtu=mtu)
-        self._parameter_sets = ParameterSets()
+        self.rung_rates = [int(rate) for rate in rung_rates]
+        if any(rate <= 0 for rate in self.rung_rates):
+            raise ConfigError(f"rung rates must be positive, got {self.rung_rates}")
+        self.selector_config = selector_config
+        #: Per rung: its SPS/PPS differ from the other rungs' (another resolution).
+        self._parameter_sets = [ParameterSets() for _ in range(max(len(self.rung_rates), 1))]
         self.peers: dict[MediaConnection, PeerSender] = {}
         #: The connections that drop video themselves (checked once, not per frame).
         self._signals: dict[MediaConnection, KeyframeSignal] = {}
         #: Video frames handed to the connections (audio frames are not counted).
         self.frames_sent = 0
         self.packets_sent = 0
-        self._keyframe_requested = False
+        #: The rungs a viewer asked an IDR of since the last take.
+        self._keyframe_rungs: set[int] = set()
+        # Adaptation deadlines (rung holds, probes), kept as the SR deadlines are.
+        self._adapt_heap: list[tuple[float, int, MediaConnection]] = []
+        self._adapt_due: dict[MediaConnection, float] = {}
         # SR deadlines: a heap of (deadline, tie-breaker, connection), and each connection's
         # current deadline; heap entries that no longer match are stale and skipped.
         self._sr_heap: list[tuple[float, int, MediaConnection]] = []
         self._sr_due: dict[MediaConnection, float] = {}
         self._sr_order = itertools.count()
 
-    def add(self, connection: MediaConnection, now: float) -> PeerSender:
-        peer = PeerSender(self.tracks, now=now, initial_bps=self.initial_bps, rng=self._rng)
+    @property
+    def adaptive(self) -> bool:
+        """Viewers get rungs of their own (a ladder of two rungs or more)."""
+        return len(self.rung_rates) >= 2
+
+    def add(
+        self,
+        connection: MediaConnection,
+        now: float,
+        *,
+        cap: int = 0,
+        start_rung: int | None = None,
+    ) -> PeerSender:
+        """A new viewer; with a ladder it starts on ``start_rung`` (None: the lowest allowed,
+        from where probing climbs), never above ``cap``."""
+        adaptation = None
+        if self.adaptive:
+            adaptation = PeerAdaptation(
+                self.rung_rates,
+                now=now,
+                cap=cap,
+                start_rung=start_rung,
+                config=self.selector_config,
+            )
+        peer = PeerSender(
+            self.tracks,
+            now=now,
+            initial_bps=self.initial_bps,
+            rng=self._rng,
+            adaptation=adaptation,
+        )
         self.peers[connection] = peer
         if isinstance(connection, KeyframeSignal):
             self._signals[connection] = connection
         # Start the newcomer on a fresh IDR instead of making it wait for the next periodic one.
-        self._keyframe_requested = True
+        self._keyframe_rungs.add(peer.rung)
+        self._schedule_adaptation(connection, peer, now)
         return peer
 
     def remove(self, connection: MediaConnection) -> PeerSender | None:
         self._signals.pop(connection, None)
         self._sr_due.pop(connection, None)
+        self._adapt_due.pop(connection, None)
         return self.peers.pop(connection, None)
 
     def take_keyframe_request(self) -> bool:
-        """Whether a viewer asked for a keyframe since the last call."""
-        requested, self._keyframe_requested = self._keyframe_requested, False
-        return requested
+        """Whether a viewer asked for a keyframe (of any rung) since the last take."""
+        return bool(self.take_keyframe_rungs())
 
-    def payloads(self, track: int, data: bytes) -> list[bytes]:
+    def take_keyframe_rungs(self) -> list[int]:
+        """The rungs viewers asked an IDR of since the last take (PLIs, newcomers, switches)."""
+        rungs, self._keyframe_rungs = sorted(self._keyframe_rungs), set()
+        return rungs
+
+    def set_cap(self, connection: MediaConnection, cap: int, now: float) -> None:
+        """The viewer may get rungs ``cap`` and below (``cap_for(max_quality, rungs)``)."""
+        peer = self.peers.get(connection)
+        if peer is None or peer.adaptation is None:
+            return
+        peer.adaptation.set_cap(cap, peer.estimator, now)
+        self._after_adaptation(connection, peer, now)
+
+    def set_pin(self, connection: MediaConnection, rung: int | None, now: float) -> None:
+        """Pin the viewer to ``rung`` (None: unpin); the cap still wins."""
+        peer = self.peers.get(connection)
+        if peer is None or peer.adaptation is None:
+            return
+        peer.adaptation.set_pin(rung, peer.estimator, now)
+        self._after_adaptation(connection, peer, now)
+
+    def payloads(self, track: int, data: bytes, rung: int = 0) -> list[bytes]:
         """One encoded frame as RTP payloads: H.264 per RFC 6184, Opus as is (RFC 7587)."""
         if self.tracks[track].kind != "video":
             return [data]
-        nal_units = self._parameter_sets.complete(split_annexb(data))
+        nal_units = self._parameter_sets[rung].complete(split_annexb(data))
         return self._packetizer.packetize(nal_units)
 
     def send(
@@ -463,13 +600,28 @@ class BroadcastSender:
         keyframe: bool,
         now: float,
         wall_now: float,
+        rung: int = 0,
     ) -> None:
-        """One encoded frame to every viewer, then the SRs due (``now`` monotonic,
-        ``wall_now`` Unix seconds for the SRs, see the module doc)."""
-        payloads = self.payloads(track, data)
+        """One encoded frame (of ``rung``, for video) to every viewer that takes it, then the
+        SRs due (``now`` monotonic, ``wall_now`` Unix seconds for the SRs, see the module
+        doc)."""
+        if not 0 <= rung < len(self._parameter_sets):
+            raise ConfigError(f"rung {rung} of a {len(self._parameter_sets)}-rung ladder")
+        payloads = self.payloads(track, data, rung)
         flow_id = self.tracks[track].flow_id
-        self.frames_sent += self.tracks[track].kind == "video"
+        video = self.tracks[track].kind == "video"
+        self.frames_sent += video and rung == 0
         for connection, peer in self.peers.items():
+            if video:
+                adaptation = peer.adaptation
+                if adaptation is None:
+                    if rung != 0:
+                        continue
+                elif not adaptation.takes(rung, keyframe, now):
+                    continue
+                elif keyframe:
+                    # A switch done, or an IDR grace begun: its deadlines moved.
+                    self._schedule_adaptation(connection, peer, now)
             packets = peer.send_frame(
                 track,
                 payloads,
@@ -497,16 +649,65 @@ class BroadcastSender:
         for flow_id, packet in peer.on_rtcp(data, now):
             connection.send_media(flow_id, [packet], keyframe=False, urgent=True)
         self._collect_keyframe_request(peer)
+        if peer.adaptation is not None:
+            self._after_adaptation(connection, peer, now)
 
     def _collect_keyframe_request(self, peer: PeerSender) -> None:
         if peer.keyframe_requested:
             peer.keyframe_requested = False
-            self._keyframe_requested = True
+            self._keyframe_rungs.add(peer.rung)
+
+    def _after_adaptation(self, connection: MediaConnection, peer: PeerSender, now: float) -> None:
+        """After the viewer's adaptation ran: the IDR a switch needs, the padding due, and its
+        next deadline."""
+        assert peer.adaptation is not None
+        rung = peer.adaptation.keyframe_request(now)
+        if rung is not None:
+            self._keyframe_rungs.add(rung)
+        padding = peer.padding(now)
+        if padding and self._video_flow is not None:
+            connection.send_media(self._video_flow, padding, keyframe=False)
+            self.packets_sent += len(padding)
+        self._schedule_adaptation(connection, peer, now)
+
+    @property
+    def _video_flow(self) -> int | None:
+        return next((t.flow_id for t in self.tracks if t.kind == "video"), None)
+
+    def _schedule_adaptation(
+        self, connection: MediaConnection, peer: PeerSender, now: float
+    ) -> None:
+        if peer.adaptation is None:
+            return
+        deadline = peer.adaptation.next_deadline()
+        if deadline is None:
+            self._adapt_due.pop(connection, None)
+            return
+        # A deadline the cores left at ``now`` (work they will only do later) runs a moment
+        # later, not in a loop within this pass.
+        deadline = max(deadline, now + ADAPTATION_STEP_S)
+        if self._adapt_due.get(connection) == deadline:
+            return
+        self._adapt_due[connection] = deadline
+        heapq.heappush(self._adapt_heap, (deadline, next(self._sr_order), connection))
+
+    def _run_adaptation(self, now: float) -> None:
+        heap, due = self._adapt_heap, self._adapt_due
+        while heap and heap[0][0] <= now:
+            deadline, _, connection = heapq.heappop(heap)
+            if due.get(connection) != deadline:
+                continue  # rescheduled or gone
+            del due[connection]
+            peer = self.peers[connection]
+            assert peer.adaptation is not None
+            peer.adaptation.on_timer(peer.estimator, now)
+            self._after_adaptation(connection, peer, now)
 
     def poll(self, now: float, wall_now: float) -> None:
         """Send the RTCP that is due (``now`` monotonic, ``wall_now`` Unix seconds): the SRs
         of the viewers whose SR is due by ``now`` + :data:`SR_EARLY_S`, found in a heap, so a
         pass costs nothing per viewer that has nothing due."""
+        self._run_adaptation(now)
         heap, due, horizon = self._sr_heap, self._sr_due, now + SR_EARLY_S
         while heap and heap[0][0] <= horizon:
             deadline, _, connection = heapq.heappop(heap)
@@ -521,11 +722,16 @@ class BroadcastSender:
     def next_poll(self) -> float:
         """When :meth:`poll` next has an SR due (monotonic; inf when nothing).  That poll also
         sends the SRs due within :data:`SR_EARLY_S` after it, so timer wake-ups come at most
-        one per SR_EARLY_S however many viewers there are."""
+        one per SR_EARLY_S however many viewers there are; the viewers' adaptation deadlines
+        (rung holds, probe padding) come exactly."""
         heap, due = self._sr_heap, self._sr_due
         while heap and due.get(heap[0][2]) != heap[0][0]:
             heapq.heappop(heap)
-        return heap[0][0] if heap else float("inf")
+        sr = heap[0][0] if heap else float("inf")
+        heap, due = self._adapt_heap, self._adapt_due
+        while heap and due.get(heap[0][2]) != heap[0][0]:
+            heapq.heappop(heap)
+        return min(sr, heap[0][0]) if heap else sr
 
     def _schedule(self, connection: MediaConnection, peer: PeerSender) -> None:
         deadline = peer.next_poll()

@@ -138,6 +138,11 @@ class ViewerReport(msgspec.Struct, kw_only=True):
     ``admitted`` or ``refused``; see :class:`shared.viewer.access.AccessState`)."""
     notices: int = 0
     """Notices the server sent this viewer."""
+    width: int = 0
+    height: int = 0
+    """The size of the last picture decoded (0 before the first): the sender's rung."""
+    resolution_changes: int = 0
+    """Times the decoded size changed (a switch of rung, at an IDR with new SPS/PPS)."""
 
 
 class Viewer:
@@ -369,6 +374,11 @@ class Viewer:
             self._delay("audio", item.capture_us, decoded.decoded_us)
             return item
         self._report.frames_decoded += 1
+        size = (item.frame.width, item.frame.height)
+        report = self._report
+        if size != (report.width, report.height):
+            report.resolution_changes += report.width != 0
+            report.width, report.height = size
         if self._report.first_frame_s is None:
             self._report.first_frame_s = decoded.decoded_at - self._started
         self._delay("video", item.capture_us, decoded.decoded_us)
