@@ -52,6 +52,7 @@ from shared.models import (
 )
 from shared.roq.transport import RoqClient
 from shared.roq.url import StreamUrl
+from shared.viewer.client import Viewer
 from tests.conftest import wait_for_no_leaks
 from tests.test_pipeline import REPO, eventually
 from tests.test_recording import probe
@@ -395,6 +396,62 @@ def test_a_viewer_records_on_the_server_only_with_can_record(
             finally:
                 for viewer in viewers:
                     await viewer.close()
+            await manager.stop_stream(sid)
+        return sid
+
+    wait_for_no_leaks(asyncio.run(main()))
+
+
+LADDER = StreamConfig(
+    quality=StreamQuality(resolution=Resolution(1024, 576), framerate=15, bitrate=1_000_000),
+    rungs=(QualityPreset.LOW,),
+    access=StreamAccess(mode=AccessMode.TOKEN),
+)
+
+
+def test_max_quality_caps_the_rung_and_can_control_quality_picks_one(ray_cluster: str) -> None:
+    """On a two-rung stream (1024x576, and LOW's 854x480) over an open loopback path: a viewer
+    whose token caps it at LOW decodes only 854x480; one allowed to control quality picks the
+    low rung, then hands the choice back."""
+
+    async def main() -> str:
+        async with StreamManager.start(token_secret=SECRET) as manager:
+            sid = (await manager.start_camera_stream(LADDER)).session_id
+            capped = await manager.add_viewer(
+                sid, "capped", ViewerPermissions(max_quality=QualityPreset.LOW)
+            )
+            chooser = await manager.add_viewer(
+                sid, "chooser", ViewerPermissions(can_control_quality=True)
+            )
+            low = await Viewer.connect(capped.url, token=capped.token)
+            free = await Viewer.connect(chooser.url, token=chooser.token)
+            tasks = [asyncio.create_task(v.watch(seconds=120)) for v in (low, free)]
+            try:
+                await eventually(lambda: low.report().frames_decoded, lambda n: n > 120, "8 s")
+                welcome = low.welcome
+                assert welcome is not None
+                assert [(r.width, r.height) for r in welcome.rungs] == [(854, 480)]
+                report = low.report()
+                assert (report.width, report.height) == (854, 480)
+                assert report.resolution_changes == 0  # never the top rung, not even briefly
+                # The chooser asks for the low rung by index: granted, and its pictures shrink.
+                reply = await free.request_quality(rung=1)
+                assert reply.ok and reply.rung == 1, reply
+                await eventually(
+                    lambda: (free.report().width, free.report().height),
+                    lambda size: size == (854, 480),
+                    "the chooser on the low rung",
+                )
+                # The capped viewer may not choose.
+                refused = await low.request_quality(rung=0)
+                assert not refused.ok and refused.reason == "not_permitted"
+                assert (low.report().width, low.report().height) == (854, 480)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                await low.close()
+                await free.close()
             await manager.stop_stream(sid)
         return sid
 
