@@ -435,7 +435,11 @@ def test_ctrl_c_during_the_demo_stops_cleanly(ray_cluster: str, tmp_path: Path) 
     # The file was finished properly: every frame the summary counts is in it.
     assert int(written[1]) == recording.stat().st_size > 0
     assert int(ffprobe_video(recording)["nb_read_frames"]) == int(written[2])
-    wait_for_no_leaks(since=before)
+    try:
+        wait_for_no_leaks(since=before)
+    except BaseException:
+        print(f"the demo's stderr:\n{errors}")  # pytest shows it with the failure
+        raise
 
 
 def test_a_crashed_encoder_moves_the_stream_to_error_and_stop_still_cleans_up(
