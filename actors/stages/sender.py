@@ -529,6 +529,16 @@ class SenderActor:
         self._forward_keyframe_request(now)
         return len(connections)
 
+    async def set_rung_floor(self, floor: int) -> None:
+        """Retire the rungs above ``floor`` for every viewer here (the quality actor, under
+        CPU pressure); 0 gives each viewer its own cap back."""
+        if len(self._rung_rates or []) < 2:
+            return  # one rung: nothing to retire
+        self._check_rung(floor, "floor")
+        now = time.monotonic()
+        self._broadcast.set_floor(floor, now)
+        self._forward_keyframe_request(now)
+
     async def pin_rung(self, peer_or_viewer: str, rung: int | None) -> int:
         """Pin a viewer to ``rung`` (``ViewerPermissions.can_control_quality``), or unpin it
         (None); its cap still wins.  How many connections it applied to."""
