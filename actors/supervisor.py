@@ -580,6 +580,21 @@ class Supervisor:
         stream.viewer_recordings[viewer_id] = started.session_id
         return True, f"recording {started.session_id} started"
 
+    async def adjust_viewer_quality(
+        self, session_id: str, viewer_id: str, rung: int | None = None
+    ) -> int:
+        """Pin one viewer to ``rung`` (None: back to its bandwidth's choice); its cap (its
+        ``max_quality``) still wins.  How many of its connections it applied to."""
+        counts = await asyncio.gather(
+            *(
+                h.call(SenderActor.pin_rung, viewer_id, rung)
+                for h in self._shard_handles(session_id)
+            )
+        )
+        if not sum(counts):
+            raise StreamNotFoundError(f"stream {session_id} has no connected viewer {viewer_id!r}")
+        return sum(counts)
+
     async def broadcast_to_viewers(
         self, session_id: str, text: str, data: dict[str, Any] | None = None
     ) -> int:
