@@ -171,6 +171,10 @@ class SenderHandle(Handle[SenderActor]):
         """A viewer gets rungs ``cap`` and below; how many connections it applied to."""
         return await self.call(SenderActor.set_rung_cap, peer_or_viewer, cap)
 
+    async def set_rung_floor(self, floor: int) -> None:
+        """Retire the rungs above ``floor`` for every viewer of the shard (CPU pressure)."""
+        await self.call(SenderActor.set_rung_floor, floor)
+
     async def pin_rung(self, peer_or_viewer: str, rung: int | None) -> int:
         """Pin a viewer to ``rung`` (None: unpin); how many connections it applied to."""
         return await self.call(SenderActor.pin_rung, peer_or_viewer, rung)
@@ -223,6 +227,10 @@ class QualityHandle(Handle[QualityActor]):
     async def targets(self) -> list[RungTarget]:
         """Each rung's encoder target and state after the last round."""
         return await self.call(QualityActor.targets)
+
+    async def pressure(self) -> tuple[int, str]:
+        """CPU-pressure steps in force, and the last step's reason."""
+        return await self.call(QualityActor.pressure)
 
     async def stop(self) -> None:
         await self.call(QualityActor.stop)

@@ -226,6 +226,16 @@ class StreamManager:
             Supervisor.revoke_viewer, session_id, token_id=token_id, viewer_id=viewer_id
         )
 
+    async def adjust_viewer_quality(
+        self, session_id: str, viewer_id: str, rung: int | None = None
+    ) -> int:
+        """Pin a viewer to a rung of the stream's ladder (None: adaptive again), within its
+        ``max_quality``; the viewer itself may ask the same on its control stream when it has
+        ``can_control_quality``."""
+        return await self._supervisor.call(
+            Supervisor.adjust_viewer_quality, session_id, viewer_id, rung
+        )
+
     async def broadcast_to_viewers(
         self, session_id: str, text: str, data: dict[str, Any] | None = None
     ) -> int:

@@ -288,7 +288,12 @@ class Supervisor:
             stream.primary_recording = started.session_id
         quality = stream.quality = spawn(
             QualityActor, QualityHandle, name=name("quality"), node_id=node
-        )(session_id=sid, encoder=encoder, ceiling_bitrate=config.quality.bitrate)
+        )(
+            session_id=sid,
+            encoder=encoder,
+            ceiling_bitrate=config.quality.bitrate,
+            shed_under_pressure=config.shed_under_pressure,
+        )
         stream.pids["quality"] = await quality.start()
         stream.shards = self._shard_pool(stream, ring_name)
         await capture.start(encoder)
@@ -575,6 +580,21 @@ class Supervisor:
         stream.viewer_recordings[viewer_id] = started.session_id
         return True, f"recording {started.session_id} started"
 
+    async def adjust_viewer_quality(
+        self, session_id: str, viewer_id: str, rung: int | None = None
+    ) -> int:
+        """Pin one viewer to ``rung`` (None: back to its bandwidth's choice); its cap (its
+        ``max_quality``) still wins.  How many of its connections it applied to."""
+        counts = await asyncio.gather(
+            *(
+                h.call(SenderActor.pin_rung, viewer_id, rung)
+                for h in self._shard_handles(session_id)
+            )
+        )
+        if not sum(counts):
+            raise StreamNotFoundError(f"stream {session_id} has no connected viewer {viewer_id!r}")
+        return sum(counts)
+
     async def broadcast_to_viewers(
         self, session_id: str, text: str, data: dict[str, Any] | None = None
     ) -> int:
@@ -735,6 +755,7 @@ class Supervisor:
         try:
             capture_stats, encoder_stats = await asyncio.gather(capture.stats(), encoder.stats())
             classified = await quality.connection_quality()
+            pressure_level, pressure_reason = await quality.pressure()
         except (ray.exceptions.RayActorError, TimeoutError, KizunaError) as exc:
             # A stop that began meanwhile kills the actors: that is no failure of the stream.
             if stream.lifecycle.running:
@@ -750,6 +771,8 @@ class Supervisor:
             elapsed_s=time.monotonic() - stream.started,
             wall_now=time.time(),
         )
+        stream.session.stats.pressure_level = pressure_level
+        stream.session.stats.pressure_reason = pressure_reason
         peers = {peer.viewer_id: peer for sender in senders for peer in sender.peers}
         for viewer_id, viewer in stream.viewers.items():
             record = registry.get(viewer_id)

@@ -222,6 +222,10 @@ class StreamStats(msgspec.Struct, kw_only=True):
     encoder_fps: float = 0.0
     #: Times a hardware encoder failed mid-stream and libx264 took over.
     hardware_fallbacks: int = 0
+    #: CPU-pressure steps in force (a lower frame rate, retired top rungs; 0: none) and why
+    #: the last step was taken or undone (``shared.control.pressure``).
+    pressure_level: int = 0
+    pressure_reason: str = ""
 
 
 # --- sources ---------------------------------------------------------------------------------
@@ -486,6 +490,11 @@ class StreamConfig(msgspec.Struct, frozen=True, kw_only=True):
     viewers: ViewerLimits = msgspec.field(default_factory=ViewerLimits)
     #: Who may watch: anyone who reaches the port, or token holders and approved requests.
     access: StreamAccess = msgspec.field(default_factory=StreamAccess)
+    #: Shed encoder work when the node's CPU nears saturation (the top rung's frame rate
+    #: halved, then top rungs retired) and restore it after (``shared.control.pressure``).
+    #: ``serve`` turns it on; off by default, so a test bench or a benchmark that saturates
+    #: its machine on purpose measures the stream it configured.
+    shed_under_pressure: bool = False
 
     def __post_init__(self) -> None:
         parse_source(self.source)  # raises ConfigError early, before any actor starts

@@ -14,6 +14,9 @@ import itertools
 import random
 from collections.abc import Sequence
 
+import pytest
+
+from shared.errors import ConfigError
 from shared.rtp.adaptation import MAX_PADDING, padding_sizes
 from shared.rtp.feedback import TransportFeedbackRecorder
 from shared.rtp.packet import RtpPacket, transport_sequence
@@ -236,3 +239,31 @@ def test_the_receiver_counts_padding_in_feedback_and_keeps_it_from_the_jitter_bu
     }
     for _, data in connection.media[:-10]:  # all but the last tick's, still pending
         assert transport_sequence(RtpPacket.parse(data)) in reported
+
+
+def test_a_floor_retires_the_top_rung_for_everyone_and_lifting_it_gives_each_its_own_cap() -> None:
+    """CPU pressure retires rung 0: both viewers move to rung 1 at its IDR, and a viewer that
+    joins meanwhile starts there; lifted, the uncapped viewer climbs back and the one whose own
+    cap (its max_quality) is rung 1 stays."""
+    run = Run(caps=[0, 1])
+    free, capped = run.connections
+    run.run(3.0)
+    assert run.sender.peers[free].rung == 0 and run.sender.peers[capped].rung == 1
+    run.sender.set_floor(1, run.now)
+    run.run(1.0)
+    assert run.sender.peers[free].rung == 1 and run.sender.peers[capped].rung == 1
+    before = len(free.media)
+    late = FakeConnection()
+    run.connections.append(late)
+    run.recorders.append(TransportFeedbackRecorder(0x5EED))
+    run._delivered.append(0)
+    run.sender.add(late, run.now)
+    run.run(2.0)
+    assert set(rungs_received(free)[before:][-5:]) == {1}
+    assert set(rungs_received(late)) == {1}  # never the retired rung
+    run.sender.set_floor(0, run.now)
+    run.run(4.0)
+    assert run.sender.peers[free].rung == 0
+    assert run.sender.peers[capped].rung == 1  # its own cap still holds
+    with pytest.raises(ConfigError, match="floor 2"):
+        run.sender.set_floor(2, run.now)

@@ -442,6 +442,11 @@ def test_max_quality_caps_the_rung_and_can_control_quality_picks_one(ray_cluster
                     lambda size: size == (854, 480),
                     "the chooser on the low rung",
                 )
+                # The operator hands the chooser's rung back to its bandwidth, through the API.
+                assert await manager.adjust_viewer_quality(sid, chooser.viewer_id, None) == 1
+                await eventually(
+                    lambda: free.report().width, lambda w: w == 1024, "the chooser climbing back"
+                )
                 # The capped viewer may not choose.
                 refused = await low.request_quality(rung=0)
                 assert not refused.ok and refused.reason == "not_permitted"
@@ -452,6 +457,40 @@ def test_max_quality_caps_the_rung_and_can_control_quality_picks_one(ray_cluster
                 await asyncio.gather(*tasks, return_exceptions=True)
                 await low.close()
                 await free.close()
+            await manager.stop_stream(sid)
+        return sid
+
+    wait_for_no_leaks(asyncio.run(main()))
+
+
+def test_a_returning_viewer_starts_on_the_rung_it_left_on(ray_cluster: str) -> None:
+    """A new viewer starts on the lowest rung and climbs; one that comes back (the same viewer
+    id, from its token) starts where it left, at the top, with no climb to watch."""
+
+    async def main() -> str:
+        async with StreamManager.start(token_secret=SECRET) as manager:
+            sid = (await manager.start_camera_stream(LADDER)).session_id
+            ticket = await manager.add_viewer(sid, "ivy")
+            first = await Viewer.connect(ticket.url, token=ticket.token)
+            watching = asyncio.create_task(first.watch(seconds=120))
+            try:
+                await eventually(
+                    lambda: (first.report().width, first.report().resolution_changes),
+                    lambda seen: seen == (1024, 1),
+                    "the first visit climbing from the low rung to the top",
+                    timeout=60,
+                )
+            finally:
+                watching.cancel()
+                await asyncio.gather(watching, return_exceptions=True)
+                await first.close()
+            again = await Viewer.connect(ticket.url, token=ticket.token)
+            try:
+                report = await again.watch(seconds=60, frames=30)
+                assert report.frames_decoded >= 30
+                assert (report.width, report.resolution_changes) == (1024, 0)
+            finally:
+                await again.close()
             await manager.stop_stream(sid)
         return sid
 

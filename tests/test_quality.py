@@ -209,3 +209,83 @@ def test_a_rung_nobody_watches_is_paused_and_resumed_for_a_viewer_going_to_it() 
         return encoder.paused
 
     assert asyncio.run(main()) == [(1, True), (1, False)]
+
+
+class FakePressuredEncoder(FakeLadderEncoder):
+    """Also records the reconfigurations (the top rung's frame rate)."""
+
+    def __init__(self, rates: list[int]) -> None:
+        super().__init__(rates)
+        self.framerates: list[int] = []
+
+    async def configure(self, quality: object) -> object:
+        self.framerates.append(quality.framerate)  # type: ignore[attr-defined]
+        return quality
+
+
+class FakeShard:
+    def __init__(self) -> None:
+        self.floors: list[int] = []
+
+    async def set_rung_floor(self, floor: int) -> None:
+        self.floors.append(floor)
+
+
+def test_cpu_pressure_halves_the_frame_rate_then_retires_the_top_rung_and_restores_both() -> None:
+    """The quality actor applies the pressure policy's steps (the policy's timing is tested
+    with literal times in test_pressure.py): frame rate first, then rung 0 retired (paused in
+    the encoder, every shard's viewers capped at rung 1), undone in reverse as the CPU falls."""
+    import asyncio
+    from typing import Any, cast
+
+    from actors.stages.quality import QualityActor
+
+    async def main() -> None:
+        encoder = FakePressuredEncoder([2_000_000, 600_000])
+        shard_a, shard_b = FakeShard(), FakeShard()
+        actor = QualityActor("s", cast(Any, encoder), 2_000_000, shed_under_pressure=True)
+        await actor._plan()
+        actor.add_sender("a", cast(Any, shard_a))
+        actor.add_sender("b", cast(Any, shard_b))
+        t = 1000.0
+        for _ in range(40):  # the node pinned at 97 % for 20 s
+            t += 0.5
+            await actor.on_cpu(97.0, t)
+        assert encoder.framerates == [15]
+        assert shard_a.floors == shard_b.floors == [1]
+        assert (0, True) in encoder.paused
+        level, reason = actor.pressure()
+        assert level == 2 and "CPU" in reason
+        # A targets round resumes neither the retired rung nor pauses the one its viewers
+        # are moving to.
+        before = len(encoder.paused)
+        await actor.apply([cast(Any, shard([(0, 3_000_000)]))], now=t)
+        assert (0, False) not in encoder.paused[before:]
+        assert (1, True) not in encoder.paused[before:]
+        # The load goes away: rung 0 comes back first, then the frame rate.
+        for _ in range(600):
+            t += 0.5
+            await actor.on_cpu(20.0, t)
+        assert shard_a.floors == shard_b.floors == [1, 0]
+        assert encoder.paused[-1] == (0, False)
+        assert encoder.framerates == [15, 30]
+        assert actor.pressure()[0] == 0
+
+    asyncio.run(main())
+
+
+def test_a_stream_that_does_not_shed_never_reacts_to_cpu() -> None:
+    import asyncio
+    from typing import Any, cast
+
+    from actors.stages.quality import QualityActor
+
+    async def main() -> None:
+        encoder = FakePressuredEncoder([2_000_000, 600_000])
+        actor = QualityActor("s", cast(Any, encoder), 2_000_000)
+        await actor._plan()
+        for step in range(40):
+            await actor.on_cpu(100.0, 1000.0 + step)
+        assert encoder.framerates == [] and encoder.paused == [] and actor.pressure() == (0, "")
+
+    asyncio.run(main())

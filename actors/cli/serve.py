@@ -83,6 +83,11 @@ def register(commands: Any) -> None:
     serve.add_argument(
         "--secret-file", help="file holding the token signing secret (default: see above)"
     )
+    serve.add_argument(
+        "--no-shedding",
+        action="store_true",
+        help="keep every rung and the full frame rate even when the CPU saturates",
+    )
     add_quality_arguments(serve)
     serve.add_argument("--seconds", type=float, help="stop after this long (default: Ctrl-C)")
     serve.add_argument(
@@ -163,6 +168,7 @@ async def serve(
         tls_cert_path=args.cert,
         tls_key_path=args.key,
         access=access,
+        shed_under_pressure=not args.no_shedding,
     )
     if port == 0:
         port = free_port(host)

@@ -12,7 +12,13 @@ rate: a stream nobody watches returns to its configured quality (the shared targ
 single-rung design stayed wherever the last viewers had left it, 300 kbps after an overload of
 30 viewers, because shards without viewers reported nothing and the old estimates stood).
 
-It also classifies each shard's connections (``classify_connection``) for the viewers' status.
+It also classifies each shard's connections (``classify_connection``) for the viewers' status,
+and answers CPU pressure (the design's "Resource Constraints" strategy): each round it feeds
+the node's CPU and the frames the encoder had to skip to
+:class:`shared.control.pressure.PressurePolicy` and applies its steps, each logged with its
+reason: the top rung's frame rate halved (the encoder reconfigured), then the top rungs
+retired (paused in the encoder, and every shard's viewers capped below them, moving down at an
+IDR), and undone in reverse when the pressure passes.
 """
 
 from __future__ import annotations
@@ -24,6 +30,10 @@ import os
 import time
 from typing import TYPE_CHECKING
 
+import msgspec
+import psutil
+
+from shared.control.pressure import PressureAction, PressureDecision, PressurePolicy
 from shared.control.quality import FLOOR_FRACTION, ViewerFeedback, classify_connection
 from shared.control.rung_targets import RungBounds, RungTarget, RungTargets, ViewerRung
 from shared.models import ConnectionQuality, Resolution, StreamQuality
@@ -72,8 +82,16 @@ def viewer_quality(
 
 
 class QualityActor:
-    def __init__(self, session_id: str, encoder: EncoderHandle, ceiling_bitrate: int) -> None:
-        """``ceiling_bitrate``: rung 0's configured rate (the stream's quality)."""
+    def __init__(
+        self,
+        session_id: str,
+        encoder: EncoderHandle,
+        ceiling_bitrate: int,
+        shed_under_pressure: bool = False,
+    ) -> None:
+        """``ceiling_bitrate``: rung 0's configured rate (the stream's quality);
+        ``shed_under_pressure``: answer the node's CPU pressure (``StreamConfig``)."""
+        self._shed = shed_under_pressure
         self._session_id = session_id
         self._encoder = encoder
         self._ceiling = ceiling_bitrate
@@ -85,6 +103,11 @@ class QualityActor:
         self.last_targets: list[RungTarget] = []
         #: Each rung's pause as last applied to the encoder.
         self._paused: dict[int, bool] = {}
+        self._pressure: PressurePolicy | None = None
+        self._top: StreamQuality | None = None
+        self._encoder_dropped: int | None = None
+        #: Pressure steps taken and undone, newest last (the stream's stats show the last).
+        self.decisions: list[PressureDecision] = []
 
     async def start(self) -> int:
         """Learn the ladder and start the control loop; the actor's pid."""
@@ -93,9 +116,21 @@ class QualityActor:
         return os.getpid()
 
     async def _plan(self) -> None:
-        rates = [rung.bitrate for rung in await self._encoder.ladder()]
+        ladder = await self._encoder.ladder()
+        rates = [rung.bitrate for rung in ladder]
         rates[0] = self._ceiling
         self._targets = RungTargets(ladder_bounds(rates))
+        top = ladder[0]
+        self._top = StreamQuality(
+            resolution=Resolution(top.width, top.height),
+            framerate=top.framerate,
+            bitrate=self._ceiling,
+            quality_preset=top.preset,
+        )
+        if self._shed:
+            self._pressure = PressurePolicy(
+                framerate=top.framerate, rungs=len(ladder), now=time.monotonic()
+            )
 
     def add_sender(self, viewer_id: str, handle: SenderHandle) -> None:
         self._senders[viewer_id] = handle
@@ -127,6 +162,13 @@ class QualityActor:
                 logger.warning("quality poll for %s failed", self._session_id, exc_info=True)
 
     async def _poll(self) -> None:
+        if self._pressure is not None:
+            encoder = await self._encoder.stats()
+            dropped, self._encoder_dropped = self._encoder_dropped, encoder.frames_dropped
+            # Frames the encoder had to skip (it fell behind the source) are late frames.
+            late = max(0, encoder.frames_dropped - dropped) if dropped is not None else 0
+            # The node's CPU since the previous round (psutil's non-blocking form).
+            await self.on_cpu(psutil.cpu_percent(None), time.monotonic(), late_frames=late)
         reports: list[SenderStats] = []
         for shard_id, handle in list(self._senders.items()):
             stats = await handle.stats()
@@ -147,9 +189,11 @@ class QualityActor:
         targets = self._targets
         assert targets is not None, "start() plans the ladder"
         count = len(targets.bounds)
+        # Viewers still on a rung retired under pressure are on their way to the floor's.
+        floor = len(self._pressure.retired_rungs) if self._pressure is not None else 0
         viewers = [
             ViewerRung(
-                rung=min(peer.rung, count - 1),
+                rung=max(min(peer.rung, count - 1), floor),
                 estimate_bps=peer.estimate_bps,
                 pending_rung=(
                     min(peer.rung_wanted, count - 1) if peer.rung_wanted != peer.rung else None
@@ -162,6 +206,8 @@ class QualityActor:
         self.last_targets = targets.update(viewers, now=now)
         for target in self.last_targets:
             was = self._paused.get(target.rung, False)
+            if self._pressure is not None and target.rung in self._pressure.retired_rungs:
+                continue  # retired under CPU pressure: stays paused whoever asks
             # A rung nobody watches costs no encoder time; resumed, it starts at an IDR.  A
             # pause is applied again every round: a viewer's IDR request resumes a rung in the
             # encoder itself (a switch must not wait for this round), and if that viewer never
@@ -178,6 +224,42 @@ class QualityActor:
                 logger.info("stream %s rung %d: %s", self._session_id, target.rung, target.reason)
                 await self._encoder.set_bitrate(target.target_bps, target.rung)
         return self.last_targets
+
+    def pressure(self) -> tuple[int, str]:
+        """Steps in force and the last decision's reason ("" when none was ever taken)."""
+        if not self.decisions:
+            return 0, ""
+        last = self.decisions[-1]
+        return last.level, last.reason
+
+    async def on_cpu(self, cpu_percent: float, now: float, *, late_frames: int = 0) -> None:
+        """One CPU sample for the pressure policy; a step it takes is applied here."""
+        policy = self._pressure
+        if policy is None:
+            return
+        decision = policy.on_sample(min(max(cpu_percent, 0.0), 100.0), now, late_frames=late_frames)
+        if decision is None:
+            return
+        self.decisions = [*self.decisions[-31:], decision]
+        logger.warning("stream %s: %s (%s)", self._session_id, decision.action, decision.reason)
+        if decision.action in (PressureAction.LOWER_FRAMERATE, PressureAction.RESTORE_FRAMERATE):
+            assert self._top is not None
+            await self._encoder.configure(
+                msgspec.structs.replace(self._top, framerate=decision.framerate)
+            )
+            return
+        retired = decision.retired_rungs
+        floor = len(retired)  # the policy retires from the top: rung 0, then 1, ...
+        for handle in list(self._senders.values()):
+            await handle.set_rung_floor(floor)
+        for rung in retired:
+            await self._encoder.set_paused(rung, True)
+            self._paused[rung] = True
+        if decision.action is PressureAction.RESTORE_RUNG:
+            # The rung that came back is the one just above the new floor; the targets'
+            # next round pauses it again if nobody is to watch it (never rung 0).
+            await self._encoder.set_paused(floor, False)
+            self._paused[floor] = False
 
     async def stop(self) -> None:
         if self._task is not None:

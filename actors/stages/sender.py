@@ -36,6 +36,7 @@ wall clock is read only for what is wall-clock data (the SRs' NTP timestamps, st
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -67,6 +68,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: Departed viewers whose last rung a shard remembers, the least recent forgotten first.
+REMEMBERED_VIEWERS = 4096
 #: Where each viewer's bandwidth estimate starts (it adapts within a few seconds).
 INITIAL_ESTIMATE_BPS = 2_000_000
 
@@ -168,6 +171,8 @@ class SenderActor:
         the rings of rungs 1.. exist, see :meth:`open`)."""
         self._supervisor = supervisor
         self._record_tasks: set[asyncio.Task[None]] = set()
+        #: The rung each recently departed viewer (by its admitted id) last received.
+        self._last_rung: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._session_id = session_id
         self._viewer_id = viewer_id
         self._ring_name = ring_name
@@ -414,7 +419,11 @@ class SenderActor:
         logger.info("stream %s: viewer %s admitted", self._session_id, grant.viewer)
         # max_quality, enforced here: the best rung it may get is the best of those allowed.
         ladder = len(self._rung_rates or []) > 1
-        self._broadcast.add(connection, now, cap=min(rungs) if ladder and rungs else 0)
+        cap = min(rungs) if ladder and rungs else 0
+        start = self._last_rung.get(grant.viewer or "")
+        self._broadcast.add(
+            connection, now, cap=cap, start_rung=None if start is None else max(start, cap)
+        )
         self._forward_keyframe_request(now)
 
     def _on_select_rung(self, connection: object, rung: int | None) -> None:
@@ -462,8 +471,16 @@ class SenderActor:
 
     def _on_disconnect(self, connection: RoqConnection) -> None:
         self._departed_bytes += connection.stats.bytes_sent
+        viewer = self._access.viewer_of(connection)
         self._access.on_disconnect(connection)
-        self._broadcast.remove(connection)
+        peer = self._broadcast.remove(connection)
+        if viewer is not None and peer is not None and peer.adaptation is not None:
+            # Where it ended is where a returning viewer starts, rather than climbing again
+            # from the lowest rung (a reconnect after a blip keeps its picture).
+            self._last_rung[viewer] = peer.rung
+            self._last_rung.move_to_end(viewer)
+            while len(self._last_rung) > REMEMBERED_VIEWERS:
+                self._last_rung.popitem(last=False)
 
     def _on_packet(self, connection: RoqConnection, flow_id: int, data: bytes) -> None:
         if flow_id not in self._rtcp_flows:
@@ -528,6 +545,16 @@ class SenderActor:
             self._broadcast.set_cap(connection, cap, now)
         self._forward_keyframe_request(now)
         return len(connections)
+
+    async def set_rung_floor(self, floor: int) -> None:
+        """Retire the rungs above ``floor`` for every viewer here (the quality actor, under
+        CPU pressure); 0 gives each viewer its own cap back."""
+        if len(self._rung_rates or []) < 2:
+            return  # one rung: nothing to retire
+        self._check_rung(floor, "floor")
+        now = time.monotonic()
+        self._broadcast.set_floor(floor, now)
+        self._forward_keyframe_request(now)
 
     async def pin_rung(self, peer_or_viewer: str, rung: int | None) -> int:
         """Pin a viewer to ``rung`` (``ViewerPermissions.can_control_quality``), or unpin it

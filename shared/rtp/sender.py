@@ -504,6 +504,11 @@ class BroadcastSender:
         self.packets_sent = 0
         #: The rungs a viewer asked an IDR of since the last take.
         self._keyframe_rungs: set[int] = set()
+        #: Each viewer's own cap (its ``max_quality``); what it gets is no better than the floor.
+        self._caps: dict[MediaConnection, int] = {}
+        #: The best rung any viewer may get: rungs above it are retired under CPU pressure
+        #: (``shared.control.pressure``), 0 when none is.
+        self.floor = 0
         # Adaptation deadlines (rung holds, probes), kept as the SR deadlines are.
         self._adapt_heap: list[tuple[float, int, MediaConnection]] = []
         self._adapt_due: dict[MediaConnection, float] = {}
@@ -529,11 +534,12 @@ class BroadcastSender:
         """A new viewer; with a ladder it starts on ``start_rung`` (None: the lowest allowed,
         from where probing climbs), never above ``cap``."""
         adaptation = None
+        self._caps[connection] = cap
         if self.adaptive:
             adaptation = PeerAdaptation(
                 self.rung_rates,
                 now=now,
-                cap=cap,
+                cap=max(cap, self.floor),
                 start_rung=start_rung,
                 config=self.selector_config,
             )
@@ -556,6 +562,7 @@ class BroadcastSender:
         self._signals.pop(connection, None)
         self._sr_due.pop(connection, None)
         self._adapt_due.pop(connection, None)
+        self._caps.pop(connection, None)
         return self.peers.pop(connection, None)
 
     def take_keyframe_request(self) -> bool:
@@ -569,11 +576,25 @@ class BroadcastSender:
 
     def set_cap(self, connection: MediaConnection, cap: int, now: float) -> None:
         """The viewer may get rungs ``cap`` and below (``cap_for(max_quality, rungs)``)."""
+        self._caps[connection] = cap
         peer = self.peers.get(connection)
         if peer is None or peer.adaptation is None:
             return
-        peer.adaptation.set_cap(cap, peer.estimator, now)
+        peer.adaptation.set_cap(max(cap, self.floor), peer.estimator, now)
         self._after_adaptation(connection, peer, now)
+
+    def set_floor(self, floor: int, now: float) -> None:
+        """Retire the rungs above ``floor`` for every viewer, present and future (CPU
+        pressure): those on them move down at the IDR of the floor's rung; 0 restores them,
+        each viewer back to its own cap."""
+        if self.adaptive and not 0 <= floor < len(self.rung_rates):
+            raise ConfigError(f"floor {floor} is not a rung of {len(self.rung_rates)}")
+        self.floor = floor
+        for connection, peer in self.peers.items():
+            if peer.adaptation is not None:
+                cap = max(self._caps.get(connection, 0), floor)
+                peer.adaptation.set_cap(cap, peer.estimator, now)
+                self._after_adaptation(connection, peer, now)
 
     def set_pin(self, connection: MediaConnection, rung: int | None, now: float) -> None:
         """Pin the viewer to ``rung`` (None: unpin); the cap still wins."""
