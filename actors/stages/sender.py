@@ -171,6 +171,8 @@ class SenderActor:
         the rings of rungs 1.. exist, see :meth:`open`)."""
         self._supervisor = supervisor
         self._record_tasks: set[asyncio.Task[None]] = set()
+        #: The admitted viewer of each connection (its access may end before the connection).
+        self._admitted: dict[RoqConnection, str] = {}
         #: The rung each recently departed viewer (by its admitted id) last received.
         self._last_rung: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._session_id = session_id
@@ -420,11 +422,22 @@ class SenderActor:
         # max_quality, enforced here: the best rung it may get is the best of those allowed.
         ladder = len(self._rung_rates or []) > 1
         cap = min(rungs) if ladder and rungs else 0
-        start = self._last_rung.get(grant.viewer or "")
+        start = self._rung_of_viewer(grant.viewer) if grant.viewer is not None else None
+        if grant.viewer is not None:
+            self._admitted[connection] = grant.viewer
         self._broadcast.add(
             connection, now, cap=cap, start_rung=None if start is None else max(start, cap)
         )
         self._forward_keyframe_request(now)
+
+    def _rung_of_viewer(self, viewer: str) -> int | None:
+        """Where a returning viewer starts: the rung of its connection still here (a
+        reconnect often arrives before the old connection's close), else the one it left on."""
+        for connection, admitted in self._admitted.items():
+            peer = self._broadcast.peers.get(connection)
+            if admitted == viewer and peer is not None and peer.adaptation is not None:
+                return peer.rung
+        return self._last_rung.get(viewer)
 
     def _on_select_rung(self, connection: object, rung: int | None) -> None:
         """A viewer with ``can_control_quality`` chose a rung (None: adaptive again); the
@@ -471,7 +484,7 @@ class SenderActor:
 
     def _on_disconnect(self, connection: RoqConnection) -> None:
         self._departed_bytes += connection.stats.bytes_sent
-        viewer = self._access.viewer_of(connection)
+        viewer = self._admitted.pop(connection, None)
         self._access.on_disconnect(connection)
         peer = self._broadcast.remove(connection)
         if viewer is not None and peer is not None and peer.adaptation is not None:
