@@ -1,0 +1,370 @@
+"""WebRTC viewers: encode-once into aiortc, the WHEP endpoint, and the WebRTC shard on Ray.
+
+Without Ray: a real H.264 encoder writes a packet ring as the encoder actor does; the
+:class:`~shared.webrtc.feed.RingFeed` reads it and aiortc peers (aiortc on both ends, over
+loopback ICE) receive and decode it.  "No encoder per viewer" is checked on aiortc's own
+H.264 codec object (``pack`` called, ``encode`` never) and on the bytes: the NAL units the
+receiver depacketizes are the ring's.  The WHEP endpoint's answers (201 and every refusal) are
+checked over real HTTP on loopback.  With Ray: the supervisor's WebRTC shard on a real token
+stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import av
+import pytest
+from aiohttp import web
+from aiortc import (
+    MediaStreamTrack,
+    RTCConfiguration,
+    RTCPeerConnection,
+    RTCSessionDescription,
+)
+from aiortc.codecs import h264 as aiortc_h264
+
+from shared.auth.server import AccessSettings
+from shared.auth.tokens import TokenIssuer, TokenKey
+from shared.capture.testpattern import TestPattern
+from shared.media.codec import EncoderConfig, H264Encoder
+from shared.models import AccessMode, StreamAccess, ViewerPermissions
+from shared.pool.packet_ring import PacketRing
+from shared.pool.shm import segment_name
+from shared.rtp.h264 import split_annexb
+from shared.webrtc.feed import RingFeed
+from shared.webrtc.whep import WhepEndpoint
+
+WIDTH, HEIGHT, FPS = 320, 180, 30
+SECRET = b"test-secret-of-thirty-two-bytes!"
+
+
+async def until(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@dataclass
+class Producer:
+    """Encodes the test pattern into a ring at FPS, as the encoder actor does."""
+
+    ring: PacketRing
+    units: list[bytes] = field(default_factory=list)
+
+    async def run(self) -> None:
+        encoder = H264Encoder(
+            EncoderConfig(
+                width=WIDTH, height=HEIGHT, framerate=FPS, bitrate=300_000, keyframe_interval=30
+            )
+        )
+        pattern = TestPattern(WIDTH, HEIGHT, FPS)
+        started = time.monotonic()
+        index = 0
+        while True:
+            capture_us = time.time_ns() // 1000
+            for unit in encoder.encode(
+                pattern.render(index, capture_us), pts=index * 3000, capture_us=capture_us
+            ):
+                self.units.append(unit.data)
+                self.ring.append(
+                    unit.data,
+                    pts=unit.pts,
+                    capture_us=capture_us,
+                    monotonic_us=time.monotonic_ns() // 1000,
+                    keyframe=unit.keyframe,
+                )
+            index += 1
+            await asyncio.sleep(max(0.0, started + index / FPS - time.monotonic()))
+
+
+@contextlib.asynccontextmanager
+async def producing() -> AsyncIterator[tuple[Producer, PacketRing]]:
+    ring = PacketRing.create(segment_name(uuid.uuid4().hex[:10], "video"), capacity_bytes=4 << 20)
+    producer = Producer(ring)
+    task = asyncio.create_task(producer.run())
+    try:
+        yield producer, ring
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        ring.close()
+
+
+class Receiver:
+    """An aiortc peer that receives video (recvonly) and decodes it."""
+
+    def __init__(self) -> None:
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.pc.addTransceiver("video", direction="recvonly")
+        self.frames: list[av.VideoFrame] = []
+        self._tasks: list[asyncio.Task[None]] = []
+
+        @self.pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            self._tasks.append(asyncio.create_task(self._collect(track)))
+
+    async def _collect(self, track: MediaStreamTrack) -> None:
+        with contextlib.suppress(Exception):
+            while True:
+                frame = await track.recv()
+                assert isinstance(frame, av.VideoFrame)
+                self.frames.append(frame)
+
+    async def offer(self) -> str:
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        return str(self.pc.localDescription.sdp)
+
+    async def answer(self, sdp: str) -> None:
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
+
+    async def close(self) -> None:
+        await self.pc.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+@pytest.fixture
+def codec_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts aiortc's H.264 codec calls: ``pack`` (pass-through) and ``encode``."""
+    calls = {"pack": 0, "encode": 0, "libx264": 0}
+    pack, encode = aiortc_h264.H264Encoder.pack, aiortc_h264.H264Encoder.encode
+    encode_frame = aiortc_h264.H264Encoder._encode_frame
+
+    def counted_pack(self: Any, packet: Any) -> Any:
+        calls["pack"] += 1
+        return pack(self, packet)
+
+    def counted_encode(self: Any, *args: Any) -> Any:
+        calls["encode"] += 1
+        return encode(self, *args)
+
+    def counted_encode_frame(self: Any, *args: Any) -> Any:
+        calls["libx264"] += 1  # where aiortc opens libx264
+        return encode_frame(self, *args)
+
+    monkeypatch.setattr(aiortc_h264.H264Encoder, "pack", counted_pack)
+    monkeypatch.setattr(aiortc_h264.H264Encoder, "encode", counted_encode)
+    monkeypatch.setattr(aiortc_h264.H264Encoder, "_encode_frame", counted_encode_frame)
+    return calls
+
+
+@pytest.fixture
+def received_units(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The access units aiortc's receivers reassembled, before decoding."""
+    units: list[bytes] = []
+    decode = aiortc_h264.H264Decoder.decode
+
+    def spy(self: Any, encoded_frame: Any) -> Any:
+        units.append(bytes(encoded_frame.data))
+        return decode(self, encoded_frame)
+
+    monkeypatch.setattr(aiortc_h264.H264Decoder, "decode", spy)
+    return units
+
+
+def open_access() -> AccessSettings:
+    return AccessSettings(access=StreamAccess(mode=AccessMode.OPEN))
+
+
+def token_access() -> AccessSettings:
+    return AccessSettings(access=StreamAccess(mode=AccessMode.TOKEN), secret=SECRET)
+
+
+@contextlib.asynccontextmanager
+async def serving(endpoint: WhepEndpoint) -> AsyncIterator[str]:
+    runner = web.AppRunner(endpoint.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    [address] = runner.addresses
+    port = address[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await endpoint.close()
+        await runner.cleanup()
+
+
+async def post_offer(
+    base: str,
+    stream: str,
+    offer: str,
+    token: str | None = None,
+    content_type: str = "application/sdp",
+) -> tuple[int, str, str | None]:
+    headers = {"Content-Type": content_type}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{base}/whep/{stream}", data=offer, headers=headers) as response,
+    ):
+        return response.status, await response.text(), response.headers.get("Location")
+
+
+def nal_units(units: list[bytes]) -> list[bytes]:
+    return [nal for unit in units for nal in split_annexb(unit)]
+
+
+# -- without Ray ---------------------------------------------------------------------------
+
+
+def test_encoded_packets_reach_aiortc_peers_unencoded_and_decode_at_the_rungs_size(
+    codec_calls: dict[str, int], received_units: list[bytes]
+) -> None:
+    async def main() -> None:
+        async with producing() as (producer, ring):
+            requests: list[float] = []
+            feed = RingFeed(
+                PacketRing.attach(ring.name), "video", request_keyframe=lambda: requests.append(1)
+            )
+            feed.start()
+            endpoint = WhepEndpoint("s1", open_access(), video=[feed])
+            receivers = [Receiver() for _ in range(2)]
+            try:
+                async with serving(endpoint) as base:
+                    for receiver in receivers:
+                        status, answer, location = await post_offer(
+                            base, "s1", await receiver.offer()
+                        )
+                        assert status == 201, answer
+                        assert location is not None and location.startswith("/whep/s1/")
+                        assert "H264" in answer and "packetization-mode=1" in answer
+                        assert "VP8" not in answer  # H.264 only: the ring's codec
+                        await receiver.answer(answer)
+                    await until(
+                        lambda: all(len(r.frames) >= 30 for r in receivers),
+                        "30 decoded frames each",
+                    )
+                    stats = endpoint.peer_stats()
+                    assert len(stats) == 2 and all(s.frames_sent >= 30 for s in stats)
+                    # One reader for both peers: the ring is read once, not once per peer.
+                    assert feed.packets_read <= len(producer.units)
+                    assert feed.tracks == 2
+            finally:
+                for receiver in receivers:
+                    await receiver.close()
+                await feed.close()
+            for receiver in receivers:
+                assert {(f.width, f.height) for f in receiver.frames} == {(WIDTH, HEIGHT)}
+            # Encode once: aiortc packed the ring's access units and never encoded one.
+            assert codec_calls["pack"] >= 60
+            assert codec_calls["encode"] == 0 and codec_calls["libx264"] == 0
+            # The NAL units the receivers reassembled are the encoder's, byte for byte.
+            sent = set(nal_units(producer.units))
+            got = nal_units(received_units)
+            assert len(got) >= 60 and all(nal in sent for nal in got)
+            assert requests  # newcomers asked the encoder for a keyframe
+
+    asyncio.run(main())
+
+
+def test_whep_answers_201_with_a_good_token_and_refuses_every_bad_one_with_its_status() -> None:
+    async def main() -> None:
+        async with producing() as (_producer, ring):
+            feed = RingFeed(PacketRing.attach(ring.name), "video")
+            feed.start()
+            endpoint = WhepEndpoint("s1", token_access(), video=[feed], max_peers=1)
+            issuer = TokenIssuer(TokenKey.hs256(SECRET))
+            now = time.time()
+            good, _ = issuer.issue(stream="s1", now=now, viewer="alice")
+            blind, _ = issuer.issue(
+                stream="s1", now=now, permissions=ViewerPermissions(can_view=False)
+            )
+            expired, _ = issuer.issue(stream="s1", now=now - 7200, ttl_s=60)
+            other, _ = issuer.issue(stream="elsewhere", now=now)
+            forged, _ = TokenIssuer(TokenKey.hs256(b"x" * 32)).issue(stream="s1", now=now)
+            receiver, late = Receiver(), Receiver()
+            try:
+                async with serving(endpoint) as base:
+                    offer = await receiver.offer()
+                    refused = {
+                        "none": await post_offer(base, "s1", offer),
+                        "garbage": await post_offer(base, "s1", offer, "not a token"),
+                        "forged": await post_offer(base, "s1", offer, forged),
+                        "expired": await post_offer(base, "s1", offer, expired),
+                        "other": await post_offer(base, "s1", offer, other),
+                        "blind": await post_offer(base, "s1", offer, blind),
+                        "unknown": await post_offer(base, "nope", offer, good),
+                        "json": await post_offer(base, "s1", offer, good, "application/json"),
+                    }
+                    statuses = {name: status for name, (status, _, _) in refused.items()}
+                    assert statuses == {
+                        "none": 401,
+                        "garbage": 401,
+                        "forged": 401,
+                        "expired": 401,
+                        "other": 401,
+                        "blind": 403,
+                        "unknown": 404,
+                        "json": 415,
+                    }
+                    assert "no token" in refused["none"][1]
+                    assert "expired" in refused["expired"][1]
+                    assert not any(location for _, _, location in refused.values())
+                    assert endpoint.peers == {} and feed.tracks == 0  # refused: no peer, no media
+                    assert endpoint.refusals["forged"] == 1 and endpoint.refusals["missing"] == 1
+
+                    status, answer, location = await post_offer(base, "s1", offer, good)
+                    assert status == 201 and location is not None
+                    await receiver.answer(answer)
+                    await until(lambda: len(receiver.frames) >= 5, "frames for the good token")
+                    [peer] = endpoint.peer_stats()
+                    assert peer.viewer_id == "alice" and peer.frames_sent >= 5
+                    # One peer allowed: the next is told the stream is full.
+                    full = await post_offer(base, "s1", await late.offer(), good)
+                    assert full[0] == 503 and "full" in full[1]
+
+                    async with aiohttp.ClientSession() as session:
+                        async with session.delete(base + location) as response:
+                            assert response.status == 200
+                        assert endpoint.peers == {}
+                        async with session.delete(base + location) as response:
+                            assert response.status == 404
+                    assert endpoint.departed_frames >= 5
+            finally:
+                await receiver.close()
+                await late.close()
+                await feed.close()
+
+    asyncio.run(main())
+
+
+def test_whep_refuses_an_offer_without_h264_packetization_mode_1() -> None:
+    async def main() -> None:
+        async with producing() as (_producer, ring):
+            feed = RingFeed(PacketRing.attach(ring.name), "video")
+            feed.start()
+            endpoint = WhepEndpoint("s1", open_access(), video=[feed])
+            receiver = Receiver()
+            try:
+                async with serving(endpoint) as base:
+                    offer = await receiver.offer()
+                    # Only VP8 offered: nothing the ring's H.264 can be sent as.
+                    vp8_only = "\r\n".join(
+                        line
+                        for line in offer.split("\r\n")
+                        if "H264" not in line and not line.startswith("a=fmtp")
+                    )
+                    status, text, _ = await post_offer(base, "s1", vp8_only)
+                    assert status == 400 and "H.264" in text
+                    status, text, _ = await post_offer(base, "s1", "v=0\r\nnonsense")
+                    assert status == 400
+                    assert endpoint.peers == {}
+            finally:
+                await receiver.close()
+                await feed.close()
+
+    asyncio.run(main())
