@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 import av
 import pytest
+import ray
 from aiohttp import web
 from aiortc import (
     MediaStreamTrack,
@@ -31,16 +32,27 @@ from aiortc import (
 )
 from aiortc.codecs import h264 as aiortc_h264
 
+from actors import StreamManager
+from actors.handles import WebRTCHandle
+from actors.placement import NAMESPACE
 from shared.auth.server import AccessSettings
 from shared.auth.tokens import TokenIssuer, TokenKey
 from shared.capture.testpattern import TestPattern
 from shared.media.codec import EncoderConfig, H264Encoder
-from shared.models import AccessMode, StreamAccess, ViewerPermissions
+from shared.models import (
+    AccessMode,
+    Resolution,
+    StreamAccess,
+    StreamConfig,
+    StreamQuality,
+    ViewerPermissions,
+)
 from shared.pool.packet_ring import PacketRing
 from shared.pool.shm import segment_name
 from shared.rtp.h264 import split_annexb
 from shared.webrtc.feed import RingFeed
 from shared.webrtc.whep import WhepEndpoint
+from tests.conftest import stream_actors, wait_for_no_leaks
 
 WIDTH, HEIGHT, FPS = 320, 180, 30
 SECRET = b"test-secret-of-thirty-two-bytes!"
@@ -368,3 +380,78 @@ def test_whep_refuses_an_offer_without_h264_packetization_mode_1() -> None:
                 await feed.close()
 
     asyncio.run(main())
+
+
+# -- on Ray: the supervisor's WebRTC shard -------------------------------------------------
+
+QVGA = StreamQuality(resolution=Resolution(320, 240), framerate=30, bitrate=300_000)
+
+
+def encoders(sid: str) -> list[str]:
+    return [name for name in stream_actors(sid) if name.startswith(f"kz-{sid}-encoder")]
+
+
+@pytest.mark.ray
+def test_whep_on_a_real_token_stream_plays_refuses_and_shares_one_encoder(
+    ray_cluster: str,
+) -> None:
+    async def main() -> str:
+        async with StreamManager.start(token_secret=SECRET) as manager:
+            config = StreamConfig(quality=QVGA, access=StreamAccess(mode=AccessMode.TOKEN))
+            sid = (await manager.start_camera_stream(config)).session_id
+            url = await manager.open_whep(sid)
+            assert url.endswith(f"/whep/{sid}") and await manager.open_whep(sid) == url
+            base = url.removesuffix(f"/whep/{sid}")
+            shard = WebRTCHandle(ray.get_actor(f"kz-{sid}-webrtc", namespace=NAMESPACE))
+            before = encoders(sid)
+            assert len(before) == 1
+            tickets = [await manager.add_viewer(sid, f"browser-{n}") for n in range(3)]
+            forged, _ = TokenIssuer(TokenKey.hs256(b"x" * 32)).issue(stream=sid, now=time.time())
+            receivers = [Receiver() for _ in range(3)]
+            try:
+                offer = await receivers[0].offer()
+                assert (await post_offer(base, sid, offer))[0] == 401  # no token
+                assert (await post_offer(base, sid, offer, forged))[0] == 401
+                status, text, _ = await post_offer(base, "no-such-stream", offer, tickets[0].token)
+                assert status == 404, text
+                refused = await shard.stats()
+                assert refused.refusals == {"missing": 1, "forged": 1, "unknown_stream": 1}
+                assert refused.peers == []
+                locations = []
+                for receiver, ticket in zip(receivers, tickets, strict=True):
+                    status, answer, location = await post_offer(
+                        base, sid, await receiver.offer(), ticket.token
+                    )
+                    assert status == 201, answer
+                    assert location is not None
+                    locations.append(location)
+                    await receiver.answer(answer)
+                await until(
+                    lambda: all(len(r.frames) >= 10 for r in receivers),
+                    "10 decoded frames at each of three WHEP clients",
+                    timeout=30,
+                )
+                for receiver in receivers:
+                    assert {(f.width, f.height) for f in receiver.frames} == {(320, 240)}
+                stats = await shard.stats()
+                assert sorted(p.viewer_id or "" for p in stats.peers) == sorted(
+                    t.viewer_id for t in tickets
+                )
+                # Three browsers, still the one encoder; and no frame encoded for them here.
+                assert encoders(sid) == before
+                async with (
+                    aiohttp.ClientSession() as session,
+                    session.delete(base + locations[0]) as response,
+                ):
+                    assert response.status == 200
+                session_id = locations[0].rsplit("/", 1)[1]
+                after = await shard.stats()
+                assert session_id not in {p.session for p in after.peers}
+                assert after.frames_sent >= 30 and after.bytes_sent > 0
+            finally:
+                for receiver in receivers:
+                    await receiver.close()
+            await manager.stop_stream(sid)
+            return sid
+
+    wait_for_no_leaks(asyncio.run(main()))
