@@ -18,7 +18,7 @@ _PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>kizuna-stream: %(title)s</title>
 <style>body{margin:0;background:#111;color:#eee;font:14px sans-serif}
 video{width:100%%;max-height:90vh;background:#000}
-#overlay{position:fixed;top:8px;left:8px;background:#0008;padding:4px 8px}</style></head>
+#overlay{position:fixed;bottom:8px;left:8px;background:#0008;padding:4px 8px}</style></head>
 <body>
 <form id="form"><input id="token" placeholder="viewer token" size="60">
 <button>Play</button></form>
