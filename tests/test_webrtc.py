@@ -23,6 +23,7 @@ from typing import Any
 
 import aiohttp
 import av
+import numpy as np
 import pytest
 import ray
 from aiohttp import web
@@ -33,6 +34,7 @@ from aiortc import (
     RTCSessionDescription,
 )
 from aiortc.codecs import h264 as aiortc_h264
+from aiortc.codecs import opus as aiortc_opus
 
 from actors import StreamManager
 from actors.handles import WebRTCHandle
@@ -41,6 +43,7 @@ from shared.auth.server import AccessSettings
 from shared.auth.tokens import TokenIssuer, TokenKey
 from shared.capture.testpattern import TestPattern
 from shared.media.codec import EncoderConfig, H264Encoder
+from shared.media.opus import OpusEncoder
 from shared.models import (
     AccessMode,
     Resolution,
@@ -56,6 +59,7 @@ from shared.webrtc.feed import RingFeed
 from shared.webrtc.whep import WhepEndpoint
 from tests.browser import Page, chromium, chromium_path
 from tests.conftest import stream_actors, wait_for_no_leaks
+from tests.test_audio import TONE_HZ, peak_hz
 
 WIDTH, HEIGHT, FPS = 320, 180, 30
 SECRET = b"test-secret-of-thirty-two-bytes!"
@@ -102,6 +106,28 @@ class Producer:
             await asyncio.sleep(max(0.0, started + index / FPS - time.monotonic()))
 
 
+async def produce_tone(ring: PacketRing, sent: list[bytes]) -> None:
+    """A 440 Hz tone encoded to Opus into the audio ring in real time, as capture does."""
+    encoder = OpusEncoder(sample_rate=48_000, channels=2, bitrate=64_000)
+    block = 960  # 20 ms
+    started = time.monotonic()
+    index = 0
+    while True:
+        t = (np.arange(block) + index * block) / 48_000
+        mono = (8000 * np.sin(2 * np.pi * TONE_HZ * t)).astype(np.int16)
+        for packet in encoder.encode(np.stack([mono, mono], axis=1), time.time_ns() // 1000):
+            sent.append(packet.data)
+            ring.append(
+                packet.data,
+                pts=packet.pts,
+                capture_us=packet.capture_us,
+                monotonic_us=time.monotonic_ns() // 1000,
+                keyframe=True,
+            )
+        index += 1
+        await asyncio.sleep(max(0.0, started + index * 0.02 - time.monotonic()))
+
+
 @contextlib.asynccontextmanager
 async def producing() -> AsyncIterator[tuple[Producer, PacketRing]]:
     ring = PacketRing.create(segment_name(uuid.uuid4().hex[:10], "video"), capacity_bytes=4 << 20)
@@ -117,12 +143,15 @@ async def producing() -> AsyncIterator[tuple[Producer, PacketRing]]:
 
 
 class Receiver:
-    """An aiortc peer that receives video (recvonly) and decodes it."""
+    """An aiortc peer that receives video (and audio) recvonly and decodes it."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, audio: bool = False) -> None:
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.pc.addTransceiver("video", direction="recvonly")
+        if audio:
+            self.pc.addTransceiver("audio", direction="recvonly")
         self.frames: list[av.VideoFrame] = []
+        self.audio: list[av.AudioFrame] = []
         self._tasks: list[asyncio.Task[None]] = []
 
         @self.pc.on("track")
@@ -133,8 +162,11 @@ class Receiver:
         with contextlib.suppress(Exception):
             while True:
                 frame = await track.recv()
-                assert isinstance(frame, av.VideoFrame)
-                self.frames.append(frame)
+                if isinstance(frame, av.VideoFrame):
+                    self.frames.append(frame)
+                else:
+                    assert isinstance(frame, av.AudioFrame)
+                    self.audio.append(frame)
 
     async def offer(self) -> str:
         await self.pc.setLocalDescription(await self.pc.createOffer())
@@ -187,6 +219,31 @@ def received_units(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
 
     monkeypatch.setattr(aiortc_h264.H264Decoder, "decode", spy)
     return units
+
+
+@pytest.fixture
+def opus_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """aiortc's Opus codec: ``pack``/``encode`` calls, and the payloads its decoders got."""
+    calls: dict[str, Any] = {"pack": 0, "encode": 0, "received": []}
+    pack, encode = aiortc_opus.OpusEncoder.pack, aiortc_opus.OpusEncoder.encode
+    decode = aiortc_opus.OpusDecoder.decode
+
+    def counted_pack(self: Any, packet: Any) -> Any:
+        calls["pack"] += 1
+        return pack(self, packet)
+
+    def counted_encode(self: Any, *args: Any) -> Any:
+        calls["encode"] += 1
+        return encode(self, *args)
+
+    def spy(self: Any, encoded_frame: Any) -> Any:
+        calls["received"].append(bytes(encoded_frame.data))
+        return decode(self, encoded_frame)
+
+    monkeypatch.setattr(aiortc_opus.OpusEncoder, "pack", counted_pack)
+    monkeypatch.setattr(aiortc_opus.OpusEncoder, "encode", counted_encode)
+    monkeypatch.setattr(aiortc_opus.OpusDecoder, "decode", spy)
+    return calls
 
 
 def open_access() -> AccessSettings:
@@ -282,6 +339,49 @@ def test_encoded_packets_reach_aiortc_peers_unencoded_and_decode_at_the_rungs_si
             got = nal_units(received_units)
             assert len(got) >= 60 and all(nal in sent for nal in got)
             assert requests  # newcomers asked the encoder for a keyframe
+
+    asyncio.run(main())
+
+
+def test_opus_from_the_audio_ring_reaches_the_peer_unencoded_beside_the_video(
+    opus_calls: dict[str, Any],
+) -> None:
+    async def main() -> None:
+        async with producing() as (_producer, video_ring):
+            audio_ring = PacketRing.create(
+                segment_name(uuid.uuid4().hex[:10], "audio"), capacity_bytes=1 << 20
+            )
+            sent: list[bytes] = []
+            tone = asyncio.create_task(produce_tone(audio_ring, sent))
+            video = RingFeed(PacketRing.attach(video_ring.name), "video")
+            audio = RingFeed(PacketRing.attach(audio_ring.name), "audio")
+            video.start()
+            audio.start()
+            endpoint = WhepEndpoint("s1", open_access(), video=[video], audio=audio)
+            receiver = Receiver(audio=True)
+            try:
+                async with serving(endpoint) as base:
+                    status, answer, _ = await post_offer(base, "s1", await receiver.offer())
+                    assert status == 201 and "opus" in answer
+                    await receiver.answer(answer)
+                    await until(
+                        lambda: len(receiver.audio) >= 100 and len(receiver.frames) >= 10,
+                        "2 s of audio and 10 video frames",
+                    )
+            finally:
+                tone.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await tone
+                await receiver.close()
+                await video.close()
+                await audio.close()
+                audio_ring.close()
+            pcm = np.concatenate([f.to_ndarray().reshape(-1, 2) for f in receiver.audio[25:]])
+            assert peak_hz(pcm, 48_000) == pytest.approx(TONE_HZ, abs=2)
+            # Passed through: aiortc packed the ring's Opus packets and encoded none.
+            assert opus_calls["pack"] >= 100 and opus_calls["encode"] == 0
+            received = opus_calls["received"]
+            assert len(received) >= 100 and set(received) <= set(sent)
 
     asyncio.run(main())
 
