@@ -192,6 +192,13 @@ class WebRTCHandle(Handle[WebRTCShardActor]):
     async def stats(self) -> WebRTCStats:
         return await self.call(WebRTCShardActor.stats)
 
+    async def revoke(self, token_id: str | None, viewer_id: str | None) -> int:
+        """Cut a token's or a viewer's peers now and refuse it from now on; how many."""
+        return await self.call(WebRTCShardActor.revoke, token_id, viewer_id)
+
+    async def close_viewer(self, viewer_id: str) -> int:
+        return await self.call(WebRTCShardActor.close_viewer, viewer_id)
+
     async def stop(self) -> WebRTCStats:
         return await self.call(WebRTCShardActor.stop)
 

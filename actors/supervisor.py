@@ -555,7 +555,8 @@ class Supervisor:
             *(
                 h.call(SenderActor.revoke, token_id, viewer_id)
                 for h in self._shard_handles(session_id)
-            )
+            ),
+            *([stream.webrtc.revoke(token_id, viewer_id)] if stream.webrtc is not None else []),
         )
         return sum(cuts)
 
@@ -658,6 +659,8 @@ class Supervisor:
         stream.session.viewers.remove(viewer_id)
         if stream.shards is not None:
             await stream.shards.remove_viewer(viewer_id)
+        if stream.webrtc is not None:
+            await stream.webrtc.close_viewer(viewer_id)
 
     async def get_viewer_status(self, session_id: str) -> list[ViewerStatus]:
         stream = self._get(session_id)

@@ -394,7 +394,7 @@ def test_whep_answers_201_with_a_good_token_and_refuses_every_bad_one_with_its_s
             endpoint = WhepEndpoint("s1", token_access(), video=[feed], max_peers=1)
             issuer = TokenIssuer(TokenKey.hs256(SECRET))
             now = time.time()
-            good, _ = issuer.issue(stream="s1", now=now, viewer="alice")
+            good, grant = issuer.issue(stream="s1", now=now, viewer="alice")
             blind, _ = issuer.issue(
                 stream="s1", now=now, permissions=ViewerPermissions(can_view=False)
             )
@@ -449,6 +449,18 @@ def test_whep_answers_201_with_a_good_token_and_refuses_every_bad_one_with_its_s
                         async with session.delete(base + location) as response:
                             assert response.status == 404
                     assert endpoint.departed_frames >= 5
+
+                    # Revoked: the live peer is cut and the token is refused from then on.
+                    again = Receiver()
+                    try:
+                        status, _, _ = await post_offer(base, "s1", await again.offer(), good)
+                        assert status == 201 and len(endpoint.peers) == 1
+                        assert await endpoint.revoke(token_id=grant.token_id) == 1
+                        assert endpoint.peers == {}
+                        status, text, _ = await post_offer(base, "s1", offer, good)
+                        assert status == 401 and "revoked" in text
+                    finally:
+                        await again.close()
             finally:
                 await receiver.close()
                 await late.close()
@@ -551,6 +563,10 @@ def test_whep_on_a_real_token_stream_plays_refuses_and_shares_one_encoder(
                 after = await shard.stats()
                 assert session_id not in {p.session for p in after.peers}
                 assert after.frames_sent >= 30 and after.bytes_sent > 0
+                # The operator's revocation and removal reach the WebRTC shard too.
+                assert await manager.revoke_viewer(sid, viewer_id=tickets[1].viewer_id) == 1
+                await manager.remove_viewer(sid, tickets[2].viewer_id)
+                assert (await shard.stats()).peers == []
             finally:
                 for receiver in receivers:
                     await receiver.close()

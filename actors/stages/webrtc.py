@@ -151,6 +151,16 @@ class WebRTCShardActor:
             refusals=dict(endpoint.refusals) if endpoint else {},
         )
 
+    async def revoke(self, token_id: str | None = None, viewer_id: str | None = None) -> int:
+        """Revoke a token or a viewer here: its peers end now; how many."""
+        if self._endpoint is None:
+            return 0
+        return await self._endpoint.revoke(token_id=token_id, viewer=viewer_id)
+
+    async def close_viewer(self, viewer_id: str) -> int:
+        """End the peers of a removed viewer; how many."""
+        return 0 if self._endpoint is None else await self._endpoint.close_viewer(viewer_id)
+
     async def _close(self) -> None:
         if self._endpoint is not None:
             await self._endpoint.close()

@@ -91,9 +91,10 @@ class _Peer:
         tracks: list[EncodedTrack],
         viewer: str | None,
         rung: int,
+        token_id: str | None = None,
     ) -> None:
         self.session, self.pc, self.tracks = session, pc, tracks
-        self.viewer, self.rung = viewer, rung
+        self.viewer, self.rung, self.token_id = viewer, rung, token_id
         self.created_at = time.time()
 
     def stats(self) -> WhepPeerStats:
@@ -204,7 +205,7 @@ class WhepEndpoint:
         stream = request.match_info["stream"]
         if stream != self.stream:
             raise _Refusal(404, f"no stream {stream!r} here", "unknown_stream")
-        viewer, rung = self._admit(request.headers.get("Authorization"))
+        viewer, token_id, rung = self._admit(request.headers.get("Authorization"))
         if request.content_type != SDP_TYPE:
             raise _Refusal(415, f"the offer must be {SDP_TYPE}", "media_type")
         if self._max_peers is not None and len(self.peers) >= self._max_peers:
@@ -226,7 +227,7 @@ class WhepEndpoint:
             await pc.close()
             raise
         session = secrets.token_urlsafe(12)
-        peer = self.peers[session] = _Peer(session, pc, tracks, viewer, rung)
+        peer = self.peers[session] = _Peer(session, pc, tracks, viewer, rung, token_id)
 
         @pc.on("connectionstatechange")
         async def on_state() -> None:
@@ -241,10 +242,10 @@ class WhepEndpoint:
             headers={"Location": f"/whep/{self.stream}/{session}"},
         )
 
-    def _admit(self, authorization: str | None) -> tuple[str | None, int]:
-        """The viewer and rung a request's credentials allow, or a refusal."""
+    def _admit(self, authorization: str | None) -> tuple[str | None, str | None, int]:
+        """The viewer, token id and rung a request's credentials allow, or a refusal."""
         if self._access.access.mode == AccessMode.OPEN or self._verifier is None:
-            return None, 0
+            return None, None, 0
         token = None
         if authorization is not None:
             scheme, _, value = authorization.partition(" ")
@@ -267,7 +268,7 @@ class WhepEndpoint:
                     403, "no rung served here is within the token's max_quality", "max_quality"
                 )
             rung = allowed[0].index
-        return grant.viewer, rung
+        return grant.viewer, grant.token_id, rung
 
     async def _negotiate(
         self,
@@ -320,6 +321,31 @@ class WhepEndpoint:
             track.stop()
         await peer.pc.close()
         logger.info("stream %s: WebRTC session %s ended", self.stream, peer.session)
+
+    async def revoke(self, *, token_id: str | None = None, viewer: str | None = None) -> int:
+        """Revoke a token or a viewer: its peers end now and its token is refused from now on
+        (as the RoQ shards' ``AccessControl.revoke``); how many peers ended."""
+        if self._verifier is not None:
+            if token_id is not None:
+                self._verifier.revocations.revoke_token(token_id)
+            if viewer is not None:
+                self._verifier.revocations.revoke_viewer(viewer)
+        cut = [
+            peer
+            for peer in self.peers.values()
+            if (token_id is not None and peer.token_id == token_id)
+            or (viewer is not None and peer.viewer == viewer)
+        ]
+        for peer in cut:
+            await self._end(peer)
+        return len(cut)
+
+    async def close_viewer(self, viewer: str) -> int:
+        """End the peers of ``viewer`` (removed by the operator); how many."""
+        leaving = [peer for peer in self.peers.values() if peer.viewer == viewer]
+        for peer in leaving:
+            await self._end(peer)
+        return len(leaving)
 
     async def close(self) -> None:
         """End every peer (their feeds are the caller's)."""
