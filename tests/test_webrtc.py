@@ -39,6 +39,7 @@ from aiortc.codecs import opus as aiortc_opus
 from actors import StreamManager
 from actors.handles import WebRTCHandle
 from actors.placement import NAMESPACE
+from shared.auth.control import RungInfo
 from shared.auth.server import AccessSettings
 from shared.auth.tokens import TokenIssuer, TokenKey
 from shared.capture.testpattern import TestPattern
@@ -46,6 +47,7 @@ from shared.media.codec import EncoderConfig, H264Encoder
 from shared.media.opus import OpusEncoder
 from shared.models import (
     AccessMode,
+    QualityPreset,
     Resolution,
     StreamAccess,
     StreamConfig,
@@ -78,15 +80,21 @@ class Producer:
     """Encodes the test pattern into a ring at FPS, as the encoder actor does."""
 
     ring: PacketRing
+    width: int = WIDTH
+    height: int = HEIGHT
     units: list[bytes] = field(default_factory=list)
 
     async def run(self) -> None:
         encoder = H264Encoder(
             EncoderConfig(
-                width=WIDTH, height=HEIGHT, framerate=FPS, bitrate=300_000, keyframe_interval=30
+                width=self.width,
+                height=self.height,
+                framerate=FPS,
+                bitrate=300_000,
+                keyframe_interval=30,
             )
         )
-        pattern = TestPattern(WIDTH, HEIGHT, FPS)
+        pattern = TestPattern(self.width, self.height, FPS)
         started = time.monotonic()
         index = 0
         while True:
@@ -129,9 +137,11 @@ async def produce_tone(ring: PacketRing, sent: list[bytes]) -> None:
 
 
 @contextlib.asynccontextmanager
-async def producing() -> AsyncIterator[tuple[Producer, PacketRing]]:
+async def producing(
+    width: int = WIDTH, height: int = HEIGHT
+) -> AsyncIterator[tuple[Producer, PacketRing]]:
     ring = PacketRing.create(segment_name(uuid.uuid4().hex[:10], "video"), capacity_bytes=4 << 20)
-    producer = Producer(ring)
+    producer = Producer(ring, width, height)
     task = asyncio.create_task(producer.run())
     try:
         yield producer, ring
@@ -465,6 +475,57 @@ def test_whep_answers_201_with_a_good_token_and_refuses_every_bad_one_with_its_s
                 await receiver.close()
                 await late.close()
                 await feed.close()
+
+    asyncio.run(main())
+
+
+def test_a_tokens_max_quality_picks_the_best_rung_it_allows() -> None:
+    top = RungInfo(
+        index=0, width=WIDTH, height=HEIGHT, framerate=30, bitrate=300_000, preset="medium"
+    )
+    low = RungInfo(index=1, width=192, height=108, framerate=30, bitrate=100_000, preset="low")
+    access = AccessSettings(
+        access=StreamAccess(mode=AccessMode.TOKEN), secret=SECRET, rungs=(top, low)
+    )
+    issuer = TokenIssuer(TokenKey.hs256(SECRET))
+
+    async def main() -> None:
+        async with producing() as (_, ring0), producing(192, 108) as (_, ring1):
+            feeds = [RingFeed(PacketRing.attach(r.name), "video") for r in (ring0, ring1)]
+            for feed in feeds:
+                feed.start()
+            endpoint = WhepEndpoint("s1", access, video=feeds)
+            # Only rung 0 served: a "low" token has nothing it may watch.
+            top_only = WhepEndpoint("s1", access, video=feeds[:1])
+            receivers = {"ultra": Receiver(), "low": Receiver()}
+            refused = Receiver()
+            try:
+                async with serving(endpoint) as base, serving(top_only) as top_base:
+                    for cap, receiver in receivers.items():
+                        token, _ = issuer.issue(
+                            stream="s1",
+                            now=time.time(),
+                            permissions=ViewerPermissions(max_quality=QualityPreset(cap)),
+                        )
+                        status, answer, _ = await post_offer(
+                            base, "s1", await receiver.offer(), token
+                        )
+                        assert status == 201, answer
+                        await receiver.answer(answer)
+                    status, text, _ = await post_offer(top_base, "s1", await refused.offer(), token)
+                    assert status == 403 and "max_quality" in text
+                    await until(
+                        lambda: all(len(r.frames) >= 5 for r in receivers.values()),
+                        "frames at both caps",
+                    )
+                    assert sorted(p.rung for p in endpoint.peer_stats()) == [0, 1]
+            finally:
+                for receiver in [*receivers.values(), refused]:
+                    await receiver.close()
+                for feed in feeds:
+                    await feed.close()
+            assert {(f.width, f.height) for f in receivers["ultra"].frames} == {(WIDTH, HEIGHT)}
+            assert {(f.width, f.height) for f in receivers["low"].frames} == {(192, 108)}
 
     asyncio.run(main())
 
