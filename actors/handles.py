@@ -34,6 +34,7 @@ from actors.stages.encoder import EncoderActor, EncoderStats
 from actors.stages.quality import QualityActor
 from actors.stages.recorder import RecorderActor
 from actors.stages.sender import SenderActor, SenderStats
+from actors.stages.webrtc import WebRTCShardActor, WebRTCStats
 from shared.capture.source import SourceInfo
 from shared.control.rung_targets import RungTarget
 from shared.media.scaler import Rung
@@ -47,6 +48,7 @@ __all__ = [
     "QualityHandle",
     "RecorderHandle",
     "SenderHandle",
+    "WebRTCHandle",
 ]
 
 A = TypeVar("A")
@@ -181,6 +183,28 @@ class SenderHandle(Handle[SenderActor]):
 
     async def stop(self) -> SenderStats:
         return await self.call(SenderActor.stop)
+
+
+class WebRTCHandle(Handle[WebRTCShardActor]):
+    actor_class = WebRTCShardActor
+    kind = "webrtc"
+
+    async def open(self, host: str, port: int) -> str:
+        """Serve WHEP on ``host:port`` (0: a free port); the endpoint's URL."""
+        return await self.call(WebRTCShardActor.open, host, port)
+
+    async def stats(self) -> WebRTCStats:
+        return await self.call(WebRTCShardActor.stats)
+
+    async def revoke(self, token_id: str | None, viewer_id: str | None) -> int:
+        """Cut a token's or a viewer's peers now and refuse it from now on; how many."""
+        return await self.call(WebRTCShardActor.revoke, token_id, viewer_id)
+
+    async def close_viewer(self, viewer_id: str) -> int:
+        return await self.call(WebRTCShardActor.close_viewer, viewer_id)
+
+    async def stop(self) -> WebRTCStats:
+        return await self.call(WebRTCShardActor.stop)
 
 
 class RecorderHandle(Handle[RecorderActor]):

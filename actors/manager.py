@@ -247,6 +247,11 @@ class StreamManager:
         URL they connect to (``serve``)."""
         return await self._supervisor.call(Supervisor.open_shards, session_id, count, port)
 
+    async def open_whep(self, session_id: str, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Serve the stream's browser viewers over WebRTC (WHEP, HTTP on ``host:port``); the
+        endpoint's URL, whose ``/player`` is the player page."""
+        return await self._supervisor.call(Supervisor.open_whep, session_id, host, port)
+
     async def remove_viewer(self, session_id: str, viewer_id: str) -> None:
         await self._supervisor.call(Supervisor.remove_viewer, session_id, viewer_id)
 

@@ -29,6 +29,7 @@ CPU_RESERVATION: dict[str, float] = {
     "sender": 0.05,
     "recorder": 0.05,
     "quality": 0.0,
+    "webrtc": 0.05,
 }
 
 

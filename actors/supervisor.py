@@ -33,7 +33,14 @@ import msgspec
 import ray
 
 from actors.calls import unwrap
-from actors.handles import CaptureHandle, EncoderHandle, Handle, QualityHandle, SenderHandle
+from actors.handles import (
+    CaptureHandle,
+    EncoderHandle,
+    Handle,
+    QualityHandle,
+    SenderHandle,
+    WebRTCHandle,
+)
 from actors.placement import spawn
 from actors.recordings import Recordings, StreamContext
 from actors.shards import ShardPool
@@ -41,6 +48,7 @@ from actors.stages.capture import CaptureActor
 from actors.stages.encoder import EncoderActor, encoder_actor_options, ladder_ring_names
 from actors.stages.quality import QualityActor, viewer_quality
 from actors.stages.sender import SenderActor
+from actors.stages.webrtc import WebRTCShardActor
 from shared.auth.control import RungInfo
 from shared.auth.pending import PendingRequest
 from shared.auth.secret_file import load_secret
@@ -116,6 +124,8 @@ class _Stream:
     quality: QualityHandle | None = None
     #: The sender shards serving the stream's viewers (``actors.shards``).
     shards: ShardPool | None = None
+    #: The WebRTC shard serving browsers over WHEP (``open_whep``), once asked for.
+    webrtc: WebRTCHandle | None = None
     pids: dict[str, int] = field(default_factory=dict)
     viewers: dict[str, _Viewer] = field(default_factory=dict)
     #: The recording StreamConfig.record asked for, if any (others are started by API).
@@ -134,6 +144,7 @@ class _Stream:
         stages: list[Handle[Any]] = [
             h for h in (self.capture, self.quality, self.encoder) if h is not None
         ]
+        stages += [self.webrtc] if self.webrtc is not None else []
         return stages + (self.shards.handles() if self.shards is not None else [])
 
 
@@ -357,6 +368,8 @@ class Supervisor:
         ):
             if stage is not None:
                 await attempt(stage.stop, f"stop the {role}", context)
+        if stream.webrtc is not None:
+            await attempt(stream.webrtc.stop, "stop the WebRTC shard", context)
         if stream.shards is not None:
             await stream.shards.stop_all()
         self._recordings.cancel_stream(sid)
@@ -375,6 +388,7 @@ class Supervisor:
                 logger.warning("could not kill %s: %s", type(handle).__name__, exc)
         stream.capture = stream.encoder = stream.quality = None
         stream.shards = None
+        stream.webrtc = None
         # Actors unlink what they created on a clean stop; this covers the ones that crashed.
         for name in stream.segments:
             unlink_segment(name)
@@ -546,7 +560,8 @@ class Supervisor:
             *(
                 h.call(SenderActor.revoke, token_id, viewer_id)
                 for h in self._shard_handles(session_id)
-            )
+            ),
+            *([stream.webrtc.revoke(token_id, viewer_id)] if stream.webrtc is not None else []),
         )
         return sum(cuts)
 
@@ -624,6 +639,35 @@ class Supervisor:
             url = str(shard.url)
         return url
 
+    async def open_whep(self, session_id: str, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Serve the stream's browser viewers over WebRTC: the WHEP endpoint's URL (HTTP on
+        ``host:port``, 0: a free port).  One WebRTC shard per stream; asking again returns
+        its URL."""
+        stream = self._get(session_id)
+        stream.lifecycle.check(StreamOperation.ADD_VIEWER)
+        if stream.webrtc is None:
+            context = stream.context
+            handle = spawn(
+                WebRTCShardActor,
+                WebRTCHandle,
+                name=f"kz-{session_id}-webrtc",
+                node_id=stream.node_id,
+            )(
+                session_id=session_id,
+                ring_name=context.ring_names.get("video") if context is not None else None,
+                encoder=stream.encoder,
+                audio_ring_name=segment_name(session_id, "audio") if stream.config.audio else None,
+                access=self._access(stream),
+                max_peers=stream.config.viewers.max_viewers_per_shard,
+            )
+            try:
+                await handle.open(host, port)
+            except BaseException:
+                handle.kill()
+                raise
+            stream.webrtc = handle
+        return (await stream.webrtc.stats()).url
+
     async def remove_viewer(self, session_id: str, viewer_id: str) -> None:
         """Remove a viewer (removing one that is gone does nothing); its connection, if any,
         is closed."""
@@ -635,6 +679,8 @@ class Supervisor:
         stream.session.viewers.remove(viewer_id)
         if stream.shards is not None:
             await stream.shards.remove_viewer(viewer_id)
+        if stream.webrtc is not None:
+            await stream.webrtc.close_viewer(viewer_id)
 
     async def get_viewer_status(self, session_id: str) -> list[ViewerStatus]:
         stream = self._get(session_id)

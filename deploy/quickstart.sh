@@ -33,6 +33,8 @@ if [ "$mode" = test ]; then
   command -v Xvfb >/dev/null 2>&1 || packages+=("xvfb")
   command -v pulseaudio >/dev/null 2>&1 || packages+=("pulseaudio")
   command -v paplay >/dev/null 2>&1 || packages+=("pulseaudio-utils")
+  # Browser viewers: headless Chromium plays the WHEP player page (tests/test_webrtc.py).
+  command -v chromium >/dev/null 2>&1 || packages+=("chromium")
   for lib in libportaudio2 libasound2-plugins libx11-6 libxfixes3; do
     dpkg -s "$lib" >/dev/null 2>&1 || packages+=("$lib")
   done

@@ -15,6 +15,10 @@ reaches the port watch.  Tokens are signed with the secret from ``--secret-file`
 ``KIZUNA_TOKEN_SECRET``, or a file created on the first start, readable only by this user
 (``shared.auth.secret_file``); the secret is never printed.
 
+``--http HOST:PORT`` also serves browsers over WebRTC: the stream's WHEP endpoint (``POST`` an
+SDP offer with ``Authorization: Bearer <token>``) and its player page are printed after the URL
+(``--json``: ``whep`` and ``player``).
+
 It prints the URL on stdout at once (``--json``: a JSON line ``{"url": ..., ...}``), shows a
 status line of connected viewers while it runs, and on Ctrl-C (or after ``--seconds``) stops
 the stream and prints a summary (``--json``: a second JSON line).
@@ -88,6 +92,11 @@ def register(commands: Any) -> None:
         action="store_true",
         help="keep every rung and the full frame rate even when the CPU saturates",
     )
+    serve.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help="also serve browsers over WebRTC: WHEP and a player page on this HTTP address",
+    )
     add_quality_arguments(serve)
     serve.add_argument("--seconds", type=float, help="stop after this long (default: Ctrl-C)")
     serve.add_argument(
@@ -117,6 +126,13 @@ def free_port(host: str) -> int:
 def run(args: argparse.Namespace) -> int:
     try:
         host, port = parse_listen(args.listen)
+        if args.http is not None:
+            try:
+                parse_listen(args.http)
+            except UsageError:
+                raise UsageError(
+                    f"--http {args.http!r}: expected HOST:PORT, e.g. 0.0.0.0:8080"
+                ) from None
         parse_source(args.source)
         if args.senders < 1:
             raise UsageError(f"--senders must be >= 1, got {args.senders}")
@@ -178,6 +194,9 @@ async def serve(
         session = await manager.start_camera_stream(config)
         sid = session.session_id
         url = await manager.open_shards(sid, args.senders, port=port)
+        whep = None
+        if args.http is not None:
+            whep = await manager.open_whep(sid, *parse_listen(args.http))
         handles = [
             SenderHandle(ray.get_actor(actor["name"], namespace=NAMESPACE))
             for actor in ray.util.list_named_actors(all_namespaces=True)
@@ -186,10 +205,13 @@ async def serve(
         if args.json:
             print_json(
                 {"url": url, "session_id": sid, "senders": len(handles), "access": args.access}
+                | ({"whep": whep, "player": f"{whep}/player"} if whep else {})
             )
         else:
             status.done()
             print(url)
+            if whep is not None:
+                print(f"WHEP {whep}\nplayer {whep}/player")
             if access.mode == AccessMode.TOKEN:
                 print(
                     f"viewers need a token (kizuna-stream token --stream {sid}) or your approval"
