@@ -60,7 +60,7 @@ from shared.rtp.h264 import split_annexb
 from shared.webrtc.feed import RingFeed
 from shared.webrtc.whep import WhepEndpoint
 from tests.browser import Page, chromium, chromium_path
-from tests.conftest import stream_actors, wait_for_no_leaks
+from tests.conftest import shm_snapshot, stream_actors, wait_for_no_leaks
 from tests.test_audio import TONE_HZ, peak_hz
 
 WIDTH, HEIGHT, FPS = 320, 180, 30
@@ -149,6 +149,7 @@ async def producing(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        ring.unlink()  # the writer removes what it made
         ring.close()
 
 
@@ -190,6 +191,16 @@ class Receiver:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+@pytest.fixture(autouse=True)
+def no_segment_left() -> Any:
+    """Every test here leaves no shared-memory segment behind (the Ray tests check their
+    stream's too, with ``wait_for_no_leaks``)."""
+    before = shm_snapshot().segments
+    yield
+    left = sorted(set(shm_snapshot().segments) - before)
+    assert not left, f"segments left behind: {left}"
 
 
 @pytest.fixture
@@ -385,6 +396,7 @@ def test_opus_from_the_audio_ring_reaches_the_peer_unencoded_beside_the_video(
                 await receiver.close()
                 await video.close()
                 await audio.close()
+                audio_ring.unlink()
                 audio_ring.close()
             pcm = np.concatenate([f.to_ndarray().reshape(-1, 2) for f in receiver.audio[25:]])
             assert peak_hz(pcm, 48_000) == pytest.approx(TONE_HZ, abs=2)
