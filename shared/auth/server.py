@@ -80,6 +80,18 @@ class AccessSettings(msgspec.Struct, frozen=True, kw_only=True):
         if self.access.mode == AccessMode.TOKEN and not self.secret:
             raise ConfigError("token access needs the secret the tokens are signed with")
 
+    def verifier(self) -> TokenVerifier | None:
+        """A verifier of this stream's tokens with its revocations (None: no secret, an open
+        stream); every endpoint of the stream (RoQ shards, WHEP) checks tokens with one."""
+        if not self.secret:
+            return None
+        revocations = Revocations()
+        for token_id in self.revoked_tokens:
+            revocations.revoke_token(token_id)
+        for viewer in self.revoked_viewers:
+            revocations.revoke_viewer(viewer)
+        return TokenVerifier(TokenKey.hs256(self.secret), revocations=revocations)
+
     def __repr__(self) -> str:
         # The secret signs tokens: a repr ends up in logs and Ray's error messages.
         return f"AccessSettings(access={self.access!r}, secret=<redacted>)"
@@ -124,16 +136,7 @@ class AccessControl:
             approval_timeout_s=access.approval_timeout_s,
             allow_approval_requests=access.allow_requests,
         )
-        revocations = Revocations()
-        for token_id in settings.revoked_tokens:
-            revocations.revoke_token(token_id)
-        for viewer in settings.revoked_viewers:
-            revocations.revoke_viewer(viewer)
-        self._verifier = (
-            TokenVerifier(TokenKey.hs256(settings.secret), revocations=revocations)
-            if settings.secret
-            else None
-        )
+        self._verifier = settings.verifier()
         self.pending = PendingRequests()
         self._admissions: dict[ControlledConnection, ViewerAdmission] = {}
         self._open: dict[ControlledConnection, _OpenConnection] = {}

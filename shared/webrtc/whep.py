@@ -54,7 +54,7 @@ from aiortc.exceptions import InvalidStateError, OperationError
 
 from shared.auth.admission import allowed_rungs
 from shared.auth.server import AccessSettings
-from shared.auth.tokens import MAX_TOKEN_LENGTH, Revocations, TokenKey, TokenVerifier
+from shared.auth.tokens import MAX_TOKEN_LENGTH
 from shared.errors import AuthError
 from shared.models import AccessMode
 from shared.webrtc.feed import RingFeed
@@ -154,16 +154,7 @@ class WhepEndpoint:
         self._audio = audio
         self._max_peers = max_peers
         self._clock = clock
-        revocations = Revocations()
-        for token_id in access.revoked_tokens:
-            revocations.revoke_token(token_id)
-        for viewer in access.revoked_viewers:
-            revocations.revoke_viewer(viewer)
-        self._verifier = (
-            TokenVerifier(TokenKey.hs256(access.secret), revocations=revocations)
-            if access.secret
-            else None
-        )
+        self._verifier = access.verifier()
         self.peers: dict[str, _Peer] = {}
         #: Offers refused, by reason word (``missing``, ``forged``, ``full``, ...).
         self.refusals: dict[str, int] = {}
