@@ -206,10 +206,14 @@ def test_ports_a_shard_took_over_move_on_when_it_retires(ray_cluster: str) -> No
                 # B's one seat).
                 watching.cancel()
                 await viewer.close()
+                # The shard frees b's seat when b's connection ends, which is three PTOs after
+                # b's CONNECTION_CLOSE (the draining period, RFC 9000 section 10.2.2), not at once.
+                await eventually(handles["B"].stats, lambda s: not s.peers, "b's seat freed")
                 again = await Viewer.connect(a.url)
                 try:
                     await again.watch(seconds=30, frames=10)
                     assert again.frames_decoded >= 10
+                    assert (await handles["B"].stats()).connections_refused == 0
                 finally:
                     await again.close()
             finally:
