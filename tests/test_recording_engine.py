@@ -207,11 +207,12 @@ def test_quota_deletes_the_oldest_segments(ray_cluster: str, tmp_path: Path) -> 
 
 @pytest.fixture
 def tiny_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs: a real full disk, not a simulated one."""
+    """A 384 KiB tmpfs: a real full disk, not a simulated one (full after about 8 s of the
+    400 kbps stream, with well over 30 frames written before it fills)."""
     mount_point = tmp_path / "tiny"
     mount_point.mkdir()
     result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+        ["mount", "-t", "tmpfs", "-o", "size=384k", "tmpfs", str(mount_point)],
         capture_output=True,
         text=True,
     )
