@@ -33,20 +33,24 @@ from actors.stages.capture import CaptureActor, CaptureStats
 from actors.stages.encoder import EncoderActor, EncoderStats
 from actors.stages.quality import QualityActor
 from actors.stages.recorder import RecorderActor
+from actors.stages.relay import NodeRelayActor, RelayOriginActor
 from actors.stages.sender import SenderActor, SenderStats
 from actors.stages.webrtc import WebRTCShardActor, WebRTCStats
 from shared.capture.source import SourceInfo
 from shared.control.rung_targets import RungTarget
 from shared.media.scaler import Rung
 from shared.models import ConnectionQuality, RecordingSession, StreamQuality, StreamSource
+from shared.relay.link import ReceiverStats, ServerStats
 from shared.roq.tls import TlsIdentity
 
 __all__ = [
     "CaptureHandle",
     "EncoderHandle",
     "Handle",
+    "NodeRelayHandle",
     "QualityHandle",
     "RecorderHandle",
+    "RelayOriginHandle",
     "SenderHandle",
     "WebRTCHandle",
 ]
@@ -258,3 +262,33 @@ class QualityHandle(Handle[QualityActor]):
 
     async def stop(self) -> None:
         await self.call(QualityActor.stop)
+
+
+class RelayOriginHandle(Handle[RelayOriginActor]):
+    actor_class = RelayOriginActor
+    kind = "relay_origin"
+
+    async def open(self) -> tuple[str, int]:
+        """Serve the stream's rings; the (node address, port) other nodes subscribe at."""
+        return await self.call(RelayOriginActor.open)
+
+    async def stats(self) -> ServerStats:
+        return await self.call(RelayOriginActor.stats)
+
+    async def stop(self) -> ServerStats:
+        return await self.call(RelayOriginActor.stop)
+
+
+class NodeRelayHandle(Handle[NodeRelayActor]):
+    actor_class = NodeRelayActor
+    kind = "relay"
+
+    async def open(self) -> dict[str, str]:
+        """Subscribe to the origin; this node's copy of each track's ring, by track."""
+        return await self.call(NodeRelayActor.open)
+
+    async def stats(self) -> ReceiverStats:
+        return await self.call(NodeRelayActor.stats)
+
+    async def stop(self) -> ReceiverStats:
+        return await self.call(NodeRelayActor.stop)

@@ -30,6 +30,8 @@ CPU_RESERVATION: dict[str, float] = {
     "recorder": 0.05,
     "quality": 0.0,
     "webrtc": 0.05,
+    "relay_origin": 0.05,
+    "relay": 0.05,
 }
 
 

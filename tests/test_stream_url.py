@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from shared.errors import ConfigError
-from shared.roq.url import StreamUrl
+from shared.roq.url import StreamUrl, advertised_host
 
 
 def test_round_trip() -> None:
@@ -24,3 +24,20 @@ def test_ipv6_host() -> None:
 def test_bad_urls(bad: str) -> None:
     with pytest.raises(ConfigError):
         StreamUrl.parse(bad)
+
+
+@pytest.mark.parametrize(
+    ("bind", "env", "expected"),
+    [
+        ("0.0.0.0", {}, "10.1.2.3"),  # a wildcard is no address: the node's IP
+        ("::", {}, "10.1.2.3"),
+        ("127.0.0.1", {}, "127.0.0.1"),  # a concrete bind address is reachable as is
+        ("0.0.0.0", {"KIZUNA_ADVERTISE_HOST": "viewers.example.org"}, "viewers.example.org"),
+        ("10.0.0.5", {"KIZUNA_ADVERTISE_HOST": " 203.0.113.7 "}, "203.0.113.7"),
+        ("0.0.0.0", {"KIZUNA_ADVERTISE_HOST": ""}, "10.1.2.3"),
+    ],
+)
+def test_a_viewer_url_names_the_address_viewers_reach(
+    bind: str, env: dict[str, str], expected: str
+) -> None:
+    assert advertised_host(bind, lambda: "10.1.2.3", env) == expected

@@ -45,6 +45,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
+import ray
 
 from shared.auth.server import AccessControl, AccessSettings
 from shared.control.balancer import ConnectionRateLimiter
@@ -56,7 +57,7 @@ from shared.pool.shm import segment_name
 from shared.roq.framing import RoqErrorCode
 from shared.roq.tls import TlsIdentity, generate_self_signed
 from shared.roq.transport import PeerStats, RoqConnection, RoqServer
-from shared.roq.url import StreamUrl
+from shared.roq.url import StreamUrl, advertised_host
 from shared.rtp.keyframes import KeyframePolicy
 from shared.rtp.sender import AUDIO_TRACK, VIDEO_TRACK, BroadcastSender, MediaTrack
 
@@ -162,13 +163,17 @@ class SenderActor:
         access: AccessSettings | None = None,
         supervisor: Any = None,
         rung_rates: Sequence[int] | None = None,
+        ring_prefix: str = "",
     ) -> None:
         """``limits``: this shard refuses connections beyond ``max_viewers_per_shard`` and
         above the connection rate (None: no limit).  ``access``: who may watch (None: an
         open stream, as ``StreamAccess()``).  ``supervisor``: the handle recording requests
         of viewers with ``can_record`` go to (None: refused).  ``rung_rates``: each rung's
         bitrate, top first, when the encoder writes a ladder (None: asked of the encoder when
-        the rings of rungs 1.. exist, see :meth:`open`)."""
+        the rings of rungs 1.. exist, see :meth:`open`).  ``ring_prefix``: rung n's ring and
+        the default audio ring are ``segment_name(session_id, ring_prefix + role)``: empty
+        on the encoder's node, ``<node tag>-`` where the shard reads a relay's copies
+        (:mod:`actors.stages.relay`)."""
         self._supervisor = supervisor
         self._record_tasks: set[asyncio.Task[None]] = set()
         #: The admitted viewer of each connection (its access may end before the connection).
@@ -178,7 +183,8 @@ class SenderActor:
         self._session_id = session_id
         self._viewer_id = viewer_id
         self._ring_name = ring_name
-        self._audio_ring_name = audio_ring_name or segment_name(session_id, "audio")
+        self._ring_prefix = ring_prefix
+        self._audio_ring_name = audio_ring_name or segment_name(session_id, ring_prefix + "audio")
         self._encoder = encoder
         self._max_viewers = limits.max_viewers_per_shard if limits else None
         self._limiter = (
@@ -266,7 +272,7 @@ class SenderActor:
         self._task = asyncio.create_task(self._run(), name="send")
         self._url = str(
             StreamUrl(
-                host=host,
+                host=advertised_host(host, ray.util.get_node_ip_address),
                 port=self._server.port,
                 session_id=self._session_id,
                 fingerprint=identity.fingerprint,
@@ -282,7 +288,7 @@ class SenderActor:
         rings = [PacketRing.attach(self._ring_name)]
         try:
             while True:
-                name = segment_name(self._session_id, f"video{len(rings)}")
+                name = segment_name(self._session_id, f"{self._ring_prefix}video{len(rings)}")
                 try:
                     rings.append(PacketRing.attach(name))
                 except ResourceError:

@@ -6,15 +6,37 @@ SHA-256 fingerprint of the sender's certificate that the viewer pins.
 
 from __future__ import annotations
 
+import os
 import urllib.parse
+from collections.abc import Callable, Mapping
 
 import msgspec
 
 from shared.errors import ConfigError
 
-__all__ = ["StreamUrl"]
+__all__ = ["ADVERTISE_ENV", "StreamUrl", "advertised_host"]
 
 SCHEME = "roq"
+#: The address viewers reach this node at, when it is not the one it binds (a NAT, a
+#: Kubernetes Service, a public IP in front of a private one) — MediaMTX's and LiveKit's
+#: "advertised address".  Set per node, in the environment its Ray workers inherit.
+ADVERTISE_ENV = "KIZUNA_ADVERTISE_HOST"
+_WILDCARDS = frozenset({"", "0.0.0.0", "::"})
+
+
+def advertised_host(
+    bind_host: str, node_ip: Callable[[], str], env: Mapping[str, str] = os.environ
+) -> str:
+    """The host a viewer URL names for a server bound to ``bind_host``.
+
+    The node's advertised address if it has one; else the bind host, unless that is a
+    wildcard (which no viewer can connect to): then the node's own IP (``node_ip()``, Ray's
+    idea of this node's address).
+    """
+    advertised = env.get(ADVERTISE_ENV, "").strip()
+    if advertised:
+        return advertised
+    return node_ip() if bind_host in _WILDCARDS else bind_host
 
 
 class StreamUrl(msgspec.Struct, frozen=True, kw_only=True):
