@@ -66,7 +66,8 @@ class ReceiverStats(msgspec.Struct, kw_only=True):
     downlink: DownlinkStats
     #: Local ring segment names, by track.
     rings: dict[str, str]
-    #: Capture-to-local-ring delay of the recent packets (ms), wall clock on both ends.
+    #: Capture-to-local-ring delay of the recent packets captured since the subscription
+    #: (ms, wall clock on both ends: meaningful across nodes whose clocks are synchronised).
     delay_p50_ms: float | None = None
     delay_p99_ms: float | None = None
     closed_reason: str | None = None
@@ -278,6 +279,9 @@ class RelayReceiver:
         self._rings: list[PacketRing] = []
         self._downlink = RelayDownlink(len(self._names))
         self._delays: deque[float] = deque(maxlen=_DELAY_SAMPLES)
+        #: Packets captured before this (wall clock, µs) are the history a subscriber starts
+        #: with (from the newest keyframe): their age is not the relay's delay.
+        self._subscribed_us = 0.0
         self._task: asyncio.Task[None] | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._ready = asyncio.Event()
@@ -286,6 +290,7 @@ class RelayReceiver:
     async def start(self, *, timeout_s: float = 5.0) -> None:
         """Connect, subscribe and create the local rings; then copy in the background."""
         host, port = self.origin
+        self._subscribed_us = time.time() * 1e6
         try:
             async with asyncio.timeout(timeout_s):
                 reader, writer = await asyncio.open_connection(host, port)
@@ -363,7 +368,8 @@ class RelayReceiver:
         for packet in message.packets:
             if self._downlink.accept(message.track, packet):
                 self._write(ring, packet)
-                self._delays.append((now_us - packet.capture_us) / 1000)
+                if packet.capture_us >= self._subscribed_us:
+                    self._delays.append((now_us - packet.capture_us) / 1000)
 
     @staticmethod
     def _write(ring: PacketRing, packet: RingPacket) -> None:

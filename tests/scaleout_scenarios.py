@@ -1,0 +1,143 @@
+"""Scenarios on a multi-node Ray cluster on this machine, each run in its own process.
+
+The test session shares one single-node Ray cluster (``tests/conftest.py``); a process can join
+only one, so a scenario that needs several nodes starts its own ``ray.cluster_utils.Cluster``
+(a head and worker nodes, each a real raylet with its own resources) in a child process:
+``python -m tests.scaleout_scenarios NAME`` prints one JSON object, the scenario's findings,
+and the test asserts on them.  Everything it starts is stopped before it exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import ray
+from ray.cluster_utils import Cluster
+
+from actors import StreamManager
+from actors.handles import EncoderHandle, NodeRelayHandle, RelayOriginHandle, SenderHandle
+from actors.placement import NAMESPACE, spawn
+from actors.stages.relay import NodeRelayActor, RelayOriginActor
+from actors.stages.sender import SenderActor
+from shared.models import Resolution, StreamConfig, StreamQuality
+from shared.pool.packet_ring import PacketRing
+from shared.pool.shm import list_segments, segment_name
+from shared.roq.tls import generate_self_signed
+from shared.viewer.client import Viewer
+
+QVGA = StreamQuality(resolution=Resolution(320, 240), framerate=30, bitrate=300_000)
+FRAMES = 30
+
+
+def node_of(actor: Any) -> str:
+    """The node an actor runs on, from the GCS's actor table (``ray.util.state`` would need
+    the dashboard, which these clusters do not start)."""
+    from ray._private.state import state
+
+    entry = state.actor_table(actor._actor_id.hex())
+    return str(entry["Address"]["NodeID"])
+
+
+def start_cluster(workers: int) -> Cluster:
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 2, "resources": {"head": 1}, "include_dashboard": False},
+    )
+    for index in range(workers):
+        cluster.add_node(num_cpus=1, resources={f"edge{index}": 1})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False)
+    return cluster
+
+
+async def relay_to_two_nodes() -> dict[str, Any]:
+    """A stream on one node; each of two other nodes gets one relay and two shards, each
+    shard a real viewer.  Findings: frames each viewer decoded, packets each node received
+    from the origin, and the origin ring's packet count over the same time."""
+    findings: dict[str, Any] = {}
+    async with StreamManager.start() as manager:
+        sid = (await manager.start_camera_stream(StreamConfig(quality=QVGA))).session_id
+        encoder_actor = ray.get_actor(f"kz-{sid}-encoder", namespace=NAMESPACE)
+        encoder = EncoderHandle(encoder_actor)
+        origin_node = node_of(encoder_actor)
+        edges = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != origin_node]
+        findings["nodes"] = 1 + len(edges)
+        origin = spawn(
+            RelayOriginActor, RelayOriginHandle, name=f"kz-{sid}-relay", node_id=origin_node
+        )(sid, {"video": segment_name(sid, "video")})
+        started: list[Any] = [origin]
+        viewers: list[Viewer] = []
+        ring = PacketRing.attach(segment_name(sid, "video"))
+        try:
+            before = ring.last_sequence()
+            address = await origin.open()
+            for index, node in enumerate(edges):
+                tag = f"e{index}"
+                relay = spawn(
+                    NodeRelayActor, NodeRelayHandle, name=f"kz-{sid}-relay-{tag}", node_id=node
+                )(sid, address, ["video"], tag)
+                started.append(relay)
+                rings = await relay.open()
+                for shard_index in range(2):
+                    shard = spawn(
+                        SenderActor,
+                        SenderHandle,
+                        name=f"kz-{sid}-{tag}-shard{shard_index}",
+                        node_id=node,
+                    )(
+                        sid,
+                        f"{tag}-shard{shard_index}",
+                        rings["video"],
+                        encoder,
+                        ring_prefix=f"{tag}-",
+                    )
+                    started.append(shard)
+                    url = await shard.open("127.0.0.1", 0, generate_self_signed("127.0.0.1"))
+                    viewers.append(await Viewer.connect(url))
+            await asyncio.gather(*(v.watch(seconds=60, frames=FRAMES) for v in viewers))
+            findings["frames"] = [v.frames_decoded for v in viewers]
+            findings["decode_errors"] = [v.report().decode_errors for v in viewers]
+            served = await origin.stats()
+            findings["forwarded"] = {
+                node: stats.packets_forwarded for node, stats in sorted(served.nodes.items())
+            }
+            # Every packet the encoder wrote from before the first subscription to now.
+            findings["ring_packets"] = ring.last_sequence() - before
+            findings["relay_delay_p99_ms"] = [
+                (await handle.stats()).delay_p99_ms
+                for handle in started
+                if isinstance(handle, NodeRelayHandle)
+            ]
+        finally:
+            ring.close()
+            for viewer in viewers:
+                await viewer.close()
+            for handle in reversed(started):
+                await handle.stop()
+                handle.kill()
+        await manager.stop_stream(sid)
+    findings["segments_left"] = list_segments(f"kz_{sid}_")
+    return findings
+
+
+SCENARIOS: dict[str, Callable[[], Coroutine[Any, Any, dict[str, Any]]]] = {
+    "relay_to_two_nodes": relay_to_two_nodes,
+}
+
+
+def main(name: str) -> None:
+    cluster = start_cluster(workers=2)
+    try:
+        findings = asyncio.run(SCENARIOS[name]())
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    print(json.dumps(findings))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
