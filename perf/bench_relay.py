@@ -122,13 +122,16 @@ async def drive(origin: PacketRing, copy_name: str, seconds: float, mbps: float)
     wake = asyncio.Event()
     bell.watch(asyncio.get_running_loop(), wake.set)
 
+    began_us = time.time() * 1e6
+
     async def read() -> None:
         while True:
             await wake.wait()
             wake.clear()
             now_us = time.time() * 1e6
             for packet in reader.read_available().packets:
-                delays.append((now_us - packet.capture_us) / 1000)
+                if packet.capture_us >= began_us:  # not an earlier run's packets
+                    delays.append((now_us - packet.capture_us) / 1000)
 
     reading = asyncio.create_task(read())
     try:
