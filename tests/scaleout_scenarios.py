@@ -19,10 +19,9 @@ import ray
 from ray.cluster_utils import Cluster
 
 from actors import StreamManager
-from actors.handles import EncoderHandle, NodeRelayHandle, RelayOriginHandle, SenderHandle
-from actors.placement import NAMESPACE, spawn
-from actors.stages.relay import NodeRelayActor, RelayOriginActor
-from actors.stages.sender import SenderActor
+from actors.handles import EncoderHandle
+from actors.placement import NAMESPACE
+from actors.remote_shards import RemoteNode, StreamOrigin
 from shared.models import Resolution, StreamConfig, StreamQuality
 from shared.pool.packet_ring import PacketRing
 from shared.pool.shm import list_segments, segment_name
@@ -66,59 +65,38 @@ async def relay_to_two_nodes() -> dict[str, Any]:
         origin_node = node_of(encoder_actor)
         edges = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != origin_node]
         findings["nodes"] = 1 + len(edges)
-        origin = spawn(
-            RelayOriginActor, RelayOriginHandle, name=f"kz-{sid}-relay", node_id=origin_node
-        )(sid, {"video": segment_name(sid, "video")})
-        started: list[Any] = [origin]
-        viewers: list[Viewer] = []
+        identity = generate_self_signed("127.0.0.1")
         ring = PacketRing.attach(segment_name(sid, "video"))
+        before = ring.last_sequence()
+        origin = await StreamOrigin.start(sid, origin_node, ["video"])
+        nodes: list[RemoteNode] = []
+        viewers: list[Viewer] = []
         try:
-            before = ring.last_sequence()
-            address = await origin.open()
-            for index, node in enumerate(edges):
-                tag = f"e{index}"
-                relay = spawn(
-                    NodeRelayActor, NodeRelayHandle, name=f"kz-{sid}-relay-{tag}", node_id=node
-                )(sid, address, ["video"], tag)
-                started.append(relay)
-                rings = await relay.open()
-                for shard_index in range(2):
-                    shard = spawn(
-                        SenderActor,
-                        SenderHandle,
-                        name=f"kz-{sid}-{tag}-shard{shard_index}",
-                        node_id=node,
-                    )(
-                        sid,
-                        f"{tag}-shard{shard_index}",
-                        rings["video"],
-                        encoder,
-                        ring_prefix=f"{tag}-",
-                    )
-                    started.append(shard)
-                    url = await shard.open("127.0.0.1", 0, generate_self_signed("127.0.0.1"))
+            for index, node_id in enumerate(edges):
+                node = await RemoteNode.open(origin, node_id, f"e{index}")
+                nodes.append(node)
+                for _ in range(2):
+                    _, url = await node.add_shard(encoder, identity, host="127.0.0.1")
                     viewers.append(await Viewer.connect(url))
             await asyncio.gather(*(v.watch(seconds=60, frames=FRAMES) for v in viewers))
             findings["frames"] = [v.frames_decoded for v in viewers]
             findings["decode_errors"] = [v.report().decode_errors for v in viewers]
-            served = await origin.stats()
+            served = await origin.handle.stats()
             findings["forwarded"] = {
-                node: stats.packets_forwarded for node, stats in sorted(served.nodes.items())
+                tag: stats.packets_forwarded for tag, stats in sorted(served.nodes.items())
             }
             # Every packet the encoder wrote from before the first subscription to now.
             findings["ring_packets"] = ring.last_sequence() - before
             findings["relay_delay_p99_ms"] = [
-                (await handle.stats()).delay_p99_ms
-                for handle in started
-                if isinstance(handle, NodeRelayHandle)
+                (await node.relay.stats()).delay_p99_ms for node in nodes
             ]
         finally:
             ring.close()
             for viewer in viewers:
                 await viewer.close()
-            for handle in reversed(started):
-                await handle.stop()
-                handle.kill()
+            for node in nodes:
+                await node.close()
+            await origin.stop()
         await manager.stop_stream(sid)
     findings["segments_left"] = list_segments(f"kz_{sid}_")
     return findings
