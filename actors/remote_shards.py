@@ -14,6 +14,7 @@ every such node.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from actors.handles import EncoderHandle, NodeRelayHandle, RelayOriginHandle, SenderHandle
 from actors.placement import spawn
@@ -22,7 +23,15 @@ from actors.stages.sender import SenderActor
 from shared.pool.shm import segment_name
 from shared.roq.tls import TlsIdentity
 
-__all__ = ["RemoteNode", "StreamOrigin"]
+__all__ = ["RemoteNode", "StreamOrigin", "actor_node"]
+
+
+def actor_node(actor: Any) -> str:
+    """The node a (raw) Ray actor runs on, from the GCS's actor table: ``ray.util.state``
+    would need the dashboard, which a server need not run."""
+    from ray._private.state import state
+
+    return str(state.actor_table(actor._actor_id.hex())["Address"]["NodeID"])
 
 
 @dataclass

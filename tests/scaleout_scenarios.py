@@ -21,7 +21,7 @@ from ray.cluster_utils import Cluster
 from actors import StreamManager
 from actors.handles import EncoderHandle
 from actors.placement import NAMESPACE
-from actors.remote_shards import RemoteNode, StreamOrigin
+from actors.remote_shards import RemoteNode, StreamOrigin, actor_node
 from shared.models import Resolution, StreamConfig, StreamQuality
 from shared.pool.packet_ring import PacketRing
 from shared.pool.shm import list_segments, segment_name
@@ -30,15 +30,6 @@ from shared.viewer.client import Viewer
 
 QVGA = StreamQuality(resolution=Resolution(320, 240), framerate=30, bitrate=300_000)
 FRAMES = 30
-
-
-def node_of(actor: Any) -> str:
-    """The node an actor runs on, from the GCS's actor table (``ray.util.state`` would need
-    the dashboard, which these clusters do not start)."""
-    from ray._private.state import state
-
-    entry = state.actor_table(actor._actor_id.hex())
-    return str(entry["Address"]["NodeID"])
 
 
 def start_cluster(workers: int) -> Cluster:
@@ -62,7 +53,7 @@ async def relay_to_two_nodes() -> dict[str, Any]:
         sid = (await manager.start_camera_stream(StreamConfig(quality=QVGA))).session_id
         encoder_actor = ray.get_actor(f"kz-{sid}-encoder", namespace=NAMESPACE)
         encoder = EncoderHandle(encoder_actor)
-        origin_node = node_of(encoder_actor)
+        origin_node = actor_node(encoder_actor)
         edges = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != origin_node]
         findings["nodes"] = 1 + len(edges)
         identity = generate_self_signed("127.0.0.1")
