@@ -3,8 +3,8 @@
 The test session shares one single-node Ray cluster (``tests/conftest.py``); a process can join
 only one, so a scenario that needs several nodes starts its own ``ray.cluster_utils.Cluster``
 (a head and worker nodes, each a real raylet with its own resources) in a child process:
-``python -m tests.scaleout_scenarios NAME`` prints one JSON object, the scenario's findings,
-and the test asserts on them.  Everything it starts is stopped before it exits.
+``python -m tests.scaleout_scenarios NAME...`` prints one JSON object, each scenario's
+findings, and the tests assert on them.  Everything it starts is stopped before it exits.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from actors.placement import NAMESPACE
 from actors.remote_shards import RemoteNode, StreamOrigin, actor_node
 from shared.models import Resolution, StreamConfig, StreamQuality
 from shared.pool.packet_ring import PacketRing
-from shared.pool.shm import list_segments, segment_name
+from shared.pool.shm import list_segments, segment_name, sweep_stale_segments
 from shared.roq.tls import generate_self_signed
+from shared.roq.url import StreamUrl
 from shared.viewer.client import Viewer
 
 QVGA = StreamQuality(resolution=Resolution(320, 240), framerate=30, bitrate=300_000)
@@ -44,7 +45,7 @@ def start_cluster(workers: int) -> Cluster:
     return cluster
 
 
-async def relay_to_two_nodes() -> dict[str, Any]:
+async def relay_to_two_nodes(cluster: Cluster) -> dict[str, Any]:
     """A stream on one node; each of two other nodes gets one relay and two shards, each
     shard a real viewer.  Findings: frames each viewer decoded, packets each node received
     from the origin, and the origin ring's packet count over the same time."""
@@ -93,15 +94,81 @@ async def relay_to_two_nodes() -> dict[str, Any]:
     return findings
 
 
-SCENARIOS: dict[str, Callable[[], Coroutine[Any, Any, dict[str, Any]]]] = {
+async def node_loss(cluster: Cluster) -> dict[str, Any]:
+    """Two other nodes serve the stream; a viewer watches through the first, its URL naming
+    the second's shard as an alternate.  The first node is removed from the cluster (its
+    raylet and every process on it killed).  Findings: the viewer's frames before and after,
+    its reconnects, whether the origin dropped the lost node's relay, and the segments the
+    lost node's relay left (on a real cluster they vanish with the node; here nodes share
+    /dev/shm, so they are stale until a sweep removes them)."""
+    findings: dict[str, Any] = {}
+    async with StreamManager.start() as manager:
+        sid = (await manager.start_camera_stream(StreamConfig(quality=QVGA))).session_id
+        encoder_actor = ray.get_actor(f"kz-{sid}-encoder", namespace=NAMESPACE)
+        encoder = EncoderHandle(encoder_actor)
+        origin_node = actor_node(encoder_actor)
+        # The node to lose is a worker (a head cannot be removed) that does not encode; the
+        # survivor is any other node that does not encode either.
+        lost_worker = next(w for w in cluster.worker_nodes if w.node_id != origin_node)
+        survivor_id = next(
+            n["NodeID"]
+            for n in ray.nodes()
+            if n["Alive"] and n["NodeID"] not in (origin_node, lost_worker.node_id)
+        )
+        identity = generate_self_signed("127.0.0.1")
+        origin = await StreamOrigin.start(sid, origin_node, ["video"])
+        nodes: list[RemoteNode] = []
+        viewer: Viewer | None = None
+        try:
+            urls = []
+            for index, node_id in enumerate((lost_worker.node_id, survivor_id)):
+                node = await RemoteNode.open(origin, node_id, f"e{index}")
+                nodes.append(node)
+                _, text = await node.add_shard(encoder, identity, host="127.0.0.1")
+                urls.append(StreamUrl.parse(text))
+            lost, survivor = urls
+            url = lost.with_alternates([(survivor.host, survivor.port)])
+            viewer = await Viewer.connect(str(url), idle_timeout=2.0)
+            await viewer.watch(seconds=60, frames=FRAMES)
+            findings["frames_before"] = viewer.frames_decoded
+            cluster.remove_node(lost_worker, allow_graceful=False)
+            lost_node = nodes.pop(0)
+            await viewer.watch(seconds=60, frames=viewer.frames_decoded + FRAMES)
+            findings["frames_after"] = viewer.frames_decoded - findings["frames_before"]
+            findings["reconnects"] = viewer.report().reconnects
+            findings["decode_errors"] = viewer.report().decode_errors
+            deadline = asyncio.get_running_loop().time() + 10
+            while "e0" in (await origin.handle.stats()).nodes:
+                assert asyncio.get_running_loop().time() < deadline, "origin kept e0"
+                await asyncio.sleep(0.1)
+            findings["origin_nodes"] = sorted((await origin.handle.stats()).nodes)
+            findings["lost_segments"] = list_segments(f"kz_{sid}_{lost_node.tag}-")
+            findings["swept"] = sweep_stale_segments(f"kz_{sid}_{lost_node.tag}-")
+        finally:
+            if viewer is not None:
+                await viewer.close()
+            for node in nodes:
+                await node.close()
+            await origin.stop()
+        await manager.stop_stream(sid)
+    findings["segments_left"] = list_segments(f"kz_{sid}_")
+    return findings
+
+
+SCENARIOS: dict[str, Callable[[Cluster], Coroutine[Any, Any, dict[str, Any]]]] = {
     "relay_to_two_nodes": relay_to_two_nodes,
+    "node_loss": node_loss,
 }
 
 
-def main(name: str) -> None:
+def main(names: list[str]) -> None:
+    """Run the scenarios in order on one cluster (starting one costs more than a scenario);
+    print ``{name: findings}``.  A scenario that removes a node goes last."""
     cluster = start_cluster(workers=2)
+    findings: dict[str, Any] = {}
     try:
-        findings = asyncio.run(SCENARIOS[name]())
+        for name in names:
+            findings[name] = asyncio.run(SCENARIOS[name](cluster))
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -109,4 +176,4 @@ def main(name: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1:])

@@ -8,6 +8,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.scaleout_scenarios import FRAMES
 from tests.test_pipeline import REPO
 
@@ -16,33 +18,54 @@ from tests.test_pipeline import REPO
 GOP = 60
 
 
-def run_scenario(name: str) -> dict[str, object]:
+@pytest.fixture(scope="module")
+def findings() -> dict[str, dict[str, object]]:
+    """Both scenarios, on one three-node cluster (the node loss last)."""
     result = subprocess.run(
-        [sys.executable, "-m", "tests.scaleout_scenarios", name],
+        [sys.executable, "-m", "tests.scaleout_scenarios", "relay_to_two_nodes", "node_loss"],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=280,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    findings: dict[str, object] = json.loads(result.stdout.strip().splitlines()[-1])
-    return findings
+    found: dict[str, dict[str, object]] = json.loads(result.stdout.strip().splitlines()[-1])
+    return found
 
 
-def test_each_node_receives_the_stream_once_and_serves_its_viewers() -> None:
-    findings = run_scenario("relay_to_two_nodes")
-    assert findings["nodes"] == 3
+def test_each_node_receives_the_stream_once_and_serves_its_viewers(
+    findings: dict[str, dict[str, object]],
+) -> None:
+    found = findings["relay_to_two_nodes"]
+    assert found["nodes"] == 3
     # Two nodes, two shards each, a real viewer on each shard: all decode, none broken.
-    frames = findings["frames"]
+    frames = found["frames"]
     assert isinstance(frames, list) and len(frames) == 4
     assert all(n >= FRAMES for n in frames), frames
-    assert findings["decode_errors"] == [0, 0, 0, 0]
-    forwarded = findings["forwarded"]
+    assert found["decode_errors"] == [0, 0, 0, 0]
+    forwarded = found["forwarded"]
     assert isinstance(forwarded, dict) and sorted(forwarded) == ["e0", "e1"]
-    ring_packets = findings["ring_packets"]
+    ring_packets = found["ring_packets"]
     assert isinstance(ring_packets, int)
     for node, count in forwarded.items():
         # Once per node: a node's two shards share its copy.  Per shard it would be twice the
         # encoder's output; the subscriber's start at the newest keyframe adds at most a GOP.
         assert 0 < count <= ring_packets + GOP, (node, count, ring_packets)
-    assert findings["segments_left"] == []
+    assert found["segments_left"] == []
+
+
+def test_losing_a_node_moves_its_viewer_to_a_surviving_node(
+    findings: dict[str, dict[str, object]],
+) -> None:
+    found = findings["node_loss"]
+    assert found["frames_before"] == FRAMES
+    # The viewer's node is gone: it idles out, tries its URL's endpoint, then the alternate
+    # (the surviving node's shard), once, and decodes on from there.
+    assert found["reconnects"] == 1
+    assert found["frames_after"] == FRAMES
+    assert found["decode_errors"] == 0
+    assert found["origin_nodes"] == ["e1"]  # the lost node's relay subscription is gone
+    # Its ring outlived it only because test nodes share /dev/shm; the crash sweep takes it.
+    lost = found["lost_segments"]
+    assert isinstance(lost, list) and len(lost) == 1 and lost == found["swept"]
+    assert found["segments_left"] == []

@@ -41,3 +41,24 @@ def test_a_viewer_url_names_the_address_viewers_reach(
     bind: str, env: dict[str, str], expected: str
 ) -> None:
     assert advertised_host(bind, lambda: "10.1.2.3", env) == expected
+
+
+def test_alternate_endpoints_round_trip_and_come_after_the_urls_own() -> None:
+    url = StreamUrl(
+        host="10.0.0.1",
+        port=4433,
+        session_id="s",
+        fingerprint="sha256:00",
+        alternates=(("10.0.0.2", 4434), ("fd00::3", 4435)),
+    )
+    text = str(url)
+    assert "alt=10.0.0.2:4434,[fd00::3]:4435" in text
+    assert StreamUrl.parse(text) == url
+    assert url.endpoints == [("10.0.0.1", 4433), ("10.0.0.2", 4434), ("fd00::3", 4435)]
+    assert StreamUrl.parse("roq://h:1/s").alternates == ()
+
+
+@pytest.mark.parametrize("alt", ["nohost", "h:", ":5", "h:0", "h:99999", "h:x"])
+def test_a_bad_alternate_is_refused(alt: str) -> None:
+    with pytest.raises(ConfigError, match="alt entries must be HOST:PORT"):
+        StreamUrl.parse(f"roq://h:1/s?alt={alt}")

@@ -1,14 +1,17 @@
 """Stream URLs: where a viewer connects and which certificate it must see.
 
 ``roq://HOST:PORT/SESSION?fp=sha256:HEX``: the QUIC endpoint, the stream's session id, and the
-SHA-256 fingerprint of the sender's certificate that the viewer pins.
+SHA-256 fingerprint of the sender's certificate that the viewer pins.  ``alt=HOST:PORT,...``
+names other endpoints serving the same stream with the same certificate (shards on other
+nodes): a viewer whose connection drops tries them in turn, so losing a node moves its viewers
+to the survivors instead of leaving them retrying an address that is gone.
 """
 
 from __future__ import annotations
 
 import os
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import msgspec
 
@@ -47,14 +50,25 @@ class StreamUrl(msgspec.Struct, frozen=True, kw_only=True):
     #: The viewer ticket this URL was issued for: the viewer sends it as its RTCP CNAME, which
     #: ties its connection to the server's viewer registry.
     viewer: str | None = None
+    #: Other endpoints serving the stream with the same certificate, tried after this one.
+    alternates: tuple[tuple[str, int], ...] = ()
 
     def with_viewer(self, viewer: str) -> StreamUrl:
         return msgspec.structs.replace(self, viewer=viewer)
 
+    def with_alternates(self, alternates: Sequence[tuple[str, int]]) -> StreamUrl:
+        return msgspec.structs.replace(self, alternates=tuple(alternates))
+
+    @property
+    def endpoints(self) -> list[tuple[str, int]]:
+        """Where to connect, in order: this URL's endpoint, then its alternates."""
+        return [(self.host, self.port), *self.alternates]
+
     def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        params = {"fp": self.fingerprint, "viewer": self.viewer}
-        query = urllib.parse.urlencode({k: v for k, v in params.items() if v}, safe=":")
+        host = _bracketed(self.host)
+        alternates = ",".join(f"{_bracketed(h)}:{p}" for h, p in self.alternates)
+        params = {"fp": self.fingerprint, "viewer": self.viewer, "alt": alternates}
+        query = urllib.parse.urlencode({k: v for k, v in params.items() if v}, safe=":[],")
         return f"{SCHEME}://{host}:{self.port}/{self.session_id}{'?' + query if query else ''}"
 
     @classmethod
@@ -75,10 +89,27 @@ class StreamUrl(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError(f"stream URL {url!r}: viewer must be 1 to 64 printable characters")
         if fingerprint is not None and not fingerprint.startswith("sha256:"):
             raise ConfigError(f"stream URL {url!r}: fp must be sha256:HEX")
+        alternates = tuple(
+            _endpoint(item, url) for item in query.get("alt", [""])[0].split(",") if item
+        )
         return cls(
             host=parts.hostname,
             port=port,
             session_id=parts.path.strip("/"),
             fingerprint=fingerprint,
             viewer=viewer,
+            alternates=alternates,
         )
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _endpoint(text: str, url: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6HOST]:PORT`` of an ``alt=`` list."""
+    host, sep, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"stream URL {url!r}: alt entries must be HOST:PORT, not {text!r}")
+    return host, int(port)

@@ -175,6 +175,8 @@ class Viewer:
         self._replies: dict[int, asyncio.Future[ServerMessage]] = {}
         self._connect_options = connect_options
         self._reconnect_enabled = reconnect
+        #: Which of ``url.endpoints`` serves now (0: the URL's own; others after a move).
+        self._endpoint = 0
         self._reconnect_timeout_s = reconnect_timeout_s
         self._session = ReceiverSession(
             [(VIDEO_TRACK, H264PayloadFormat()), (AUDIO_TRACK, OpusPayloadFormat())],
@@ -247,7 +249,7 @@ class Viewer:
             "idle_timeout": idle_timeout,
         }
         started = time.monotonic()
-        client = await RoqClient.connect(parsed.host, parsed.port, **options)
+        client, endpoint = await _connect_first(parsed, options)
         viewer = cls(
             parsed,
             client,
@@ -260,6 +262,7 @@ class Viewer:
             on_notice=on_notice,
             on_message=on_message,
         )
+        viewer._endpoint = endpoint
         viewer._start_control()
         return viewer
 
@@ -536,15 +539,22 @@ class Viewer:
             return False
         deadline = time.monotonic() + self._reconnect_timeout_s
         delay = RECONNECT_FIRST_DELAY_S
+        # The endpoint that served last first, then the URL's alternates in turn (shards of
+        # the stream on other nodes); the backoff grows once every endpoint has failed.
+        endpoints = self.url.endpoints
+        attempt = 0
         while time.monotonic() + delay < deadline and not self._closing:
             await asyncio.sleep(delay)
+            index = (self._endpoint + attempt) % len(endpoints)
+            host, port = endpoints[index]
             try:
-                client = await RoqClient.connect(
-                    self.url.host, self.url.port, **self._connect_options
-                )
+                client = await RoqClient.connect(host, port, **self._connect_options)
             except NetworkError:
-                delay = min(delay * 2, RECONNECT_MAX_DELAY_S)
+                attempt += 1
+                if attempt % len(endpoints) == 0:
+                    delay = min(delay * 2, RECONNECT_MAX_DELAY_S)
                 continue
+            self._endpoint = index
             try:
                 await self._client.close()
             except Exception as exc:  # the old path is dead; the new one is what matters
@@ -657,3 +667,16 @@ class Viewer:
             await self._client.close()
         finally:
             await self._decoding.stop()
+
+
+async def _connect_first(url: StreamUrl, options: dict[str, Any]) -> tuple[RoqClient, int]:
+    """Connect to the URL's endpoint, or else to its alternates in turn; which one answered.
+    The first endpoint's error is raised when none does."""
+    first: NetworkError | None = None
+    for index, (host, port) in enumerate(url.endpoints):
+        try:
+            return await RoqClient.connect(host, port, **options), index
+        except NetworkError as exc:
+            first = first or exc
+    assert first is not None
+    raise first
