@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -41,6 +42,8 @@ class RunOutcome(msgspec.Struct, kw_only=True):
     seconds: float
     lines: list[dict[str, Any]]
     error: str | None = None
+    load_average: list[float] = msgspec.field(default_factory=list)
+    """The machine's 1, 5 and 15 minute load averages as the run started: how shared it was."""
 
 
 def _progress(message: str) -> None:
@@ -53,7 +56,7 @@ def run_once(entry: Entry, args: tuple[str, ...], log: Path, samples: Path | Non
     command = [sys.executable, "-m", entry.module, *args, "--json"]
     if samples is not None and entry.samples_flag:
         command += [entry.samples_flag, str(samples)]
-    started = time.monotonic()
+    started, load = time.monotonic(), [round(x, 2) for x in os.getloadavg()]
     with log.open("wb") as stderr:
         try:
             done = subprocess.run(
@@ -64,6 +67,7 @@ def run_once(entry: Entry, args: tuple[str, ...], log: Path, samples: Path | Non
                 seconds=time.monotonic() - started,
                 lines=[],
                 error=f"stopped after {entry.timeout_s:.0f} s",
+                load_average=load,
             )
     seconds = time.monotonic() - started
     lines = []
@@ -79,7 +83,7 @@ def run_once(entry: Entry, args: tuple[str, ...], log: Path, samples: Path | Non
         error = f"exit {done.returncode}: {tail[0][:300]}"
     elif not lines:
         error = "printed no JSON"
-    return RunOutcome(seconds=seconds, lines=lines, error=error)
+    return RunOutcome(seconds=seconds, lines=lines, error=error, load_average=load)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -96,9 +100,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", metavar="NAMES", help="comma-separated benchmarks to run")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run a failed run again up to N times (default 1; every failure is reported)",
+    )
     args = parser.parse_args(argv)
     if not args.soak_minutes > 0:
         parser.error(f"--soak-minutes must be positive, not {args.soak_minutes}")
+    if args.retries < 0:
+        parser.error(f"--retries must be at least 0, not {args.retries}")
     chosen = entries(soak_minutes=args.soak_minutes)
     if args.only:
         wanted = {name.strip() for name in args.only.split(",") if name.strip()}
@@ -125,23 +138,35 @@ def main(argv: list[str] | None = None) -> None:
             repeats = entry.repeats_quick if args.quick else entry.repeats
             readings: list[list[Reading]] = []
             outcomes: list[RunOutcome] = []
+            tries = 0
             for run in range(1, repeats + 1):
-                _progress(f"{index}/{len(chosen)} {entry.name}: run {run}/{repeats} ...")
-                log = Path(tmp) / f"{entry.name}-{run}.log"
-                sample_file = Path(tmp) / f"{entry.name}-{run}.samples.json"
-                outcome = run_once(entry, run_args, log, sample_file)
-                outcomes.append(outcome)
-                if outcome.error is not None:
-                    _progress(f"  {entry.name} run {run} FAILED: {outcome.error} (log: {log})")
+                for attempt in range(args.retries + 1):
+                    tries += 1
+                    _progress(f"{index}/{len(chosen)} {entry.name}: run {run}/{repeats} ...")
+                    log = Path(tmp) / f"{entry.name}-{tries}.log"
+                    sample_file = Path(tmp) / f"{entry.name}-{tries}.samples.json"
+                    outcome = run_once(entry, run_args, log, sample_file)
+                    outcomes.append(outcome)
+                    if outcome.error is None:
+                        break
+                    _progress(f"  {entry.name} run {run} FAILED: {outcome.error}")
                     sys.stderr.write(log.read_text(errors="replace")[-3000:] + "\n")
+                    if attempt < args.retries:
+                        _progress(f"  {entry.name} run {run}: trying again")
+                if outcome.error is not None:
                     continue
                 readings.append(entry.extract(outcome.lines))
                 if sample_file.exists():
                     samples.setdefault(entry.name, []).append(json.loads(sample_file.read_text()))
                 _progress(f"  {entry.name} run {run} done in {outcome.seconds:.0f} s")
             errors = [o.error for o in outcomes if o.error is not None]
-            if errors:
-                failures[entry.name] = f"{len(errors)} of {repeats} runs failed: {errors[0]}"
+            if len(readings) < repeats:
+                failures[entry.name] = (
+                    f"{repeats - len(readings)} of {repeats} runs failed"
+                    f" ({len(errors)} tries): {errors[0]}"
+                )
+            elif errors:
+                _progress(f"  {entry.name}: {len(errors)} failed tries, every run done on a retry")
             figures += aggregate(entry.name, readings)
             raw[entry.name] = {
                 "module": entry.module,

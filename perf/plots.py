@@ -108,7 +108,8 @@ def abr_steps(out: Path) -> Path:
 
 
 def soak_memory(series: Sequence[dict[str, Any]], out: Path, title: str) -> Path:
-    """RSS per process kind over the soak (processes of one label summed), and the total."""
+    """RSS per process kind over the soak (one label's processes summed) and the total; below,
+    open fds, mapped segments and the measuring viewer's latency."""
     plt = _pyplot()
     by_label: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for sample in series:
@@ -117,11 +118,12 @@ def soak_memory(series: Sequence[dict[str, Any]], out: Path, title: str) -> Path
             totals[proc["label"]] += proc["rss_bytes"] / 2**20
         for label, mib in totals.items():
             by_label[label].append((sample["t_s"], mib))
-    fig, (ax, fds) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    fig, (ax, fds, latency) = plt.subplots(3, 1, figsize=(11, 9), sharex=True)
     for label, points in sorted(by_label.items(), key=lambda kv: -max(v for _, v in kv[1])):
         ax.plot([t for t, _ in points], [v for _, v in points], label=label, linewidth=1)
+    times = [s["t_s"] for s in series]
     ax.plot(
-        [s["t_s"] for s in series],
+        times,
         [sum(p["rss_bytes"] for p in s["processes"]) / 2**20 for s in series],
         color="black",
         linewidth=2,
@@ -131,18 +133,19 @@ def soak_memory(series: Sequence[dict[str, Any]], out: Path, title: str) -> Path
     ax.set_yscale("log")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=6, ncol=3, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fds.plot(
-        [s["t_s"] for s in series],
-        [sum(p["fds"] for p in s["processes"]) for s in series],
-        label="open fds, all processes",
-    )
-    fds.plot([s["t_s"] for s in series], [s["segments"] for s in series], label="shm segments")
-    fds.set_xlabel("time (s)")
-    fds.set_ylabel("count")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fds.plot(times, [sum(p["fds"] for p in s["processes"]) for s in series], color="tab:blue")
+    fds.set_ylabel("open fds, all processes", color="tab:blue")
     fds.grid(True, alpha=0.3)
-    fds.legend(fontsize=8)
-    fig.tight_layout()
+    segments = fds.twinx()
+    segments.plot(times, [s["segments"] for s in series], color="tab:orange")
+    segments.set_ylabel("shm segments mapped", color="tab:orange")
+    timed = [(s["t_s"], s["latency_p50_ms"]) for s in series if s["latency_p50_ms"] is not None]
+    latency.plot([t for t, _ in timed], [v for _, v in timed], color="tab:green")
+    latency.set_ylabel("viewer latency p50\nper sample (ms)")
+    latency.set_xlabel("time (s)")
+    latency.grid(True, alpha=0.3)
+    fig.subplots_adjust(left=0.08, right=0.72, top=0.95, bottom=0.07, hspace=0.15)
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out

@@ -14,6 +14,7 @@ top-level keys are reported as figures as they are (:func:`generic`).
 from __future__ import annotations
 
 import importlib.util
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Final
@@ -49,11 +50,15 @@ def _only(lines: Lines, benchmark: str) -> list[dict[str, Any]]:
 
 
 def _get(line: dict[str, Any], *path: str) -> float | None:
+    """The number at ``path`` (the median where the benchmark gives one per round), or None."""
     value: Any = line
     for key in path:
         if not isinstance(value, dict) or key not in value:
             return None
         value = value[key]
+    if isinstance(value, list):
+        numbers = [v for v in value if isinstance(v, int | float) and not isinstance(v, bool)]
+        return float(statistics.median(numbers)) if numbers else None
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
@@ -345,8 +350,8 @@ ENTRIES: Final = (
     Entry(
         "pool_handoff",
         "perf.bench_pool_handoff",
-        ("--frames", "200"),
-        ("--frames", "60"),
+        ("--frames", "120"),
+        ("--frames", "40"),
         repeats=3,
         repeats_quick=1,
         extract=pool_handoff,
@@ -355,7 +360,7 @@ ENTRIES: Final = (
     Entry(
         "latency",
         "perf.bench_latency",
-        ("--seconds", "6"),
+        ("--seconds", "5"),
         ("--seconds", "3"),
         repeats=3,
         repeats_quick=1,
@@ -366,8 +371,8 @@ ENTRIES: Final = (
     Entry(
         "encoder",
         "perf.bench_encoder",
-        ("--frames", "150"),
-        ("--frames", "60"),
+        ("--frames", "90"),
+        ("--frames", "30"),
         repeats=2,
         repeats_quick=1,
         extract=encoder,
@@ -376,7 +381,7 @@ ENTRIES: Final = (
     Entry(
         "ladder",
         "perf.bench_ladder",
-        ("--frames", "90"),
+        ("--frames", "60"),
         None,
         repeats=1,
         repeats_quick=0,
@@ -396,7 +401,7 @@ ENTRIES: Final = (
     Entry(
         "network_latency",
         "perf.bench_network_latency",
-        ("--seconds", "6"),
+        ("--seconds", "5"),
         None,
         repeats=1,
         repeats_quick=0,
