@@ -60,7 +60,14 @@ def run_once(entry: Entry, args: tuple[str, ...], log: Path, samples: Path | Non
     with log.open("wb") as stderr:
         try:
             done = subprocess.run(
-                command, cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, timeout=entry.timeout_s
+                command,
+                cwd=ROOT,
+                # A fresh local cluster for every run: without this, ray.init() joins whatever
+                # cluster `ray start` last left in /tmp/ray on this machine (someone else's).
+                env={**os.environ, "RAY_ADDRESS": "local"},
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                timeout=entry.timeout_s,
             )
         except subprocess.TimeoutExpired:
             return RunOutcome(
