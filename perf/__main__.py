@@ -30,7 +30,7 @@ import msgspec
 
 from perf._report import git_commit, machine
 from perf.registry import SUITE_SOAK_MINUTES, Entry, entries
-from perf.suite import Figure, Reading, aggregate, table
+from perf.suite import Figure, Reading, aggregate, fits, table
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "perf" / "results"
@@ -108,6 +108,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument(
+        "--budget-minutes",
+        type=float,
+        default=None,
+        metavar="M",
+        help="drop repeats (never a benchmark's first run) to finish within M minutes"
+        " (default 15, --quick 2)",
+    )
+    parser.add_argument(
         "--retries",
         type=int,
         default=1,
@@ -132,6 +140,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         chosen = [e for e in chosen if e.quick is not None and e.repeats_quick > 0]
     args.out.mkdir(parents=True, exist_ok=True)
+    budget_s = 60 * (args.budget_minutes or (2.0 if args.quick else 15.0))
+    planned_done = 0.0
+    skipped: dict[str, int] = {}
 
     began, date = time.monotonic(), datetime.datetime.now(datetime.UTC)
     host = machine()
@@ -147,6 +158,17 @@ def main(argv: list[str] | None = None) -> None:
             outcomes: list[RunOutcome] = []
             tries = 0
             for run in range(1, repeats + 1):
+                rest = sum(e.cost_s for e in chosen[index:])
+                if run > 1 and not fits(
+                    elapsed_s=time.monotonic() - began,
+                    planned_done_s=planned_done,
+                    next_s=entry.cost_s,
+                    rest_s=rest,
+                    budget_s=budget_s,
+                ):
+                    skipped[entry.name] = repeats - run + 1
+                    _progress(f"  {entry.name}: skipping runs {run}-{repeats} to stay in budget")
+                    break
                 for attempt in range(args.retries + 1):
                     tries += 1
                     _progress(f"{index}/{len(chosen)} {entry.name}: run {run}/{repeats} ...")
@@ -160,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
                     sys.stderr.write(log.read_text(errors="replace")[-3000:] + "\n")
                     if attempt < args.retries:
                         _progress(f"  {entry.name} run {run}: trying again")
+                planned_done += entry.cost_s * (attempt + 1)
                 if outcome.error is not None:
                     continue
                 readings.append(entry.extract(outcome.lines))
@@ -167,9 +190,9 @@ def main(argv: list[str] | None = None) -> None:
                     samples.setdefault(entry.name, []).append(json.loads(sample_file.read_text()))
                 _progress(f"  {entry.name} run {run} done in {outcome.seconds:.0f} s")
             errors = [o.error for o in outcomes if o.error is not None]
-            if len(readings) < repeats:
+            if len(readings) < repeats - skipped.get(entry.name, 0):
                 failures[entry.name] = (
-                    f"{repeats - len(readings)} of {repeats} runs failed"
+                    f"{repeats - skipped.get(entry.name, 0) - len(readings)} of {repeats} runs failed"
                     f" ({len(errors)} tries): {errors[0]}"
                 )
             elif errors:
@@ -179,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
                 "module": entry.module,
                 "args": list(run_args),
                 "runs": [msgspec.to_builtins(o) for o in outcomes],
+                # What the plots are drawn from (latency samples, the soak's series).
+                "samples": samples.get(entry.name, []),
             }
 
     plots = [] if args.no_plots else _plots(args.out, raw, samples, args.quick)
@@ -192,18 +217,49 @@ def main(argv: list[str] | None = None) -> None:
         "soak_minutes": None if args.quick else args.soak_minutes,
         "figures": msgspec.to_builtins(figures),
         "failures": failures,
+        "budget_s": budget_s,
+        "repeats_skipped_for_budget": skipped,
         "plots": [p.name for p in plots],
         "benchmarks": raw,
     }
     out = args.out / ("quick.json" if args.quick else "latest.json")
+    if args.only and out.exists():
+        result = _merged(json.loads(out.read_text()), result, [e.name for e in chosen])
+        figures = [msgspec.convert(f, Figure) for f in result["figures"]]
     out.write_text(json.dumps(result, indent=1) + "\n")
-    _progress(f"wrote {out} after {result['seconds']:.0f} s")
+    _progress(f"wrote {out} after {time.monotonic() - began:.0f} s")
     if args.json:
         sys.stdout.write(json.dumps(result) + "\n")
     else:
         print(table(figures, failures))
+        for name, count in skipped.items():
+            print(f"{name}: {count} repeat(s) dropped to stay within {budget_s / 60:g} minutes")
     if failures:
         sys.exit(1)
+
+
+def _merged(previous: dict[str, Any], new: dict[str, Any], rerun: list[str]) -> dict[str, Any]:
+    """``--only``: the previous results with the re-run benchmarks' figures replaced.
+
+    ``updates`` records which benchmarks were re-run, when and at which commit, so the file
+    says which figures come from which run.
+    """
+    kept = [f for f in previous.get("figures", []) if f["benchmark"] not in rerun]
+    update = {k: new[k] for k in ("date", "commit", "dirty", "machine", "seconds")}
+    return {
+        **previous,
+        "figures": kept + new["figures"],
+        "failures": {
+            **{k: v for k, v in previous.get("failures", {}).items() if k not in rerun},
+            **new["failures"],
+        },
+        "benchmarks": {
+            **{k: v for k, v in previous.get("benchmarks", {}).items() if k not in rerun},
+            **new["benchmarks"],
+        },
+        "plots": sorted(set(previous.get("plots", [])) | set(new["plots"])),
+        "updates": [*previous.get("updates", []), {"benchmarks": rerun, **update}],
+    }
 
 
 def _plots(
@@ -236,6 +292,7 @@ def _plots(
     fanout_rows = [
         line
         for run in raw.get("fanout", {}).get("runs", [])
+        if run["error"] is None  # a failed try's rows are not the run's
         for line in run["lines"]
         if line.get("benchmark") == "fanout"
     ]

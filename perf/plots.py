@@ -61,14 +61,36 @@ def fanout_viewers(rows: Sequence[dict[str, Any]], out: Path) -> Path:
     rows = sorted(rows, key=lambda r: r["viewers"])
     viewers = [r["viewers"] for r in rows]
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot(viewers, [r["late_frame_ratio"] * 100 for r in rows], "o-", color="tab:red")
+    late = ax.plot(
+        viewers,
+        [r["late_frame_ratio"] * 100 for r in rows],
+        "o-",
+        color="tab:red",
+        label="late frames",
+    )
     ax.set_xlabel("light QUIC viewers of one 720p30 1.5 Mbps stream")
     ax.set_ylabel("late frames (%)", color="tab:red")
     ax.grid(True, alpha=0.3)
     cpu = ax.twinx()
-    cpu.plot(viewers, [r["sender_cpu_cores"] for r in rows], "s--", color="tab:blue")
-    cpu.plot(viewers, [r["loadgen_cpu_cores"] for r in rows], "^:", color="tab:gray")
-    cpu.set_ylabel("CPU (cores): sender shard ■, load generator ▲", color="tab:blue")
+    shard = cpu.plot(
+        viewers,
+        [r["sender_cpu_cores"] for r in rows],
+        "s--",
+        color="tab:blue",
+        label="sender shard CPU",
+    )
+    loadgen = cpu.plot(
+        viewers,
+        [r["loadgen_cpu_cores"] for r in rows],
+        "^:",
+        color="tab:gray",
+        label="load generator CPU",
+    )
+    cpu.set_ylabel("CPU (cores)")
+    cpu.set_ylim(bottom=0)
+    ax.set_ylim(bottom=0)
+    lines = late + shard + loadgen
+    ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="upper left")
     ax.set_title("Fan-out: viewers vs late frames and CPU")
     fig.tight_layout()
     fig.savefig(out, dpi=110)

@@ -41,6 +41,9 @@ class Entry:
     extract: Callable[[Lines], list[Reading]]
     timeout_s: float
     """One run's limit: past it the run is stopped and counted as failed."""
+    cost_s: float
+    """Seconds one full-suite run takes on an idle 2-core machine: the suite's time budget
+    plan (:func:`perf.suite.fits`) scales these by how much slower the runs so far went."""
     samples_flag: str | None = None
     """A flag taking a file path the benchmark writes raw samples to, for the plots."""
 
@@ -336,7 +339,17 @@ def generic(lines: Lines) -> list[Reading]:
 SUITE_SOAK_MINUTES: Final = 3.0
 
 ENTRIES: Final = (
-    Entry("abr", "perf.bench_abr", (), (), repeats=3, repeats_quick=1, extract=abr, timeout_s=120),
+    Entry(
+        "abr",
+        "perf.bench_abr",
+        (),
+        (),
+        repeats=3,
+        repeats_quick=1,
+        extract=abr,
+        timeout_s=120,
+        cost_s=3,
+    ),
     Entry(
         "receiver_feedback",
         "perf.bench_receiver_feedback",
@@ -346,6 +359,7 @@ ENTRIES: Final = (
         repeats_quick=1,
         extract=receiver_feedback,
         timeout_s=120,
+        cost_s=4,
     ),
     Entry(
         "pool_handoff",
@@ -356,6 +370,7 @@ ENTRIES: Final = (
         repeats_quick=1,
         extract=pool_handoff,
         timeout_s=180,
+        cost_s=30,
     ),
     Entry(
         "latency",
@@ -366,6 +381,7 @@ ENTRIES: Final = (
         repeats_quick=1,
         extract=latency,
         timeout_s=240,
+        cost_s=60,
         samples_flag="--samples-out",
     ),
     Entry(
@@ -377,6 +393,7 @@ ENTRIES: Final = (
         repeats_quick=1,
         extract=encoder,
         timeout_s=240,
+        cost_s=50,
     ),
     Entry(
         "ladder",
@@ -387,6 +404,7 @@ ENTRIES: Final = (
         repeats_quick=0,
         extract=ladder,
         timeout_s=240,
+        cost_s=40,
     ),
     Entry(
         "sender",
@@ -397,6 +415,7 @@ ENTRIES: Final = (
         repeats_quick=0,
         extract=sender,
         timeout_s=180,
+        cost_s=35,
     ),
     Entry(
         "network_latency",
@@ -407,6 +426,7 @@ ENTRIES: Final = (
         repeats_quick=0,
         extract=network_latency,
         timeout_s=180,
+        cost_s=35,
     ),
     Entry(
         "fanout",
@@ -420,6 +440,7 @@ ENTRIES: Final = (
         repeats_quick=0,
         extract=fanout,
         timeout_s=360,
+        cost_s=150,
     ),
     Entry(
         "soak",
@@ -430,6 +451,7 @@ ENTRIES: Final = (
         repeats_quick=0,
         extract=soak,
         timeout_s=SUITE_SOAK_MINUTES * 60 + 180,
+        cost_s=SUITE_SOAK_MINUTES * 60 + 40,
         samples_flag="--series-out",
     ),
 )
@@ -441,12 +463,17 @@ OPTIONAL_MODULES: Final = (("recovery", "perf.bench_recovery"), ("webrtc", "perf
 def entries(*, soak_minutes: float = SUITE_SOAK_MINUTES) -> list[Entry]:
     """The registry as it stands in this checkout, the soak set to ``soak_minutes``."""
     chosen = [
-        replace(e, full=("--minutes", f"{soak_minutes:g}"), timeout_s=soak_minutes * 60 + 180)
+        replace(
+            e,
+            full=("--minutes", f"{soak_minutes:g}"),
+            timeout_s=soak_minutes * 60 + 180,
+            cost_s=soak_minutes * 60 + 40,
+        )
         if e.name == "soak"
         else e
         for e in ENTRIES
     ]
     for name, module in OPTIONAL_MODULES:
         if importlib.util.find_spec(module) is not None:
-            chosen.append(Entry(name, module, (), None, 1, 0, generic, timeout_s=300))
+            chosen.append(Entry(name, module, (), None, 1, 0, generic, timeout_s=300, cost_s=60))
     return chosen

@@ -55,6 +55,8 @@ QUALITY: Final = StreamQuality.from_preset(QualityPreset.MEDIUM)
 #: Samples in each of the start and end windows whose medians are compared.
 WINDOW_SAMPLES: Final = 3
 TARGET_RSS_GROWTH_PCT: Final = 5.0
+#: How long after the soak the load generator may take to finish and print its summary.
+LOADTEST_GRACE_S: Final = 120.0
 
 
 class ProcessSample(msgspec.Struct, frozen=True):
@@ -204,7 +206,14 @@ async def soak(seconds: float, viewers: int, sample_s: float) -> dict[str, Any]:
                     await asyncio.sleep(
                         max(0.0, began + len(samples) * sample_s - time.monotonic())
                     )
-                out, err = await asyncio.wait_for(load.communicate(), 60)
+                # The load generator's window starts once its viewers are in, so it ends a
+                # little after ours; past the grace it is stopped and reported, not waited on.
+                try:
+                    out, err = await asyncio.wait_for(load.communicate(), LOADTEST_GRACE_S)
+                except TimeoutError:
+                    load.terminate()
+                    out, err = await load.communicate()
+                    err += f"loadtest still running {LOADTEST_GRACE_S:g} s after the soak".encode()
             finally:
                 if load.returncode is None:
                     load.kill()
@@ -217,7 +226,9 @@ async def soak(seconds: float, viewers: int, sample_s: float) -> dict[str, Any]:
             stopped = await manager.stop_recording(recording.session_id)
             await manager.stop_stream(sid)
     lines = out.decode().strip().splitlines()
-    summary = json.loads(lines[-1]).get("summary", {}) if lines else {}
+    summary: dict[str, Any] = {}
+    with contextlib.suppress(ValueError, AttributeError):  # stopped mid-line, or no summary
+        summary = json.loads(lines[-1]).get("summary", {}) if lines else {}
     result = growth(samples, latencies, seconds)
     return {
         "quality": f"{QUALITY.resolution}@{QUALITY.framerate} {QUALITY.bitrate // 1000} kbps",

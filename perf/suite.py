@@ -15,7 +15,7 @@ from typing import Literal
 
 import msgspec
 
-__all__ = ["Figure", "Reading", "Target", "aggregate", "table"]
+__all__ = ["Figure", "Reading", "Target", "aggregate", "fits", "table"]
 
 
 class Target(msgspec.Struct, frozen=True):
@@ -144,3 +144,18 @@ def table(figures: Sequence[Figure], failures: dict[str, str] | None = None) -> 
     for name, why in (failures or {}).items():
         lines.append(f"FAILED {name}: {why}")
     return "\n".join(lines)
+
+
+def fits(
+    *, elapsed_s: float, planned_done_s: float, next_s: float, rest_s: float, budget_s: float
+) -> bool:
+    """Whether one more repeat still leaves time for every benchmark's first run.
+
+    ``planned_done_s`` is what the runs done so far would have taken on an idle machine
+    (their ``cost_s``), ``elapsed_s`` what they took: their ratio (at least 1) is how loaded
+    this machine is, and scales ``next_s`` (the repeat's planned cost) and ``rest_s`` (the
+    first runs still to come).  Extra repeats are what the suite gives up on a loaded machine;
+    every benchmark still runs once.
+    """
+    slowdown = max(1.0, elapsed_s / planned_done_s) if planned_done_s > 0 else 1.0
+    return elapsed_s + slowdown * (next_s + rest_s) <= budget_s

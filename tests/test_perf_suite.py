@@ -9,7 +9,7 @@ import pytest
 
 from perf import registry
 from perf.soak import ProcessSample, Sample, growth
-from perf.suite import Reading, Target, aggregate, table
+from perf.suite import Reading, Target, aggregate, fits, table
 
 HANDOFF = Target("ratio", ">=", 10.0)
 
@@ -117,7 +117,9 @@ def test_modules_not_yet_written_are_left_out_and_present_ones_registered(
 
 
 def _sample(t: float, rss: list[int], fds: list[int], segments: int) -> Sample:
-    processes = [ProcessSample(pid, "p", r, f) for pid, (r, f) in enumerate(zip(rss, fds))]
+    processes = [
+        ProcessSample(pid, "p", r, f) for pid, (r, f) in enumerate(zip(rss, fds, strict=True))
+    ]
     return Sample(t, processes, segments, None)
 
 
@@ -151,3 +153,13 @@ def test_soak_growth_counts_only_processes_alive_at_both_ends() -> None:
 def test_soak_growth_refuses_too_few_samples() -> None:
     with pytest.raises(ValueError, match="need 6 samples"):
         growth([_sample(t, [1], [1], 0) for t in (30, 40, 50)], [], 100.0)
+
+
+def test_a_repeat_runs_only_if_every_first_run_still_fits_the_budget_at_the_observed_pace() -> None:
+    # Idle pace: 100 s spent on 100 s of plan; 50 + 500 more fits in 900, 50 + 800 does not.
+    assert fits(elapsed_s=100, planned_done_s=100, next_s=50, rest_s=500, budget_s=900)
+    assert not fits(elapsed_s=100, planned_done_s=100, next_s=50, rest_s=800, budget_s=900)
+    # Twice as slow as planned: the same 550 s of plan needs 1100 s.
+    assert not fits(elapsed_s=200, planned_done_s=100, next_s=50, rest_s=500, budget_s=900)
+    # Faster than planned never shrinks the plan below its own cost.
+    assert not fits(elapsed_s=50, planned_done_s=100, next_s=50, rest_s=820, budget_s=900)
