@@ -2,6 +2,8 @@
 # The README's two commands on a fresh Debian/Ubuntu machine with Python >= 3.11:
 #   bash deploy/quickstart.sh demo [demo options]   install, then run the demo broadcast
 #   bash deploy/quickstart.sh test [pytest options] install, then ruff, mypy and the test suite
+#   bash deploy/quickstart.sh perf [perf options]   install, then the performance suite
+#                                                   (python -m perf; e.g. --quick)
 # It installs the system packages the tests use through apt when run as root (otherwise it
 # prints the exact apt line and stops), makes .venv and installs the project into it.
 set -euo pipefail
@@ -9,8 +11,8 @@ cd "$(dirname "$0")/.."
 
 mode="${1:-}"
 case "$mode" in
-  demo|test) shift ;;
-  *) echo "usage: bash deploy/quickstart.sh demo|test [options]" >&2; exit 2 ;;
+  demo|test|perf) shift ;;
+  *) echo "usage: bash deploy/quickstart.sh demo|test|perf [options]" >&2; exit 2 ;;
 esac
 
 python="${PYTHON:-python3}"
@@ -39,6 +41,15 @@ if [ "$mode" = test ]; then
     dpkg -s "$lib" >/dev/null 2>&1 || packages+=("$lib")
   done
 fi
+if [ "$mode" = perf ]; then
+  # The latency benchmark's peers: FFmpeg's pipeline and GStreamer's (x264enc, the RTP
+  # elements, avdec_h264), both from Debian's packages.
+  command -v ffmpeg >/dev/null 2>&1 || packages+=("ffmpeg")
+  for pkg in gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
+             gstreamer1.0-plugins-ugly gstreamer1.0-libav; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || packages+=("$pkg")
+  done
+fi
 if [ ${#packages[@]} -gt 0 ]; then
   apt_line="apt-get install -y --no-install-recommends ${packages[*]}"
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -55,6 +66,7 @@ fi
 # The virtual environment, reinstalled only when pyproject.toml changes.
 extras=""
 [ "$mode" = test ] && extras="[test]"
+[ "$mode" = perf ] && extras="[perf]"
 stamp=".venv/.kizuna-installed"
 want="$(sha256sum pyproject.toml | cut -d' ' -f1)$extras"
 if [ ! -x .venv/bin/python ]; then
@@ -70,6 +82,10 @@ fi
 if [ "$mode" = demo ]; then
   [ $# -eq 0 ] && set -- --seconds 10 --viewers 2 --record demo.mp4
   exec .venv/bin/kizuna-stream demo "$@"
+fi
+
+if [ "$mode" = perf ]; then
+  exec .venv/bin/python -m perf "$@"
 fi
 
 echo "== ruff" >&2

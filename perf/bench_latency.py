@@ -11,17 +11,25 @@ Two yardsticks are measured in the same run, one after the other:
   bitrate and GOP, x264 ``zerolatency`` -> RTP over UDP on loopback -> a low-delay ``ffmpeg``
   receiver (see :mod:`perf.ffmpeg_pipeline` for exactly what it spans).
   ``pipeline_p99_over_ffmpeg`` says how the tail compares with the tool everyone knows.
+* ``gstreamer``: GStreamer's live pipeline fed the same way (``x264enc tune=zerolatency !
+  rtph264pay`` -> UDP -> ``rtph264depay ! avdec_h264``, Debian's packages; see
+  :mod:`perf.gstreamer_pipeline`).  ``pipeline_p99_over_gstreamer`` is the pipeline's p99 over
+  its p99.
 
 Targets (reported, not asserted): pipeline p50 <= 30 ms and p99 <= 60 ms; pipeline p50 <=
-1.3x in-process p50; pipeline p99 <= FFmpeg's p99.
+1.3x in-process p50; pipeline p99 <= FFmpeg's p99 and <= GStreamer's p99.
 
-Usage: python -m perf.bench_latency [--seconds S] [--arms in_process,ffmpeg,pipeline] [--json]
+``--samples-out FILE`` writes every arm's latencies (ms) as one JSON object, for plots.
+
+Usage: python -m perf.bench_latency [--seconds S] [--arms in_process,ffmpeg,gstreamer,pipeline]
+       [--samples-out FILE] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 import time
 from typing import Any, Final
@@ -32,6 +40,7 @@ from actors import StreamManager
 from perf._report import emit, percentiles_ms
 from perf.ffmpeg_pipeline import find_ffmpeg, run_ffmpeg
 from perf.frame_assembler import FrameAssembler
+from perf.gstreamer_pipeline import find_gstreamer, run_gstreamer
 from perf.rtp_single import H264RtpSender
 from shared.capture.testpattern import TestPattern
 from shared.errors import EncodingError
@@ -42,7 +51,7 @@ from shared.viewer.client import Viewer, read_frame_stamp
 
 QUALITY = StreamQuality.from_preset(QualityPreset.MEDIUM)
 #: The arms, in the order they run (Ray's cluster last, so it never shares the CPUs).
-ARMS: Final = ("in_process", "ffmpeg", "pipeline")
+ARMS: Final = ("in_process", "ffmpeg", "gstreamer", "pipeline")
 #: The issue's targets, as ratios: pipeline p50 over in-process p50, pipeline p99 over FFmpeg's.
 TARGET_P50_OVER_IN_PROCESS: Final = 1.3
 TARGET_P99_OVER_FFMPEG: Final = 1.0
@@ -128,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         default=ARMS,
         help=f"comma-separated arms to run (default: all of {','.join(ARMS)})",
     )
+    parser.add_argument("--samples-out", metavar="FILE", help="write each arm's latencies (ms)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.seconds <= 0:
@@ -138,6 +148,12 @@ def main(argv: list[str] | None = None) -> None:
             find_ffmpeg()  # before any arm runs: fail in a second, not after a minute
         except EncodingError as exc:
             parser.error(str(exc))
+    if "gstreamer" in arms:
+        try:
+            find_gstreamer()
+        except EncodingError as exc:
+            parser.error(str(exc))
+    samples: dict[str, list[float]] = {}
 
     result: dict[str, Any] = {
         "quality": f"{QUALITY.resolution}@{QUALITY.framerate} {QUALITY.bitrate // 1000} kbps",
@@ -146,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     if "in_process" in arms:
         baseline = in_process_baseline(int(args.seconds * QUALITY.framerate))
         result["in_process_baseline"] = percentiles_ms(baseline) | {"frames": len(baseline)}
+        samples["in_process_baseline"] = [ns / 1e6 for ns in baseline]
     if "ffmpeg" in arms:
         try:
             run = run_ffmpeg(QUALITY, args.seconds)
@@ -160,6 +177,22 @@ def main(argv: list[str] | None = None) -> None:
             "frames_unstamped": run.frames_unstamped,
             "frames_skipped": run.frames_skipped,
         }
+        samples["ffmpeg"] = [ns / 1e6 for ns in run.latencies_ns]
+    if "gstreamer" in arms:
+        try:
+            gst = run_gstreamer(QUALITY, args.seconds)
+        except EncodingError as exc:
+            sys.exit(f"bench_latency: gstreamer arm: {exc}")
+        if not gst.latencies_ns:
+            sys.exit("bench_latency: gstreamer arm: no frame of the window came out decoded")
+        result["gstreamer"] = percentiles_ms(gst.latencies_ns) | {
+            "frames": gst.frames_decoded,
+            "frames_sent": gst.frames_sent,
+            "frames_lost": gst.frames_sent - gst.frames_decoded,
+            "frames_unstamped": gst.frames_unstamped,
+            "frames_skipped": gst.frames_skipped,
+        }
+        samples["gstreamer"] = [ns / 1e6 for ns in gst.latencies_ns]
     if "pipeline" in arms:
         started_here = not ray.is_initialized()
         if started_here:
@@ -171,6 +204,10 @@ def main(argv: list[str] | None = None) -> None:
                 ray.shutdown()
         result["pipeline"] = percentiles_ms(measured) | {"frames": len(measured)}
         result |= counts
+        samples["pipeline"] = [ns / 1e6 for ns in measured]
+    if args.samples_out:
+        with open(args.samples_out, "w") as out:
+            json.dump(samples, out)
     result |= _ratios(result)
     if args.json:
         emit("capture_to_decode_latency", result, as_json=True)
@@ -180,7 +217,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def _ratios(result: dict[str, Any]) -> dict[str, Any]:
     """The issue's ratios, and whether each target is met, for the arms that ran."""
-    pipe, base, ff = (result.get(k) for k in ("pipeline", "in_process_baseline", "ffmpeg"))
+    pipe, base, ff, gst = (
+        result.get(k) for k in ("pipeline", "in_process_baseline", "ffmpeg", "gstreamer")
+    )
     ratios: dict[str, Any] = {}
     met: dict[str, bool] = {}
     if pipe is not None and base is not None:
@@ -194,13 +233,18 @@ def _ratios(result: dict[str, Any]) -> dict[str, Any]:
         met["pipeline_p99_within_ffmpeg"] = (
             ratios["pipeline_p99_over_ffmpeg"] <= TARGET_P99_OVER_FFMPEG
         )
+    if pipe is not None and gst is not None:
+        ratios["pipeline_p99_over_gstreamer"] = _ratio(pipe["p99_ms"], gst["p99_ms"])
+        met["pipeline_p99_within_gstreamer"] = (
+            ratios["pipeline_p99_over_gstreamer"] <= TARGET_P99_OVER_FFMPEG
+        )
     if pipe is not None:
         met["pipeline_p50_within_30ms"] = pipe["p50_ms"] <= 30
         met["pipeline_p99_within_60ms"] = pipe["p99_ms"] <= 60
     ratios["targets"] = (
         "pipeline p50 <= 30 ms, p99 <= 60 ms; "
         f"pipeline p50 <= {TARGET_P50_OVER_IN_PROCESS}x in-process p50; "
-        "pipeline p99 <= ffmpeg p99"
+        "pipeline p99 <= ffmpeg p99 and <= gstreamer p99"
     )
     if met:
         ratios["targets_met"] = met
@@ -214,6 +258,7 @@ def _print_table(result: dict[str, Any]) -> None:
     notes = {
         "in_process_baseline": "",
         "ffmpeg": "lost {frames_lost} of {frames_sent}, {frames_unstamped} unreadable",
+        "gstreamer": "lost {frames_lost} of {frames_sent}, {frames_unstamped} unreadable",
         "pipeline": "viewer: {frames_decoded} decoded, {frames_dropped} dropped",
     }
     for arm, note in notes.items():
@@ -226,6 +271,9 @@ def _print_table(result: dict[str, Any]) -> None:
         "ratio_p50": f"pipeline p50 / in-process p50 (target <= {TARGET_P50_OVER_IN_PROCESS})",
         "ratio_p99": "pipeline p99 / in-process p99",
         "pipeline_p99_over_ffmpeg": f"pipeline p99 / ffmpeg p99 (target <= {TARGET_P99_OVER_FFMPEG})",
+        "pipeline_p99_over_gstreamer": (
+            f"pipeline p99 / gstreamer p99 (target <= {TARGET_P99_OVER_FFMPEG})"
+        ),
     }
     for key, label in wanted.items():
         if key in result:

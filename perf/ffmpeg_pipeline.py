@@ -327,7 +327,8 @@ class _PictureReader(threading.Thread):
 class _Processes:
     """The FFmpeg processes of one run; every one is stopped when the block exits, however."""
 
-    def __init__(self) -> None:
+    def __init__(self, tool: str = "ffmpeg") -> None:
+        self._tool = tool  # names the process in errors: perf.gstreamer_pipeline shares this
         self._started: list[tuple[str, subprocess.Popen[bytes], Path]] = []
 
     def __enter__(self) -> _Processes:
@@ -365,14 +366,14 @@ class _Processes:
                 if any(c.laddr and c.laddr.port == port for c in process.net_connections("udp")):
                     return
             time.sleep(0.01)  # no event to wait on: the socket table is all there is
-        raise EncodingError(f"the ffmpeg {self._role(proc)} did not bind UDP port {port} in time")
+        raise EncodingError(f"the {self._role(proc)} did not bind UDP port {port} in time")
 
     def wait_ok(self, proc: subprocess.Popen[bytes]) -> None:
         """Wait for ``proc`` to exit; :class:`EncodingError` with its log if it failed."""
         try:
             proc.wait(_EXIT_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            raise EncodingError(f"the ffmpeg {self._role(proc)} did not exit in time") from None
+            raise EncodingError(f"the {self._role(proc)} did not exit in time") from None
         if proc.returncode != 0:
             raise self._failure(proc)
 
@@ -400,11 +401,11 @@ class _Processes:
         log = next(log for _, p, log in self._started if p is proc)
         detail = log.read_text(errors="replace").strip()[-2000:] if log.exists() else ""
         return EncodingError(
-            f"the ffmpeg {role} exited with status {proc.returncode}: {detail or 'no message'}"
+            f"the {role} exited with status {proc.returncode}: {detail or 'no message'}"
         )
 
     def _role(self, proc: subprocess.Popen[bytes]) -> str:
-        return next(role for role, p, _ in self._started if p is proc)
+        return self._tool + " " + next(role for role, p, _ in self._started if p is proc)
 
 
 def _write_sdp(
