@@ -118,9 +118,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--retries",
         type=int,
-        default=1,
+        default=0,
         metavar="N",
-        help="run a failed run again up to N times (default 1; every failure is reported)",
+        help="run a failed run again up to N times (default 0: a failure is a finding, not"
+        " noise; every failure is reported either way)",
     )
     args = parser.parse_args(argv)
     if not args.soak_minutes > 0:

@@ -457,7 +457,12 @@ ENTRIES: Final = (
 )
 
 #: Benchmarks other issues add; run (with :func:`generic` figures) once their module exists.
-OPTIONAL_MODULES: Final = (("recovery", "perf.bench_recovery"), ("webrtc", "perf.bench_webrtc"))
+OPTIONAL_MODULES: Final = (
+    ("recovery", "perf.bench_recovery"),
+    ("webrtc", "perf.bench_webrtc"),
+    ("relay", "perf.bench_relay"),
+    ("scaleout", "perf.bench_scaleout"),
+)
 
 
 def entries(*, soak_minutes: float = SUITE_SOAK_MINUTES) -> list[Entry]:
