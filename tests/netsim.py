@@ -52,7 +52,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from shared.control.probe import ProbeController
+from shared.control.probe import ProbeController, ProbeResult
 from shared.control.rung_choice import RungSelector, RungSelectorConfig
 from shared.control.rung_targets import RungBounds, RungTargets, ViewerRung
 from shared.rtp.bandwidth import BandwidthEstimator
@@ -295,11 +295,25 @@ class SimViewer:
         """What the sender shard does with one viewer's feedback (the shell's wiring)."""
         for packet in feedback:
             self.estimator.on_transport_feedback(packet, now)
-            result = self.probe.on_transport_feedback(packet.arrivals(), now)
-            if result is not None and result.estimate_bps is not None:
-                self.estimator.on_probe_result(result.estimate_bps, now)
+            self._on_probe_result(self.probe.on_transport_feedback(packet.arrivals(), now), now)
         self.estimator.on_rtt(rtt_s)
         self._decide(now)
+
+    def _on_probe_result(self, result: ProbeResult | None, now: float) -> None:
+        """As ``PeerAdaptation._on_probe_result``: to the estimator, and to the selector."""
+        if result is None:
+            return
+        if result.estimate_bps is not None:
+            self.estimator.on_probe_result(result.estimate_bps, now)
+        switch = self.selector.on_probe_result(
+            result.estimate_bps,
+            offered_bps=result.offered_bps,
+            saturated=result.saturated,
+            started_at=result.started_at,
+            now=now,
+        )
+        if switch is not None:
+            self.trace.reasons.append((now, switch.reason))
 
     def _decide(self, now: float) -> None:
         estimate = self.estimator.estimate_bps
@@ -332,9 +346,7 @@ class SimViewer:
 
     def _on_timer(self, now: float) -> None:
         self._timer_at = None
-        result = self.probe.on_timer(now)
-        if result is not None and result.estimate_bps is not None:
-            self.estimator.on_probe_result(result.estimate_bps, now)
+        self._on_probe_result(self.probe.on_timer(now), now)
         switch = self.selector.on_timer(now)
         if switch is not None:
             self.trace.reasons.append((now, switch.reason))

@@ -15,6 +15,7 @@ from shared.control.rung_choice import RungSelectorConfig
 from tests.netsim import (
     STEP_LADDER,
     LinkSpec,
+    SimRung,
     Simulation,
     ViewerSpec,
     ViewerTrace,
@@ -120,6 +121,31 @@ def test_an_rtt_spike_holds_the_viewer_down_until_it_passes() -> None:
     back = trace.first_time(25.0, lambda rung: rung == 0)
     assert back is not None and back - 25.0 <= 5.0
     assert trace.switches(0.0, 45.0) <= 2
+
+
+@pytest.mark.parametrize("idr_before_s", [0.1, 0.3, 0.5, 0.7])
+def test_a_drop_just_after_a_periodic_idr_is_answered_by_the_probe(idr_before_s: float) -> None:
+    """The real-network arm's ladder (1.5 / 0.5 Mbps at 15 fps) on an open path capped at
+    1 Mbps behind a deep queue (100 kB: 0.8 s at the cap), the cap coming shortly after a
+    periodic IDR of the viewer's rung.  The estimate's fall is doubted (an IDR burst looks like
+    congestion), and the probe sent then finds the path saturated under the rung: the viewer
+    moves on that answer (1.53 s at worst here), not at the end of the 1.5 s grace (2.0 to
+    2.47 s without it, past the 2 s target)."""
+    cap_at = 10.0
+    ladder = (SimRung(1_500_000, fps=15), SimRung(500_000, fps=15))
+    link = LinkSpec(capacity_bps=[(0.0, 4e6), (cap_at, 1e6)], queue_bytes=100_000)
+    sim = Simulation(ladder, [ViewerSpec("viewer", link, start_rung=0)])
+
+    def periodic_idr(sim: Simulation, now: float) -> None:
+        sim.ladder.idr_requested[0] = True
+
+    sim.at(cap_at - idr_before_s, periodic_idr)
+    sim.run(cap_at + 5.0)
+    trace = sim.viewers["viewer"].trace
+    down = trace.first_time(cap_at, lambda rung: rung == 1)
+    assert down is not None and down - cap_at <= 1.6, trace.reasons
+    [(_, reason)] = [(t, r) for t, r in trace.reasons if t >= cap_at]
+    assert "a probe at" in reason, reason
 
 
 def test_two_viewers_on_different_links_get_different_rungs_of_one_stream() -> None:

@@ -71,6 +71,10 @@ def test_a_cluster_through_a_saturated_bottleneck_measures_its_capacity() -> Non
     assert result.receive_bps == pytest.approx(1_500_000, rel=0.01)
     assert result.estimate_bps == pytest.approx(0.95 * 1_500_000, rel=0.01)
     assert result.reason.startswith("path saturated")
+    # What the rung selector reads of it (a doubt answered): saturated, offered 2 Mbps, and
+    # sent from t=0 on.
+    assert result.saturated and result.started_at == 0.0
+    assert result.offered_bps == pytest.approx(2_000_000, rel=0.01)
     # 1.43 Mbps is short of the 3.6 wanted, but over 70 % of the 2 Mbps probed: the next
     # cluster follows at once (exponential probing), at twice the result.
     assert not probe.probing and probe.next_deadline() == 0.2
@@ -91,6 +95,7 @@ def test_an_unsaturated_cluster_measures_what_was_sent_and_the_ceiling_caps_it()
     )
     assert result is not None and result.estimate_bps is not None
     assert result.estimate_bps == pytest.approx(3_750_000, rel=0.01)
+    assert not result.saturated and result.offered_bps == result.target_bps == 3_750_000
     assert probe.probes_failed == 0
     # It confirmed what was wanted: no further probing for this goal.
     probe.update(estimate_bps=result.estimate_bps, wanted_bps=3_000_000, now=0.2)

@@ -289,3 +289,84 @@ def test_a_stream_that_does_not_shed_never_reacts_to_cpu() -> None:
         assert encoder.framerates == [] and encoder.paused == [] and actor.pressure() == (0, "")
 
     asyncio.run(main())
+
+
+def encoder_stats(rungs: list[tuple[int, float | None, bool]]) -> object:
+    """The encoder's stats with each rung's (bitrate produced, average QP, paused)."""
+    from actors.stages.encoder import EncoderStats, RungStats
+
+    figures = [
+        RungStats(
+            index=i,
+            width=640 >> i,
+            height=360 >> i,
+            framerate=30,
+            codec="libx264",
+            hardware=False,
+            target_bitrate=0,
+            encoder_bitrate=0,
+            bitrate=bitrate,
+            fps=30.0,
+            frames_encoded=300,
+            keyframes=5,
+            encode_ms=4.0,
+            hardware_fallbacks=0,
+            reconfigurations=0,
+            paused=paused,
+            qp=qp,
+            ring=f"video{i}",
+        )
+        for i, (bitrate, qp, paused) in enumerate(rungs)
+    ]
+    return EncoderStats(
+        pid=1,
+        frames_encoded=300,
+        keyframes=5,
+        frames_dropped=0,
+        fps=30.0,
+        average_fps=30.0,
+        bitrate=figures[0].bitrate,
+        target_bitrate=0,
+        encode_ms=4.0,
+        rungs=figures,
+    )
+
+
+def test_the_complexity_signal_is_each_running_rungs_bitrate_and_qp() -> None:
+    from typing import Any, cast
+
+    from actors.stages.quality import rung_complexity
+    from shared.control.rung_targets import RungComplexity
+
+    stats = encoder_stats([(1_200_000, 14.5, False), (0, None, False), (90_000, 20.0, True)])
+    # Rung 1 has no frames in the window yet, rung 2 is paused: neither says anything.
+    assert rung_complexity(cast(Any, stats).rungs) == [
+        RungComplexity(rung=0, produced_bps=1_200_000, qp=14.5)
+    ]
+
+
+def test_a_content_aware_actor_lowers_a_still_rung_and_restores_it_when_it_moves() -> None:
+    """The actor's rounds with literal times: the encoder's signal in, the rung's encoder
+    target out (the core's rules: test_rung_targets.py; a real encoder: test_rung_content.py)."""
+    import asyncio
+    from typing import Any, cast
+
+    from actors.stages.quality import QualityActor, rung_complexity
+
+    async def main() -> list[tuple[int, int]]:
+        encoder = FakeLadderEncoder([2_000_000, 600_000])
+        actor = QualityActor("s", cast(Any, encoder), 2_000_000, content_aware=True)
+        await actor._plan()
+        viewers = [cast(Any, shard([(0, 5_000_000)]))]
+        # A still picture: the whole 2 Mbps at QP 9, i.e. 1 Mbps would code it at QP 15 and
+        # 0.7 Mbps at the reference QP 18.  Rung 1 paused (nobody on it).
+        still = rung_complexity(cast(Any, encoder_stats([(2_000_000, 9.0, False)])).rungs)
+        for second in range(1, 5):
+            await actor.apply(viewers, now=float(second), complexity=still)
+        assert encoder.set == [(0, 1_000_000)]  # 0.7 Mbps, but not under the rung's floor
+        # Motion: at 1 Mbps the encoder is at QP 24 (the rate would need 2 Mbps).  At once.
+        moving = rung_complexity(cast(Any, encoder_stats([(1_000_000, 24.0, False)])).rungs)
+        await actor.apply(viewers, now=5.0, complexity=moving)
+        return encoder.set
+
+    assert asyncio.run(main()) == [(0, 1_000_000), (0, 2_000_000)]

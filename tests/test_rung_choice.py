@@ -215,6 +215,74 @@ def test_any_idr_of_the_viewers_rung_earns_the_grace() -> None:
     assert when == 30.0
 
 
+def test_a_probe_that_finds_the_doubted_rung_does_not_hold_moves_the_viewer_at_once() -> None:
+    """The doubt after an IDR waits for a probe, not for the grace, when the probe answers:
+    measured on a veth capped by ``tc tbf`` (perf.abr_network), the probe sent at the fall
+    came back 0.1 s later under the rung, and waiting out the 1.5 s grace missed down_s."""
+    selector = RungSelector(RATES, now=0.0, start_rung=0)
+    assert feed(selector, 3_800_000, 0.0, 20.0) == []
+    selector.on_keyframe(0, 19.7)  # a periodic IDR
+    assert feed(selector, 1_900_000, 20.0, 20.1) == []  # doubted: stays, probes rung 0
+    assert selector.probe_target(20.1) == 3_600_000
+    # Not an answer: a cluster older than the fall; one offered too little to tell (the path
+    # was not saturated); one that found the path carries the rung.
+    assert (
+        selector.on_probe_result(
+            1_000_000, offered_bps=3_000_000, saturated=True, started_at=19.9, now=20.1
+        )
+        is None
+    )
+    assert (
+        selector.on_probe_result(
+            2_000_000, offered_bps=2_000_000, saturated=False, started_at=20.0, now=20.1
+        )
+        is None
+    )
+    assert (
+        selector.on_probe_result(
+            2_900_000, offered_bps=4_500_000, saturated=True, started_at=20.0, now=20.1
+        )
+        is None
+    )
+    assert selector.pending is None and selector.rung == 0
+    # The answer: the path saturated under the rung's hold (2.85 Mbps).
+    switch = selector.on_probe_result(
+        1_800_000, offered_bps=4_500_000, saturated=True, started_at=20.0, now=20.15
+    )
+    assert switch is not None and (switch.to_rung, switch.requested_at) == (1, 20.15)
+    assert switch.reason == (
+        "estimate 1.90 Mbps under rung 0's 3.00 Mbps (a probe at 4.50 Mbps found 1.80 Mbps)"
+    )
+    assert selector.keyframe_request(20.15) == 1
+
+
+def test_a_failed_probe_that_offered_the_rung_answers_the_doubt_too() -> None:
+    selector = RungSelector(RATES, now=0.0, start_rung=0)
+    assert feed(selector, 3_800_000, 0.0, 20.0) == []
+    selector.on_keyframe(0, 19.7)
+    assert feed(selector, 2_500_000, 20.0, 20.1) == []
+    # Failed (most of it lost) after offering less than the rung: it tells nothing.
+    assert (
+        selector.on_probe_result(
+            None, offered_bps=2_000_000, saturated=False, started_at=20.0, now=20.1
+        )
+        is None
+    )
+    switch = selector.on_probe_result(
+        None, offered_bps=3_600_000, saturated=False, started_at=20.0, now=20.2
+    )
+    assert switch is not None and switch.to_rung == 1
+    assert switch.reason.endswith("(a probe at 3.60 Mbps failed)")
+    # Without a doubt, a result moves nothing (the estimator takes it).
+    assert selector.on_keyframe(1, 20.25) and selector.rung == 1
+    assert (
+        selector.on_probe_result(
+            100_000, offered_bps=3_000_000, saturated=True, started_at=20.3, now=20.4
+        )
+        is None
+    )
+
+
 def test_an_idr_never_undoes_a_step_down_already_asked_for() -> None:
     selector = RungSelector(RATES, now=0.0, start_rung=0)
     selector.on_estimate(1_000_000, loss=0.0, rtt_s=0.05, now=10.0)

@@ -137,6 +137,38 @@ def test_content_that_is_easy_only_now_and_then_keeps_its_need() -> None:
         assert top.need_bps == 3_000_000
 
 
+def test_with_a_qp_the_need_is_the_rate_that_codes_the_content_at_the_reference_qp() -> None:
+    """x264 spends a still picture's spare bits refining it (the whole rate at a low QP), so
+    the QP, not the bits, says how much it needs: the bits at QP 18, 6 QP per doubling."""
+    targets = RungTargets([RungBounds(configured_bps=2_000_000, min_bps=200_000)])
+
+    def at(qp: float, produced: int = 2_000_000) -> list[RungComplexity]:
+        return [RungComplexity(rung=0, produced_bps=produced, qp=qp)]
+
+    # QP 6 and 9 with the whole 2 Mbps: 0.5 and 0.71 Mbps would code them at QP 18.  After
+    # the 3 s hold, the need is the highest the content wanted meanwhile.
+    for second, qp in enumerate([6.0, 9.0, 6.0]):
+        top = targets.update([], now=float(second), complexity=at(qp))[0]
+        assert top.need_bps == top.target_bps == 2_000_000
+    top = targets.update([], now=3.0, complexity=at(6.0))[0]
+    assert top.need_bps == top.target_bps == 707_106 and top.changed
+    assert top.reason.startswith("easy content: produced 2000000 bps at QP 6, need 707106 bps")
+    # At the lowered rate the QP settles near the reference: within 2 QP, nothing moves.
+    for second in range(4, 10):
+        top = targets.update([], now=float(second), complexity=at(19.5, 707_000))[0]
+        assert top.need_bps == 707_106 and not top.changed
+    # The picture moves: at 0.7 Mbps the encoder is at QP 26 (1.8 Mbps at QP 18).  At once.
+    top = targets.update([], now=10.0, complexity=at(26.0, 707_000))[0]
+    assert top.need_bps == top.target_bps == 1_781_528
+    assert top.reason.startswith("content needs more: produced 707000 bps at QP 26")
+    # A hard picture at the configured rate (QP 30) keeps it; the floor bounds an easy one.
+    top = targets.update([], now=11.0, complexity=at(30.0))[0]
+    assert top.need_bps == 2_000_000
+    for second in range(12, 16):
+        top = targets.update([], now=float(second), complexity=at(0.0, 1_000_000))[0]
+    assert top.need_bps == 200_000
+
+
 def test_bad_input_is_refused() -> None:
     with pytest.raises(ConfigError):
         RungTargets(())

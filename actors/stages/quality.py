@@ -12,6 +12,13 @@ rate: a stream nobody watches returns to its configured quality (the shared targ
 single-rung design stayed wherever the last viewers had left it, 300 kbps after an overload of
 30 viewers, because shards without viewers reported nothing and the old estimates stood).
 
+Content-aware (``content_aware``): each round also reads the encoder's stats, and each
+running rung's bitrate over the last two seconds and the average QP libx264 reported for
+those frames (:func:`rung_complexity`) go to the core as its complexity signal, so a rung
+showing a still or simple picture is given less than its configured rate (its need) and gets
+it back as soon as the picture moves (the rules are the core's).  No call is made per frame:
+the encoder keeps the figures, this polls them with the stats call it makes anyway.
+
 It also classifies each shard's connections (``classify_connection``) for the viewers' status,
 and answers CPU pressure (the design's "Resource Constraints" strategy): each round it feeds
 the node's CPU and the frames the encoder had to skip to
@@ -28,6 +35,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -35,13 +43,20 @@ import psutil
 
 from shared.control.pressure import PressureAction, PressureDecision, PressurePolicy
 from shared.control.quality import FLOOR_FRACTION, ViewerFeedback, classify_connection
-from shared.control.rung_targets import RungBounds, RungTarget, RungTargets, ViewerRung
+from shared.control.rung_targets import (
+    RungBounds,
+    RungComplexity,
+    RungTarget,
+    RungTargets,
+    ViewerRung,
+)
 from shared.models import ConnectionQuality, Resolution, StreamQuality
 
 if TYPE_CHECKING:
     from actors.handles import EncoderHandle, SenderHandle
     from actors.stages.encoder import EncoderStats
     from actors.stages.sender import PeerStatus, SenderStats
+    from shared.media.ladder import RungEncodeStats
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +71,18 @@ def ladder_bounds(rates: list[int]) -> list[RungBounds]:
     lowest = rates[-1]
     bounds[-1] = RungBounds(configured_bps=lowest, min_bps=max(int(lowest * FLOOR_FRACTION), 1))
     return bounds
+
+
+def rung_complexity(rungs: Sequence[RungEncodeStats]) -> list[RungComplexity]:
+    """Each running rung's complexity signal from the encoder's stats (``EncoderStats.rungs``):
+    what it produced over the last two seconds (against the target it was given, which the
+    targets core knows) and its average QP where the encoder reports one.  A paused rung, or
+    one with no frames in the window yet, says nothing."""
+    return [
+        RungComplexity(rung=index, produced_bps=rung.bitrate, qp=rung.qp)
+        for index, rung in enumerate(rungs)
+        if not rung.paused and rung.bitrate > 0
+    ]
 
 
 def viewer_quality(
@@ -88,10 +115,17 @@ class QualityActor:
         encoder: EncoderHandle,
         ceiling_bitrate: int,
         shed_under_pressure: bool = False,
+        content_aware: bool = False,
     ) -> None:
         """``ceiling_bitrate``: rung 0's configured rate (the stream's quality);
-        ``shed_under_pressure``: answer the node's CPU pressure (``StreamConfig``)."""
+        ``shed_under_pressure``: answer the node's CPU pressure (``StreamConfig``);
+        ``content_aware``: let each rung's target follow the encoder's complexity signal
+        (module doc).  Off by default, as shedding is in the library: the test suite and the
+        benchmarks measure the ladder they configured, and the moving test pattern they
+        encode is easy content (libx264 codes it at QP 1 to 8 at 1024x576 and 1.5 Mbps,
+        measured), whose top rung would drop to its floor."""
         self._shed = shed_under_pressure
+        self._content_aware = content_aware
         self._session_id = session_id
         self._encoder = encoder
         self._ceiling = ceiling_bitrate
@@ -162,8 +196,13 @@ class QualityActor:
                 logger.warning("quality poll for %s failed", self._session_id, exc_info=True)
 
     async def _poll(self) -> None:
-        if self._pressure is not None:
-            encoder = await self._encoder.stats()
+        # One stats call a round serves both the content signal and the pressure policy.
+        encoder = (
+            await self._encoder.stats()
+            if self._pressure is not None or self._content_aware
+            else None
+        )
+        if self._pressure is not None and encoder is not None:
             dropped, self._encoder_dropped = self._encoder_dropped, encoder.frames_dropped
             # Frames the encoder had to skip (it fell behind the source) are late frames.
             late = max(0, encoder.frames_dropped - dropped) if dropped is not None else 0
@@ -182,10 +221,18 @@ class QualityActor:
                 self._connection[shard_id] = classify_connection(item)
             else:
                 self._connection.pop(shard_id, None)
-        await self.apply(reports, now=time.monotonic())
+        complexity = rung_complexity(encoder.rungs) if self._content_aware and encoder else []
+        await self.apply(reports, now=time.monotonic(), complexity=complexity)
 
-    async def apply(self, reports: list[SenderStats], *, now: float) -> list[RungTarget]:
-        """One round: the shards' stats in, the rungs' targets that moved to the encoder."""
+    async def apply(
+        self,
+        reports: list[SenderStats],
+        *,
+        now: float,
+        complexity: Sequence[RungComplexity] = (),
+    ) -> list[RungTarget]:
+        """One round: the shards' stats and the encoder's complexity signal in
+        (:func:`rung_complexity`), the rungs' targets that moved to the encoder."""
         targets = self._targets
         assert targets is not None, "start() plans the ladder"
         count = len(targets.bounds)
@@ -203,7 +250,7 @@ class QualityActor:
             for peer in stats.peers
             if peer.estimate_bps > 0
         ]
-        self.last_targets = targets.update(viewers, now=now)
+        self.last_targets = targets.update(viewers, now=now, complexity=complexity)
         for target in self.last_targets:
             was = self._paused.get(target.rung, False)
             if self._pressure is not None and target.rung in self._pressure.retired_rungs:

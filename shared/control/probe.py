@@ -111,6 +111,8 @@ class ProbeResult(msgspec.Struct, frozen=True, kw_only=True):
     """What one cluster found.  ``estimate_bps`` is None when the probe failed."""
 
     cluster_id: int
+    #: When its first packet was due (monotonic seconds): what it measured is the path since.
+    started_at: float
     #: The rate the cluster was sent at (padding schedule).
     target_bps: int
     send_bps: int
@@ -118,6 +120,17 @@ class ProbeResult(msgspec.Struct, frozen=True, kw_only=True):
     estimate_bps: int | None
     #: Why the result is what it is, for the logs.
     reason: str
+
+    @property
+    def offered_bps(self) -> int:
+        """The rate the cluster offered the path: its padding schedule, or what was really
+        sent while it was out (media leaving with it counts), whichever is higher."""
+        return max(self.target_bps, self.send_bps)
+
+    @property
+    def saturated(self) -> bool:
+        """The path delivered clearly less than it was offered: the result is its capacity."""
+        return self.estimate_bps is not None and self.receive_bps < SATURATED_RATIO * self.send_bps
 
 
 class _Cluster:
@@ -310,6 +323,7 @@ def _measure(cluster: _Cluster) -> ProbeResult:
     def failed(reason: str, send_bps: int = 0, receive_bps: int = 0) -> ProbeResult:
         return ProbeResult(
             cluster_id=cluster.id,
+            started_at=cluster.first_due,
             target_bps=cluster.target_bps,
             send_bps=send_bps,
             receive_bps=receive_bps,
@@ -353,6 +367,7 @@ def _measure(cluster: _Cluster) -> ProbeResult:
         reason = f"delivered {receive_bps} bps of {send_bps} bps sent"
     return ProbeResult(
         cluster_id=cluster.id,
+        started_at=cluster.first_due,
         target_bps=cluster.target_bps,
         send_bps=send_bps,
         receive_bps=receive_bps,

@@ -23,16 +23,34 @@ viewer's rung changes):
    weakest viewer.  Since a viewer stays on a rung only while its estimate is at least 95 %
    of the rung's rate, this only ever trims a rung, never halves it.  With no viewer counted,
    the target is the need: a stream nobody watches returns to its configured quality.
-4. *Need, content-aware.*  The encoder's own complexity signal says when fewer bits suffice:
-   x264 in CBR cannot spend bits a still or simple picture does not need (the rate adjuster
-   in :mod:`shared.media.rate_control` measures 0.76 to 0.86 of the target on easy content, far
-   less on a still one).  When a rung has produced under ``content_limited`` of its target
-   for ``content_hold_s`` (and, if the encoder reports a QP, at a QP no higher than
-   ``easy_qp``: a starved encoder at a high QP is not easy content), its need becomes
-   ``content_headroom`` x what it produced (never under ``min_bps``); as soon as it
-   produces ``content_recover`` of that need (the picture got harder), the need is the
-   configured rate again, at once.  The need is what the rung's viewers' selectors should be
-   given as its rate (:meth:`~shared.control.rung_choice.RungSelector.set_rates`): a still
+4. *Need, content-aware.*  The encoder's own complexity signal says when fewer bits suffice.
+   Per running rung, from the encoder's stats (``actors.stages.quality.rung_complexity``):
+   what it produced over the last two seconds and, where the encoder reports it, the
+   average QP of those frames (``shared.media.codec.packet_qp``: libx264 and NVENC do).
+
+   *With a QP* (the rate a capped CRF would spend).  H.264's quantiser step doubles every
+   6 QP, and the bits of a frame roughly halve with it, so the rate at which this content
+   would be coded at ``reference_qp`` is ``produced x 2 ** ((qp - reference_qp) / 6)``:
+   the *content's rate*, clamped to ``[min_bps, configured]``.  ``reference_qp`` 18 is
+   where x264's own documentation puts "visually lossless" (its CRF scale); bits that take
+   a picture below it buy nothing a viewer sees.  The bits alone cannot tell this: x264's
+   one-pass ABR spends a still picture's spare bits refining it towards QP 0 (measured,
+   libx264 veryfast zerolatency, 640x360 at 15 fps, 2 s GOP: a still picture produced the
+   whole 300 kbps at QP 7, the moving test pattern the same 300 kbps at QP 15; at 150 kbps,
+   QP 21 against 28).  The need is lowered to the content's rate (the highest it reached
+   meanwhile) once it has stayed more than ``min_change`` under the need for
+   ``content_hold_s``; it is raised at once, to the content's rate, when that passes
+   ``need / content_recover`` (the picture got harder: at the lowered rate its QP rose
+   about 2 over the reference).
+
+   *Without a QP* (an encoder that does not report one), the bits alone: a rung that
+   produced under ``content_limited`` of its target for ``content_hold_s`` cannot use its
+   rate, and its need becomes ``content_headroom`` x what it produced (never under
+   ``min_bps``); as soon as it produces ``content_recover`` of that need, the need is the
+   configured rate again, at once.
+
+   The need caps the target.  It is also what the rung's viewers' selectors should be given
+   as its rate (:meth:`~shared.control.rung_choice.RungSelector.set_rates`): a still
    picture's top rung then fits a viewer whose path would not carry it in motion.
 5. *Deadband.*  A target moves only by ``min_change`` or more of the current one (an encoder
    reconfiguration has a cost), except onto a bound.
@@ -58,6 +76,9 @@ __all__ = [
     "ViewerRung",
 ]
 
+#: H.264's quantiser step doubles every 6 QP (ITU-T H.264 §8.5.12.1 scales a coefficient by
+#: ``LevelScale(qP % 6) << (qP / 6)``), and a frame's bits roughly halve with it.
+QP_PER_DOUBLING = 6.0
 #: A rung's default floor, as a fraction of its configured rate: the ladder's rungs are about
 #: 2x apart, so below half its rate a rung looks worse than the rung under it at full rate.
 DEFAULT_MIN_FRACTION = 0.5
@@ -81,16 +102,18 @@ class RungTargetsConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Which estimate of a rung's viewers sets its target (0: the lowest)."""
     min_change: float = 0.05
     """Smaller moves of a target are not made (except onto a bound)."""
-    content_limited: float = 0.5
-    """Produced under this fraction of the target: the content does not need the target."""
+    reference_qp: float = 18.0
+    """With a QP: the need is the rate at which the content would be coded at this QP."""
     content_hold_s: float = 3.0
-    """...for this long before the need is lowered."""
-    content_headroom: float = 2.0
-    """A lowered need is this multiple of what the encoder produced."""
+    """The content must need less for this long before the need is lowered."""
     content_recover: float = 0.8
-    """Produced at least this fraction of a lowered need: the need is the configured rate."""
-    easy_qp: float = 30.0
-    """Content counts as easy only at or below this QP, when the encoder reports one."""
+    """The need rises at once when the content needs at least ``need / content_recover``
+    (with a QP), or produces at least this fraction of a lowered need (without)."""
+    content_limited: float = 0.5
+    """Without a QP: produced under this fraction of the target, the content does not need
+    the target."""
+    content_headroom: float = 2.0
+    """Without a QP: a lowered need is this multiple of what the encoder produced."""
 
 
 class ViewerRung(msgspec.Struct, frozen=True, kw_only=True):
@@ -134,6 +157,8 @@ class _RungState(msgspec.Struct, kw_only=True):
     need: int
     paused: bool = False
     easy_since: float | None = None
+    #: The highest content rate (with a QP) since ``easy_since``: what a lowered need becomes.
+    easy_bps: int = 0
 
 
 class RungTargets:
@@ -195,19 +220,42 @@ class RungTargets:
         ]
 
     def _update_need(self, rung: int, signal: RungComplexity | None, now: float) -> str:
-        config, bound, state = self.config, self.bounds[rung], self._state[rung]
+        state = self._state[rung]
         if signal is None or state.paused:
             state.easy_since = None
             return ""
-        produced = signal.produced_bps
+        if signal.qp is None:
+            return self._need_by_bits(rung, signal.produced_bps, now)
+        return self._need_by_qp(rung, signal.produced_bps, signal.qp, now)
+
+    def _need_by_qp(self, rung: int, produced: int, qp: float, now: float) -> str:
+        """The content's rate at ``reference_qp`` against the need (module doc, 4)."""
+        config, bound, state = self.config, self.bounds[rung], self._state[rung]
+        scaled = produced * 2 ** ((qp - config.reference_qp) / QP_PER_DOUBLING)
+        content = min(max(int(scaled), bound.floor_bps), bound.configured_bps)
+        why = f"produced {produced} bps at QP {qp:.0f}"
+        if scaled * config.content_recover >= state.need and content > state.need:
+            state.need, state.easy_since = content, None
+            return f"content needs more: {why}, need {content} bps"
+        if content > state.need * (1 - config.min_change):
+            state.easy_since = None
+            return ""
+        if state.easy_since is None:
+            state.easy_since, state.easy_bps = now, content
+        state.easy_bps = max(state.easy_bps, content)
+        if now - state.easy_since < config.content_hold_s:
+            return ""
+        state.need, state.easy_since = state.easy_bps, None
+        return f"easy content: {why}, need {state.need} bps"
+
+    def _need_by_bits(self, rung: int, produced: int, now: float) -> str:
+        """Without a QP: what the encoder produced against its target (module doc, 4)."""
+        config, bound, state = self.config, self.bounds[rung], self._state[rung]
         if state.need < bound.configured_bps and produced >= config.content_recover * state.need:
             state.need = bound.configured_bps
             state.easy_since = None
             return f"content needs more: produced {produced} bps, need back to configured"
-        easy = produced < config.content_limited * state.target and (
-            signal.qp is None or signal.qp <= config.easy_qp
-        )
-        if not easy:
+        if produced >= config.content_limited * state.target:
             state.easy_since = None
             return ""
         if state.easy_since is None:
@@ -217,8 +265,7 @@ class RungTargets:
         need = min(max(int(produced * config.content_headroom), bound.floor_bps), state.need)
         if need < state.need:
             state.need = need
-            qp = "" if signal.qp is None else f" at QP {signal.qp:.0f}"
-            return f"easy content: produced {produced} bps{qp}, need {need} bps"
+            return f"easy content: produced {produced} bps, need {need} bps"
         return ""
 
     def _update_rung(

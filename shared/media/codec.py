@@ -58,6 +58,7 @@ from shared.rtp.h264 import NAL_IDR, NAL_PPS, NAL_SPS, split_annexb
 __all__ = [
     "MAX_BITRATE",
     "MIN_BITRATE",
+    "QP2LAMBDA",
     "TIME_BASE",
     "EncodedFrame",
     "EncoderConfig",
@@ -69,6 +70,7 @@ __all__ = [
     "SessionOpener",
     "get_encoder_capabilities",
     "open_session",
+    "packet_qp",
 ]
 
 logger = logging.getLogger(__name__)
@@ -156,6 +158,34 @@ class EncodedFrame(msgspec.Struct, frozen=True, kw_only=True):
     pts: int
     keyframe: bool
     capture_us: int
+    #: The frame's quantiser as the encoder reports it (:func:`packet_qp`), None when it does
+    #: not: with the bytes, how hard the picture was to code at the rate it was given.
+    qp: float | None = None
+
+
+#: FFmpeg's ``FF_QP2LAMBDA``: the quality in its encoder stats is the QP times this.
+QP2LAMBDA: Final = 118
+#: A packet's ``AV_PKT_DATA_QUALITY_STATS``: int32 quality, uint8 picture type, uint8 error
+#: count, then error sums (libavcodec/packet.h).
+_QUALITY_STATS: Final = "quality_stats"
+
+
+def packet_qp(packet: av.Packet[Any]) -> float | None:
+    """The QP an encoder reports for ``packet``, else None.
+
+    libx264 and NVENC attach ``AV_PKT_DATA_QUALITY_STATS`` to every packet (FFmpeg's
+    ``ff_side_data_set_encoder_stats``, from x264's ``i_qpplus1 - 1`` for the frame), whose
+    first field is the frame's QP x :data:`QP2LAMBDA`.  An encoder that does not report it
+    (some hardware encoders) gives None: the QP is unknown.  (QP 0 is real: x264 reaches it
+    refining a still picture it has bits to spare for.)
+    """
+    if not packet.has_sidedata(_QUALITY_STATS):
+        return None
+    data = bytes(packet.get_sidedata(_QUALITY_STATS))
+    if len(data) < 4:
+        return None
+    quality = int.from_bytes(data[:4], "little", signed=True)
+    return quality / QP2LAMBDA if quality >= 0 else None
 
 
 def _clamp_bitrate(bitrate: int) -> int:
@@ -440,7 +470,13 @@ class H264Encoder:
                 data = self._session.parameter_sets(data, is_keyframe)
             packet_pts = int(packet.pts) if packet.pts is not None else pts
             out.append(
-                EncodedFrame(data=data, pts=packet_pts, keyframe=is_keyframe, capture_us=capture_us)
+                EncodedFrame(
+                    data=data,
+                    pts=packet_pts,
+                    keyframe=is_keyframe,
+                    capture_us=capture_us,
+                    qp=packet_qp(packet),
+                )
             )
             self.frames_encoded += 1
             self.keyframes_encoded += is_keyframe

@@ -159,6 +159,11 @@ class RungEncodeStats(msgspec.Struct, kw_only=True):
     encode_cpu_ms: float = 0.0
     #: Paused: nobody watches it (``LadderEncoder.set_paused``).
     paused: bool = False
+    #: The average QP of its frames over the stats window, when its encoder reports one
+    #: (``shared.media.codec.packet_qp``).  With ``bitrate`` against ``target_bitrate``, the
+    #: rung's complexity signal (``shared.control.rung_targets``): few bits at a low QP is an
+    #: easy picture; few bits at a high QP is a starved encoder.
+    qp: float | None = None
 
 
 class LadderStats(msgspec.Struct, kw_only=True):
@@ -180,8 +185,8 @@ class _RungState:
     rung: Rung
     encoder: H264Encoder
     decimator: FrameDecimator
-    #: (now, bytes) of each access unit, for the stats window.
-    recent: collections.deque[tuple[float, int]] = dataclasses.field(
+    #: (now, bytes, QP or None) of each access unit, for the stats window.
+    recent: collections.deque[tuple[float, int, float | None]] = dataclasses.field(
         default_factory=lambda: collections.deque(maxlen=600)
     )
     #: A scene cut came on a frame this rung left out: its next frame is an IDR.
@@ -342,7 +347,7 @@ class LadderEncoder:
         state.wall_s += output.wall_s
         state.cpu_s += output.scale_cpu_s + output.encode_cpu_s
         for unit in output.access_units:
-            state.recent.append((now, len(unit.data)))
+            state.recent.append((now, len(unit.data), unit.qp))
             if unit.keyframe and output.rung == 0:
                 self._cuts.keyframe_sent(unit.pts / TIME_BASE.denominator)
 
@@ -435,8 +440,9 @@ class LadderEncoder:
     # --- stats -------------------------------------------------------------------------------
 
     def _rung_stats(self, state: _RungState, now: float) -> RungEncodeStats:
-        window = [(t, n) for t, n in state.recent if now - t <= STATS_WINDOW_S]
+        window = [(t, n) for t, n, _ in state.recent if now - t <= STATS_WINDOW_S]
         span = (window[-1][0] - window[0][0]) if len(window) > 1 else 0.0
+        qps = [qp for t, _, qp in state.recent if now - t <= STATS_WINDOW_S and qp is not None]
         encoder = state.encoder
         frames = encoder.frames_encoded
         return RungEncodeStats(
@@ -458,6 +464,7 @@ class LadderEncoder:
             reconfigurations=encoder.reconfigurations,
             encode_cpu_ms=state.cpu_s * 1000 / frames if frames else 0.0,
             paused=state.paused,
+            qp=sum(qps) / len(qps) if qps else None,
         )
 
     def stats(self, now: float) -> LadderStats:

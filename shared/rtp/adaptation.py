@@ -9,7 +9,9 @@ on a simulated link:
 
 - every transport-wide feedback goes to the estimator (the caller does that) and to the probe
   controller, whose result, once a cluster is complete, goes back to the estimator
-  (:meth:`BandwidthEstimator.on_probe_result`); then the selector decides on the new estimate,
+  (:meth:`BandwidthEstimator.on_probe_result`) and to the selector
+  (:meth:`RungSelector.on_probe_result`: it may answer a doubt); then the selector decides on
+  the new estimate,
   and the probe controller learns the rate the selector wants confirmed;
 - every packet sent (media, retransmission, padding) is reported to the probe controller, so a
   cluster measures the path, not only its padding;
@@ -37,7 +39,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from shared.control.probe import ProbeController
+from shared.control.probe import ProbeController, ProbeResult
 from shared.control.rung_choice import RungSelector, RungSelectorConfig, RungSwitch
 from shared.rtp.bandwidth import BandwidthEstimator
 from shared.rtp.rtcp import RtcpTransportFeedback
@@ -89,8 +91,7 @@ class PeerAdaptation:
     ) -> None:
         """One transport-wide feedback, after the estimator has taken it."""
         result = self.probe.on_transport_feedback(feedback.arrivals(), now)
-        if result is not None and result.estimate_bps is not None:
-            estimator.on_probe_result(result.estimate_bps, now)
+        self._on_probe_result(estimator, result, now)
 
     def decide(self, estimator: BandwidthEstimator, now: float) -> RungSwitch | None:
         """The selector on the estimator's new estimate (after a feedback)."""
@@ -103,13 +104,30 @@ class PeerAdaptation:
 
     def on_timer(self, estimator: BandwidthEstimator, now: float) -> RungSwitch | None:
         """Run at :meth:`next_deadline`: a cluster's result overdue, holds and timeouts."""
-        result = self.probe.on_timer(now)
-        if result is not None and result.estimate_bps is not None:
-            estimator.on_probe_result(result.estimate_bps, now)
+        self._on_probe_result(estimator, self.probe.on_timer(now), now)
         switch = self.selector.on_timer(now)
         self._note(switch)
         self._update_probe(estimator, now)
         return switch
+
+    def _on_probe_result(
+        self, estimator: BandwidthEstimator, result: ProbeResult | None, now: float
+    ) -> None:
+        """A cluster's result: to the estimator (a rate the path carried lifts it) and to the
+        selector (a cluster that found a doubted rung does not hold moves the viewer down)."""
+        if result is None:
+            return
+        if result.estimate_bps is not None:
+            estimator.on_probe_result(result.estimate_bps, now)
+        self._note(
+            self.selector.on_probe_result(
+                result.estimate_bps,
+                offered_bps=result.offered_bps,
+                saturated=result.saturated,
+                started_at=result.started_at,
+                now=now,
+            )
+        )
 
     def _note(self, switch: RungSwitch | None) -> None:
         if switch is not None:
