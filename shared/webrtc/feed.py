@@ -35,9 +35,12 @@ class RingFeed:
         kind: Literal["video", "audio"],
         *,
         request_keyframe: Callable[[], None] | None = None,
+        rung: int = 0,
     ) -> None:
         self.ring = ring
         self.kind = kind
+        #: The ladder rung this ring carries (0: the top), told to the tracks with each packet.
+        self.rung = rung
         self._request_keyframe = request_keyframe
         self._keyframes = KeyframePolicy()
         #: Listening before the reader takes its position: no commit after it is missed.
@@ -57,11 +60,16 @@ class RingFeed:
     def subscribe(self) -> EncodedTrack:
         """A new peer's track, fed from the next packet on (video: from the next keyframe)."""
         track = EncodedTrack(self.kind, on_keyframe_needed=self.keyframe_needed)
-        self._tracks.add(track)
-        track.on("ended", lambda: self._tracks.discard(track))
+        self.attach(track)
         if self.kind == "video":
             self.keyframe_needed()
         return track
+
+    def attach(self, track: EncodedTrack) -> None:
+        """Feed a track made elsewhere (a peer's video track, fed by every rung's feed and
+        choosing among them with its gate) until it ends."""
+        self._tracks.add(track)
+        track.on("ended", lambda: self._tracks.discard(track))
 
     @property
     def tracks(self) -> int:
@@ -92,7 +100,7 @@ class RingFeed:
                 self.packets_read += 1
                 self.bytes_read += len(packet.data)
                 for track in list(self._tracks):
-                    track.push(packet.data, packet.pts, keyframe=packet.keyframe)
+                    track.push(packet.data, packet.pts, keyframe=packet.keyframe, rung=self.rung)
 
     async def close(self) -> None:
         if self._task is not None:
