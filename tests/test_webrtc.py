@@ -33,6 +33,7 @@ from aiortc import (
     RTCPeerConnection,
     RTCSessionDescription,
 )
+from aiortc import rtp as aiortc_rtp
 from aiortc.codecs import h264 as aiortc_h264
 from aiortc.codecs import opus as aiortc_opus
 
@@ -43,7 +44,7 @@ from shared.auth.control import RungInfo
 from shared.auth.server import AccessSettings
 from shared.auth.tokens import TokenIssuer, TokenKey
 from shared.capture.testpattern import TestPattern
-from shared.errors import ResourceError
+from shared.errors import ConfigError, ResourceError
 from shared.media.codec import EncoderConfig, H264Encoder
 from shared.media.opus import OpusEncoder
 from shared.models import (
@@ -61,6 +62,7 @@ from shared.pool.packet_ring import PacketRing
 from shared.pool.shm import segment_name
 from shared.rtp.h264 import split_annexb
 from shared.webrtc.feed import RingFeed
+from shared.webrtc.feedback import WEBRTC_SELECTOR, BrowserRungChoice
 from shared.webrtc.whep import WhepEndpoint
 from tests.browser import Page, chromium, chromium_path
 from tests.conftest import _someone_elses, shm_snapshot, stream_actors, wait_for_no_leaks
@@ -546,6 +548,106 @@ def test_a_tokens_max_quality_picks_the_best_rung_it_allows() -> None:
     asyncio.run(main())
 
 
+# -- browser feedback into the rung choice (shared.webrtc.feedback) ------------------------
+
+RATES = [1_500_000, 600_000, 250_000]
+
+
+def test_a_browsers_remb_and_loss_pick_its_rung_and_the_switch_waits_for_the_new_rungs_idr() -> (
+    None
+):
+    choice = BrowserRungChoice(RATES, now=0.0, cap=0)
+    assert choice.rung == 0  # the best rung its token allows: nothing here can probe up
+    # Before the first REMB nothing is timed, and a receiver report alone moves nothing.
+    assert choice.next_deadline() is None and choice.on_timer(100.0) is None
+    assert choice.on_receiver_report(0, 0.02, now=1.0) is None
+    assert choice.on_remb(2_000_000, now=1.5) is None
+    assert choice.next_deadline() == 1.5 + WEBRTC_SELECTOR.feedback_timeout_s
+    # The browser's estimate falls under the top rung: down to the best rung that holds.
+    switch = choice.on_remb(700_000, now=2.0)
+    assert switch is not None and (switch.from_rung, switch.to_rung) == (0, 1)
+    assert (choice.rung, choice.wanted) == (0, 1)
+    assert choice.keyframe_request(2.0) == 1  # ask rung 1's encoder for an IDR at once,
+    assert choice.keyframe_request(2.2) is None  # not again before keyframe_retry_s,
+    assert choice.keyframe_request(2.0 + WEBRTC_SELECTOR.keyframe_retry_s) == 1  # then again
+    # Until that IDR the viewer keeps its rung: rung 1's other frames are not for it.
+    assert choice.takes(0, False, 2.6) and choice.takes(0, True, 2.7)
+    assert not choice.takes(1, False, 2.8) and not choice.takes(2, True, 2.8)
+    assert choice.takes(1, True, 2.9)  # the IDR: the switch is made here
+    assert (choice.rung, choice.wanted) == (1, 1)
+    assert not choice.takes(0, True, 3.0) and choice.takes(1, False, 3.0)
+    # Loss in a receiver report (8-bit fraction) with the same estimate: it stays.
+    assert choice.on_receiver_report(64, 0.03, now=3.5) is None
+    assert choice.loss == 0.25 and choice.rtt_s == 0.03 and choice.rung == 1
+    # Silence (no REMB, no report) for the feedback timeout: one rung down.
+    silent = 3.5 + WEBRTC_SELECTOR.feedback_timeout_s
+    assert choice.next_deadline() == silent
+    switch = choice.on_timer(silent)
+    assert switch is not None and switch.to_rung == 2
+    # A quality request pins a rung (the data channel's, with can_control_quality).
+    choice = BrowserRungChoice(RATES, now=0.0, cap=1)
+    switch = choice.set_pin(2, now=1.0)
+    assert switch is not None and switch.to_rung == 2 and choice.keyframe_request(1.0) == 2
+    with pytest.raises(ConfigError):
+        choice.on_receiver_report(256, None, now=2.0)
+
+
+def test_a_remb_under_the_top_rung_moves_an_aiortc_peer_to_the_lower_rung_at_its_idr() -> None:
+    """The shell: aiortc's RTCP for the video sender reaches the peer's choice, and the peer's
+    track, fed by both rungs' rings, switches at the lower rung's keyframe."""
+    top = RungInfo(index=0, width=WIDTH, height=HEIGHT, framerate=30, bitrate=300_000, preset="")
+    low = RungInfo(index=1, width=192, height=108, framerate=30, bitrate=100_000, preset="")
+    access = AccessSettings(access=StreamAccess(), rungs=(top, low))
+
+    async def main() -> None:
+        async with producing() as (_, ring0), producing(192, 108) as (_, ring1):
+            feeds = [RingFeed(PacketRing.attach(r.name), "video") for r in (ring0, ring1)]
+            for feed in feeds:
+                feed.start()
+            endpoint = WhepEndpoint("s1", access, video=feeds)
+            receiver = Receiver()
+            try:
+                async with serving(endpoint) as base:
+                    status, answer, _ = await post_offer(base, "s1", await receiver.offer())
+                    assert status == 201, answer
+                    await receiver.answer(answer)
+                    await until(lambda: len(receiver.frames) >= 5, "frames of the top rung")
+                    [peer] = endpoint.peers.values()
+                    sender = peer.video_sender
+                    assert sender is not None and peer.rung == 0
+                    remb = aiortc_rtp.RtcpPsfbPacket(
+                        fmt=aiortc_rtp.RTCP_PSFB_APP,
+                        ssrc=1,
+                        media_ssrc=0,
+                        fci=aiortc_rtp.pack_remb_fci(20_000, [sender._ssrc]),
+                    )
+                    await sender._handle_rtcp_packet(remb)
+                    [stats] = endpoint.peer_stats()
+                    assert stats.remb_bps == 20_000 and stats.rtcp.get("remb", 0) >= 1
+                    # At once, or (a fall just after an IDR is doubted) idr_grace_s later.
+                    await until(lambda: endpoint.peer_stats()[0].rung_wanted == 1, "a switch down")
+                    await until(
+                        lambda: (
+                            (receiver.frames[-1].width, receiver.frames[-1].height) == (192, 108)
+                        ),
+                        "frames of the lower rung",
+                    )
+                    switched = len(receiver.frames) - 1
+                    await until(lambda: len(receiver.frames) >= switched + 10, "more frames")
+                    assert peer.rung == 1
+            finally:
+                await receiver.close()
+                for feed in feeds:
+                    await feed.close()
+            sizes = [(f.width, f.height) for f in receiver.frames]
+            first_low = sizes.index((192, 108))
+            # One switch, at the IDR: the top rung's frames before it, the lower rung's after.
+            assert set(sizes[:first_low]) == {(WIDTH, HEIGHT)}
+            assert set(sizes[first_low:]) == {(192, 108)}
+
+    asyncio.run(main())
+
+
 def test_whep_refuses_an_offer_without_h264_packetization_mode_1() -> None:
     async def main() -> None:
         async with producing() as (_producer, ring):
@@ -649,11 +751,11 @@ def test_whep_on_a_real_token_stream_plays_refuses_and_shares_one_encoder(
                 # They are the stream's viewers: their tickets' seats moved to the WebRTC shard.
                 statuses = {v.viewer_id: v for v in await manager.get_viewer_status(sid)}
                 assert set(statuses) == {t.viewer_id for t in tickets}
-                for status in statuses.values():
-                    assert (status.shard, status.state) == ("webrtc", "connected")
-                    assert status.bytes_sent > 0 and status.url == url
-                    assert status.current_quality.resolution == Resolution(320, 240)
-                    assert status.connection_quality != ConnectionQuality.DISCONNECTED
+                for viewer in statuses.values():
+                    assert (viewer.shard, viewer.state) == ("webrtc", "connected")
+                    assert viewer.bytes_sent > 0 and viewer.url == url
+                    assert viewer.current_quality.resolution == Resolution(320, 240)
+                    assert viewer.connection_quality != ConnectionQuality.DISCONNECTED
                 # The stream's limit (3) counts them: a fourth viewer is refused, with why.
                 extra = await manager.issue_token(sid)
                 status, text, _ = await post_offer(base, sid, await refused_offer(), extra)

@@ -85,6 +85,11 @@ class BrowserRungChoice:
     def wanted(self) -> int:
         return self.selector.wanted
 
+    def set_rates(self, rates_bps: Sequence[int]) -> None:
+        """The rungs' rates as they are now (measured on their rings: easy content needs less
+        than a rung's target, and the browser's estimate follows what it receives)."""
+        self.selector.set_rates(rates_bps)
+
     def on_remb(self, bitrate_bps: int, now: float) -> RungSwitch | None:
         """A REMB for this peer's SSRC: the browser's estimate of what it can receive."""
         if bitrate_bps <= 0:

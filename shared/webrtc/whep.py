@@ -186,6 +186,10 @@ class _Peer:
             return
         now = time.monotonic()
         ssrc = sender._ssrc
+        if kind in ("remb", "rr", "sr"):
+            nominal = choice.selector.rates
+            measured = [feed.rate_bps(now) for feed in self.video]
+            choice.set_rates([m or n for m, n in zip(measured, nominal, strict=True)])
         if kind == "remb":
             try:
                 bitrate, ssrcs = aiortc_rtp.unpack_remb_fci(packet.fci)
