@@ -619,7 +619,12 @@ class Supervisor:
         counts = await asyncio.gather(
             *(h.call(SenderActor.notify, text, data) for h in self._shard_handles(session_id))
         )
-        return sum(counts)
+        return sum(counts) + await self._notify_webrtc(session_id, text, data)
+
+    async def _notify_webrtc(self, session_id: str, text: str, data: dict[str, Any] | None) -> int:
+        """The notice to the stream's browsers too, over their data channels; how many."""
+        webrtc = self._get(session_id).webrtc
+        return 0 if webrtc is None else await webrtc.call(WebRTCShardActor.notify, text, data)
 
     async def open_shards(self, session_id: str, count: int, port: int) -> str:
         """Start ``count`` more shards sharing ``port`` (SO_REUSEPORT; 0: one shard on a free

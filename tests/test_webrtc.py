@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +46,7 @@ from shared.auth.control import RungInfo
 from shared.auth.server import AccessSettings
 from shared.auth.tokens import TokenIssuer, TokenKey
 from shared.capture.testpattern import TestPattern
-from shared.errors import ConfigError, ResourceError
+from shared.errors import ConfigError, ProtocolError, ResourceError
 from shared.media.codec import EncoderConfig, H264Encoder
 from shared.media.opus import OpusEncoder
 from shared.models import (
@@ -61,6 +63,7 @@ from shared.models import (
 from shared.pool.packet_ring import PacketRing
 from shared.pool.shm import segment_name
 from shared.rtp.h264 import split_annexb
+from shared.webrtc import control
 from shared.webrtc.feed import RingFeed
 from shared.webrtc.feedback import WEBRTC_SELECTOR, BrowserRungChoice
 from shared.webrtc.whep import WhepEndpoint
@@ -648,6 +651,34 @@ def test_a_remb_under_the_top_rung_moves_an_aiortc_peer_to_the_lower_rung_at_its
     asyncio.run(main())
 
 
+def test_the_control_channels_messages_parse_and_quality_needs_can_control_quality() -> None:
+    assert control.parse_client('{"type": "quality", "rung": 2}') == control.QualityRequest(rung=2)
+    report = control.parse_client(b'{"type": "report", "latency_ms": 31.5, "width": 320}')
+    assert report == control.ViewerReport(latency_ms=31.5, width=320)
+    for bad, why in [
+        ("not json", "JSON"),
+        ('{"type": "shutdown"}', "not a control message"),
+        ('{"type": "quality", "rung": "top"}', "not a control message"),
+        ("[" * 5000, "over"),
+    ]:
+        with pytest.raises(ProtocolError, match=why):
+            control.parse_client(bad)
+    allowed = ViewerPermissions(can_control_quality=True)
+    ask = control.QualityRequest
+    assert control.decide_quality(ask(rung=1), allowed, rungs=3, cap=0).ok
+    assert control.decide_quality(ask(rung=None), allowed, rungs=3, cap=0).ok
+    refusals = [
+        (ask(rung=1), ViewerPermissions(), "does not allow"),
+        (ask(rung=3), allowed, "rungs 0 to 2"),
+        (ask(rung=0), allowed, "allows rung 1 at best"),
+    ]
+    for request, permissions, why in refusals:
+        reply = control.decide_quality(request, permissions, rungs=3, cap=1 if "best" in why else 0)
+        assert not reply.ok and why in reply.reason
+    notice = json.loads(control.encode(control.Notice(text="hi", data={"n": 1})))
+    assert notice == {"type": "notice", "text": "hi", "data": {"n": 1}}
+
+
 def test_whep_refuses_an_offer_without_h264_packetization_mode_1() -> None:
     async def main() -> None:
         async with producing() as (_producer, ring):
@@ -674,6 +705,28 @@ def test_whep_refuses_an_offer_without_h264_packetization_mode_1() -> None:
                 await feed.close()
 
     asyncio.run(main())
+
+
+#: Stamped frames the latency bound is measured over (about 3 s at 30 frames a second).
+LATENCY_FRAMES = 90
+#: Where the browser tests also copy their screenshots, when set (a CI job's artifacts folder;
+#: they are always in the test's tmp_path).
+ARTIFACTS = os.environ.get("KIZUNA_TEST_ARTIFACTS")
+
+
+async def until_async(
+    check: Callable[[], Awaitable[bool]], what: str, timeout: float = 20.0
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+async def shard_latency(shard: WebRTCHandle) -> bool:
+    peers = (await shard.stats()).peers
+    return bool(peers) and all(p.latency_ms is not None and p.latency_ms > 0 for p in peers)
 
 
 # -- on Ray: the supervisor's WebRTC shard -------------------------------------------------
@@ -802,6 +855,12 @@ PLAYER_STATE = """window.whep === undefined ? null : JSON.stringify({
   width: document.getElementById("video").videoWidth,
   height: document.getElementById("video").videoHeight,
   status: window.whep.status,
+  rung: window.whep.stats === null ? null : window.whep.stats.rung,
+  wanted: window.whep.stats === null ? null : window.whep.stats.rung_wanted,
+  latencies: window.whep.latencies.length,
+  notices: window.whep.notices.map((n) => n.text),
+  quality: window.whep.quality,
+  overlay: document.getElementById("overlay").textContent,
 })"""
 
 
@@ -855,10 +914,47 @@ def test_chromium_plays_the_player_page_and_a_bad_token_gets_401_and_no_media(
                     page, lambda s: s["time"] >= first["time"] + 1.0, "playback to advance"
                 )
                 assert (later["width"], later["height"]) == (320, 240)
+                # The latency, read off the decoded picture's stamp through a canvas: a
+                # bound on a measured media latency over a few seconds of frames.
+                state = await wait_for_state(
+                    page,
+                    lambda s: s["latencies"] >= LATENCY_FRAMES and s["rung"] is not None,
+                    f"{LATENCY_FRAMES} stamps read and the channel's stats",
+                )
+                latencies = await page.evaluate("window.whep.latencies")
+                p50, p95 = np.percentile(latencies, [50, 95])
+                print(f"Chromium latency on loopback: p50 {p50:.0f} ms, p95 {p95:.0f} ms")
+                assert 0 < p95 < 200, f"p95 {p95:.0f} ms over {len(latencies)} frames"
+                assert state["rung"] == 0 and "rung 0" in state["overlay"]
+                assert "latency" in state["overlay"]
                 await page.screenshot(tmp_path / "player.png")
                 [peer] = (await shard.stats()).peers
                 assert peer.viewer_id == ticket.viewer_id and peer.state == "connected"
+                assert peer.channel == "open"
+                # The data channel: a notice of broadcast_to_viewers reaches the page; a
+                # quality request without can_control_quality is refused, with why.
+                assert await manager.broadcast_to_viewers(sid, "maintenance at noon") == 1
+                await wait_for_state(
+                    page, lambda s: s["notices"] == ["maintenance at noon"], "the notice"
+                )
+                await page.evaluate("window.requestRung(0)")
+                state = await wait_for_state(page, lambda s: s["quality"] is not None, "a reply")
+                assert state["quality"]["ok"] is False
+                assert "does not allow" in state["quality"]["reason"]
+                # The page reports its latency back: the viewer's stats, on the server.
+                await until_async(
+                    lambda: shard_latency(shard), "the page's latency report on the server"
+                )
+                [viewer] = await manager.get_viewer_status(sid)
+                assert (viewer.viewer_id, viewer.shard, viewer.state) == (
+                    ticket.viewer_id,
+                    "webrtc",
+                    "connected",
+                )
             assert (tmp_path / "player.png").stat().st_size > 1000
+            if ARTIFACTS:  # kept where a CI run collects it (tmp_path goes with the session)
+                Path(ARTIFACTS).mkdir(parents=True, exist_ok=True)
+                shutil.copy(tmp_path / "player.png", Path(ARTIFACTS) / "webrtc-player.png")
             await manager.stop_stream(sid)
             return sid
 

@@ -192,6 +192,10 @@ class WebRTCShardActor:
             return 0
         return await self._endpoint.revoke(token_id=token_id, viewer=viewer_id)
 
+    async def notify(self, text: str, data: dict[str, Any] | None = None) -> int:
+        """A notice to every browser here over its data channel; how many got it."""
+        return 0 if self._endpoint is None else self._endpoint.notify(text, data)
+
     async def close_viewer(self, viewer_id: str) -> int:
         """End the peers of a removed viewer; how many."""
         return 0 if self._endpoint is None else await self._endpoint.close_viewer(viewer_id)

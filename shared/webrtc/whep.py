@@ -59,8 +59,9 @@ from shared.auth.admission import allowed_rungs
 from shared.auth.server import AccessSettings
 from shared.auth.tokens import MAX_TOKEN_LENGTH
 from shared.control.quality import ViewerFeedback, classify_connection
-from shared.errors import AuthError
+from shared.errors import AuthError, ProtocolError
 from shared.models import AccessMode, ConnectionQuality, ViewerPermissions
+from shared.webrtc import control
 from shared.webrtc.feed import RingFeed
 from shared.webrtc.feedback import BrowserRungChoice
 from shared.webrtc.player import player_page
@@ -73,6 +74,8 @@ logger = logging.getLogger(__name__)
 SDP_TYPE: Final = "application/sdp"
 #: An offer larger than this is refused unread (a browser's is a few kilobytes).
 MAX_OFFER_BYTES: Final = 64 * 1024
+#: How often a peer's data channel gets its stats.
+STATS_INTERVAL_S: Final = 1.0
 
 
 class Seats(Protocol):
@@ -114,6 +117,13 @@ class WhepPeerStats(msgspec.Struct, kw_only=True):
     rtcp: dict[str, int] = msgspec.field(default_factory=dict)
     """RTCP packets the browser sent for the video, by kind (rr, remb, nack, pli, ...)."""
     connection_quality: ConnectionQuality = ConnectionQuality.DISCONNECTED
+    pinned: int | None = None
+    """The rung the viewer asked for over its data channel (``can_control_quality``)."""
+    latency_ms: float | None = None
+    """Capture to display as the browser last reported it (read off the picture's stamp)."""
+    latency_p95_ms: float | None = None
+    channel: str | None = None
+    """Its control data channel's readyState (None: it opened none)."""
 
 
 def _rtcp_kind(packet: Any) -> str:
@@ -146,8 +156,13 @@ class _Peer:
         viewer_id: str | None = None,
         permissions: ViewerPermissions | None = None,
         video: Sequence[RingFeed] = (),
+        rungs: Sequence[control.RungEntry] = (),
     ) -> None:
         self.session, self.pc = session, pc
+        self.rungs = list(rungs)
+        self.channel: Any = None
+        self.report: control.ViewerReport | None = None
+        self.control_errors = 0
         self.viewer, self.cap, self.token_id = viewer, cap, token_id
         #: Its id in the stream's viewer registry (None: no registry).
         self.viewer_id = viewer_id
@@ -160,6 +175,7 @@ class _Peer:
         self.created_at = time.time()
         self._wake = asyncio.Event()
         self._timer: asyncio.Task[None] | None = None
+        self._stats_task: asyncio.Task[None] | None = None
 
     @property
     def rung(self) -> int:
@@ -222,6 +238,64 @@ class _Peer:
         if self.choice is not None:
             self._timer = asyncio.create_task(self._run_timer(), name=f"whep-{self.session}")
 
+    # -- the control and stats channel (shared.webrtc.control)
+
+    def attach_channel(self, channel: Any) -> None:
+        """The browser opened its data channel: control messages in, stats out."""
+        if channel.label != control.CHANNEL_LABEL or self.channel is not None:
+            return
+        self.channel = channel
+        channel.on("message", self._on_message)
+        self._stats_task = asyncio.create_task(self._send_stats(), name=f"stats-{self.session}")
+
+    def _send(self, message: Any) -> bool:
+        channel = self.channel
+        if channel is None or channel.readyState != "open":
+            return False
+        channel.send(control.encode(message))
+        return True
+
+    def _on_message(self, data: str | bytes) -> None:
+        try:
+            message = control.parse_client(data)
+        except ProtocolError as exc:
+            self.control_errors += 1
+            self._send(control.ErrorMessage(reason=str(exc)))
+            return
+        if isinstance(message, control.ViewerReport):
+            self.report = message
+            return
+        reply = control.decide_quality(
+            message, self.permissions, rungs=max(len(self.video), 1), cap=self.cap
+        )
+        if reply.ok:
+            self.pin(message.rung)
+        self._send(reply)
+
+    def notify(self, text: str, data: dict[str, Any] | None) -> bool:
+        """A ``broadcast_to_viewers`` notice; whether it went (the channel is open)."""
+        return self._send(control.Notice(text=text, data=data))
+
+    def stats_message(self) -> control.StatsMessage:
+        stats = self.stats()
+        return control.StatsMessage(
+            rung=stats.rung,
+            rung_wanted=stats.rung_wanted,
+            pinned=stats.pinned,
+            rungs=self.rungs,
+            remb_bps=stats.remb_bps,
+            loss=stats.loss,
+            rtt_ms=stats.rtt_ms,
+            frames_sent=stats.frames_sent,
+            bytes_sent=stats.bytes_sent,
+            can_control_quality=self.permissions.can_control_quality,
+        )
+
+    async def _send_stats(self) -> None:
+        while True:
+            self._send(self.stats_message())
+            await asyncio.sleep(STATS_INTERVAL_S)
+
     async def _run_timer(self) -> None:
         choice = self.choice
         assert choice is not None
@@ -238,10 +312,11 @@ class _Peer:
                 self._ask_keyframe(now)
 
     async def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._timer
+        for task in (self._timer, self._stats_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for track in self.tracks:
             track.stop()
         await self.pc.close()
@@ -274,6 +349,10 @@ class _Peer:
                     connected=connected,
                 )
             ),
+            pinned=None if choice is None else choice.selector.pin,
+            latency_ms=None if self.report is None else self.report.latency_ms,
+            latency_p95_ms=None if self.report is None else self.report.latency_p95_ms,
+            channel=None if self.channel is None else self.channel.readyState,
         )
 
 
@@ -396,7 +475,12 @@ class WhepEndpoint:
             viewer_id=viewer_id,
             permissions=permissions,
             video=self._video,
+            rungs=[
+                control.RungEntry(index=r.index, width=r.width, height=r.height, bitrate=r.bitrate)
+                for r in sorted(self._access.rungs, key=lambda r: r.index)[: len(self._video)]
+            ],
         )
+        pc.on("datachannel", peer.attach_channel)
         try:
             answer = await self._negotiate(peer, offer, kinds)
         except BaseException:
@@ -544,6 +628,10 @@ class WhepEndpoint:
         for peer in leaving:
             await self._end(peer)
         return len(leaving)
+
+    def notify(self, text: str, data: dict[str, Any] | None = None) -> int:
+        """A notice (``broadcast_to_viewers``) to every peer whose channel is open; how many."""
+        return sum(peer.notify(text, data) for peer in self.peers.values())
 
     async def close(self) -> None:
         """End every peer (their feeds are the caller's)."""
