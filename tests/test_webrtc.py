@@ -996,13 +996,7 @@ def test_three_chromium_browsers_at_once_share_the_one_encoder(
                     for n, token in enumerate(tokens)
                 ]
                 for page in pages:
-                    first = (await wait_for_state(page, lambda s: s["time"] > 0.5, "playing"))[
-                        "time"
-                    ]
-                    later = await wait_for_state(
-                        page, lambda s, t=first: s["time"] >= t + 1.0, "playback to advance"
-                    )
-                    assert (later["width"], later["height"]) == (320, 240)
+                    await plays_at(page, (320, 240))
                 # Three browsers playing at once, and still the one encoder.
                 assert encoders(sid) == before
                 stats = await shard.stats()
@@ -1073,6 +1067,13 @@ def test_chromium_behind_a_1_mbps_cap_settles_on_a_lower_rung(
             return sid
 
     wait_for_no_leaks(asyncio.run(main()))
+
+
+async def plays_at(page: Page, size: tuple[int, int]) -> None:
+    """The page's video plays (its time advances by a second) at ``size``."""
+    first: float = (await wait_for_state(page, lambda s: s["time"] > 0.5, "playing"))["time"]
+    later = await wait_for_state(page, lambda s: s["time"] >= first + 1.0, "playback to advance")
+    assert (later["width"], later["height"]) == size
 
 
 async def peer_is(shard: WebRTCHandle, *, rung: int, playing: bool) -> bool:
