@@ -17,7 +17,10 @@ ways at once: its WebRTC shard (``open_whep``: WHEP, aiortc peers fed the encode
   decoder); QUIC: :class:`shared.viewer.client.Viewer` (its jitter buffer and decoder).
 * **CPU**: the serving process's CPU time (psutil, its pid from the shard's stats or the
   manager's resources) over ``seconds`` once every load viewer is connected, less its rate with
-  no viewer (measured first), per viewer: ``*_viewers_per_core`` is N over those cores.
+  no viewer (measured first), per viewer: ``*_viewers_per_core`` is N (and the probe) over
+  those cores.  ``mbps_total`` says what was sent meanwhile (WebRTC: the media handed to the
+  peers' RTP senders; QUIC: what the load received), so that a stalled arm cannot pass for a
+  cheap one.
 
 ``ratio`` is WebRTC's viewers per core over QUIC's.  The machine is shared: the figures are
 what one run measured, with the load generators, the encoder and the probes on the same cores.
@@ -205,7 +208,7 @@ async def _measure(cpu: _Cpu, idle: float, seconds: float, probe: Any) -> tuple[
 
 
 async def _webrtc_arm(
-    whep: str, cpu: _Cpu, idle: float, viewers: int, seconds: float
+    whep: str, shard: WebRTCHandle, cpu: _Cpu, idle: float, viewers: int, seconds: float
 ) -> dict[str, Any]:
     load = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -221,7 +224,9 @@ async def _webrtc_arm(
     try:
         line = await asyncio.wait_for(load.stdout.readline(), CONNECT_TIMEOUT_S + 30)
         ready = json.loads(line)["ready"]
+        sent0, started = (await shard.stats()).bytes_sent, time.monotonic()
         cores, latencies = await _measure(cpu, idle, seconds, _webrtc_probe(whep, seconds))
+        mbps = ((await shard.stats()).bytes_sent - sent0) * 8 / 1e6 / (time.monotonic() - started)
         load.stdin.close()
         connected = json.loads(await asyncio.wait_for(load.stdout.readline(), 60))["connected"]
     finally:
@@ -233,6 +238,7 @@ async def _webrtc_arm(
         "viewers": viewers,
         "ready": ready,
         "connected": connected,
+        "mbps_total": round(mbps, 2),
         "cores": round(cores, 3),
         "latency_p50_ms": p50,
         "latency_p95_ms": p95,
@@ -270,6 +276,7 @@ async def _quic_arm(
     return {
         "viewers": viewers,
         "connected": summary.get("connected"),
+        "mbps_total": summary.get("mbps"),
         "cores": round(cores, 3),
         "latency_p50_ms": p50,
         "latency_p95_ms": p95,
@@ -283,9 +290,8 @@ async def run(viewers: int, seconds: float) -> dict[str, Any]:
             await manager.start_camera_stream(StreamConfig(source="test", quality=QUALITY))
         ).session_id
         whep = await manager.open_whep(sid)
-        webrtc_cpu = _Cpu(
-            (await WebRTCHandle(ray.get_actor(f"kz-{sid}-webrtc", namespace=NAMESPACE)).stats()).pid
-        )
+        webrtc_shard = WebRTCHandle(ray.get_actor(f"kz-{sid}-webrtc", namespace=NAMESPACE))
+        webrtc_cpu = _Cpu((await webrtc_shard.stats()).pid)
         before = {p.label for p in (await manager.resources()).processes}
         quic_url = await manager.open_shards(sid, 1)
         snapshot = await manager.resources()
@@ -298,7 +304,7 @@ async def run(viewers: int, seconds: float) -> dict[str, Any]:
         webrtc_idle, quic_idle = await asyncio.gather(
             webrtc_cpu.rate(IDLE_S), quic_cpu.rate(IDLE_S)
         )
-        webrtc = await _webrtc_arm(whep, webrtc_cpu, webrtc_idle, viewers, seconds)
+        webrtc = await _webrtc_arm(whep, webrtc_shard, webrtc_cpu, webrtc_idle, viewers, seconds)
         quic = await _quic_arm(quic_url, quic_cpu, quic_idle, viewers, seconds)
         await manager.stop_stream(sid)
     # The probe is one more viewer of each arm during the window.
