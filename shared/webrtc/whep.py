@@ -15,7 +15,10 @@ Errors are status codes with the reason as a ``text/plain`` body: 400 a malforme
 without H.264 packetization-mode=1, 401 a missing, malformed, forged, expired, revoked or
 other stream's token (with ``WWW-Authenticate: Bearer``, RFC 6750 §3), 403 a token without
 ``can_view`` or whose ``max_quality`` allows no rung served here, 404 an unknown stream or
-session, 415 an offer that is not ``application/sdp``, 503 the endpoint is full.  Tokens are the
+session, 415 an offer that is not ``application/sdp``, 503 the endpoint is full or the stream
+has as many viewers as its limit allows (QUIC and WebRTC together: the endpoint's
+:class:`Seats`, the supervisor's viewer registry, seat each peer, and free its seat when it
+ends).  Tokens are the
 QUIC viewers' (:mod:`shared.auth.tokens`), checked against the stream's
 :class:`~shared.auth.server.AccessSettings`; an open stream needs none.  A token stream's
 "ask the operator" path has no WHEP form: a browser without a token is refused.
@@ -29,6 +32,11 @@ Media is encode-once: each peer gets :class:`~shared.webrtc.track.EncodedTrack` 
 to the shared :class:`~shared.webrtc.feed.RingFeed` s, and the video transceiver is limited to
 H.264 with packetization-mode=1 (RFC 6184 §6.2; STAP-A and FU-A are what aiortc's packer
 emits) before the offer is applied, since aiortc negotiates codecs in setRemoteDescription.
+With several rungs, a peer's video track is fed by every rung's feed and lets through the
+rung its :class:`~shared.webrtc.feedback.BrowserRungChoice` picks from the browser's REMB and
+receiver reports (seen on the video sender's RTCP, :func:`~shared.webrtc.track.observe_rtcp`),
+switching at that rung's IDR.  A peer's data channel (:mod:`shared.webrtc.control`) carries its
+quality requests, stats and notices.
 """
 
 from __future__ import annotations
