@@ -660,6 +660,90 @@ def test_a_remb_under_the_top_rung_moves_an_aiortc_peer_to_the_lower_rung_at_its
     asyncio.run(main())
 
 
+def test_a_quality_request_on_the_data_channel_moves_a_peer_only_with_can_control_quality() -> None:
+    top = RungInfo(index=0, width=WIDTH, height=HEIGHT, framerate=30, bitrate=300_000, preset="")
+    low = RungInfo(index=1, width=192, height=108, framerate=30, bitrate=100_000, preset="")
+    access = AccessSettings(
+        access=StreamAccess(mode=AccessMode.TOKEN), secret=SECRET, rungs=(top, low)
+    )
+    issuer = TokenIssuer(TokenKey.hs256(SECRET))
+
+    async def main() -> None:
+        async with producing() as (_, ring0), producing(192, 108) as (_, ring1):
+            feeds = [RingFeed(PacketRing.attach(r.name), "video") for r in (ring0, ring1)]
+            for feed in feeds:
+                feed.start()
+            endpoint = WhepEndpoint("s1", access, video=feeds)
+            receivers = {"may": Receiver(), "may not": Receiver()}
+            replies: dict[str, list[dict[str, Any]]] = {name: [] for name in receivers}
+            channels = {}
+            for name, receiver in receivers.items():
+                channel = receiver.pc.createDataChannel(control.CHANNEL_LABEL)
+                channel.on("message", lambda m, n=name: replies[n].append(json.loads(m)))
+                channels[name] = channel
+            try:
+                async with serving(endpoint) as base:
+                    for name, receiver in receivers.items():
+                        permissions = ViewerPermissions(can_control_quality=name == "may")
+                        token, _ = issuer.issue(
+                            stream="s1", now=time.time(), permissions=permissions
+                        )
+                        status, answer, _ = await post_offer(
+                            base, "s1", await receiver.offer(), token
+                        )
+                        assert status == 201, answer
+                        await receiver.answer(answer)
+                    await until(
+                        lambda: (
+                            all(len(r.frames) >= 5 for r in receivers.values())
+                            and all(c.readyState == "open" for c in channels.values())
+                        ),
+                        "frames and open channels",
+                    )
+                    # Stats come on the channel, about once a second.
+                    await until(
+                        lambda: all(any(m["type"] == "stats" for m in r) for r in replies.values()),
+                        "stats on each channel",
+                    )
+                    for channel in channels.values():
+                        channel.send(json.dumps({"type": "quality", "rung": 1}))
+                    await until(
+                        lambda: all(
+                            any(m["type"] == "quality" for m in r) for r in replies.values()
+                        ),
+                        "the replies",
+                    )
+                    [granted] = [m for m in replies["may"] if m["type"] == "quality"]
+                    [refused] = [m for m in replies["may not"] if m["type"] == "quality"]
+                    assert granted == {"type": "quality", "ok": True, "rung": 1, "reason": ""}
+                    assert not refused["ok"] and "does not allow" in refused["reason"]
+                    may = receivers["may"]
+                    await until(
+                        lambda: (may.frames[-1].width, may.frames[-1].height) == (192, 108),
+                        "the lower rung's pictures",
+                    )
+                    # A notice reaches every open channel.
+                    assert endpoint.notify("hello", {"n": 1}) == 2
+                    await until(
+                        lambda: all(
+                            {"type": "notice", "text": "hello", "data": {"n": 1}} in r
+                            for r in replies.values()
+                        ),
+                        "the notices",
+                    )
+                    pins = sorted((str(s.pinned), s.rung) for s in endpoint.peer_stats())
+                    assert pins == [("1", 1), ("None", 0)]
+            finally:
+                for receiver in receivers.values():
+                    await receiver.close()
+                for feed in feeds:
+                    await feed.close()
+            # The refused viewer stayed on the top rung throughout.
+            assert {(f.width, f.height) for f in receivers["may not"].frames} == {(WIDTH, HEIGHT)}
+
+    asyncio.run(main())
+
+
 def test_the_control_channels_messages_parse_and_quality_needs_can_control_quality() -> None:
     assert control.parse_client('{"type": "quality", "rung": 2}') == control.QualityRequest(rung=2)
     report = control.parse_client(b'{"type": "report", "latency_ms": 31.5, "width": 320}')
