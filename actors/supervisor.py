@@ -55,7 +55,7 @@ from shared.auth.secret_file import load_secret
 from shared.auth.server import AccessSettings
 from shared.auth.tokens import TokenIssuer, TokenKey
 from shared.control.ports import ListenPorts
-from shared.control.registry import ViewerState
+from shared.control.registry import ConnectionReport, RegistryEvent, ViewerState
 from shared.control.resources import ResourceMonitor, ResourceSnapshot, StreamLoad
 from shared.control.scheduler import NodeInfo, StreamScheduler
 from shared.control.session import StreamEvent, StreamLifecycle, StreamOperation
@@ -91,6 +91,8 @@ from shared.roq.tls import TlsIdentity, generate_self_signed, load_identity
 logger = logging.getLogger(__name__)
 
 HEALTH_INTERVAL_S = 1.0
+#: The viewer registry's shard id for a stream's WebRTC peers (``open_whep``).
+WEBRTC_SHARD = "webrtc"
 
 
 async def attempt(step: Callable[[], Awaitable[object]], what: str, context: str) -> None:
@@ -617,7 +619,12 @@ class Supervisor:
         counts = await asyncio.gather(
             *(h.call(SenderActor.notify, text, data) for h in self._shard_handles(session_id))
         )
-        return sum(counts)
+        return sum(counts) + await self._notify_webrtc(session_id, text, data)
+
+    async def _notify_webrtc(self, session_id: str, text: str, data: dict[str, Any] | None) -> int:
+        """The notice to the stream's browsers too, over their data channels; how many."""
+        webrtc = self._get(session_id).webrtc
+        return 0 if webrtc is None else await webrtc.call(WebRTCShardActor.notify, text, data)
 
     async def open_shards(self, session_id: str, count: int, port: int) -> str:
         """Start ``count`` more shards sharing ``port`` (SO_REUSEPORT; 0: one shard on a free
@@ -659,6 +666,7 @@ class Supervisor:
                 audio_ring_name=segment_name(session_id, "audio") if stream.config.audio else None,
                 access=self._access(stream),
                 max_peers=stream.config.viewers.max_viewers_per_shard,
+                supervisor=ray.get_runtime_context().current_actor,
             )
             try:
                 await handle.open(host, port)
@@ -666,6 +674,8 @@ class Supervisor:
                 handle.kill()
                 raise
             stream.webrtc = handle
+            if stream.shards is not None:
+                stream.shards.registry.add_shard(WEBRTC_SHARD, time.monotonic())
         return (await stream.webrtc.stats()).url
 
     async def remove_viewer(self, session_id: str, viewer_id: str) -> None:
@@ -685,7 +695,117 @@ class Supervisor:
     async def get_viewer_status(self, session_id: str) -> list[ViewerStatus]:
         stream = self._get(session_id)
         await self._refresh_stats(stream)
+        await self._reconcile_webrtc(stream)  # its peers' own quality, after the round's
         return [viewer.status for viewer in stream.viewers.values()]
+
+    # --- WebRTC peers as viewers (the WebRTC shard calls these) ---------------------------
+
+    async def take_webrtc_seat(
+        self, session_id: str, session: str, viewer: str | None, permissions: ViewerPermissions
+    ) -> tuple[str | None, str]:
+        """Seat a WHEP peer among the stream's viewers, within its limits: (the reason it is
+        refused, or None; the viewer id it is registered under).  A token naming a viewer
+        that holds a ticket and is not connected (``add_viewer``'s) moves that viewer's seat
+        to the WebRTC shard; any other peer is a new viewer, under its token's viewer id when
+        that is free, else ``whep-<session>``."""
+        stream = self._streams.get(session_id)
+        if stream is None or stream.shards is None or not stream.lifecycle.running:
+            return f"stream {session_id} takes no viewers now", ""
+        registry = stream.shards.registry
+        now = time.monotonic()
+        full = (
+            f"stream {session_id} is full ({stream.config.viewers.max_viewers} viewers)"
+            if registry.stream_viewers() >= stream.config.viewers.max_viewers
+            else None
+        )
+        record = registry.get(viewer) if viewer else None
+        ticketed = viewer and record is not None and viewer in stream.viewers
+        if ticketed and record is not None and record.state is not ViewerState.CONNECTED:
+            # Only PENDING and RECONNECTING viewers hold a seat already.
+            if record.state is ViewerState.DISCONNECTED and full is not None:
+                return full, ""
+            registry.move(record.viewer_id, WEBRTC_SHARD, now)
+            stream.viewers[record.viewer_id].status.shard = WEBRTC_SHARD
+            return None, record.viewer_id
+        if full is not None:
+            return full, ""
+        free = viewer and record is None and viewer not in stream.viewers
+        viewer_id = viewer if viewer and free else f"whep-{session}"
+        registry.register(viewer_id, viewer or viewer_id, WEBRTC_SHARD, now)
+        stream.viewers[viewer_id] = _Viewer(
+            status=ViewerStatus(
+                viewer_id=viewer_id,
+                peer_id=viewer or viewer_id,
+                device_name="browser (WebRTC)",
+                connection_quality=ConnectionQuality.DISCONNECTED,
+                permissions=permissions,
+                connected_at=time.time(),
+                bytes_sent=0,
+                current_quality=stream.session.quality,
+                shard=WEBRTC_SHARD,
+                state=str(ViewerState.PENDING),
+            )
+        )
+        stream.session.viewers.append(viewer_id)
+        return None, viewer_id
+
+    async def release_webrtc_seat(self, session_id: str, viewer_id: str) -> None:
+        """A WHEP peer ended (DELETE, ICE failure, revocation, removal): it leaves the
+        registry and the stream's viewers.  Releasing one that is gone does nothing."""
+        stream = self._streams.get(session_id)
+        if stream is None or stream.shards is None:
+            return
+        record = stream.shards.registry.get(viewer_id)
+        if record is not None and record.shard_id == WEBRTC_SHARD:
+            stream.shards.registry.remove(viewer_id, time.monotonic())
+        viewer = stream.viewers.get(viewer_id)
+        if viewer is not None and viewer.status.shard == WEBRTC_SHARD:
+            del stream.viewers[viewer_id]
+            stream.session.viewers.remove(viewer_id)
+
+    async def _reconcile_webrtc(self, stream: _Stream) -> list[RegistryEvent]:
+        """Fold the WebRTC shard's peers into the registry (a peer is connected once its ICE
+        and DTLS are) and into their viewers' status, as a sender shard's report is."""
+        if stream.webrtc is None or stream.shards is None:
+            return []
+        try:
+            stats = await stream.webrtc.stats()
+        except (ray.exceptions.RayActorError, TimeoutError, KizunaError) as exc:
+            logger.warning("stream %s: no WebRTC stats: %s", stream.session.session_id, exc)
+            return []
+        registry = stream.shards.registry
+        connections = [
+            ConnectionReport(
+                peer_id=peer.session,
+                viewer_id=peer.viewer_id,
+                bytes_sent=peer.bytes_sent,
+                skipped_to_keyframe=peer.frames_dropped,
+            )
+            for peer in stats.peers
+            if peer.state == "connected"
+        ]
+        events = registry.reconcile(WEBRTC_SHARD, connections, time.monotonic())
+        config = stream.config
+        rungs = plan_ladder(config.quality, config.rungs).rungs if stream.encoder else []
+        for peer in stats.peers:
+            viewer = stream.viewers.get(peer.viewer_id or "")
+            record = registry.get(peer.viewer_id or "")
+            if viewer is None or record is None or record.shard_id != WEBRTC_SHARD:
+                continue
+            status = viewer.status
+            status.bytes_sent, status.state = record.bytes_sent, str(record.state)
+            status.url = stats.url
+            status.current_quality = (
+                rungs[peer.rung].quality(hardware_acceleration=False)
+                if 0 < peer.rung < len(rungs)
+                else stream.session.quality
+            )
+            status.connection_quality = (
+                peer.connection_quality
+                if record.state is ViewerState.CONNECTED
+                else ConnectionQuality.DISCONNECTED
+            )
+        return events
 
     # --- monitoring ---------------------------------------------------------------------
 
@@ -784,6 +904,7 @@ class Supervisor:
             if stream.lifecycle.running:
                 self._fail(stream, exc)
             return
+        events += await self._reconcile_webrtc(stream)
         for event in events:
             logger.info("stream %s: %s", stream.session.session_id, event)
         registry = stream.shards.registry

@@ -19,14 +19,14 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from aiohttp import web
 
 from shared.auth.server import AccessSettings
 from shared.errors import ResourceError
-from shared.models import StreamAccess
+from shared.models import StreamAccess, ViewerPermissions
 from shared.pool.packet_ring import PacketRing
 from shared.pool.shm import segment_name
 from shared.webrtc.feed import RingFeed
@@ -36,6 +36,34 @@ if TYPE_CHECKING:
     from actors.handles import EncoderHandle
 
 logger = logging.getLogger(__name__)
+
+
+class SupervisorSeats:
+    """:class:`~shared.webrtc.whep.Seats` on the supervisor actor (its Ray handle): a WebRTC
+    peer is admitted, registered and released by the same registry and limits as a QUIC
+    viewer's ticket."""
+
+    def __init__(self, supervisor: Any, session_id: str) -> None:
+        # Imported here: the supervisor module imports this one.
+        from actors.handles import Handle
+        from actors.supervisor import Supervisor
+
+        self._supervisor = Handle[Supervisor](supervisor)
+        self._session_id = session_id
+
+    async def take(
+        self, session: str, viewer: str | None, permissions: ViewerPermissions
+    ) -> tuple[str | None, str]:
+        from actors.supervisor import Supervisor
+
+        return await self._supervisor.call(
+            Supervisor.take_webrtc_seat, self._session_id, session, viewer, permissions
+        )
+
+    async def release(self, viewer_id: str) -> None:
+        from actors.supervisor import Supervisor
+
+        await self._supervisor.call(Supervisor.release_webrtc_seat, self._session_id, viewer_id)
 
 
 class WebRTCStats(msgspec.Struct, kw_only=True):
@@ -63,15 +91,19 @@ class WebRTCShardActor:
         audio_ring_name: str | None = None,
         access: AccessSettings | None = None,
         max_peers: int | None = None,
+        supervisor: Any | None = None,
     ) -> None:
         """``ring_name``: rung 0's ring (None: an audio-only stream); ``access``: who may
-        watch (None: an open stream); ``max_peers``: beyond it an offer gets 503."""
+        watch (None: an open stream); ``max_peers``: beyond it an offer gets 503;
+        ``supervisor``: its actor handle, whose registry seats the peers (None: no registry,
+        the endpoint alone)."""
         self._session_id = session_id
         self._ring_name = ring_name
         self._encoder = encoder
         self._audio_ring_name = audio_ring_name or segment_name(session_id, "audio")
         self._access = access or AccessSettings(access=StreamAccess())
         self._max_peers = max_peers
+        self._seats = None if supervisor is None else SupervisorSeats(supervisor, session_id)
         self._video: list[RingFeed] = []
         self._audio: RingFeed | None = None
         self._runner: web.AppRunner | None = None
@@ -97,7 +129,9 @@ class WebRTCShardActor:
                     break
             for rung, ring in enumerate(rings):
                 self._video.append(
-                    RingFeed(ring, "video", request_keyframe=self._keyframe_request(rung))
+                    RingFeed(
+                        ring, "video", request_keyframe=self._keyframe_request(rung), rung=rung
+                    )
                 )
         try:
             self._audio = RingFeed(PacketRing.attach(self._audio_ring_name), "audio")
@@ -117,6 +151,7 @@ class WebRTCShardActor:
                 video=self._video,
                 audio=self._audio,
                 max_peers=self._max_peers,
+                seats=self._seats,
             )
             self._runner = web.AppRunner(self._endpoint.app(), access_log=None)
             await self._runner.setup()
@@ -156,6 +191,10 @@ class WebRTCShardActor:
         if self._endpoint is None:
             return 0
         return await self._endpoint.revoke(token_id=token_id, viewer=viewer_id)
+
+    async def notify(self, text: str, data: dict[str, Any] | None = None) -> int:
+        """A notice to every browser here over its data channel; how many got it."""
+        return 0 if self._endpoint is None else self._endpoint.notify(text, data)
 
     async def close_viewer(self, viewer_id: str) -> int:
         """End the peers of a removed viewer; how many."""

@@ -6,5 +6,8 @@
   fans each packet out to every peer's track;
 - :mod:`shared.webrtc.whep`: the WHEP endpoint (draft-ietf-wish-whep) over aiohttp: an SDP
   offer with a viewer token in, an SDP answer and a session URL out;
-- :mod:`shared.webrtc.player`: the minimal browser player page the endpoint serves.
+- :mod:`shared.webrtc.feedback`: a browser's REMB and receiver reports into the per-viewer
+  rung choice QUIC viewers use (sans-I/O);
+- :mod:`shared.webrtc.control`: the control and stats data channel's messages (sans-I/O);
+- :mod:`shared.webrtc.player`: the browser player page the endpoint serves.
 """

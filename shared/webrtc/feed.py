@@ -14,16 +14,21 @@ wait for the encoder's periodic one.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 from collections.abc import Callable
-from typing import Literal
+from typing import Final, Literal
 
 from shared.pool.packet_ring import PacketRing, PacketRingReader
 from shared.rtp.keyframes import KeyframePolicy
 from shared.webrtc.track import EncodedTrack
 
-__all__ = ["RingFeed"]
+__all__ = ["RATE_WINDOW_S", "RingFeed"]
+
+#: The window a ring's bitrate is measured over (two of the encoder's keyframe intervals at
+#: 30 frames per keyframe would be steadier; one second follows a change of content).
+RATE_WINDOW_S: Final = 2.0
 
 
 class RingFeed:
@@ -35,9 +40,12 @@ class RingFeed:
         kind: Literal["video", "audio"],
         *,
         request_keyframe: Callable[[], None] | None = None,
+        rung: int = 0,
     ) -> None:
         self.ring = ring
         self.kind = kind
+        #: The ladder rung this ring carries (0: the top), told to the tracks with each packet.
+        self.rung = rung
         self._request_keyframe = request_keyframe
         self._keyframes = KeyframePolicy()
         #: Listening before the reader takes its position: no commit after it is missed.
@@ -49,6 +57,8 @@ class RingFeed:
         self.packets_read = 0
         self.bytes_read = 0
         self.packets_missed = 0
+        #: (monotonic time, bytes) of the packets read over the last RATE_WINDOW_S.
+        self._sizes: collections.deque[tuple[float, int]] = collections.deque()
 
     def start(self) -> None:
         self._bell.watch(asyncio.get_running_loop(), self._wakeup.set)
@@ -57,11 +67,29 @@ class RingFeed:
     def subscribe(self) -> EncodedTrack:
         """A new peer's track, fed from the next packet on (video: from the next keyframe)."""
         track = EncodedTrack(self.kind, on_keyframe_needed=self.keyframe_needed)
-        self._tracks.add(track)
-        track.on("ended", lambda: self._tracks.discard(track))
+        self.attach(track)
         if self.kind == "video":
             self.keyframe_needed()
         return track
+
+    def attach(self, track: EncodedTrack) -> None:
+        """Feed a track made elsewhere (a peer's video track, fed by every rung's feed and
+        choosing among them with its gate) until it ends."""
+        self._tracks.add(track)
+        track.on("ended", lambda: self._tracks.discard(track))
+
+    def rate_bps(self, now: float) -> int | None:
+        """What the ring carries, in bits per second over the last :data:`RATE_WINDOW_S`
+        (None until it has been read for most of that window, or while it carries nothing):
+        a rung's real rate, under its target on easy content, is what a viewer's estimate is
+        to be compared with."""
+        sizes = self._sizes
+        while sizes and now - sizes[0][0] > RATE_WINDOW_S:
+            sizes.popleft()
+        if len(sizes) < 2 or now - sizes[0][0] < RATE_WINDOW_S / 2:
+            return None
+        total = sum(size for _, size in sizes)
+        return int(total * 8 / RATE_WINDOW_S) or None
 
     @property
     def tracks(self) -> int:
@@ -88,11 +116,13 @@ class RingFeed:
             if batch.missed and self.kind == "video":
                 # Lapped: every peer is past a gap and needs a keyframe to decode again.
                 self.keyframe_needed()
+            now = time.monotonic()
             for packet in batch.packets:
                 self.packets_read += 1
                 self.bytes_read += len(packet.data)
+                self._sizes.append((now, len(packet.data)))
                 for track in list(self._tracks):
-                    track.push(packet.data, packet.pts, keyframe=packet.keyframe)
+                    track.push(packet.data, packet.pts, keyframe=packet.keyframe, rung=self.rung)
 
     async def close(self) -> None:
         if self._task is not None:

@@ -30,7 +30,13 @@ import av
 from aiortc import MediaStreamTrack, RTCRtpSender
 from aiortc.mediastreams import MediaStreamError
 
-__all__ = ["AUDIO_TIME_BASE", "VIDEO_TIME_BASE", "EncodedTrack", "forward_keyframe_requests"]
+__all__ = [
+    "AUDIO_TIME_BASE",
+    "VIDEO_TIME_BASE",
+    "EncodedTrack",
+    "forward_keyframe_requests",
+    "observe_rtcp",
+]
 
 #: The encoder's pts clock (RFC 6184 §8.2.1: H.264 over RTP runs at 90 kHz).
 VIDEO_TIME_BASE: Final = Fraction(1, 90_000)
@@ -49,9 +55,13 @@ class EncodedTrack(MediaStreamTrack):
         *,
         on_keyframe_needed: Callable[[], None] | None = None,
         max_queue: int = MAX_QUEUE,
+        gate: Callable[[int, bool], bool] | None = None,
     ) -> None:
+        """``gate(rung, keyframe)``: whether a packet of that rung is for this peer (a peer
+        fed by every rung's feed, following its rung choice); None: every packet."""
         super().__init__()
         self.kind = kind
+        self._gate = gate
         self.time_base = VIDEO_TIME_BASE if kind == "video" else AUDIO_TIME_BASE
         self._on_keyframe_needed = on_keyframe_needed
         self._max_queue = max_queue
@@ -63,9 +73,11 @@ class EncodedTrack(MediaStreamTrack):
         self.bytes_sent = 0
         self.frames_dropped = 0
 
-    def push(self, data: bytes, pts: int, *, keyframe: bool) -> None:
-        """One encoded packet (an access unit, or an Opus packet) for this peer."""
+    def push(self, data: bytes, pts: int, *, keyframe: bool, rung: int = 0) -> None:
+        """One encoded packet (an access unit, or an Opus packet) of ``rung`` for this peer."""
         if self.readyState != "live":
+            return
+        if self._gate is not None and not self._gate(rung, keyframe):
             return
         if self._want_keyframe:
             if not keyframe:
@@ -114,3 +126,16 @@ def forward_keyframe_requests(sender: RTCRtpSender, request: Callable[[], None])
         request()
 
     sender._send_keyframe = send_keyframe  # type: ignore[method-assign]
+
+
+def observe_rtcp(sender: RTCRtpSender, observe: Callable[[Any], None]) -> None:
+    """Show ``observe`` every RTCP packet aiortc routes to ``sender`` (receiver reports,
+    REMB, NACK, PLI: see :mod:`shared.webrtc.feedback`), after aiortc has handled it (so the
+    RTT it derives from a report is up to date)."""
+    original = sender._handle_rtcp_packet
+
+    async def handle(packet: Any) -> None:
+        await original(packet)
+        observe(packet)
+
+    sender._handle_rtcp_packet = handle  # type: ignore[method-assign]
