@@ -69,17 +69,18 @@ buffer_count = 3
             assert streams[name]["url"].startswith(f"roq://127.0.0.1:{port}/")
             assert streams[name]["access"] == "open"
 
-        async def watch_both() -> list[int]:
-            return await asyncio.wait_for(
+        async def watch_both() -> tuple[int, int]:
+            wide, small = await asyncio.wait_for(
                 asyncio.gather(
                     first_frame_width(streams["wide"]["url"]),
                     first_frame_width(streams["small"]["url"]),
                 ),
                 timeout=60,
             )
+            return wide, small
 
         # Each viewer gets its own stream's pictures.
-        assert asyncio.run(watch_both()) == [320, 256]
+        assert asyncio.run(watch_both()) == (320, 256)
         serve.send_signal(signal.SIGINT)
         stdout, stderr = serve.communicate(timeout=120)
     finally:

@@ -277,6 +277,8 @@ async def serve(
         token_secret=secret,
         max_streams=max(server.max_streams, len(server.streams)),
     ) as manager:
+        if server.cpu_admission_percent is not None:
+            await manager.set_admission(server.cpu_admission_percent)
         announced = []
         for spec in server.streams:
             try:

@@ -58,6 +58,7 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     secret_file: str | None = None
     address: str | None = None
     max_streams: int = 16
+    cpu_admission_percent: float | None = None
 
 
 def _located(path: str, lines: KeyLines, raw: Any, where: KeyPath, message: str) -> ConfigError:
@@ -233,4 +234,5 @@ def load_server_config(text: str, path: str = "server.toml") -> ServerConfig:
         secret_file=_resolve(base, parsed.server.secret_file),
         address=parsed.server.address,
         max_streams=parsed.server.max_streams,
+        cpu_admission_percent=parsed.server.cpu_admission_percent,
     )

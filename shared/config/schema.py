@@ -237,6 +237,9 @@ class ServerEntry(_Table, frozen=True, kw_only=True):
     #: The Ray cluster to join (default: RAY_ADDRESS, else a local one is started).
     address: str | None = None
     max_streams: Annotated[int, msgspec.Meta(ge=1, le=256)] = 16
+    #: Refuse new streams while the node's CPU (averaged over the monitor's window) is at or
+    #: above this percentage; unset: the encoding budget alone decides.
+    cpu_admission_percent: Annotated[float, msgspec.Meta(gt=0, le=100)] | None = None
 
 
 class ServerFile(_Table, frozen=True, kw_only=True):
