@@ -228,9 +228,11 @@ class Supervisor:
             if config.tls_cert_path and config.tls_key_path
             else generate_self_signed(config.listen_host)
         )
+        # A ConfigError before any actor starts, and before the scheduler counts the stream
+        # (a rejected ladder after place() would leak its slot).
+        ladder = plan_ladder(config.quality, config.rungs)
         node_id = self._scheduler.place(session_id, config.quality, nodes, prefer=self._node_id)
         pool_name = segment_name(session_id, "frames")
-        ladder = plan_ladder(config.quality, config.rungs)  # a ConfigError before any actor starts
         ring_names = ladder_ring_names(session_id, ladder.rungs)
         ring_name = ring_names[0]
         audio_ring = segment_name(session_id, "audio") if config.audio else None

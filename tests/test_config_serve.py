@@ -61,7 +61,12 @@ buffer_count = 3
         env=secret_env(),
     )
     try:
-        started = read_json_line(serve, timeout=120)
+        try:
+            started = read_json_line(serve, timeout=120)
+        except AssertionError:
+            serve.kill()
+            _, stderr = serve.communicate(timeout=60)
+            raise AssertionError(f"serve --config printed no JSON line: {stderr}") from None
         assert "streams" in started, started
         streams = {s["name"]: s for s in started["streams"]}
         assert set(streams) == {"wide", "small"}

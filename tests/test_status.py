@@ -80,20 +80,21 @@ def test_status_lists_every_actor_and_the_stream(ray_cluster: str, tmp_path: Pat
                 overview: dict[str, Any] = json.loads(stdout)
                 code, table, stderr = await status_cli(ray_cluster)
                 assert code == 0, stderr
+                # Checked while the actors run: the pids are their processes.
+                actors = overview["actors"]
+                assert {a["role"] for a in actors} == set(CLASSES)
+                for actor in actors:
+                    assert actor["stream"] == (None if actor["role"] == "supervisor" else sid)
+                    assert actor["node"] == overview["node"]
+                    # The pid is the actor's own process: Ray titles it after the actor's class.
+                    title = " ".join(psutil.Process(actor["pid"]).cmdline())
+                    assert title.startswith(f"ray::{CLASSES[actor['role']]}"), (actor, title)
+                    assert actor["rss_bytes"] > 0
             finally:
                 watching.cancel()
                 await viewer.close()
             await manager.stop_stream(sid)
 
-        actors = overview["actors"]
-        assert {a["role"] for a in actors} == set(CLASSES)
-        for actor in actors:
-            assert actor["stream"] == (None if actor["role"] == "supervisor" else sid)
-            assert actor["node"] == overview["node"]
-            # The pid is the actor's own process: Ray titles it after the actor's class.
-            title = " ".join(psutil.Process(actor["pid"]).cmdline())
-            assert title.startswith(f"ray::{CLASSES[actor['role']]}"), (actor, title)
-            assert actor["rss_bytes"] > 0
         [stream] = overview["streams"]
         assert (stream["session_id"], stream["name"], stream["priority"]) == (sid, "main", 7)
         assert stream["state"] == "active" and stream["viewers"] == 1
