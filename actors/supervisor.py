@@ -872,8 +872,9 @@ class Supervisor:
                     for shard_id, pid in stream.shards.pids().items()
                 ]
             recorder_pids = self._recordings.pids()
+            recorder_names = self._recordings.actor_names()
             labelled += [
-                ("recorder", f"kz-{sid}-{rid}", rid, recorder_pids[rid])
+                ("recorder", recorder_names[rid], rid, recorder_pids[rid])
                 for rid in self._recordings.of_stream(sid)
                 if rid in recorder_pids
             ]

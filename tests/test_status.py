@@ -12,6 +12,7 @@ from typing import Any
 
 import psutil
 import pytest
+import ray
 
 from actors import StreamManager
 from shared.models import AccessMode, RecordingConfig, StreamAccess, StreamConfig
@@ -90,6 +91,8 @@ def test_status_lists_every_actor_and_the_stream(ray_cluster: str, tmp_path: Pat
                     title = " ".join(psutil.Process(actor["pid"]).cmdline())
                     assert title.startswith(f"ray::{CLASSES[actor['role']]}"), (actor, title)
                     assert actor["rss_bytes"] > 0
+                    # The name is the actor's Ray name: anything can look it up by it.
+                    assert ray.get_actor(actor["name"], namespace="kizuna") is not None
             finally:
                 watching.cancel()
                 await viewer.close()
