@@ -121,6 +121,12 @@ class CaptureHandle(Handle[CaptureActor]):
     async def stats(self) -> CaptureStats:
         return await self.call(CaptureActor.stats)
 
+    async def pause(self) -> None:
+        await self.call(CaptureActor.pause)
+
+    async def resume(self) -> None:
+        await self.call(CaptureActor.resume)
+
     async def stop(self) -> CaptureStats:
         return await self.call(CaptureActor.stop)
 

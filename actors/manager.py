@@ -31,6 +31,7 @@ from actors.handles import Handle
 from actors.placement import NAMESPACE, SUPERVISOR_PREFIX
 from actors.supervisor import Supervisor
 from shared.auth.pending import PendingRequest
+from shared.control.overview import ServerOverview
 from shared.control.resources import ResourceSnapshot
 from shared.errors import ConfigError, ResourceError
 from shared.models import (
@@ -159,6 +160,15 @@ class StreamManager:
         """Stop a stream; returns its final state, or None if it was not running."""
         return await self._supervisor.call(Supervisor.stop_stream, session_id)
 
+    async def pause_stream(self, session_id: str) -> StreamSession:
+        """Pause a stream: capture stops and its recordings pause; viewers stay connected and
+        keep the last picture (StreamState.PAUSED)."""
+        return await self._supervisor.call(Supervisor.pause_stream, session_id)
+
+    async def resume_stream(self, session_id: str) -> StreamSession:
+        """Resume a paused stream (capture and recordings go on)."""
+        return await self._supervisor.call(Supervisor.resume_stream, session_id)
+
     async def adjust_quality(self, session_id: str, quality: StreamQuality) -> StreamSession:
         return await self._supervisor.call(Supervisor.adjust_quality, session_id, quality)
 
@@ -262,6 +272,15 @@ class StreamManager:
 
     async def resources(self) -> ResourceSnapshot:
         return await self._supervisor.call(Supervisor.resources)
+
+    async def set_admission(self, cpu_percent: float | None) -> None:
+        """Refuse new streams (ResourceError) while the node's measured CPU is at or above
+        ``cpu_percent``; None turns the check off."""
+        await self._supervisor.call(Supervisor.set_admission, cpu_percent)
+
+    async def overview(self) -> ServerOverview:
+        """Every stream with its figures and every actor with its role, node and pid."""
+        return await self._supervisor.call(Supervisor.overview)
 
     # --- recordings (the design's RecordingEngine) ----------------------------------------
 

@@ -96,6 +96,14 @@ class Recordings:
     def pids(self) -> dict[str, int]:
         return {rid: r.pid for rid, r in self._recordings.items() if r.pid}
 
+    def actor_names(self) -> dict[str, str]:
+        """Each recording's recorder actor, by recording id: its Ray name, as ``_spawn``
+        gives it (for ``kizuna-stream status``)."""
+        return {
+            rid: f"kz-{r.stream.session_id}-{rid.rsplit('-', 1)[-1]}-{r.restarts}"
+            for rid, r in self._recordings.items()
+        }
+
     async def start(
         self,
         stream: StreamContext,

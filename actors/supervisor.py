@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -41,11 +42,17 @@ from actors.handles import (
     SenderHandle,
     WebRTCHandle,
 )
+from actors.metrics import StreamMetrics
 from actors.placement import spawn
 from actors.recordings import Recordings, StreamContext
 from actors.shards import ShardPool
 from actors.stages.capture import CaptureActor
-from actors.stages.encoder import EncoderActor, encoder_actor_options, ladder_ring_names
+from actors.stages.encoder import (
+    EncoderActor,
+    RungStats,
+    encoder_actor_options,
+    ladder_ring_names,
+)
 from actors.stages.quality import QualityActor, viewer_quality
 from actors.stages.sender import SenderActor
 from actors.stages.webrtc import WebRTCShardActor
@@ -54,9 +61,22 @@ from shared.auth.pending import PendingRequest
 from shared.auth.secret_file import load_secret
 from shared.auth.server import AccessSettings
 from shared.auth.tokens import TokenIssuer, TokenKey
+from shared.control.overview import (
+    ActorInfo,
+    RungOverview,
+    ServerOverview,
+    StreamOverview,
+    ViewerOverview,
+)
 from shared.control.ports import ListenPorts
 from shared.control.registry import ConnectionReport, RegistryEvent, ViewerState
-from shared.control.resources import ResourceMonitor, ResourceSnapshot, StreamLoad
+from shared.control.resources import (
+    ResourceHistory,
+    ResourceMonitor,
+    ResourceSnapshot,
+    StreamLoad,
+    StreamTraffic,
+)
 from shared.control.scheduler import NodeInfo, StreamScheduler
 from shared.control.session import StreamEvent, StreamLifecycle, StreamOperation
 from shared.control.stats import stage_failure, stream_stats
@@ -73,6 +93,7 @@ from shared.models import (
     ErrorInfo,
     RecordingConfig,
     RecordingSession,
+    RecordingState,
     ScreenConfig,
     StreamConfig,
     StreamQuality,
@@ -141,6 +162,10 @@ class _Stream:
     revoked_viewers: set[str] = field(default_factory=set)
     #: Recordings viewers started (``can_record``), by viewer id.
     viewer_recordings: dict[str, str] = field(default_factory=dict)
+    #: Recordings the stream's pause paused (its resume resumes these, not others).
+    paused_recordings: list[str] = field(default_factory=list)
+    #: The encoder's per-rung figures at the last stats poll (``overview``).
+    last_rungs: list[RungStats] = field(default_factory=list)
 
     def handles(self) -> list[Handle[Any]]:
         stages: list[Handle[Any]] = [
@@ -159,6 +184,10 @@ class Supervisor:
         self._scheduler = StreamScheduler(max_streams=max_streams)
         self._ports = ListenPorts()
         self._monitor = ResourceMonitor()
+        #: The monitor's samples, taken every health round (``_publish``): what admission,
+        #: ``status`` and the Ray metrics read.
+        self._history = ResourceHistory()
+        self._metrics: StreamMetrics | None = None
         self._node_id = ray.get_runtime_context().get_node_id()
         self._health: asyncio.Task[None] | None = None
         self._recordings = Recordings()
@@ -192,6 +221,7 @@ class Supervisor:
                 node_id=n["NodeID"],
                 cpus=float(n["Resources"].get("CPU", 0)),
                 alive=bool(n["Alive"]),
+                cpu_percent=self._measured_cpu(n["NodeID"]),
             )
             for n in ray.nodes()
         ]
@@ -200,9 +230,11 @@ class Supervisor:
             if config.tls_cert_path and config.tls_key_path
             else generate_self_signed(config.listen_host)
         )
+        # A ConfigError before any actor starts, and before the scheduler counts the stream
+        # (a rejected ladder after place() would leak its slot).
+        ladder = plan_ladder(config.quality, config.rungs)
         node_id = self._scheduler.place(session_id, config.quality, nodes, prefer=self._node_id)
         pool_name = segment_name(session_id, "frames")
-        ladder = plan_ladder(config.quality, config.rungs)  # a ConfigError before any actor starts
         ring_names = ladder_ring_names(session_id, ladder.rungs)
         ring_name = ring_names[0]
         audio_ring = segment_name(session_id, "audio") if config.audio else None
@@ -215,6 +247,7 @@ class Supervisor:
             state=StreamState.STARTING,
             stats=StreamStats(),
             created_at=time.time(),
+            name=config.name,
         )
         stream = _Stream(
             session=session,
@@ -260,6 +293,7 @@ class Supervisor:
             audio=config.audio,
             audio_ring_name=segment_name(sid, "audio") if config.audio else None,
             screen=stream.screen,
+            capture=config.capture,
             video=video,
         )
         stream.pids["capture"] = await capture.open()
@@ -409,6 +443,49 @@ class Supervisor:
         info = await stream.capture.switch_source(source)
         stream.session.source = info.spec
         stream.session.stream_type = stream_type_after_switch(stream.session.stream_type, info.spec)
+        return stream.session
+
+    async def pause_stream(self, session_id: str) -> StreamSession:
+        """Pause a stream (StreamState.PAUSED): capture stops and its recordings pause; the
+        viewers stay connected, keep the last picture, and new ones may join.  Pausing a
+        paused stream does nothing."""
+        stream = self._get(session_id)
+        async with stream.lock:
+            if stream.lifecycle.state is StreamState.PAUSED:
+                return stream.session
+            stream.lifecycle.handle(StreamEvent.PAUSE)
+            try:
+                if stream.capture is not None:
+                    await stream.capture.pause()
+                for recording_id in self._recordings.of_stream(session_id):
+                    status = await self._recordings.status(recording_id)
+                    if status.state is RecordingState.RECORDING:
+                        await self._recordings.pause(recording_id)
+                        stream.paused_recordings.append(recording_id)
+            except Exception as exc:
+                self._fail(stream, exc)
+                raise unwrap(exc) from None
+        logger.info("stream %s paused", session_id)
+        return stream.session
+
+    async def resume_stream(self, session_id: str) -> StreamSession:
+        """Resume a paused stream: capture goes on (with a keyframe first) and the recordings
+        its pause paused continue.  Resuming an active stream does nothing."""
+        stream = self._get(session_id)
+        async with stream.lock:
+            if stream.lifecycle.state is StreamState.ACTIVE:
+                return stream.session
+            stream.lifecycle.handle(StreamEvent.RESUME)
+            try:
+                if stream.capture is not None:
+                    await stream.capture.resume()
+                paused, stream.paused_recordings = stream.paused_recordings, []
+                for recording_id in paused:
+                    await self._recordings.resume(recording_id)
+            except Exception as exc:
+                self._fail(stream, exc)
+                raise unwrap(exc) from None
+        logger.info("stream %s resumed", session_id)
         return stream.session
 
     async def adjust_quality(self, session_id: str, quality: StreamQuality) -> StreamSession:
@@ -823,6 +900,7 @@ class Supervisor:
                 for shard_id, pid in stream.shards.pids().items()
             }
             | self._recordings.pids()
+            | {"supervisor": os.getpid()}
         )
         loads = []
         for sid, stream in list(self._streams.items()):
@@ -841,7 +919,160 @@ class Supervisor:
                     audio_overflows=capture.audio.overflows if capture.audio else 0,
                 )
             )
-        return self._monitor.sample(pids, loads)
+        traffic = [
+            StreamTraffic(
+                session_id=sid,
+                bytes_sent=sum(
+                    shard.last.bytes_sent
+                    for shard in stream.shards.shards.values()
+                    if shard.last is not None
+                ),
+            )
+            for sid, stream in list(self._streams.items())
+            if stream.shards is not None
+        ]
+        snapshot = self._monitor.sample(pids, loads, traffic)
+        self._history.add(snapshot)
+        return snapshot
+
+    async def set_admission(self, cpu_percent: float | None) -> None:
+        """Refuse new streams while this node's CPU, averaged over the monitor's window, is
+        at or above ``cpu_percent`` (None: admission by the pixel-rate budget alone)."""
+        if cpu_percent is not None and not 0 < cpu_percent <= 100:
+            raise ConfigError(f"admission threshold {cpu_percent}% must be in (0, 100]")
+        self._scheduler.cpu_admission_percent = cpu_percent
+
+    def _measured_cpu(self, node_id: str) -> float | None:
+        """A node's CPU over the window; only the supervisor's own node is measured."""
+        usage = self._history.node() if node_id == self._node_id else None
+        return usage.cpu_percent if usage is not None and usage.samples > 1 else None
+
+    async def _publish(self) -> None:
+        """Sample the resources (into the history) and publish the Ray metrics: once per
+        health round, off every per-frame path."""
+        overview = self._build_overview(await self.resources())
+        if self._metrics is None:
+            self._metrics = StreamMetrics()
+        self._metrics.publish(overview)
+
+    async def overview(self) -> ServerOverview:
+        """Every stream with its rungs, viewers and figures, and every actor of the server
+        with its role, stream, node and pid (``kizuna-stream status``)."""
+        for stream in list(self._streams.values()):
+            await self._refresh_stats(stream)
+        return self._build_overview(await self.resources())
+
+    def _build_overview(self, snapshot: ResourceSnapshot) -> ServerOverview:
+        usage = {p.label: p for p in snapshot.processes}
+        traffic = self._history.stream_traffic()
+        node = self._history.node()
+        context = ray.get_runtime_context()
+        me = context.get_actor_name() or "supervisor"
+        own = usage.get("supervisor")
+        actors = [
+            ActorInfo(
+                role="supervisor",
+                stream=None,
+                name=me,
+                node=self._node_id,
+                pid=os.getpid(),
+                cpu_percent=own.cpu_percent if own is not None else 0.0,
+                rss_bytes=own.rss_bytes if own is not None else 0,
+            )
+        ]
+        streams = []
+        for sid, stream in list(self._streams.items()):
+            labelled: list[tuple[str, str, str, int]] = [
+                (role, f"kz-{sid}-{role}", f"{sid}/{role}", pid)
+                for role, pid in stream.pids.items()
+            ]
+            if stream.shards is not None:
+                labelled += [
+                    ("shard", f"kz-{sid}-{shard_id}", f"{sid}/sender-{shard_id}", pid)
+                    for shard_id, pid in stream.shards.pids().items()
+                ]
+            recorder_pids = self._recordings.pids()
+            recorder_names = self._recordings.actor_names()
+            labelled += [
+                ("recorder", recorder_names[rid], rid, recorder_pids[rid])
+                for rid in self._recordings.of_stream(sid)
+                if rid in recorder_pids
+            ]
+            mine = []
+            for role, name, label, pid in labelled:
+                used = usage.get(label)
+                mine.append(
+                    ActorInfo(
+                        role=role,
+                        stream=sid,
+                        name=name,
+                        node=stream.node_id,
+                        pid=pid,
+                        alive=used.alive if used is not None else True,
+                        cpu_percent=used.cpu_percent if used is not None else 0.0,
+                        rss_bytes=used.rss_bytes if used is not None else 0,
+                    )
+                )
+            actors += mine
+            streams.append(self._stream_overview(stream, mine, traffic.get(sid)))
+        return ServerOverview(
+            supervisor=me,
+            node=self._node_id,
+            cpu_percent=node.cpu_percent if node is not None else snapshot.cpu_percent,
+            net_sent_per_s=node.net_sent_per_s if node is not None else 0.0,
+            net_received_per_s=node.net_received_per_s if node is not None else 0.0,
+            over_thresholds=node.over if node is not None else [],
+            cpu_count=snapshot.cpu_count,
+            memory_used_bytes=snapshot.memory_used_bytes,
+            memory_total_bytes=snapshot.memory_total_bytes,
+            streams=streams,
+            actors=actors,
+        )
+
+    def _stream_overview(
+        self, stream: _Stream, actors: list[ActorInfo], traffic: StreamTraffic | None
+    ) -> StreamOverview:
+        session, stats = stream.session, stream.session.stats
+        shards = list(stream.shards.shards.values()) if stream.shards is not None else []
+        senders = [s.last for s in shards if s.last is not None]
+        rungs = []
+        if stream.encoder is not None:
+            ladder = plan_ladder(session.quality, stream.config.rungs).rungs
+            figures = {r.index: r for r in stream.last_rungs}
+            for index, rung in enumerate(ladder):
+                seen = figures.get(index)
+                rungs.append(
+                    RungOverview(
+                        index=index,
+                        resolution=f"{rung.width}x{rung.height}",
+                        framerate=rung.framerate,
+                        target_bitrate=seen.target_bitrate if seen else rung.bitrate,
+                        bitrate=seen.bitrate if seen else 0,
+                        fps=seen.fps if seen else 0.0,
+                    )
+                )
+        return StreamOverview(
+            session_id=session.session_id,
+            name=session.name,
+            state=str(session.state),
+            source=stream.config.source,
+            priority=stream.config.priority,
+            urls=sorted({str(s.url) for s in shards}),
+            viewers=sum(len(s.peers) for s in senders),
+            bitrate=stats.current_bitrate,
+            fps=stats.encoder_fps,
+            latency_ms=stats.latency_ms,
+            frames_dropped=stats.frames_dropped,
+            # Counted by the recovery code where it restarts an actor (0 until one is).
+            restarts=int(getattr(stats, "restarts", 0)),
+            cpu_percent=round(sum(a.cpu_percent for a in actors), 1),
+            rss_bytes=sum(a.rss_bytes for a in actors),
+            bytes_sent=sum(s.bytes_sent for s in senders),
+            bytes_per_s=traffic.bytes_per_s if traffic is not None else 0.0,
+            rungs=rungs,
+            viewer_list=_viewer_overviews(stream, shards),
+            error=f"{session.error.kind}: {session.error.message}" if session.error else None,
+        )
 
     async def recording_status(self, session_id: str) -> RecordingSession | None:
         """The status of the recording the stream's config asked for, if any."""
@@ -938,6 +1169,7 @@ class Supervisor:
             elapsed_s=time.monotonic() - stream.started,
             wall_now=time.time(),
         )
+        stream.last_rungs = list(encoder_stats.rungs)
         stream.session.stats.pressure_level = pressure_level
         stream.session.stats.pressure_reason = pressure_reason
         peers = {peer.viewer_id: peer for sender in senders for peer in sender.peers}
@@ -965,8 +1197,12 @@ class Supervisor:
         while True:
             await asyncio.sleep(HEALTH_INTERVAL_S)
             for stream in list(self._streams.values()):
-                if stream.lifecycle.state is StreamState.ACTIVE:
+                if stream.lifecycle.state in (StreamState.ACTIVE, StreamState.PAUSED):
                     await self._refresh_stats(stream)
+            try:
+                await self._publish()
+            except Exception:
+                logger.exception("resource sampling or metrics failed")
             try:
                 await self._recordings.check()
             except Exception:
@@ -981,6 +1217,44 @@ class Supervisor:
         if self._health is not None:
             self._health.cancel()
         return stopped
+
+
+def _viewer_overviews(stream: _Stream, shards: list[Any]) -> list[ViewerOverview]:
+    """Every connection to the stream's shards (named by its viewer id when it gave one),
+    then the ticketed viewers not connected now."""
+    viewers = []
+    seen = set()
+    for shard in shards:
+        for peer in shard.last.peers if shard.last is not None else []:
+            viewer_id = peer.viewer_id or peer.peer_id
+            ticket = stream.viewers.get(viewer_id)
+            seen.add(viewer_id)
+            viewers.append(
+                ViewerOverview(
+                    viewer_id=viewer_id,
+                    state="connected",
+                    shard=shard.shard_id,
+                    connection=str(ticket.status.connection_quality) if ticket else "",
+                    bytes_sent=peer.bytes_sent,
+                    rung=peer.rung,
+                    rtt_ms=round(peer.rtt_ms, 1),
+                    loss=round(peer.loss, 4),
+                    frames_dropped=peer.frames_dropped,
+                    late_frames=peer.frames_expired + peer.frames_cancelled,
+                )
+            )
+    for viewer_id, viewer in stream.viewers.items():
+        if viewer_id not in seen:
+            viewers.append(
+                ViewerOverview(
+                    viewer_id=viewer_id,
+                    state=viewer.status.state or "pending",
+                    shard=viewer.status.shard,
+                    connection=str(viewer.status.connection_quality),
+                    bytes_sent=viewer.status.bytes_sent,
+                )
+            )
+    return viewers
 
 
 def session_to_dict(session: StreamSession) -> dict[str, Any]:

@@ -495,6 +495,10 @@ class StreamConfig(msgspec.Struct, frozen=True, kw_only=True):
     #: ``serve`` turns it on; off by default, so a test bench or a benchmark that saturates
     #: its machine on purpose measures the stream it configured.
     shed_under_pressure: bool = False
+    #: What to ask the capture device for (None: the stream's own size and frame rate).
+    capture: CaptureConfig | None = None
+    #: Higher is more important: under resource pressure lower priorities give way first.
+    priority: int = 0
 
     def __post_init__(self) -> None:
         parse_source(self.source)  # raises ConfigError early, before any actor starts
@@ -529,6 +533,8 @@ class StreamSession(msgspec.Struct, kw_only=True):
     created_at: float
     error: ErrorInfo | None = None
     recording: RecordingSession | None = None
+    #: The stream's name (``StreamConfig.name``; the configuration file's ``name``).
+    name: str = ""
 
 
 class ViewerPermissions(msgspec.Struct, frozen=True, kw_only=True):

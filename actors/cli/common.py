@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import sys
@@ -168,3 +169,49 @@ async def consume_until_stopped(
     for result in results:
         if isinstance(result, KizunaError):
             raise result
+
+
+def find_supervisor(address: str | None, server: str | None = None) -> Any:
+    """The Ray handle of a running server's supervisor: joins the Ray cluster at ``address``
+    (else RAY_ADDRESS, else the one a ``serve`` on this machine started) and looks the
+    supervisor up by its name (``server`` picks one when several run)."""
+    import ray
+
+    from actors.placement import NAMESPACE, SUPERVISOR_PREFIX
+
+    address = address or os.environ.get("RAY_ADDRESS") or "auto"
+    if not ray.is_initialized():
+        try:
+            ray.init(
+                address=address,
+                namespace=NAMESPACE,
+                log_to_driver=False,
+                logging_level=logging.ERROR,
+            )
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise KizunaError(
+                f"no running kizuna-stream server found (Ray cluster {address}: {exc}); "
+                "start one with kizuna-stream serve, or pass --address"
+            ) from None
+    names = sorted(
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith(SUPERVISOR_PREFIX)
+    )
+    if server:
+        if server not in names:
+            raise KizunaError(f"no server named {server!r}; running: {', '.join(names) or 'none'}")
+        names = [server]
+    if not names:
+        raise KizunaError(f"no kizuna-stream server runs on the Ray cluster at {address}")
+    if len(names) > 1:
+        raise UsageError(f"several servers run ({', '.join(names)}): pick one with --server")
+    return ray.get_actor(names[0], namespace=NAMESPACE)
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--address`` and ``--server``, for commands that talk to a running server."""
+    parser.add_argument(
+        "--address", help="the server's Ray cluster (default: RAY_ADDRESS, else this machine's)"
+    )
+    parser.add_argument("--server", help="the supervisor's name, when several servers run")

@@ -8,13 +8,27 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-from actors.cli import cameras, demo, encoders, loadtest, record, serve, token, view, viewers
+from actors.cli import (
+    cameras,
+    demo,
+    encoders,
+    loadtest,
+    record,
+    serve,
+    status,
+    streams,
+    token,
+    view,
+    viewers,
+)
 from actors.cli.common import EXIT_USAGE
 
 #: Every command, in the order ``--help`` lists them; each module has ``register(subparsers)``.
 COMMANDS: tuple[ModuleType, ...] = (
     demo,
     serve,
+    streams,
+    status,
     view,
     viewers,
     loadtest,

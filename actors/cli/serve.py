@@ -1,6 +1,11 @@
-"""``kizuna-stream serve``: broadcast one source at one address until Ctrl-C.
+"""``kizuna-stream serve``: broadcast until Ctrl-C: one source, or every stream of a file.
 
     kizuna-stream serve --source test --listen 0.0.0.0:4433 [--cert F --key F] [--senders N]
+    kizuna-stream serve --config server.toml
+
+``--config`` starts every ``[[streams]]`` of the file (``deploy/server.example.toml`` shows
+each setting; ``shared.config`` validates it, and a mistake is one error naming the file and
+the line, before anything starts).  ``--source`` and its options are the one-stream shortcut.
 
 Starts (or joins) a Ray cluster, starts the stream, and starts ``--senders`` sender actors
 (default: one per CPU core) that all listen on the same UDP port with ``SO_REUSEPORT``; the
@@ -33,6 +38,7 @@ import os
 import socket
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from actors.cli.common import (
@@ -47,7 +53,8 @@ from actors.cli.common import (
     report_error,
     run_until_signalled,
 )
-from shared.errors import KizunaError
+from shared.config import ServerConfig, StreamSpec, load_server_config
+from shared.errors import ConfigError, KizunaError
 from shared.models import AccessMode, StreamAccess, StreamConfig, parse_source
 
 if TYPE_CHECKING:
@@ -57,11 +64,13 @@ if TYPE_CHECKING:
 def register(commands: Any) -> None:
     serve = commands.add_parser("serve", help="broadcast a source to any number of viewers")
     serve.add_argument(
-        "--source", default="test", help="test (default), camera:N, screen[:M][@X,Y,WxH], file:PATH"
+        "--config",
+        metavar="FILE",
+        help="serve every stream of this TOML file (see deploy/server.example.toml)",
     )
+    serve.add_argument("--source", help="test (default), camera:N, screen[:M][@X,Y,WxH], file:PATH")
     serve.add_argument(
         "--listen",
-        default="127.0.0.1:4433",
         metavar="HOST:PORT",
         help="UDP address viewers connect to (default 127.0.0.1:4433; port 0 picks one)",
     )
@@ -123,24 +132,82 @@ def free_port(host: str) -> int:
         return port
 
 
+def _config_from_file(args: argparse.Namespace) -> ServerConfig:
+    """The file's streams; the one-stream options cannot be combined with it."""
+    given = [
+        option
+        for option, value in (
+            ("--source", args.source),
+            ("--listen", args.listen),
+            ("--cert", args.cert),
+            ("--key", args.key),
+            ("--http", args.http),
+            ("--secret-file", args.secret_file),
+            ("--size", args.size),
+            ("--fps", args.fps),
+            ("--bitrate", args.bitrate),
+        )
+        if value is not None
+    ]
+    if given:
+        raise UsageError(
+            f"--config declares every stream; {', '.join(given)} cannot be given with it"
+        )
+    try:
+        text = Path(args.config).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"--config {args.config}: {exc.strerror or exc}") from None
+    try:
+        return load_server_config(text, args.config)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """``--source`` and its options as a one-stream server."""
+    host, port = parse_listen(args.listen or "127.0.0.1:4433")
+    http = None
+    if args.http is not None:
+        try:
+            http = parse_listen(args.http)
+        except UsageError:
+            raise UsageError(
+                f"--http {args.http!r}: expected HOST:PORT, e.g. 0.0.0.0:8080"
+            ) from None
+    source = args.source or "test"
+    parse_source(source)
+    if args.senders < 1:
+        raise UsageError(f"--senders must be >= 1, got {args.senders}")
+    if (args.cert is None) != (args.key is None):
+        raise UsageError("give both --cert and --key, or neither")
+    access = StreamAccess(mode=AccessMode(args.access), allow_requests=not args.no_requests)
+    config = StreamConfig(
+        source=source,
+        quality=quality_from_args(args),
+        listen_host=host,
+        tls_cert_path=args.cert,
+        tls_key_path=args.key,
+        access=access,
+        shed_under_pressure=not args.no_shedding,
+    )
+    stream = StreamSpec(
+        name="",
+        config=config,
+        listen_host=host,
+        port=port,
+        senders=args.senders,
+        priority=0,
+        http=http,
+    )
+    return ServerConfig(path="", streams=(stream,), secret_file=args.secret_file)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
-        host, port = parse_listen(args.listen)
-        if args.http is not None:
-            try:
-                parse_listen(args.http)
-            except UsageError:
-                raise UsageError(
-                    f"--http {args.http!r}: expected HOST:PORT, e.g. 0.0.0.0:8080"
-                ) from None
-        parse_source(args.source)
-        if args.senders < 1:
-            raise UsageError(f"--senders must be >= 1, got {args.senders}")
-        if (args.cert is None) != (args.key is None):
-            raise UsageError("give both --cert and --key, or neither")
+        server = _config_from_file(args) if args.config else _config_from_args(args)
         if args.seconds is not None and args.seconds <= 0:
             raise UsageError(f"--seconds must be positive, got {args.seconds}")
-        result = run_until_signalled(args, lambda stop: serve(args, host, port, stop))
+        result = run_until_signalled(args, lambda stop: serve(args, server, stop))
     except UsageError as exc:
         report_error(args, exc)
         return EXIT_USAGE
@@ -149,6 +216,14 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     if args.json:
         print_json(result)
+    elif args.config:
+        print(f"stopped after {result['seconds']} s:")
+        for stream in result["streams"]:
+            print(
+                f"  {stream['name']} ({stream['session_id']}): {stream['frames_encoded']} frames"
+                f" encoded, at most {stream['peak_viewers']} viewers,"
+                f" {stream['bytes_sent']} bytes sent"
+            )
     else:
         print(
             f"stream {result['session_id']} stopped after {result['seconds']} s: "
@@ -165,8 +240,25 @@ async def _connected(handles: list[SenderHandle]) -> tuple[int, int]:
     return sum(len(s.peers) for s in live), sum(s.bytes_sent for s in live)
 
 
+class _Running:
+    """A started stream of the server, and what its summary needs."""
+
+    def __init__(self, spec: StreamSpec, session_id: str, url: str, handles: list[SenderHandle]):
+        self.spec = spec
+        self.session_id = session_id
+        self.url = url
+        self.handles = handles
+        self.peak = 0
+        self.sent = 0
+
+
+def _where(server: ServerConfig, spec: StreamSpec) -> str:
+    """How an error names a stream of the file: its line and name."""
+    return f"{server.path}:{spec.line}: stream {spec.name}: " if server.path else ""
+
+
 async def serve(
-    args: argparse.Namespace, host: str, port: int, stop: asyncio.Event
+    args: argparse.Namespace, server: ServerConfig, stop: asyncio.Event
 ) -> dict[str, Any]:
     import ray
 
@@ -175,81 +267,100 @@ async def serve(
     from actors.placement import NAMESPACE
     from shared.auth.secret_file import load_secret
 
-    access = StreamAccess(mode=AccessMode(args.access), allow_requests=not args.no_requests)
-    secret = load_secret(args.secret_file, create=True) if access.mode == AccessMode.TOKEN else None
-    config = StreamConfig(
-        source=args.source,
-        quality=quality_from_args(args),
-        listen_host=host,
-        tls_cert_path=args.cert,
-        tls_key_path=args.key,
-        access=access,
-        shed_under_pressure=not args.no_shedding,
-    )
-    if port == 0:
-        port = free_port(host)
+    tokens = any(s.config.access.mode == AccessMode.TOKEN for s in server.streams)
+    secret = load_secret(server.secret_file, create=True) if tokens else None
     status = StatusLine(enabled=not args.json)
     status.show("starting Ray and the stream actors ...")
-    async with StreamManager.start(address=args.address, token_secret=secret) as manager:
-        session = await manager.start_camera_stream(config)
-        sid = session.session_id
-        url = await manager.open_shards(sid, args.senders, port=port)
-        whep = None
-        if args.http is not None:
-            whep = await manager.open_whep(sid, *parse_listen(args.http))
-        handles = [
-            SenderHandle(ray.get_actor(actor["name"], namespace=NAMESPACE))
-            for actor in ray.util.list_named_actors(all_namespaces=True)
-            if actor["name"].startswith(f"kz-{sid}-shard-")
-        ]
-        if args.json:
-            print_json(
-                {"url": url, "session_id": sid, "senders": len(handles), "access": args.access}
+    running: list[_Running] = []
+    async with StreamManager.start(
+        address=args.address or server.address,
+        token_secret=secret,
+        max_streams=max(server.max_streams, len(server.streams)),
+    ) as manager:
+        if server.cpu_admission_percent is not None:
+            await manager.set_admission(server.cpu_admission_percent)
+        announced = []
+        for spec in server.streams:
+            try:
+                session = await manager.start_camera_stream(spec.config)
+                sid = session.session_id
+                port = spec.port or free_port(spec.listen_host)
+                url = await manager.open_shards(sid, spec.senders, port=port)
+                whep = await manager.open_whep(sid, *spec.http) if spec.http else None
+            except KizunaError as exc:
+                raise type(exc)(f"{_where(server, spec)}{exc}") from None
+            handles = [
+                SenderHandle(ray.get_actor(actor["name"], namespace=NAMESPACE))
+                for actor in ray.util.list_named_actors(all_namespaces=True)
+                if actor["name"].startswith(f"kz-{sid}-shard-")
+            ]
+            running.append(_Running(spec, sid, url, handles))
+            announced.append(
+                {
+                    "name": spec.name,
+                    "url": url,
+                    "session_id": sid,
+                    "senders": len(handles),
+                    "access": str(spec.config.access.mode),
+                }
                 | ({"whep": whep, "player": f"{whep}/player"} if whep else {})
             )
+        if args.json:
+            # The one-stream shortcut keeps its single object; a file's server lists them.
+            print_json({"streams": announced} if server.path else announced[0])
         else:
             status.done()
-            print(url)
-            if whep is not None:
-                print(f"WHEP {whep}\nplayer {whep}/player")
-            if access.mode == AccessMode.TOKEN:
+            for entry in announced:
+                label = f"{entry['name']}: " if server.path else ""
+                print(f"{label}{entry['url']}")
+                if "whep" in entry:
+                    print(f"{label}WHEP {entry['whep']}\n{label}player {entry['player']}")
+            if tokens:
                 print(
-                    f"viewers need a token (kizuna-stream token --stream {sid}) or your approval"
-                    " (kizuna-stream viewers list)"
-                    if access.allow_requests
-                    else f"viewers need a token (kizuna-stream token --stream {sid})",
+                    "viewers need a token (kizuna-stream token --stream ID) or your approval"
+                    " (kizuna-stream viewers list)",
                     file=sys.stderr,
                 )
         sys.stdout.flush()
         started = time.monotonic()
         deadline = started + args.seconds if args.seconds else None
-        peak = 0
         while not stop.is_set():
             wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
             if wait <= 0:
                 break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), wait)
-            viewers, sent = await _connected(handles)
-            peak = max(peak, viewers)
-            if status.enabled:
-                current = await manager.get_stream(sid)
-                status.show(
-                    f"[{time.monotonic() - started:6.0f}s] {current.state} | {viewers} viewers "
-                    f"on {len(handles)} senders | {current.stats.current_bitrate / 1000:.0f} kbps"
-                    f" | {sent / 1e6:.1f} MB sent"
-                )
-        viewers, sent = await _connected(handles)
-        final = await manager.stop_stream(sid)
+            line = []
+            for stream in running:
+                viewers, stream.sent = await _connected(stream.handles)
+                stream.peak = max(stream.peak, viewers)
+                if status.enabled:
+                    current = await manager.get_stream(stream.session_id)
+                    line.append(
+                        f"{stream.spec.name or current.session_id} {current.state}, {viewers}"
+                        f" viewers, {current.stats.current_bitrate / 1000:.0f} kbps"
+                    )
+            status.show(f"[{time.monotonic() - started:6.0f}s] " + " | ".join(line))
+        summaries = []
+        for stream in running:
+            viewers, sent = await _connected(stream.handles)
+            final = await manager.stop_stream(stream.session_id)
+            assert final is not None
+            summaries.append(
+                {
+                    "name": stream.spec.name,
+                    "session_id": stream.session_id,
+                    "url": stream.url,
+                    "state": str(final.state),
+                    "peak_viewers": max(stream.peak, viewers),
+                    "bytes_sent": max(sent, stream.sent, final.stats.bytes_sent),
+                    "frames_encoded": final.stats.frames_encoded,
+                }
+            )
     status.done()
-    assert final is not None
-    return {
-        "session_id": sid,
-        "url": url,
-        "seconds": round(time.monotonic() - started, 2),
-        "interrupted": stop.is_set(),
-        "state": str(final.state),
-        "peak_viewers": max(peak, viewers),
-        "bytes_sent": max(sent, final.stats.bytes_sent),
-        "frames_encoded": final.stats.frames_encoded,
-    }
+    common = {"seconds": round(time.monotonic() - started, 2), "interrupted": stop.is_set()}
+    if server.path:
+        return common | {"streams": summaries}
+    single = summaries[0]
+    del single["name"]
+    return single | common

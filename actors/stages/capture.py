@@ -137,6 +137,9 @@ class CaptureActor:
         self._ended = False
         self._released = False
         self._error: str | None = None
+        #: Cleared while the stream is paused: the loop waits on it before the next frame.
+        self._live = asyncio.Event()
+        self._live.set()
 
     async def _on_capture_thread(self, call: Callable[..., T], *args: Any) -> T:
         assert self._loop is not None
@@ -254,6 +257,13 @@ class CaptureActor:
 
     async def _capture_loop(self) -> None:
         while True:
+            if not self._live.is_set():
+                await self._live.wait()
+                # The schedule restarts at the resume: the paused span is no backlog of
+                # frames to skip (the skips counted so far are kept).
+                skipped = self._pacer.skipped
+                self._pacer = FramePacer(self._quality.framerate, time.monotonic())
+                self._pacer.skipped = skipped
             await self._apply_switch()
             source = self._source
             assert source is not None
@@ -338,6 +348,21 @@ class CaptureActor:
         elif self._task is None:
             await self._apply_switch()
         return new.info()
+
+    async def pause(self) -> None:
+        """Stop writing frames until :meth:`resume` (the stream's Paused state).  The source
+        stays open and the pool keeps its last picture, so nothing downstream is torn down:
+        the encoder simply gets no new frame, and viewers keep the last one on screen."""
+        self._live.clear()
+
+    async def resume(self) -> None:
+        """Capture again; the encoder is asked for a keyframe so every viewer (and one that
+        joined while paused) has a fresh reference picture at once."""
+        if self._live.is_set():
+            return
+        self._live.set()
+        if self._encoder is not None:
+            self._encoder.request_keyframe(None)
 
     def _open_video_only(self, spec: StreamSource) -> FrameSource:
         return self._engine.open_source(

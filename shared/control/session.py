@@ -22,7 +22,9 @@ The states are the design's ``StreamState``:
   now (a last stats poll finding an actor dead) is kept, and the stream ends in ERROR.
 - STOPPED: every actor and segment is gone.  A stream that had failed ends in ERROR instead, so
   the final session the caller gets back still shows why.
-- PAUSED is in the design's model; no event leads to it yet.
+- PAUSED: capture is stopped on request (PAUSE) and the stream's recordings are paused;
+  every other actor stays up, so viewers stay connected (their last picture stays on screen)
+  and new viewers may join.  RESUME makes it ACTIVE again.  Its actors are still polled.
 
 Events move a stream between states as follows; any (state, event) pair missing from the table
 is a bug in the caller and raises :class:`~shared.errors.StreamStateError` without changing
@@ -34,6 +36,10 @@ anything (as h11 does with a protocol event its state table does not allow)::
     STARTING   FAILED    ERROR      (the supervisor tears down and raises)
     ACTIVE     FAILED    ERROR
     ACTIVE     STOP      STOPPING
+    ACTIVE     PAUSE     PAUSED
+    PAUSED     RESUME    ACTIVE
+    PAUSED     FAILED    ERROR
+    PAUSED     STOP      STOPPING
     ERROR      FAILED    ERROR      (the first failure is kept)
     ERROR      STOP      STOPPING
     STOPPING   FAILED    STOPPING   (kept: the stream will end in ERROR)
@@ -44,7 +50,7 @@ stream that failed does.  STOP is never taken twice: the supervisor serialises a
 and stop, and a second stop finds the stream gone.
 
 Reading a stream (its stats, its viewers) is allowed in every state, and its actors are polled
-while it is ``running`` (ACTIVE, or ERROR before the stop): not while they are being created or
+while it is ``running`` (ACTIVE, PAUSED, or ERROR before the stop): not while they are being created or
 torn down, when a failed poll would only be the teardown seen from outside.  What each state
 lets a caller change is the second table, ``_ALLOWED``.
 """
@@ -67,6 +73,8 @@ class StreamEvent(enum.Enum):
     FAILED = "failed"  # a stage failed (carries an ErrorInfo)
     STOP = "stop"  # a stop was asked for; teardown begins
     STOPPED = "stopped"  # teardown is done
+    PAUSE = "pause"  # capture and recordings paused on request
+    RESUME = "resume"  # capture and recordings resumed
 
 
 class StreamOperation(enum.Enum):
@@ -84,11 +92,11 @@ _E = StreamEvent
 
 _TRANSITIONS: Final[dict[StreamState, dict[StreamEvent, StreamState]]] = {
     _S.STARTING: {_E.STARTED: _S.ACTIVE, _E.FAILED: _S.ERROR},
-    _S.ACTIVE: {_E.FAILED: _S.ERROR, _E.STOP: _S.STOPPING},
+    _S.ACTIVE: {_E.FAILED: _S.ERROR, _E.STOP: _S.STOPPING, _E.PAUSE: _S.PAUSED},
     _S.ERROR: {_E.FAILED: _S.ERROR, _E.STOP: _S.STOPPING},
     _S.STOPPING: {_E.FAILED: _S.STOPPING, _E.STOPPED: _S.STOPPED},
     _S.STOPPED: {},
-    _S.PAUSED: {},
+    _S.PAUSED: {_E.RESUME: _S.ACTIVE, _E.FAILED: _S.ERROR, _E.STOP: _S.STOPPING},
 }
 
 #: What each state lets a caller change.  A failed stream only lets viewers go: anything new
@@ -99,7 +107,9 @@ _ALLOWED: Final[dict[StreamState, frozenset[StreamOperation]]] = {
     _S.ERROR: frozenset({StreamOperation.REMOVE_VIEWER}),
     _S.STOPPING: frozenset(),
     _S.STOPPED: frozenset(),
-    _S.PAUSED: frozenset(),
+    # Viewers may come and go (they see the last picture until the stream resumes); what
+    # would change the pipeline waits for the resume.
+    _S.PAUSED: frozenset({StreamOperation.ADD_VIEWER, StreamOperation.REMOVE_VIEWER}),
 }
 
 _WHY_NOT: Final[dict[StreamState, str]] = {
@@ -132,7 +142,11 @@ class StreamLifecycle:
     @property
     def running(self) -> bool:
         """Every stage was started and the stream is not being stopped: its actors are polled."""
-        return not self._finished and self._session.state in (StreamState.ACTIVE, StreamState.ERROR)
+        return not self._finished and self._session.state in (
+            StreamState.ACTIVE,
+            StreamState.PAUSED,
+            StreamState.ERROR,
+        )
 
     def handle(self, event: StreamEvent) -> StreamState:
         """Apply ``event`` (not FAILED: that is :meth:`fail`); the new state."""
