@@ -340,6 +340,7 @@ class Supervisor:
             encoder=encoder,
             ceiling_bitrate=config.quality.bitrate,
             shed_under_pressure=config.shed_under_pressure,
+            content_aware=config.content_aware_targets,
         )
         stream.pids["quality"] = await quality.start()
         stream.shards = self._shard_pool(stream, ring_name)

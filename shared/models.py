@@ -495,6 +495,10 @@ class StreamConfig(msgspec.Struct, frozen=True, kw_only=True):
     #: ``serve`` turns it on; off by default, so a test bench or a benchmark that saturates
     #: its machine on purpose measures the stream it configured.
     shed_under_pressure: bool = False
+    #: Let each rung's encoder target follow the picture's complexity (libx264's QP): a still
+    #: picture needs fewer bits (``shared.control.rung_targets``).  Off by default, like
+    #: shedding: the test pattern is easy content, and a benchmark measures the rates it set.
+    content_aware_targets: bool = False
     #: What to ask the capture device for (None: the stream's own size and frame rate).
     capture: CaptureConfig | None = None
     #: Higher is more important: under resource pressure lower priorities give way first.

@@ -102,6 +102,12 @@ def register(commands: Any) -> None:
         help="keep every rung and the full frame rate even when the CPU saturates",
     )
     serve.add_argument(
+        "--fixed-rates",
+        action="store_true",
+        help="keep each rung at its configured bitrate, however simple the picture"
+        " (default: a still or simple picture gets fewer bits)",
+    )
+    serve.add_argument(
         "--http",
         metavar="HOST:PORT",
         help="also serve browsers over WebRTC: WHEP and a player page on this HTTP address",
@@ -189,6 +195,7 @@ def _config_from_args(args: argparse.Namespace) -> ServerConfig:
         tls_key_path=args.key,
         access=access,
         shed_under_pressure=not args.no_shedding,
+        content_aware_targets=not args.fixed_rates,
     )
     stream = StreamSpec(
         name="",

@@ -154,6 +154,7 @@ def _stream_config(entry: StreamEntry, base: PurePath) -> StreamConfig:
         viewers=ViewerLimits(**msgspec.structs.asdict(entry.viewers)),
         access=StreamAccess(**access),
         shed_under_pressure=entry.shed_under_pressure,
+        content_aware_targets=entry.content_aware_targets,
         priority=entry.priority,
     )
 

@@ -219,6 +219,7 @@ class StreamEntry(_Table, frozen=True, kw_only=True):
     tls_cert: str | None = None
     tls_key: str | None = None
     shed_under_pressure: bool = True
+    content_aware_targets: bool = True
 
     def __post_init__(self) -> None:
         # The source and the addresses are checked by the loader, which reports them at
