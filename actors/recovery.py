@@ -151,12 +151,23 @@ class StageRecovery:
                 self._fail(stream, CrashLoopError(decision.reason))
                 return
             logger.warning("stream %s: %s", sid, decision.reason)
+            noticed = time.monotonic()
             await until_back(handle)
+            back = time.monotonic()
             async with stream.lock:  # not while the stream starts or stops
                 if not self._running():
                     return
                 await self._restart(kind)()
-            logger.info("stream %s: %s restarted", sid, kind)
+            # Where a recovery's time goes: Ray starting a process, then the start sequence.
+            logger.warning(
+                "stream %s: %s restarted %.2f s after its crash was noticed (process back "
+                "after %.2f s, restart sequence %.2f s)",
+                sid,
+                kind,
+                time.monotonic() - noticed,
+                back - noticed,
+                time.monotonic() - back,
+            )
             self._watch(kind, handle)
         except asyncio.CancelledError:
             raise
