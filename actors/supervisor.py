@@ -3,13 +3,15 @@
 For each stream it places the actors on one node, creates them in dependency order (capture
 creates the frame pool, the encoder the packet ring, then recorder and quality attach; sender
 shards start as viewers arrive, ``actors.shards``), reports the stream Active only once every
-stage is up, and on stop tears them down in reverse and removes the shared memory.  Stream actors are owned by the supervisor, so
-if it dies Ray kills them too; segments a crash leaves behind are swept at the next start.
+stage is up, and on stop tears them down in reverse and removes the shared memory.  Stream actors
+are detached and the supervisor is restarted by Ray after a crash: it takes its streams back
+by name (``actors.supervisor_state``); segments a crash leaves behind are swept at the next start.
 
-A health loop polls each stream's stages once a second: a dead capture, encoder or quality
-actor, or a stage that reported a failure, moves the stream to the Error state with the
-reason; the same round reconciles the viewer registry with the shards' connections and
-retires idle shards.
+A crashed capture, encoder or quality actor is restarted (``actors.recovery``; a crash loop
+moves the stream to Error with the reason).  A health loop polls each stream's stages once a
+second: a stage that reported a failure moves the stream to the Error state with the reason;
+the same round reconciles the viewer registry with the shards' connections, replaces dead
+shards and retires idle ones.
 
 The supervisor does the I/O; the decisions are pure code in ``shared.control``: the stream's
 state changes only through its ``StreamLifecycle`` (the state table in ``session``), which
