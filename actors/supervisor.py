@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -181,14 +182,21 @@ class Supervisor:
         self._restarted = context.was_current_actor_reconstructed
         if self._restarted:
             # Ray restarted this actor after a crash and re-ran only this constructor: take
-            # the running streams back as soon as the event loop runs (``ready``).
-            context.current_actor.ready.remote()
+            # the running streams back as soon as the event loop runs (``ready``).  Asked
+            # from a thread, again until it is taken: while Ray still counts this actor as
+            # restarting, a call to it fails at once instead of waiting.
+            threading.Thread(
+                target=_call_ready, args=(context.current_actor,), daemon=True, name="adopt"
+            ).start()
 
     async def ready(self) -> str:
         if self._health is None:
-            if self._restarted:
-                await self._adopt_streams()
             self._health = asyncio.create_task(self._health_loop(), name="health")
+            if self._restarted:
+                try:
+                    await self._adopt_streams()
+                except Exception:
+                    logger.exception("taking the streams back after a restart failed")
         return self._node_id
 
     async def _adopt_streams(self) -> None:
@@ -1031,6 +1039,20 @@ def _node_gpus(node_id: str) -> float:
     return next(
         (float(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n["NodeID"] == node_id), 0.0
     )
+
+
+def _call_ready(supervisor: Any) -> None:
+    """On a thread of a restarted supervisor: call its ``ready`` once Ray lets it be called."""
+    deadline = time.monotonic() + 60.0
+    while time.monotonic() < deadline:
+        try:
+            ray.get(supervisor.ready.remote(), timeout=60.0)
+            return
+        except ray.exceptions.ActorUnavailableError:
+            time.sleep(0.05)
+        except Exception:
+            logger.exception("a restarted supervisor could not take its streams back")
+            return
 
 
 def _pid_of(actor: object) -> int:

@@ -28,7 +28,7 @@ from shared.models import (
     StreamState,
 )
 from shared.viewer.client import Viewer
-from tests.conftest import wait_for_no_leaks
+from tests.conftest import shm_snapshot, stream_actors, wait_for_no_leaks
 from tests.test_pipeline import eventually
 
 pytestmark = pytest.mark.ray
@@ -210,3 +210,45 @@ def test_a_killed_supervisor_takes_its_streams_back_and_leaves_nothing_behind(
         return sid
 
     wait_for_no_leaks(asyncio.run(main()))
+
+
+def test_a_supervisor_killed_while_a_stream_starts_leaves_no_orphan(ray_cluster: str) -> None:
+    """Killed after the stream's capture actor exists and before its quality actor does: the
+    restarted supervisor finds the stream's record incomplete and removes every actor and
+    segment the cut-short start made; the caller's start fails."""
+    before = shm_snapshot()
+
+    async def main() -> str:
+        async with StreamManager.start() as manager:
+            supervisor = manager._supervisor.actor
+            pid = await supervisor.__ray_call__.remote(_pid)
+            old = set(stream_actors())
+            starting = asyncio.create_task(manager.start_camera_stream(StreamConfig(quality=QVGA)))
+            new = await eventually(
+                lambda: set(stream_actors()) - old,
+                lambda names: any(n.endswith("-capture") for n in names),
+                "the stream's capture actor",
+                timeout=60,
+            )
+            assert not any(n.endswith("-quality") for n in new), "started before the kill"
+            os.kill(pid, signal.SIGKILL)
+            [capture] = [n for n in new if n.endswith("-capture")]
+            sid = capture.removeprefix("kz-").removesuffix("-capture")
+            with pytest.raises(Exception):  # noqa: B017 - Ray's error for a dead callee
+                await starting
+            # Back and without the stream: it removed what the start had made.
+            streams = await eventually(
+                lambda: _active_or_none(manager), lambda ids: ids is not None, "the restart"
+            )
+            assert streams == []
+            await eventually(lambda: stream_actors(sid), lambda names: not names, "no orphan")
+        return str(sid)
+
+    wait_for_no_leaks(asyncio.run(main()), since=before)
+
+
+async def _active_or_none(manager: StreamManager) -> list[str] | None:
+    try:
+        return [s.session_id for s in await manager.get_active_streams()]
+    except Exception:  # still restarting
+        return None
