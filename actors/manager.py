@@ -100,7 +100,11 @@ class StreamManager:
                 # Named, so ``kizuna-stream viewers`` can find a running server's supervisor.
                 name=f"{SUPERVISOR_PREFIX}{uuid.uuid4().hex[:8]}",
                 num_cpus=0,
-                max_restarts=0,
+                # Detached and restarted by Ray after a crash: its streams' actors (detached
+                # too) keep streaming meanwhile, and it takes them back when it is up again
+                # (``actors.supervisor_state``).  Leaving the block kills it.
+                lifetime="detached",
+                max_restarts=-1,
                 max_concurrency=1000,
             )
             .remote(max_streams, token_secret),
@@ -120,7 +124,7 @@ class StreamManager:
         except Exception as exc:
             logging.getLogger(__name__).warning("supervisor shutdown failed: %s", unwrap(exc))
         finally:
-            self._supervisor.kill()
+            self._supervisor.kill()  # detached: it would outlive this process otherwise
 
     # --- the design's StreamManager ------------------------------------------------------
 

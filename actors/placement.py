@@ -47,10 +47,15 @@ def spawn(
     name: str,
     node_id: str,
     options: dict[str, Any] | None = None,
+    max_restarts: int = 0,
 ) -> Callable[P, H]:
     """A starter for ``actor_class`` on ``node_id``: call it with the actor's own constructor
     arguments (checked by mypy against ``actor_class.__init__``) to start the actor and get
-    the typed ``handle`` on it.  The actor dies with its owner (the supervisor).
+    the typed ``handle`` on it.  The actor is detached: it outlives a crash of the supervisor
+    that started it, whose restarted self takes it back by name (``actors.supervisor_state``);
+    the supervisor kills it when its stream stops.
+    ``max_restarts``: how often Ray restarts its process after a crash (-1: always; the
+    supervisor's crash-loop policy, ``actors.recovery``, is what bounds it then).
 
     ``spawn(SenderActor, SenderHandle, name=..., node_id=...)(session_id, viewer_id, ...)``
     reads like Ray's own ``ray.remote(cls).options(...).remote(...)``.
@@ -65,7 +70,8 @@ def spawn(
                 name=name,
                 namespace=NAMESPACE,
                 num_cpus=CPU_RESERVATION[handle.kind],
-                max_restarts=0,
+                max_restarts=max_restarts,
+                lifetime="detached",
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
                 **(options or {}),
             )

@@ -269,6 +269,24 @@ class Recordings:
                 except ray.exceptions.RayActorError:
                     await self._restart(recording)
 
+    async def next_segment(self, session_id: str) -> None:
+        """The stream's encoder restarted and its rings are new: each recording of the stream
+        finishes its file and carries on in its next numbered segment (a new recorder reading
+        the new rings), losing only the restart gap."""
+        for recording_id in self.of_stream(session_id):
+            recording = self._recordings.get(recording_id)
+            if recording is None:
+                continue
+            async with recording.lock:
+                if recording_id not in self._recordings:
+                    continue  # stopped meanwhile
+                try:
+                    recording.last = await recording.handle.stop()
+                except Exception as exc:  # it died too: what it last reported is all there is
+                    logger.warning("recorder of %s: %s", recording_id, exc)
+                recording.handle.kill()
+                await self._restart(recording)
+
     async def _restart(self, recording: _Recording) -> None:
         last = recording.last
         if last is not None:
@@ -281,7 +299,7 @@ class Recordings:
         recording.segment = recording.segment + max(1, len(last.segments) if last else 1)
         recording.restarts += 1
         logger.warning(
-            "recorder of %s died; restarting into segment %d",
+            "recorder of %s restarting into segment %d",
             recording.recording_id,
             recording.segment,
         )

@@ -106,6 +106,9 @@ class ShardPool:
     _started: asyncio.Condition = field(default_factory=asyncio.Condition)
     #: Shards spawned and not yet open: stopped too if the stream stops meanwhile.
     _opening: dict[str, SenderHandle] = field(default_factory=dict)
+    #: Ports of dead shards nobody could take over yet (a new shard that did not open in
+    #: time on a loaded node): tried again each round, since their viewers keep coming back.
+    _unadopted: dict[str, tuple[Shard, list[int]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         limits = self.limits
@@ -244,6 +247,9 @@ class ShardPool:
             events += self.registry.reconcile(shard.shard_id, connections, now)
         for shard in lost:
             await self._adopt(shard)
+        for shard_id, (dead, ports) in list(self._unadopted.items()):
+            del self._unadopted[shard_id]
+            await self._adopt(dead, ports=ports)
         events += self.registry.expire(now)
         for shard_id in self.balancer.retire(self.loads(), now):
             shard = self.shards.pop(shard_id)
@@ -276,12 +282,13 @@ class ShardPool:
                 heir.adopted_ports += ports[1:]
         except (KizunaError, OSError, ray.exceptions.RayError, TimeoutError) as exc:
             logger.warning(
-                "stream %s: nobody took over %s's ports %s: %s",
+                "stream %s: nobody took over %s's ports %s yet: %s",
                 self.session_id,
                 dead.shard_id,
                 ports,
-                unwrap(exc),
+                str(unwrap(exc)) or type(exc).__name__,
             )
+            self._unadopted[dead.shard_id] = (dead, ports)  # again at the next round
             return
         logger.info(
             "stream %s: %s serves %s's ports %s",

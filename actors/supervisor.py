@@ -3,13 +3,15 @@
 For each stream it places the actors on one node, creates them in dependency order (capture
 creates the frame pool, the encoder the packet ring, then recorder and quality attach; sender
 shards start as viewers arrive, ``actors.shards``), reports the stream Active only once every
-stage is up, and on stop tears them down in reverse and removes the shared memory.  Stream actors are owned by the supervisor, so
-if it dies Ray kills them too; segments a crash leaves behind are swept at the next start.
+stage is up, and on stop tears them down in reverse and removes the shared memory.  Stream actors
+are detached and the supervisor is restarted by Ray after a crash: it takes its streams back
+by name (``actors.supervisor_state``); segments a crash leaves behind are swept at the next start.
 
-A health loop polls each stream's stages once a second: a dead capture, encoder or quality
-actor, or a stage that reported a failure, moves the stream to the Error state with the
-reason; the same round reconciles the viewer registry with the shards' connections and
-retires idle shards.
+A crashed capture, encoder or quality actor is restarted (``actors.recovery``; a crash loop
+moves the stream to Error with the reason).  A health loop polls each stream's stages once a
+second: a stage that reported a failure moves the stream to the Error state with the reason;
+the same round reconciles the viewer registry with the shards' connections, replaces dead
+shards and retires idle ones.
 
 The supervisor does the I/O; the decisions are pure code in ``shared.control``: the stream's
 state changes only through its ``StreamLifecycle`` (the state table in ``session``), which
@@ -23,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -33,19 +36,23 @@ from typing import Any
 import msgspec
 import ray
 
+from actors import supervisor_state
+from actors.calls import call as unwrap_call
 from actors.calls import unwrap
 from actors.handles import (
     CaptureHandle,
     EncoderHandle,
     Handle,
     QualityHandle,
+    RecorderHandle,
     SenderHandle,
     WebRTCHandle,
 )
 from actors.metrics import StreamMetrics
-from actors.placement import spawn
+from actors.placement import NAMESPACE, spawn
 from actors.recordings import Recordings, StreamContext
-from actors.shards import ShardPool
+from actors.recovery import RAY_RESTARTS, StageRecovery
+from actors.shards import Shard, ShardPool
 from actors.stages.capture import CaptureActor
 from actors.stages.encoder import (
     EncoderActor,
@@ -108,6 +115,7 @@ from shared.models import (
 )
 from shared.pool.shm import segment_name, sweep_stale_segments, unlink_segment
 from shared.roq.tls import TlsIdentity, generate_self_signed, load_identity
+from shared.roq.url import StreamUrl
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +174,8 @@ class _Stream:
     paused_recordings: list[str] = field(default_factory=list)
     #: The encoder's per-rung figures at the last stats poll (``overview``).
     last_rungs: list[RungStats] = field(default_factory=list)
+    #: Restarts its crashed capture, encoder and quality actors, once it is Active.
+    recovery: StageRecovery | None = None
 
     def handles(self) -> list[Handle[Any]]:
         stages: list[Handle[Any]] = [
@@ -196,11 +206,142 @@ class Supervisor:
             logger.warning(
                 "removed %d shared-memory segments left by a crashed run: %s", len(removed), removed
             )
+        context = ray.get_runtime_context()
+        #: The stream records in Ray's KV are kept under this name (``supervisor_state``).
+        self._name = context.get_actor_name() or ""
+        self._restarted = context.was_current_actor_reconstructed
+        if self._restarted:
+            # Ray restarted this actor after a crash and re-ran only this constructor: take
+            # the running streams back as soon as the event loop runs (``ready``).  Asked
+            # from a thread, again until it is taken: while Ray still counts this actor as
+            # restarting, a call to it fails at once instead of waiting.
+            threading.Thread(
+                target=_call_ready, args=(context.current_actor,), daemon=True, name="adopt"
+            ).start()
 
     async def ready(self) -> str:
         if self._health is None:
             self._health = asyncio.create_task(self._health_loop(), name="health")
+            if self._restarted:
+                try:
+                    await self._adopt_streams()
+                except Exception:
+                    logger.exception("taking the streams back after a restart failed")
         return self._node_id
+
+    async def _adopt_streams(self) -> None:
+        """After this supervisor's own crash: take back each stream it had, from its record
+        and the actors it finds by name; a stream cut short while starting, or one that
+        cannot be taken back, is removed with all its actors and segments."""
+        for record in supervisor_state.records(self._name):
+            sid = record.session_id
+            try:
+                if not record.complete:
+                    raise RuntimeError("its start was cut short by the crash")
+                await self._adopt(record)
+                logger.warning("stream %s taken back after the supervisor's restart", sid)
+            except Exception as exc:
+                self._streams.pop(sid, None)
+                self._scheduler.release(sid)
+                killed = await asyncio.to_thread(supervisor_state.kill_stream_actors, sid)
+                supervisor_state.delete(self._name, sid)
+                logger.error("stream %s removed (%s); killed %s", sid, unwrap(exc), killed)
+
+    async def _adopt(self, record: supervisor_state.StreamRecord) -> None:
+        assert record.session is not None and record.config is not None
+        assert record.identity is not None
+        sid, config = record.session_id, record.config
+        session = msgspec.structs.replace(record.session, state=StreamState.STARTING, viewers=[])
+        stream = _Stream(
+            session=session,
+            lifecycle=StreamLifecycle(session),
+            config=config,
+            node_id=record.node_id,
+            segments=list(record.segments),
+            identity=record.identity,
+            screen=record.screen,
+        )
+        names = supervisor_state.stream_actor_names(sid)
+
+        def actor(role: str) -> Any:
+            return ray.get_actor(f"kz-{sid}-{role}", namespace=NAMESPACE)
+
+        stream.capture = CaptureHandle(actor("capture"))
+        stream.pids["capture"] = (await stream.capture.stats()).pid
+        ring_name = None
+        if session.stream_type is not StreamType.AUDIO:
+            encoder = stream.encoder = EncoderHandle(actor("encoder"))
+            stream.quality = QualityHandle(actor("quality"))
+            stream.pids["encoder"] = (await encoder.stats()).pid
+            stream.pids["quality"] = await unwrap_call(
+                stream.quality.actor.__ray_call__.remote(_pid_of)
+            )
+            rung_rings = await encoder.rung_names()
+            ring_name = rung_rings[0]
+            stream.context = StreamContext(
+                session_id=sid,
+                node_id=stream.node_id,
+                quality=config.quality,
+                ring_names={"video": ring_name, "frames": segment_name(sid, "frames")}
+                | {f"video{n}": r for n, r in enumerate(rung_rings[1:], 1)}
+                | ({"audio": segment_name(sid, "audio")} if config.audio else {}),
+                encoder=encoder,
+            )
+        shards = stream.shards = self._shard_pool(stream, ring_name)
+        for name in names:
+            role = name.removeprefix(f"kz-{sid}-")
+            if role.startswith("shard-"):
+                handle = SenderHandle(actor(role))
+                stats = await handle.stats()
+                url = StreamUrl.parse(stats.url)
+                now = time.monotonic()
+                shard = Shard(role, handle, url, url.port, stats.pid, now)
+                shard.adopted_ports = [p for p in stats.ports if p != url.port]
+                shards.shards[role] = shard
+                shards.registry.add_shard(role, now)
+            elif role == "webrtc":
+                stream.webrtc = WebRTCHandle(actor(role))
+            elif role not in ("capture", "encoder", "quality"):
+                # A recorder: what it wrote is finished cleanly; its recording's bookkeeping
+                # died with the old supervisor.
+                recorder = RecorderHandle(actor(role))
+                await attempt(recorder.stop, f"stop recorder {role}", f"stream {sid}")
+                recorder.kill()
+        nodes = [NodeInfo(node_id=record.node_id, cpus=float("inf"), alive=True)]
+        self._scheduler.place(sid, config.quality, nodes, prefer=record.node_id)
+        self._streams[sid] = stream
+        stream.lifecycle.handle(StreamEvent.STARTED)
+        self._watch(stream)
+
+    def _watch(self, stream: _Stream) -> None:
+        """Restart the stream's stages when they crash (``actors.recovery``)."""
+        sid = stream.session.session_id
+        stream.recovery = StageRecovery(
+            stream,
+            self._recordings,
+            fail=self._fail,
+            running=lambda: (
+                self._streams.get(sid) is stream and stream.lifecycle.state is StreamState.ACTIVE
+            ),
+        )
+        stream.recovery.start()
+
+    def _record(self, stream: _Stream, *, complete: bool) -> None:
+        """What a restarted supervisor needs to take the stream back (``supervisor_state``)."""
+        sid = stream.session.session_id
+        record = supervisor_state.StreamRecord(session_id=sid)
+        if complete:
+            record = supervisor_state.StreamRecord(
+                session_id=sid,
+                complete=True,
+                session=stream.session,
+                config=stream.config,
+                node_id=stream.node_id,
+                segments=tuple(stream.segments),
+                identity=stream.identity,
+                screen=stream.screen,
+            )
+        supervisor_state.save(self._name, record)
 
     # --- streams -----------------------------------------------------------------------
 
@@ -259,6 +400,7 @@ class Supervisor:
             screen=screen,
         )
         self._streams[session_id] = stream
+        self._record(stream, complete=False)
         async with stream.lock:
             try:
                 await self._start_actors(stream, pool_name, ring_name)
@@ -269,6 +411,8 @@ class Supervisor:
                 self._streams.pop(session_id, None)
                 raise error from None
             stream.lifecycle.handle(StreamEvent.STARTED)
+            self._record(stream, complete=True)
+            self._watch(stream)
         logger.info("stream %s active on node %s", session_id, node_id)
         return stream.session
 
@@ -282,8 +426,14 @@ class Supervisor:
         # Capture opens every source before it creates the frame pool and the audio ring, so
         # a bad source fails here, before anything else exists; the encoder and the senders
         # attach to what it created, so it goes first.
+        # Capture, encoder and quality are restarted by Ray after a crash (``actors.recovery``
+        # says why); the supervisor then re-runs their start and re-attaches shared memory.
         capture = stream.capture = spawn(
-            CaptureActor, CaptureHandle, name=name("capture"), node_id=node
+            CaptureActor,
+            CaptureHandle,
+            name=name("capture"),
+            node_id=node,
+            max_restarts=RAY_RESTARTS,
         )(
             session_id=sid,
             source=stream.session.source,
@@ -311,6 +461,7 @@ class Supervisor:
             options=encoder_actor_options(
                 config.quality.hardware_acceleration, node_gpus=_node_gpus(node)
             ),
+            max_restarts=RAY_RESTARTS,
         )(
             session_id=sid,
             quality=config.quality,
@@ -334,7 +485,11 @@ class Supervisor:
             started = await self._recordings.start(stream.context, config.record)
             stream.primary_recording = started.session_id
         quality = stream.quality = spawn(
-            QualityActor, QualityHandle, name=name("quality"), node_id=node
+            QualityActor,
+            QualityHandle,
+            name=name("quality"),
+            node_id=node,
+            max_restarts=RAY_RESTARTS,
         )(
             session_id=sid,
             encoder=encoder,
@@ -398,6 +553,8 @@ class Supervisor:
         memory."""
         sid = stream.session.session_id
         context = f"stream {sid}"
+        if stream.recovery is not None:
+            await stream.recovery.close()  # the kills below are no crashes
         for role, stage in (
             ("capture", stream.capture),
             ("quality", stream.quality),
@@ -431,6 +588,7 @@ class Supervisor:
             unlink_segment(name)
         self._scheduler.release(sid)
         self._ports.release_stream(sid)
+        supervisor_state.delete(self._name, sid)
 
     async def switch_source(self, session_id: str, source: str) -> StreamSession:
         """Switch a running stream to another source; viewers stay connected (the capture
@@ -1064,8 +1222,8 @@ class Supervisor:
             fps=stats.encoder_fps,
             latency_ms=stats.latency_ms,
             frames_dropped=stats.frames_dropped,
-            # Counted by the recovery code where it restarts an actor (0 until one is).
-            restarts=int(getattr(stats, "restarts", 0)),
+            # Stage restarts after crashes, every kind together (``StageRecovery``).
+            restarts=sum(stats.restarts.values()),
             cpu_percent=round(sum(a.cpu_percent for a in actors), 1),
             rss_bytes=sum(a.rss_bytes for a in actors),
             bytes_sent=sum(s.bytes_sent for s in senders),
@@ -1130,6 +1288,9 @@ class Supervisor:
         with a new ticket), not the stream."""
         if not stream.lifecycle.running or stream.shards is None:
             return
+        recovery = stream.recovery
+        if recovery is not None and recovery.busy:
+            return  # a stage is being restarted: its calls would only wait for it
         try:
             senders, events = await stream.shards.refresh()
         except (ray.exceptions.RayActorError, TimeoutError, KizunaError) as exc:
@@ -1157,7 +1318,9 @@ class Supervisor:
             pressure_level, pressure_reason = await quality.pressure()
         except (ray.exceptions.RayActorError, TimeoutError, KizunaError) as exc:
             # A stop that began meanwhile kills the actors: that is no failure of the stream.
-            if stream.lifecycle.running:
+            # A stage that crashed is the recovery's to restart, or to fail the stream for.
+            crashed = isinstance(exc, ray.exceptions.RayActorError) and recovery is not None
+            if stream.lifecycle.running and not crashed:
                 self._fail(stream, exc)
             return
         failure = stage_failure(capture_stats, encoder_stats, senders)
@@ -1173,6 +1336,9 @@ class Supervisor:
         stream.last_rungs = list(encoder_stats.rungs)
         stream.session.stats.pressure_level = pressure_level
         stream.session.stats.pressure_reason = pressure_reason
+        if recovery is not None:
+            stream.session.stats.restarts = dict(recovery.policy.restarts)
+            stream.session.stats.last_restart = recovery.last_reason
         peers = {peer.viewer_id: peer for sender in senders for peer in sender.peers}
         for viewer_id, viewer in stream.viewers.items():
             record = registry.get(viewer_id)
@@ -1267,3 +1433,22 @@ def _node_gpus(node_id: str) -> float:
     return next(
         (float(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n["NodeID"] == node_id), 0.0
     )
+
+
+def _call_ready(supervisor: Any) -> None:
+    """On a thread of a restarted supervisor: call its ``ready`` once Ray lets it be called."""
+    deadline = time.monotonic() + 60.0
+    while time.monotonic() < deadline:
+        try:
+            ray.get(supervisor.ready.remote(), timeout=60.0)
+            return
+        except ray.exceptions.ActorUnavailableError:
+            time.sleep(0.05)
+        except Exception:
+            logger.exception("a restarted supervisor could not take its streams back")
+            return
+
+
+def _pid_of(actor: object) -> int:
+    """Run in an actor by ``__ray_call__``: its process id."""
+    return os.getpid()

@@ -109,3 +109,7 @@ class StreamNotFoundError(KizunaError, LookupError):
 class StreamStateError(KizunaError, RuntimeError):
     """The stream's state does not allow what was asked (a viewer added to a stream that is
     stopping, or failed), or a state change the stream's state table does not have."""
+
+
+class CrashLoopError(KizunaError, RuntimeError):
+    """A stage actor kept crashing as soon as it was restarted (``actors.recovery``)."""

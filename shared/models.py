@@ -226,6 +226,10 @@ class StreamStats(msgspec.Struct, kw_only=True):
     #: the last step was taken or undone (``shared.control.pressure``).
     pressure_level: int = 0
     pressure_reason: str = ""
+    #: Stage actors restarted after a crash, per kind (capture, encoder, quality, shard),
+    #: and why the last one was (``actors.recovery``).
+    restarts: dict[str, int] = msgspec.field(default_factory=dict)
+    last_restart: str = ""
 
 
 # --- sources ---------------------------------------------------------------------------------
@@ -328,6 +332,14 @@ class CaptureConfig(msgspec.Struct, frozen=True, kw_only=True):
     buffer_count: int = 4
     auto_exposure: bool = True
     auto_focus: bool = True
+    #: Sources to fall back to, in order, when the stream's device is lost mid-stream (spelled
+    #: as on the command line: ``camera:/dev/video2``, ``test``); none left: the stream goes to
+    #: Error with the reason (``actors.stages.capture``).
+    fallback_devices: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for spec in self.fallback_devices:
+            parse_source(spec)  # a ConfigError naming the bad one, before any actor starts
 
 
 class ScreenConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -499,7 +511,13 @@ class StreamConfig(msgspec.Struct, frozen=True, kw_only=True):
     #: picture needs fewer bits (``shared.control.rung_targets``).  Off by default, like
     #: shedding: the test pattern is easy content, and a benchmark measures the rates it set.
     content_aware_targets: bool = False
-    #: What to ask the capture device for (None: the stream's own size and frame rate).
+    #: A crashed stage actor is restarted up to ``max_restarts`` times within
+    #: ``restart_window_s``; one more crash there is a crash loop and the stream goes to
+    #: Error with the reason (``shared.control.restart_policy``).
+    max_restarts: int = 3
+    restart_window_s: float = 30.0
+    #: What is asked of the capture device and where to fall back when it is lost (None:
+    #: the stream's size and rate, no fallback).
     capture: CaptureConfig | None = None
     #: Higher is more important: under resource pressure lower priorities give way first.
     priority: int = 0
@@ -514,6 +532,11 @@ class StreamConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError("give both a TLS certificate and its key, or neither")
         if not 2 <= self.pool_slots <= 64:
             raise ConfigError(f"pool_slots {self.pool_slots} must be between 2 and 64")
+        if self.max_restarts < 1 or self.restart_window_s <= 0:
+            raise ConfigError(
+                f"max_restarts {self.max_restarts} must be at least 1 and restart_window_s "
+                f"{self.restart_window_s} positive"
+            )
 
 
 # --- sessions and viewers ---------------------------------------------------------------

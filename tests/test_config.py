@@ -63,6 +63,19 @@ def test_defaults_for_a_minimal_stream() -> None:
     assert stream.config.shed_under_pressure
     assert stream.config.quality.quality_preset is QualityPreset.MEDIUM
     assert stream.senders == 1
+    assert stream.config.content_aware_targets
+    assert (stream.config.max_restarts, stream.config.restart_window_s) == (3, 30.0)
+
+
+def test_recovery_settings_reach_the_stream() -> None:
+    text = GOOD + (
+        "max_restarts = 5\nrestart_window_s = 60.0\n"
+        "[streams.capture]\nfallback_devices = ['test']\n"
+    )
+    (stream,) = load_server_config(text).streams
+    assert (stream.config.max_restarts, stream.config.restart_window_s) == (5, 60.0)
+    assert stream.config.capture is not None
+    assert stream.config.capture.fallback_devices == ("test",)
 
 
 #: (id, file text, line, where, what the message says).

@@ -87,6 +87,9 @@ class CaptureStats(msgspec.Struct, kw_only=True):
     #: Readers listening to the frame pool's doorbell (the encoder; a recorder's motion
     #: trigger reads the pool without listening).
     pool_readers: int = 0
+    #: Times the source was lost and a ``fallback_devices`` entry took over, and why the last.
+    fallbacks: int = 0
+    fallback_reason: str | None = None
 
 
 class CaptureActor:
@@ -140,6 +143,10 @@ class CaptureActor:
         #: Cleared while the stream is paused: the loop waits on it before the next frame.
         self._live = asyncio.Event()
         self._live.set()
+        #: Sources still to try when the running one is lost (``CaptureConfig``).
+        self._fallbacks = list(capture.fallback_devices) if capture is not None else []
+        self._fallbacks_used = 0
+        self._fallback_reason: str | None = None
 
     async def _on_capture_thread(self, call: Callable[..., T], *args: Any) -> T:
         assert self._loop is not None
@@ -245,15 +252,50 @@ class CaptureActor:
             self._audio.start()
 
     async def _run(self) -> None:
-        try:
-            await self._capture_loop()
-        except EndOfSource as end:
-            logger.info("capture of %s: %s", self._session_id, end)
-            self._ended = True
-        except Exception as exc:
-            # Recorded for the supervisor's health check, which moves the stream to Error.
-            logger.exception("capture of %s failed", self._session_id)
-            self._error = f"{type(exc).__name__}: {exc}"
+        while True:
+            try:
+                await self._capture_loop()
+            except EndOfSource as end:
+                logger.info("capture of %s: %s", self._session_id, end)
+                self._ended = True
+            except Exception as exc:
+                logger.exception("capture of %s failed", self._session_id)
+                lost = f"{type(exc).__name__}: {exc}"
+                if await self._fall_back(lost):
+                    continue
+            return
+
+    async def _fall_back(self, lost: str) -> bool:
+        """The running source failed (``lost`` says how): open the next of the config's
+        ``fallback_devices`` in its place.  False when none is left or none opens: the error,
+        with what each fallback said, is then recorded for the supervisor's health check,
+        which moves the stream to Error."""
+        tried: list[str] = []
+        while self._fallbacks:
+            spec = self._fallbacks.pop(0)
+            try:
+                new = await self._on_capture_thread(self._open_video_only, parse_source(spec))
+                try:
+                    self._check_size(new)
+                except BaseException:
+                    await self._on_capture_thread(new.close)
+                    raise
+            except Exception as exc:
+                tried.append(f"{spec} ({type(exc).__name__}: {exc})")
+                continue
+            old, self._source = self._source, new
+            if old is not None:
+                await self._on_capture_thread(_close_all, [old])
+            self._gate = FrameGate(self._quality.framerate)
+            self._pacer = FramePacer(self._quality.framerate, time.monotonic())
+            self._fallbacks_used += 1
+            self._fallback_reason = f"{lost}; fell back to {spec}"
+            logger.warning("capture %s: %s", self._session_id, self._fallback_reason)
+            if self._encoder is not None:
+                self._encoder.request_keyframe(None)  # new content: a fresh reference now
+            return True
+        self._error = f"{lost}; no fallback opened: {', '.join(tried)}" if tried else lost
+        return False
 
     async def _capture_loop(self) -> None:
         while True:
@@ -369,6 +411,12 @@ class CaptureActor:
             spec, self._quality, capture=self._capture_config, screen=self._screen
         )
 
+    async def watch(self) -> None:
+        """Returns never: the supervisor keeps this call in flight, and Ray fails it the
+        moment this process dies, which is how a crash is noticed at once
+        (``actors.recovery``)."""
+        await asyncio.Event().wait()
+
     # --- reporting and stopping --------------------------------------------------------------
 
     async def source_info(self) -> SourceInfo | None:
@@ -389,6 +437,8 @@ class CaptureActor:
             ended=self._ended,
             audio=self._audio.stats() if self._audio is not None else None,
             pool_readers=self._pool.readers if self._pool is not None else 0,
+            fallbacks=self._fallbacks_used,
+            fallback_reason=self._fallback_reason,
         )
 
     async def stop(self) -> CaptureStats:

@@ -35,8 +35,9 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from shared.errors import ConfigError
+from shared.errors import ConfigError, ResourceError
 from shared.media.codec import SessionOpener, get_encoder_capabilities, open_session
+from shared.media.encode_fallback import MAX_PARAMETER_FALLBACKS, lower_quality
 from shared.media.hwaccel import SOFTWARE_ENCODER, EncoderCapabilities, needs_gpu
 from shared.media.ladder import LadderEncoder, LadderFrame, RungEncodeStats
 from shared.media.rate_control import MAX_GAIN
@@ -44,7 +45,7 @@ from shared.media.scaler import Rung
 from shared.models import QualityPreset, StreamQuality
 from shared.pool.doorbell import DoorbellListener
 from shared.pool.frame_pool import FramePool, FramePoolReader
-from shared.pool.packet_ring import PacketRing
+from shared.pool.packet_ring import PacketRing, PacketRingReader
 from shared.pool.shm import segment_name
 
 logger = logging.getLogger(__name__)
@@ -122,6 +123,9 @@ class EncoderStats(msgspec.Struct, kw_only=True):
     rungs: list[RungStats] = msgspec.field(default_factory=list)
     #: Source frames taken from the pool (rung 0 may encode fewer: see its frame rate).
     frames_taken: int = 0
+    #: Steps down to a lower frame rate or size after an encoding failure, and why the last.
+    parameter_fallbacks: int = 0
+    parameter_fallback_reason: str | None = None
 
 
 class EncoderActor:
@@ -156,6 +160,8 @@ class EncoderActor:
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._error: str | None = None
+        self._parameter_fallbacks = 0
+        self._parameter_fallback_reason: str | None = None
 
     @property
     def _ladder(self) -> LadderEncoder:
@@ -183,6 +189,7 @@ class EncoderActor:
             logger.info("stream %s: rung left out: %s", self._session_id, reason)
         names = ladder_ring_names(self._session_id, ladder.rungs)
         names[0] = self._ring_name
+        self._continue_timeline(ladder)
         try:
             for rung, name in zip(ladder.rungs, names, strict=True):
                 self._rings.append(
@@ -205,6 +212,48 @@ class EncoderActor:
         )
         self._task = asyncio.create_task(self._run(), name="encode")
         return os.getpid()
+
+    def _continue_timeline(self, ladder: LadderEncoder) -> None:
+        """After a crash (Ray restarted this actor, ``actors.recovery``) the dead encoder's
+        rung-0 ring is still there: carry on from its last packet's pts.  Creating the ring
+        anew below then reclaims the dead one's segment (its creator is gone)."""
+        try:
+            old = PacketRing.attach(self._ring_name)
+        except ResourceError:
+            return  # a first start: no ring yet
+        try:
+            packets = PacketRingReader(old, start="latest_keyframe").read_available().packets
+        finally:
+            old.close()
+        if packets:
+            last = packets[-1]
+            ladder.continue_timeline(last.pts, last.monotonic_us, time.monotonic())
+            logger.info("encoder of %s continues after pts %d", self._session_id, last.pts)
+
+    async def reattach_pool(self) -> None:
+        """The capture actor restarted and created the frame pool anew: read the new one
+        (``actors.recovery``)."""
+        async with self._encoding:
+            pool = FramePool.attach(self._pool_name)
+            try:
+                bell = pool.listen()
+            except BaseException:
+                pool.close()
+                raise
+            if self._bell is not None:
+                self._bell.close()
+            self._pool.close()
+            self._pool, self._bell = pool, bell
+            bell.watch(asyncio.get_running_loop(), self._wakeup.set)
+            self._reader = FramePoolReader(pool)
+            if self._buffer.size != pool.slot_bytes:
+                self._buffer = np.empty(pool.slot_bytes, dtype=np.uint8)
+
+    async def watch(self) -> None:
+        """Returns never: the supervisor keeps this call in flight, and Ray fails it the
+        moment this process dies, which is how a crash is noticed at once
+        (``actors.recovery``)."""
+        await asyncio.Event().wait()
 
     def _close_rings(self) -> None:
         for ring in self._rings:
@@ -269,20 +318,47 @@ class EncoderActor:
     # --- the encode loop -----------------------------------------------------------------------
 
     async def _run(self) -> None:
+        while True:
+            try:
+                took = False
+                while True:
+                    # A frame that arrived during the last encode is taken at once; otherwise
+                    # the pool's doorbell wakes the loop at the next commit.
+                    if not took or self._reader.latest_sequence() <= self._reader.last_sequence:
+                        await self._wakeup.wait()
+                    self._wakeup.clear()
+                    took = await self._encode_latest()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.exception("encoder of %s failed", self._session_id)
+                failure = f"{type(exc).__name__}: {exc}"
+                if await self._lower_parameters(failure):
+                    continue
+                self._error = failure
+            return
+
+    async def _lower_parameters(self, failure: str) -> bool:
+        """After an encoding failure, carry on at lower parameters (``encode_fallback``);
+        False when no step down is left or reopening fails too (the stream goes to Error)."""
+        if self._parameter_fallbacks >= MAX_PARAMETER_FALLBACKS:
+            return False
+        lower = lower_quality(self._ladder.quality)
+        if lower is None:
+            return False
         try:
-            took = False
-            while True:
-                # A frame that arrived during the last encode is taken at once; otherwise the
-                # pool's doorbell wakes the loop at the next commit.
-                if not took or self._reader.latest_sequence() <= self._reader.last_sequence:
-                    await self._wakeup.wait()
-                self._wakeup.clear()
-                took = await self._encode_latest()
-        except asyncio.CancelledError:
-            raise
+            async with self._encoding:
+                await asyncio.to_thread(self._ladder.configure, lower)
         except Exception as exc:
-            logger.exception("encoder of %s failed", self._session_id)
-            self._error = f"{type(exc).__name__}: {exc}"
+            logger.exception("encoder of %s: falling back to %s failed", self._session_id, lower)
+            self._error = f"{failure}; falling back failed: {type(exc).__name__}: {exc}"
+            return False
+        self._parameter_fallbacks += 1
+        self._parameter_fallback_reason = (
+            f"{failure}; now {lower.resolution} at {lower.framerate} fps"
+        )
+        logger.warning("encoder of %s: %s", self._session_id, self._parameter_fallback_reason)
+        return True
 
     async def _encode_latest(self) -> bool:
         """Encode the newest frame; False when there was none to take."""
@@ -353,4 +429,6 @@ class EncoderActor:
             keyframe_requests=figures.keyframe_requests,
             rungs=rungs,
             frames_taken=figures.frames_taken,
+            parameter_fallbacks=self._parameter_fallbacks,
+            parameter_fallback_reason=self._parameter_fallback_reason,
         )

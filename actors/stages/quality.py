@@ -308,6 +308,12 @@ class QualityActor:
             await self._encoder.set_paused(floor, False)
             self._paused[floor] = False
 
+    async def watch(self) -> None:
+        """Returns never: the supervisor keeps this call in flight, and Ray fails it the
+        moment this process dies, which is how a crash is noticed at once
+        (``actors.recovery``)."""
+        await asyncio.Event().wait()
+
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()

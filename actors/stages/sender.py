@@ -142,13 +142,18 @@ class _TrackSource:
         ring: PacketRing,
         start: Literal["next", "latest_keyframe"],
         rung: int = 0,
+        *,
+        history: bool = False,
     ) -> None:
+        """``history``: send what the ring holds from ``start`` on (a ring re-created by a
+        restarted writer, whose first keyframe viewers are waiting for)."""
         self.index, self.spec, self.ring, self.rung = index, spec, ring, rung
         #: Listening before the reader takes its position: nothing committed after it is missed.
         self.bell: DoorbellListener = ring.listen()
         self.reader = PacketRingReader(ring, start=start)
-        # Nobody is connected yet: what is in the ring now is history, not something to send.
-        self.reader.read_available()
+        if not history:
+            # Nobody is connected yet: what is in the ring now is history, not something to send.
+            self.reader.read_available()
 
 
 class SenderActor:
@@ -341,6 +346,33 @@ class SenderActor:
         server = self._new_server()
         await server.start(host, port, reuse_port=True)
         self._servers.append(server)
+
+    async def reattach(self, names: list[str]) -> int:
+        """The rings named were re-created by a restarted writer (``actors.recovery``): read
+        the new ones from their first keyframe on; how many were re-attached.  Viewers stay
+        connected: the restarted encoder continues the stream's pts, so their RTP timestamps
+        run on."""
+        count = 0
+        loop = asyncio.get_running_loop()
+        for position, old in enumerate(self._sources):
+            if old.ring.name not in names:
+                continue
+            ring = PacketRing.attach(old.ring.name)
+            try:
+                start: Literal["next", "latest_keyframe"] = (
+                    "latest_keyframe" if old.spec.kind == "video" else "next"
+                )
+                new = _TrackSource(old.index, old.spec, ring, start, old.rung, history=True)
+            except BaseException:
+                ring.close()
+                raise
+            new.bell.watch(loop, self._wakeup.set)
+            self._sources[position] = new
+            old.bell.close()
+            old.ring.close()
+            count += 1
+        self._wakeup.set()
+        return count
 
     @property
     def _connections(self) -> list[RoqConnection]:

@@ -155,6 +155,8 @@ def _stream_config(entry: StreamEntry, base: PurePath) -> StreamConfig:
         access=StreamAccess(**access),
         shed_under_pressure=entry.shed_under_pressure,
         content_aware_targets=entry.content_aware_targets,
+        max_restarts=entry.max_restarts,
+        restart_window_s=entry.restart_window_s,
         priority=entry.priority,
     )
 

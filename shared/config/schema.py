@@ -153,6 +153,8 @@ class CaptureEntry(_Table, frozen=True, kw_only=True):
     buffer_count: Annotated[int, msgspec.Meta(ge=2, le=32)] = 4
     auto_exposure: bool = True
     auto_focus: bool = True
+    #: Sources to switch to when the device is lost, in order (``camera:1``, ``file:...``).
+    fallback_devices: tuple[str, ...] = ()
 
     def capture_config(self, quality: StreamQuality) -> CaptureConfig:
         return CaptureConfig(
@@ -162,6 +164,7 @@ class CaptureEntry(_Table, frozen=True, kw_only=True):
             buffer_count=self.buffer_count,
             auto_exposure=self.auto_exposure,
             auto_focus=self.auto_focus,
+            fallback_devices=self.fallback_devices,
         )
 
 
@@ -220,6 +223,9 @@ class StreamEntry(_Table, frozen=True, kw_only=True):
     tls_key: str | None = None
     shed_under_pressure: bool = True
     content_aware_targets: bool = True
+    #: A crashed stage is restarted up to this many times within the window; then Error.
+    max_restarts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
+    restart_window_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
 
     def __post_init__(self) -> None:
         # The source and the addresses are checked by the loader, which reports them at

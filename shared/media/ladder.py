@@ -285,6 +285,15 @@ class LadderEncoder:
 
     # --- per frame ---------------------------------------------------------------------------
 
+    def continue_timeline(self, pts: int, monotonic_us: int, now: float) -> None:
+        """Carry on the timeline of a stream whose previous encoder crashed after a frame at
+        ``pts``, captured at ``monotonic_us``: later frames get pts on the same timeline, so
+        viewers' RTP timestamps and recordings run on instead of jumping back to zero
+        (``actors.recovery``).  Call before the first frame."""
+        self._origin_us = monotonic_us - pts * _US_PER_S // TIME_BASE.denominator
+        self._last_pts = pts
+        self._first_frame_at = now
+
     def begin(self, frame: FrameRead, now: float) -> LadderFrame:
         """Take ``frame`` (read from the pool at ``now``): its pts, a scene cut, which rungs."""
         if frame.pixel_format is not PixelFormat.YUV420P:
