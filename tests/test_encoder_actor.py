@@ -138,13 +138,25 @@ def readers(actor: Any) -> list[PacketRingReader]:
 
 
 def settle(actor: Any, *frames: int) -> EncoderStats:
-    """Wait until rung n has encoded ``frames[n]`` frames in all (and no more)."""
+    """Wait until rung n has encoded ``frames[n]`` frames in all (and no more), and its ring
+    holds them: the codec counts a frame on the encoder's worker thread, before the event
+    loop appends its access unit to the ring, so the count alone can run one frame ahead."""
     done = wait_for(
         lambda: stats(actor),
         lambda s: all(r.frames_encoded >= n for r, n in zip(s.rungs, frames, strict=True)),
         f"rungs to encode {frames} frames",
     )
     assert [r.frames_encoded for r in done.rungs] == list(frames)
+    rings = [PacketRing.attach(r.ring) for r in done.rungs]
+    try:
+        wait_for(
+            lambda: [ring.last_sequence() for ring in rings],
+            lambda written: written == list(frames),
+            f"rings to hold {frames} access units",
+        )
+    finally:
+        for ring in rings:
+            ring.close()
     return done
 
 
