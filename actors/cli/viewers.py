@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
-import os
 import time
 from typing import Any
 
@@ -29,6 +27,8 @@ from actors.cli.common import (
     EXIT_OK,
     EXIT_USAGE,
     UsageError,
+    add_server_arguments,
+    find_supervisor,
     print_json,
     report_error,
 )
@@ -61,10 +61,7 @@ def register(commands: Any) -> None:
         choices=[p.value for p in QualityPreset if p is not QualityPreset.CUSTOM],
         help="approve: the best rung it may get (default: no cap)",
     )
-    viewers.add_argument("--server", help="the supervisor's name, when several servers run")
-    viewers.add_argument(
-        "--address", help="the server's Ray cluster (default: RAY_ADDRESS, else this machine's)"
-    )
+    add_server_arguments(viewers)
     viewers.add_argument("--json", action="store_true", help="print one JSON object")
     viewers.set_defaults(run=run)
 
@@ -105,7 +102,7 @@ async def _act(args: argparse.Namespace) -> dict[str, Any]:
     from actors.handles import Handle
     from actors.supervisor import Supervisor
 
-    supervisor = Handle[Supervisor](_supervisor(args))
+    supervisor = Handle[Supervisor](find_supervisor(args.address, args.server))
     stream = args.stream or await _only_stream(supervisor)
     result: dict[str, Any] = {"action": args.action, "stream": stream}
     if args.action == "list":
@@ -157,41 +154,6 @@ async def _act(args: argparse.Namespace) -> dict[str, Any]:
             Supervisor.broadcast_to_viewers, stream, args.target, data
         )
     return result
-
-
-def _supervisor(args: argparse.Namespace) -> Any:
-    import ray
-
-    from actors.placement import NAMESPACE, SUPERVISOR_PREFIX
-
-    address = args.address or os.environ.get("RAY_ADDRESS") or "auto"
-    if not ray.is_initialized():
-        try:
-            ray.init(
-                address=address,
-                namespace=NAMESPACE,
-                log_to_driver=False,
-                logging_level=logging.ERROR,
-            )
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise KizunaError(
-                f"no running kizuna-stream server found (Ray cluster {address}: {exc}); "
-                "start one with kizuna-stream serve, or pass --address"
-            ) from None
-    names = sorted(
-        a["name"]
-        for a in ray.util.list_named_actors(all_namespaces=True)
-        if a["name"].startswith(SUPERVISOR_PREFIX)
-    )
-    if args.server:
-        if args.server not in names:
-            raise KizunaError(f"no server named {args.server!r}; running: {', '.join(names)}")
-        names = [args.server]
-    if not names:
-        raise KizunaError(f"no kizuna-stream server runs on the Ray cluster at {address}")
-    if len(names) > 1:
-        raise UsageError(f"several servers run ({', '.join(names)}): pick one with --server")
-    return ray.get_actor(names[0], namespace=NAMESPACE)
 
 
 async def _only_stream(supervisor: Any) -> str:
