@@ -51,6 +51,7 @@ from actors.stages.encoder import EncoderActor
 from actors.stages.sender import SenderActor
 from shared.control.restart_policy import RestartPolicy
 from shared.errors import CrashLoopError
+from shared.models import StreamState
 from shared.pool.shm import segment_name
 
 if TYPE_CHECKING:
@@ -142,22 +143,31 @@ class StageRecovery:
         try:
             if not self._running():
                 return
-            cause = f"{type(exc).__name__}: {str(unwrap(exc)).splitlines()[0]}"
-            decision = self.policy.crashed(kind, time.monotonic(), cause)
-            self.last_reason = decision.reason
-            if not decision.restart:
-                logger.error("stream %s: %s", sid, decision.reason)
-                handle.kill()  # Ray would restart it once more
-                self._fail(stream, CrashLoopError(decision.reason))
-                return
-            logger.warning("stream %s: %s", sid, decision.reason)
-            noticed = time.monotonic()
-            await until_back(handle)
-            back = time.monotonic()
-            async with stream.lock:  # not while the stream starts or stops
-                if not self._running():
+            crash: BaseException = exc
+            while True:
+                cause = f"{type(crash).__name__}: {str(unwrap(crash)).splitlines()[0]}"
+                decision = self.policy.crashed(kind, time.monotonic(), cause)
+                self.last_reason = decision.reason
+                if not decision.restart:
+                    logger.error("stream %s: %s", sid, decision.reason)
+                    handle.kill()  # Ray would restart it once more
+                    self._fail(stream, CrashLoopError(decision.reason))
                     return
-                await self._restart(kind)()
+                logger.warning("stream %s: %s", sid, decision.reason)
+                noticed = time.monotonic()
+                try:
+                    await until_back(handle)
+                    back = time.monotonic()
+                    async with stream.lock:  # not while the stream starts or stops
+                        if not self._running():
+                            return
+                        await self._restart(kind)()
+                except ray.exceptions.RayActorError as again:
+                    # It died again during its restart: another crash of the same kind, which
+                    # the policy counts (a crash loop ends in Error, not in this loop).
+                    crash = again
+                    continue
+                break
             # Where a recovery's time goes: Ray starting a process, then the start sequence.
             logger.warning(
                 "stream %s: %s restarted %.2f s after its crash was noticed (process back "
@@ -193,6 +203,8 @@ class StageRecovery:
         if stream.encoder is not None:
             await stream.encoder.call(EncoderActor.reattach_pool)
         await stream.capture.start(stream.encoder)
+        if stream.lifecycle.state is StreamState.PAUSED:  # it crashed while paused
+            await stream.capture.pause()
         if stream.config.audio is not None:
             await self._reattach_shards([segment_name(stream.session.session_id, "audio")])
 

@@ -13,6 +13,7 @@ every such node.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,8 @@ from shared.pool.shm import segment_name
 from shared.roq.tls import TlsIdentity
 
 __all__ = ["RemoteNode", "StreamOrigin", "actor_node"]
+
+logger = logging.getLogger(__name__)
 
 
 def actor_node(actor: Any) -> str:
@@ -117,14 +120,14 @@ class RemoteNode:
         return shard, url
 
     async def close(self) -> None:
-        """Stop the node's shards, then its relay (which removes the node's rings)."""
-        for shard in self.shards:
+        """Stop the node's shards, then its relay (which removes the node's rings).  Each is
+        killed even when its stop fails, and one failure does not keep the others running."""
+        handles: list[SenderHandle | NodeRelayHandle] = [*self.shards, self.relay]
+        for handle in handles:
             try:
-                await shard.stop()
+                await handle.stop()
+            except Exception as exc:
+                logger.warning("stopping %s of node %s failed: %s", handle.kind, self.tag, exc)
             finally:
-                shard.kill()
+                handle.kill()
         self.shards.clear()
-        try:
-            await self.relay.stop()
-        finally:
-            self.relay.kill()

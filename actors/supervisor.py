@@ -301,6 +301,8 @@ class Supervisor:
                 shards.registry.add_shard(role, now)
             elif role == "webrtc":
                 stream.webrtc = WebRTCHandle(actor(role))
+            elif role == "relay" or role.startswith("relay-") or "-shard" in role:
+                continue  # a relay or a remote node's shard: their owner (remote_shards) runs them
             elif role not in ("capture", "encoder", "quality"):
                 # A recorder: what it wrote is finished cleanly; its recording's bookkeeping
                 # died with the old supervisor.
@@ -320,8 +322,10 @@ class Supervisor:
             stream,
             self._recordings,
             fail=self._fail,
+            # A paused stream's stages are restarted too (capture is paused again after).
             running=lambda: (
-                self._streams.get(sid) is stream and stream.lifecycle.state is StreamState.ACTIVE
+                self._streams.get(sid) is stream
+                and stream.lifecycle.state in (StreamState.ACTIVE, StreamState.PAUSED)
             ),
         )
         stream.recovery.start()

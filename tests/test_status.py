@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 import ray
 
 from actors import StreamManager
+from actors.placement import SUPERVISOR_PREFIX
 from shared.models import AccessMode, RecordingConfig, StreamAccess, StreamConfig
 from shared.viewer.client import Viewer
 from tests.conftest import wait_for_no_leaks
@@ -116,8 +118,26 @@ def test_status_lists_every_actor_and_the_stream(ray_cluster: str, tmp_path: Pat
 
 
 def test_status_of_a_cluster_without_a_server_says_so(ray_cluster: str) -> None:
+    # An earlier test's supervisor is killed as its manager exits; its name goes a moment
+    # later.  Until then there *is* a server on the cluster.
+    wait_for_no_supervisor()
     code, stdout, _ = asyncio.run(status_cli(ray_cluster, "--json"))
     assert code == 1
     assert json.loads(stdout)["error"]["message"] == (
         f"no kizuna-stream server runs on the Ray cluster at {ray_cluster}"
     )
+
+
+def wait_for_no_supervisor(timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        names = [
+            a["name"]
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith(SUPERVISOR_PREFIX)
+        ]
+        if not names:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"supervisors still registered after {timeout} s: {names}")
+        time.sleep(0.1)

@@ -26,8 +26,12 @@ _SAMPLE = re.compile(r"^(?P<name>[a-z_]+)\{(?P<labels>[^}]*)\} (?P<value>\S+)$")
 def scrape() -> list[tuple[str, dict[str, str], float]]:
     """Every sample on this node's Ray metrics endpoint, as Prometheus serves it."""
     port = ray.nodes()[0]["MetricsExportPort"]
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        body = response.read().decode()
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            body = response.read().decode()
+    except OSError:
+        return []  # the metrics agent is not listening yet: the callers wait for samples
+
     samples = []
     for line in body.splitlines():
         match = _SAMPLE.match(line)
@@ -89,7 +93,7 @@ def test_metrics_reach_prometheus_and_admission_reads_the_monitor(ray_cluster: s
                 await manager.set_admission(None)
                 second = await manager.start_camera_stream(StreamConfig(quality=SMALL))
                 await manager.stop_stream(second.session_id)
-                assert overview.net_sent_per_s >= 0
+                assert overview.net_sent_per_s > 0  # a viewer is watching
             finally:
                 watching.cancel()
                 await viewer.close()
