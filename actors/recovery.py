@@ -155,16 +155,18 @@ class StageRecovery:
                     return
                 logger.warning("stream %s: %s", sid, decision.reason)
                 noticed = time.monotonic()
+                # An actor killed for good (no restart left) fails here, and the stream with it.
+                await until_back(handle)
+                back = time.monotonic()
                 try:
-                    await until_back(handle)
-                    back = time.monotonic()
                     async with stream.lock:  # not while the stream starts or stops
                         if not self._running():
                             return
                         await self._restart(kind)()
                 except ray.exceptions.RayActorError as again:
-                    # It died again during its restart: another crash of the same kind, which
-                    # the policy counts (a crash loop ends in Error, not in this loop).
+                    # It died again during its restart sequence: another crash of the same
+                    # kind, which the policy counts (a crash loop ends in Error, not here);
+                    # whether Ray brings it back once more, ``until_back`` says.
                     crash = again
                     continue
                 break
