@@ -33,7 +33,15 @@ def ray_cluster() -> Iterator[str]:
     """The session's Ray cluster; yields its GCS address so subprocesses can join it."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, namespace="kizuna", log_to_driver=False)
+    # address="local": always a fresh cluster of our own, never one a stray `ray start` left
+    # running on this machine (ray.init() alone would join it).
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        namespace="kizuna",
+        log_to_driver=False,
+    )
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
