@@ -123,7 +123,17 @@ def main(argv: list[str] | None = None) -> None:
         help="run a failed run again up to N times (default 0: a failure is a finding, not"
         " noise; every failure is reported either way)",
     )
+    parser.add_argument(
+        "--rescore",
+        type=Path,
+        metavar="FILE",
+        help="run nothing: recompute FILE's figures from the raw lines it keeps, with this"
+        " checkout's extractors (after an extractor is added or fixed), and rewrite it",
+    )
     args = parser.parse_args(argv)
+    if args.rescore is not None:
+        rescore(args.rescore, json_out=args.json)
+        return
     if not args.soak_minutes > 0:
         parser.error(f"--soak-minutes must be positive, not {args.soak_minutes}")
     if args.retries < 0:
@@ -237,6 +247,40 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name}: {count} repeat(s) dropped to stay within {budget_s / 60:g} minutes")
     if failures:
         sys.exit(1)
+
+
+def rescore(path: Path, *, json_out: bool) -> None:
+    """Recompute the figures of the results in ``path`` from its stored raw lines.
+
+    Every run's JSON lines are kept in the results (``benchmarks[name].runs``), so a figure
+    whose extractor changed is recomputed from what was measured, without measuring again.
+    """
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        sys.exit(f"perf: cannot read results {path}: {error}")
+    by_name = {e.name: e for e in entries(soak_minutes=result.get("soak_minutes") or 1.0)}
+    figures: list[Figure] = []
+    for name, bench in result.get("benchmarks", {}).items():
+        entry = by_name.get(name)
+        if entry is None:
+            _progress(f"{name}: not in this checkout's registry, its figures are dropped")
+            continue
+        readings = [
+            entry.extract(run["lines"]) for run in bench.get("runs", []) if run["error"] is None
+        ]
+        figures += aggregate(name, readings)
+    result["figures"] = msgspec.to_builtins(figures)
+    result["rescored"] = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **git_commit(str(ROOT)),
+    }
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    _progress(f"rescored {path}: {len(figures)} figures")
+    if json_out:
+        sys.stdout.write(json.dumps(result) + "\n")
+    else:
+        print(table(figures, result.get("failures", {})))
 
 
 def _merged(previous: dict[str, Any], new: dict[str, Any], rerun: list[str]) -> dict[str, Any]:

@@ -325,6 +325,131 @@ def soak(lines: Lines) -> list[Reading]:
     return readings
 
 
+def recovery(lines: Lines) -> list[Reading]:
+    """One figure per actor kind: SIGKILL to the next frame decoded at a viewer."""
+    readings: list[Reading] = []
+    for line in _only(lines, "recovery"):
+        kind = line.get("kind", "?")
+        readings.append(
+            Reading(
+                name=f"recovery after SIGKILL: {kind}",
+                unit="s",
+                ours=_get(line, "recover_s"),
+                target=Target("ours", "<=", 3.0),
+            )
+        )
+        if "recording_resumed_s" in line:
+            readings.append(
+                Reading(
+                    name="recording resumed after recorder SIGKILL",
+                    unit="s",
+                    ours=_get(line, "recording_resumed_s"),
+                )
+            )
+    return readings
+
+
+def webrtc(lines: Lines) -> list[Reading]:
+    """Browser-protocol viewers (WHEP, aiortc clients) against QUIC viewers, same stream."""
+    readings: list[Reading] = []
+    for line in _only(lines, "webrtc_vs_quic"):
+        webrtc_vpc, quic_vpc = (
+            _get(line, "webrtc_viewers_per_core"),
+            _get(line, "quic_viewers_per_core"),
+        )
+        readings += [
+            Reading(
+                name="WebRTC viewers per core",
+                unit="viewers",
+                ours=webrtc_vpc,
+                peer=quic_vpc,
+                peer_name="QUIC viewers",
+                ratio=_get(line, "ratio"),
+            ),
+            Reading(
+                name="WebRTC viewer latency p50",
+                unit="ms",
+                ours=_get(line, "webrtc_latency_p50_ms"),
+                peer=_get(line, "quic_latency_p50_ms"),
+                peer_name="QUIC viewers",
+                ratio=_ratio(line, "webrtc_latency_p50_ms", "quic_latency_p50_ms"),
+            ),
+            Reading(
+                name="WebRTC viewer latency p95",
+                unit="ms",
+                ours=_get(line, "webrtc_latency_p95_ms"),
+                peer=_get(line, "quic_latency_p95_ms"),
+                peer_name="QUIC viewers",
+                ratio=_ratio(line, "webrtc_latency_p95_ms", "quic_latency_p95_ms"),
+            ),
+        ]
+    return readings
+
+
+def relay(lines: Lines) -> list[Reading]:
+    """The node relay's carrier against the alternative it was chosen over (Ray object refs)."""
+    readings: list[Reading] = []
+    for line in _only(lines, "relay"):
+        for stat in ("p50", "p99"):
+            readings.append(
+                Reading(
+                    name=f"relay delay {stat} (TCP carrier)",
+                    unit="ms",
+                    ours=_get(line, f"tcp_delay_{stat}_ms"),
+                    peer=_get(line, f"ray_delay_{stat}_ms"),
+                    peer_name="Ray object refs",
+                    ratio=_ratio(line, f"tcp_delay_{stat}_ms", f"ray_delay_{stat}_ms"),
+                )
+            )
+        readings.append(
+            Reading(
+                name="relay CPU (TCP carrier, both ends)",
+                unit="% core",
+                ours=_get(line, "tcp_cpu_pct"),
+                peer=_get(line, "ray_cpu_pct"),
+                peer_name="Ray object refs",
+                ratio=_ratio(line, "tcp_cpu_pct", "ray_cpu_pct"),
+            )
+        )
+    return readings
+
+
+def scaleout(lines: Lines) -> list[Reading]:
+    """Delivered bitrate per node count of the local test cluster (one machine's cores: the
+    wiring and the relay's delay, not a real cluster's capacity), against one node."""
+    readings: list[Reading] = []
+    for line in _only(lines, "scaleout"):
+        runs = [r for r in line.get("runs", []) if isinstance(r, dict)]
+        one = next((r for r in runs if r.get("nodes") == 1), None)
+        for run in runs:
+            nodes, mbps = run.get("nodes"), _get(run, "delivered_mbps")
+            base = _get(one, "delivered_mbps") if one is not None else None
+            readings.append(
+                Reading(
+                    name=f"scale-out delivered, {nodes} node(s), {run.get('viewers')} viewers",
+                    unit="Mbps",
+                    ours=mbps,
+                    peer=base,
+                    peer_name="1 node",
+                    ratio=round(mbps / base, 2) if mbps is not None and base else None,
+                )
+            )
+        for stat in ("p50", "p99"):
+            readings.append(
+                Reading(
+                    name=f"scale-out relay delay {stat}",
+                    unit="ms",
+                    ours=_get(line, f"relay_delay_{stat}_ms"),
+                )
+            )
+    return readings
+
+
+def _ratio(line: dict[str, Any], ours: str, peer: str) -> float | None:
+    a, b = _get(line, ours), _get(line, peer)
+    return round(a / b, 3) if a is not None and b else None
+
+
 def generic(lines: Lines) -> list[Reading]:
     """Every numeric top-level key of every line, as it is: for benchmarks not yet described."""
     return [
@@ -454,15 +579,55 @@ ENTRIES: Final = (
         cost_s=SUITE_SOAK_MINUTES * 60 + 40,
         samples_flag="--series-out",
     ),
+    Entry(
+        "recovery",
+        "perf.bench_recovery",
+        (),
+        None,
+        repeats=1,
+        repeats_quick=0,
+        extract=recovery,
+        timeout_s=300,
+        cost_s=40,
+    ),
+    Entry(
+        "webrtc",
+        "perf.bench_webrtc",
+        (),
+        None,
+        repeats=1,
+        repeats_quick=0,
+        extract=webrtc,
+        timeout_s=300,
+        cost_s=50,
+    ),
+    Entry(
+        "relay",
+        "perf.bench_relay",
+        (),
+        None,
+        repeats=1,
+        repeats_quick=0,
+        extract=relay,
+        timeout_s=300,
+        cost_s=30,
+    ),
+    Entry(
+        "scaleout",
+        "perf.bench_scaleout",
+        (),
+        None,
+        repeats=1,
+        repeats_quick=0,
+        extract=scaleout,
+        timeout_s=300,
+        cost_s=70,
+    ),
 )
 
-#: Benchmarks other issues add; run (with :func:`generic` figures) once their module exists.
-OPTIONAL_MODULES: Final = (
-    ("recovery", "perf.bench_recovery"),
-    ("webrtc", "perf.bench_webrtc"),
-    ("relay", "perf.bench_relay"),
-    ("scaleout", "perf.bench_scaleout"),
-)
+#: Benchmarks a later change adds before it writes their extractor: registered by module name
+#: when present, their numeric top-level keys reported as they are (:func:`generic`).
+OPTIONAL_MODULES: tuple[tuple[str, str], ...] = ()
 
 
 def entries(*, soak_minutes: float = SUITE_SOAK_MINUTES) -> list[Entry]:

@@ -163,3 +163,43 @@ def test_a_repeat_runs_only_if_every_first_run_still_fits_the_budget_at_the_obse
     assert not fits(elapsed_s=200, planned_done_s=100, next_s=50, rest_s=500, budget_s=900)
     # Faster than planned never shrinks the plan below its own cost.
     assert not fits(elapsed_s=50, planned_done_s=100, next_s=50, rest_s=820, budget_s=900)
+
+
+def test_recovery_gives_one_figure_per_actor_kind_not_a_median_across_kinds() -> None:
+    # The generic extractor once folded every kind's recover_s into one median, which read as
+    # "recovery 1.47 s" while the shard took 5.4 s: each kind is its own figure and target.
+    lines = [
+        {"benchmark": "recovery", "kind": "capture", "recover_s": 1.5, "frames_lost": 44},
+        {"benchmark": "recovery", "kind": "shard", "recover_s": 5.4, "frames_lost": 162},
+        {
+            "benchmark": "recovery",
+            "kind": "recorder",
+            "recover_s": 0.01,
+            "recording_resumed_s": 1.5,
+        },
+    ]
+    figures = {f.name: f for f in aggregate("recovery", [registry.recovery(lines)])}
+    assert figures["recovery after SIGKILL: capture"].met is True
+    assert figures["recovery after SIGKILL: shard"].ours == 5.4
+    assert figures["recovery after SIGKILL: shard"].met is False
+    assert figures["recording resumed after recorder SIGKILL"].ours == 1.5
+
+
+def test_scaleout_compares_each_node_count_with_one_node_of_the_same_run() -> None:
+    line = {
+        "benchmark": "scaleout",
+        "runs": [
+            {"nodes": 1, "viewers": 10, "delivered_mbps": 6.0},
+            {"nodes": 3, "viewers": 30, "delivered_mbps": 15.0},
+        ],
+        "relay_delay_p50_ms": 4.0,
+    }
+    readings = {r.name: r for r in registry.scaleout([line])}
+    assert readings["scale-out delivered, 3 node(s), 30 viewers"].ratio == 2.5
+    assert readings["scale-out relay delay p50"].ours == 4.0
+    assert readings["scale-out relay delay p99"].ours is None
+
+
+def test_every_benchmark_module_in_the_checkout_has_a_named_extractor() -> None:
+    # No benchmark of the suite reports through the generic fallback.
+    assert all(e.extract is not registry.generic for e in registry.entries())
