@@ -43,7 +43,7 @@ from actors.stages.sender import SenderActor, SenderStats
 from shared.auth.server import AccessSettings
 from shared.auth.stream_router import Refuse, Route, StreamRouter
 from shared.errors import ConfigError, StreamNotFoundError
-from shared.models import ViewerLimits
+from shared.models import StreamAccess, ViewerLimits
 from shared.roq.tls import TlsIdentity
 from shared.roq.transport import RoqConnection, RoqServer
 
@@ -65,9 +65,12 @@ class SharedPortStats(msgspec.Struct, kw_only=True):
 
 
 class SharedPortActor:
-    def __init__(self, hello_timeout_s: float = 5.0) -> None:
-        self._router = StreamRouter(hello_timeout_s=hello_timeout_s)
+    def __init__(self) -> None:
+        self._router = StreamRouter()
         self._senders: dict[str, SenderActor] = {}
+        #: Each stream's hello timeout: the port waits for a hello as long as the most
+        #: patient of its streams would.
+        self._hello_timeouts: dict[str, float] = {}
         #: The stream each handed-over connection belongs to.
         self._routes: dict[RoqConnection, SenderActor] = {}
         self._server: RoqServer | None = None
@@ -114,6 +117,9 @@ class SharedPortActor:
         url = await sender.open_hosted(self._host, self._server.port, self._identity)
         self._senders[session_id] = sender
         self._router.streams.add(session_id)
+        settings = access or AccessSettings(access=StreamAccess())
+        self._hello_timeouts[session_id] = settings.access.hello_timeout_s
+        self._router.hello_timeout_s = max(self._hello_timeouts.values())
         logger.info("port %d: stream %s added", self._server.port, session_id)
         return url
 
@@ -124,6 +130,7 @@ class SharedPortActor:
         if sender is None:
             return None
         self._router.streams.discard(session_id)
+        self._hello_timeouts.pop(session_id, None)
         for connection in [c for c, s in self._routes.items() if s is sender]:
             del self._routes[connection]
         return await sender.stop()
