@@ -3,7 +3,8 @@
 Two healthy streams of different sizes, one open and one behind tokens, share one port: each
 real viewer decodes its own stream's pictures, a viewer naming a stream the port does not carry
 is refused with UNKNOWN_STREAM, the port's process killed with SIGKILL comes back with both
-streams (their viewers reconnect by themselves), pausing or removing one leaves the other's
+streams (their viewers reconnect by themselves), a restarted supervisor takes the port back
+with its streams, pausing or removing one leaves the other's
 viewer playing, and the port closes with its last stream, leaving no actor, segment or
 doorbell.  ``serve --config`` with two streams on one address is ``test_config_serve.py``.
 """
@@ -59,6 +60,17 @@ async def port_pid(manager: StreamManager, sid: str, port: int) -> int | None:
         if process.label == f"{sid}/sender-port-{port}":
             return process.pid
     return None
+
+
+def _pid(actor: object) -> int:
+    return os.getpid()
+
+
+async def active(manager: StreamManager) -> list[str] | None:
+    try:
+        return [s.session_id for s in await manager.get_active_streams()]
+    except Exception:  # the supervisor is still restarting
+        return None
 
 
 async def decodes_more(viewer: Viewer, frames: int, what: str) -> None:
@@ -134,6 +146,19 @@ def test_two_streams_on_one_port_each_viewer_gets_its_own(ray_cluster: str) -> N
                 assert len(port_actors(port)) == 1
                 # Still each its own stream after the reconnect.
                 assert (wide_viewer.report().width, small_viewer.report().width) == (320, 256)
+
+                # The supervisor killed: its successor takes both streams back with their part
+                # of the port (the port's last stream leaving below then ends its process).
+                port_process = await port_pid(manager, small, port)
+                supervisor = manager._supervisor.actor
+                os.kill(await supervisor.__ray_call__.remote(_pid), signal.SIGKILL)
+                await eventually(
+                    lambda: active(manager),
+                    lambda ids: ids is not None and set(ids) == {wide, small},
+                    "both streams taken back",
+                )
+                for sid in (wide, small):
+                    assert await port_pid(manager, sid, port) == port_process
 
                 # One paused: the other's viewer plays on; the paused one's stays connected.
                 await manager.pause_stream(wide)
