@@ -51,6 +51,7 @@ from actors.handles import (
 from actors.metrics import StreamMetrics
 from actors.placement import NAMESPACE, spawn
 from actors.port_listeners import PortListeners
+from actors.port_listeners import actor_name as port_actor_name
 from actors.recordings import Recordings, StreamContext
 from actors.recovery import RAY_RESTARTS, StageRecovery
 from actors.shards import Shard, ShardPool
@@ -1172,8 +1173,16 @@ class Supervisor:
             ]
             if stream.shards is not None:
                 labelled += [
-                    ("shard", f"kz-{sid}-{shard_id}", f"{sid}/sender-{shard_id}", pid)
-                    for shard_id, pid in stream.shards.pids().items()
+                    (
+                        "shard",
+                        # The stream's part of a shared port runs in that port's process.
+                        f"kz-{sid}-{shard.shard_id}"
+                        if shard.shared_port is None
+                        else port_actor_name(shard.port, shard.shared_port),
+                        f"{sid}/sender-{shard.shard_id}",
+                        shard.pid,
+                    )
+                    for shard in stream.shards.shards.values()
                 ]
             recorder_pids = self._recordings.pids()
             recorder_names = self._recordings.actor_names()

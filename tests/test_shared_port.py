@@ -98,6 +98,10 @@ def test_two_streams_on_one_port_each_viewer_gets_its_own(ray_cluster: str) -> N
             assert wide_url.fingerprint == small_url.fingerprint
             assert (wide_url.session_id, small_url.session_id) == (wide, small)
             assert len(port_actors(port)) == 1
+            # ``status`` names the process that serves each stream there: the port's.
+            shards = [a for a in (await manager.overview()).actors if a.role == "shard"]
+            assert sorted(a.stream or "" for a in shards) == sorted([wide, small])
+            assert {a.name for a in shards} == set(port_actors(port))
 
             token = await manager.issue_token(small)
             wide_viewer = await Viewer.connect(wide_url)
