@@ -261,6 +261,11 @@ class StreamManager:
         URL they connect to (``serve``)."""
         return await self._supervisor.call(Supervisor.open_shards, session_id, count, port)
 
+    async def open_shared_port(self, session_id: str, port: int) -> str:
+        """Serve the stream on ``port`` together with other streams opened there this way
+        (each viewer gets the stream its URL names); the URL its viewers connect to."""
+        return await self._supervisor.call(Supervisor.open_shared_port, session_id, port)
+
     async def open_whep(self, session_id: str, host: str = "127.0.0.1", port: int = 0) -> str:
         """Serve the stream's browser viewers over WebRTC (WHEP, HTTP on ``host:port``); the
         endpoint's URL, whose ``/player`` is the player page."""

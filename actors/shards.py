@@ -23,6 +23,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import psutil
@@ -65,6 +66,10 @@ class Shard:
     last: SenderStats | None = None
     #: Ports of shards that died, now served here too.
     adopted_ports: list[int] = field(default_factory=list)
+    #: Set when this is the stream's part of a port several streams share: the generation
+    #: of that port's process (``actors.port_listeners``).  Such a shard is never retired,
+    #: and when it dies the stream rejoins the port instead of moving it to a survivor.
+    shared_port: int | None = None
     _process: psutil.Process | None = None
     _sampled_at: float = 0.0
     _bytes: int = 0
@@ -109,6 +114,10 @@ class ShardPool:
     #: Ports of dead shards nobody could take over yet (a new shard that did not open in
     #: time on a loaded node): tried again each round, since their viewers keep coming back.
     _unadopted: dict[str, tuple[Shard, list[int]]] = field(default_factory=dict)
+    #: Puts the stream back on its shared port after that port's process died (set by
+    #: ``actors.port_listeners`` when the stream joins one); shards it could not yet.
+    rejoin: Callable[[Shard], Awaitable[Shard]] | None = None
+    _unjoined: list[Shard] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         limits = self.limits
@@ -245,13 +254,21 @@ class ShardPool:
                 for peer in result.peers
             ]
             events += self.registry.reconcile(shard.shard_id, connections, now)
+        unjoined, self._unjoined = self._unjoined, []
         for shard in lost:
-            await self._adopt(shard)
+            if shard.shared_port is None:
+                await self._adopt(shard)
+            else:
+                unjoined.append(shard)
+        for shard in unjoined:
+            await self._rejoin(shard)
         for shard_id, (dead, ports) in list(self._unadopted.items()):
             del self._unadopted[shard_id]
             await self._adopt(dead, ports=ports)
         events += self.registry.expire(now)
         for shard_id in self.balancer.retire(self.loads(), now):
+            if self.shards[shard_id].shared_port is not None:
+                continue  # the stream's address on a shared port: it stays
             shard = self.shards.pop(shard_id)
             events += self.registry.shard_lost(shard_id, now)
             logger.info("stream %s: retiring idle %s", self.session_id, shard_id)
@@ -297,6 +314,27 @@ class ShardPool:
             dead.shard_id,
             ports,
         )
+
+    async def _rejoin(self, dead: Shard) -> None:
+        if self.rejoin is None:
+            return
+        try:
+            await self.rejoin(dead)
+        except (KizunaError, OSError, ray.exceptions.RayError, TimeoutError) as exc:
+            logger.warning(
+                "stream %s: could not rejoin shared port %d yet: %s",
+                self.session_id,
+                dead.port,
+                str(unwrap(exc)) or type(exc).__name__,
+            )
+            self._unjoined.append(dead)  # again at the next round
+
+    async def attach(self, shard: Shard) -> None:
+        """A shard started elsewhere (the stream's part of a shared port) joins the pool."""
+        if self.quality is not None:
+            await self.quality.add_sender(shard.shard_id, shard.handle)
+        self.shards[shard.shard_id] = shard
+        self.registry.add_shard(shard.shard_id, time.monotonic())
 
     async def remove_viewer(self, viewer_id: str) -> bool:
         """Forget a viewer and close its connection; False if it was not registered."""

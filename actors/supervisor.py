@@ -50,6 +50,8 @@ from actors.handles import (
 )
 from actors.metrics import StreamMetrics
 from actors.placement import NAMESPACE, spawn
+from actors.port_listeners import PortListeners
+from actors.port_listeners import actor_name as port_actor_name
 from actors.recordings import Recordings, StreamContext
 from actors.recovery import RAY_RESTARTS, StageRecovery
 from actors.shards import Shard, ShardPool
@@ -193,6 +195,8 @@ class Supervisor:
         self._streams: dict[str, _Stream] = {}
         self._scheduler = StreamScheduler(max_streams=max_streams)
         self._ports = ListenPorts()
+        #: Ports several streams share, each owned by one process (``actors.port_listeners``).
+        self._listeners = PortListeners(self._ports)
         self._monitor = ResourceMonitor()
         #: The monitor's samples, taken every health round (``_publish``): what admission,
         #: ``status`` and the Ray metrics read.
@@ -309,6 +313,8 @@ class Supervisor:
                 recorder = RecorderHandle(actor(role))
                 await attempt(recorder.stop, f"stop recorder {role}", f"stream {sid}")
                 recorder.kill()
+        if await self._listeners.adopt(shards) is not None:  # its part of a shared port
+            shards.rejoin = lambda dead: self._listeners.rejoin(shards, dead)
         nodes = [NodeInfo(node_id=record.node_id, cpus=float("inf"), alive=True)]
         self._scheduler.place(sid, config.quality, nodes, prefer=record.node_id)
         self._streams[sid] = stream
@@ -591,6 +597,7 @@ class Supervisor:
         for name in stream.segments:
             unlink_segment(name)
         self._scheduler.release(sid)
+        await self._listeners.leave(sid)
         self._ports.release_stream(sid)
         supervisor_state.delete(self._name, sid)
 
@@ -875,6 +882,9 @@ class Supervisor:
             raise ConfigError(f"open at least one shard, not {count}")
         shards = stream.shards
         assert shards is not None
+        if port and self._listeners.shared(port):
+            # Streams already share this port (``serve --config``): join them there.
+            return await self.open_shared_port(session_id, port)
         url = ""
         for _ in range(count if port else 1):
             self._ports.reserve(session_id, port)
@@ -885,6 +895,18 @@ class Supervisor:
                 raise
             url = str(shard.url)
         return url
+
+    async def open_shared_port(self, session_id: str, port: int) -> str:
+        """Carry the stream on ``port`` together with other streams opened there this way: one
+        process owns the port and gives each viewer the stream its hello names
+        (``actors.port_listeners``); the URL the stream's viewers connect to."""
+        stream = self._get(session_id)
+        stream.lifecycle.check(StreamOperation.ADD_VIEWER)
+        shards = stream.shards
+        assert shards is not None
+        shard = await self._listeners.join(shards, port)
+        shards.rejoin = lambda dead: self._listeners.rejoin(shards, dead)
+        return str(shard.url)
 
     async def open_whep(self, session_id: str, host: str = "127.0.0.1", port: int = 0) -> str:
         """Serve the stream's browser viewers over WebRTC: the WHEP endpoint's URL (HTTP on
@@ -1151,8 +1173,16 @@ class Supervisor:
             ]
             if stream.shards is not None:
                 labelled += [
-                    ("shard", f"kz-{sid}-{shard_id}", f"{sid}/sender-{shard_id}", pid)
-                    for shard_id, pid in stream.shards.pids().items()
+                    (
+                        "shard",
+                        # The stream's part of a shared port runs in that port's process.
+                        f"kz-{sid}-{shard.shard_id}"
+                        if shard.shared_port is None
+                        else port_actor_name(shard.port, shard.shared_port),
+                        f"{sid}/sender-{shard.shard_id}",
+                        shard.pid,
+                    )
+                    for shard in stream.shards.shards.values()
                 ]
             recorder_pids = self._recordings.pids()
             recorder_names = self._recordings.actor_names()

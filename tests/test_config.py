@@ -50,6 +50,9 @@ def test_the_example_loads_with_every_setting() -> None:
     assert desk.config.record.output_path == str(EXAMPLE.parent / "recordings" / "desk.mp4")
     assert desk.config.record.max_duration_s == 600
     assert desk.config.capture is None
+    # desk shares lobby's address: one process serves both there.
+    assert (desk.listen_host, desk.port) == ("127.0.0.1", 4433)
+    assert lobby.shared_port and desk.shared_port
     # Each stream remembers where its table begins, for errors found when it starts.
     text = EXAMPLE.read_text().splitlines()
     assert text[lobby.line - 1].strip() == "[[streams]]"
@@ -65,6 +68,18 @@ def test_defaults_for_a_minimal_stream() -> None:
     assert stream.senders == 1
     assert stream.config.content_aware_targets
     assert (stream.config.max_restarts, stream.config.restart_window_s) == (3, 30.0)
+
+
+def test_streams_may_share_a_listen_address() -> None:
+    config = load_server_config(
+        GOOD
+        + '\n[[streams]]\nname = "b"\nlisten = "127.0.0.1:5000"\n'
+        + '\n[[streams]]\nname = "c"\nlisten = "127.0.0.1:5001"\n'
+    )
+    a, b, c = config.streams
+    assert (a.port, b.port, c.port) == (5000, 5000, 5001)
+    # Only the streams that share a port are served by its one process.
+    assert (a.shared_port, b.shared_port, c.shared_port) == (True, True, False)
 
 
 def test_recovery_settings_reach_the_stream() -> None:
@@ -169,11 +184,27 @@ BAD: list[tuple[str, str, int | None, str, str]] = [
         "a second stream named 'a' (the first is streams[0])",
     ),
     (
-        "two streams on one port",
-        GOOD + '\n[[streams]]\nname = "b"\nlisten = "127.0.0.1:5000"\n',
+        "a stream on another's port from another host",
+        GOOD + '\n[[streams]]\nname = "b"\nlisten = "0.0.0.0:5000"\n',
         7,
         "streams[1] (b).listen",
-        "127.0.0.1:5000 is stream 'a''s address too",
+        "0.0.0.0:5000 takes stream 'a''s port on another host (127.0.0.1:5000)",
+    ),
+    (
+        "two streams on one port with different certificates",
+        GOOD
+        + '\n[[streams]]\nname = "b"\nlisten = "127.0.0.1:5000"\n'
+        + 'tls_cert = "b.pem"\ntls_key = "b.key"\n',
+        8,
+        "streams[1] (b).tls_cert",
+        "shares a port with stream 'a' but not its certificate",
+    ),
+    (
+        "several senders on a shared port",
+        GOOD + '\n[[streams]]\nname = "b"\nlisten = "127.0.0.1:5000"\nsenders = 4\n',
+        8,
+        "streams[1] (b).senders",
+        "one process serves a shared port, so leave senders at 1",
     ),
     (
         "audio sample rate Opus cannot take",

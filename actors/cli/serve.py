@@ -5,7 +5,9 @@
 
 ``--config`` starts every ``[[streams]]`` of the file (``deploy/server.example.toml`` shows
 each setting; ``shared.config`` validates it, and a mistake is one error naming the file and
-the line, before anything starts).  ``--source`` and its options are the one-stream shortcut.
+the line, before anything starts).  Streams of the file that give the same ``listen`` address
+share its port: one process serves them there, and each viewer gets the stream its URL names
+(``actors.port_listeners``).  ``--source`` and its options are the one-stream shortcut.
 
 Starts (or joins) a Ray cluster, starts the stream, and starts ``--senders`` sender actors
 (default: one per CPU core) that all listen on the same UDP port with ``SO_REUSEPORT``; the
@@ -272,6 +274,7 @@ async def serve(
     from actors.handles import SenderHandle
     from actors.manager import StreamManager
     from actors.placement import NAMESPACE
+    from actors.port_listeners import StreamOnPortHandle
     from shared.auth.secret_file import load_secret
 
     tokens = any(s.config.access.mode == AccessMode.TOKEN for s in server.streams)
@@ -291,15 +294,24 @@ async def serve(
             try:
                 session = await manager.start_camera_stream(spec.config)
                 sid = session.session_id
-                port = spec.port or free_port(spec.listen_host)
-                url = await manager.open_shards(sid, spec.senders, port=port)
+                if spec.shared_port:
+                    # One process serves every stream of the file on this port.
+                    url = await manager.open_shared_port(sid, spec.port)
+                else:
+                    port = spec.port or free_port(spec.listen_host)
+                    url = await manager.open_shards(sid, spec.senders, port=port)
                 whep = await manager.open_whep(sid, *spec.http) if spec.http else None
             except KizunaError as exc:
                 raise type(exc)(f"{_where(server, spec)}{exc}") from None
+            named = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
             handles = [
-                SenderHandle(ray.get_actor(actor["name"], namespace=NAMESPACE))
-                for actor in ray.util.list_named_actors(all_namespaces=True)
-                if actor["name"].startswith(f"kz-{sid}-shard-")
+                SenderHandle(ray.get_actor(name, namespace=NAMESPACE))
+                for name in named
+                if name.startswith(f"kz-{sid}-shard-")
+            ] + [
+                StreamOnPortHandle(ray.get_actor(name, namespace=NAMESPACE), sid)
+                for name in named
+                if spec.shared_port and name.startswith(f"kz-port-{spec.port}-")
             ]
             running.append(_Running(spec, sid, url, handles))
             announced.append(

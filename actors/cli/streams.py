@@ -187,9 +187,14 @@ async def _act(args: argparse.Namespace, specs: list[StreamSpec]) -> dict[str, A
         for spec in specs:
             session = await supervisor.call(Supervisor.start_stream, spec.config, None, None)
             try:
-                url = await supervisor.call(
-                    Supervisor.open_shards, session.session_id, spec.senders, spec.port
-                )
+                if spec.shared_port:
+                    url = await supervisor.call(
+                        Supervisor.open_shared_port, session.session_id, spec.port
+                    )
+                else:
+                    url = await supervisor.call(
+                        Supervisor.open_shards, session.session_id, spec.senders, spec.port
+                    )
             except BaseException:
                 await supervisor.call(Supervisor.stop_stream, session.session_id)
                 raise

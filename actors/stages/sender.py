@@ -216,6 +216,10 @@ class SenderActor:
         #: Every address this shard listens on (the first, and those taken over from shards
         #: that died).
         self._servers: list[RoqServer] = []
+        #: Connections handed over by the process that owns a port several streams share
+        #: (:meth:`open_hosted`, :mod:`actors.stages.shared_port`), and that port.
+        self._hosted: set[RoqConnection] = set()
+        self._hosted_port: int | None = None
 
     async def open(
         self,
@@ -230,6 +234,37 @@ class SenderActor:
         the port; a port held by a socket without SO_REUSEPORT is still "already in use".
         """
         identity = identity or generate_self_signed(host)
+        await self._prepare(identity)
+        self._server = self._new_server()
+        try:
+            await self._server.start(
+                host, port, reuse_port=port != 0 if reuse_port is None else reuse_port
+            )
+        except BaseException:
+            self._close_sources()
+            raise
+        self._servers.append(self._server)
+        return self._begin(host, self._server.port)
+
+    async def open_hosted(self, host: str, port: int, identity: TlsIdentity) -> str:
+        """Serve the viewers another object's server hands over (:meth:`adopt`): the stream
+        on a port it shares with other streams, in the process that owns that port
+        (:mod:`actors.stages.shared_port`); returns the URL its viewers connect to."""
+        await self._prepare(identity)
+        self._hosted_port = port
+        return self._begin(host, port)
+
+    def adopt(self, connection: RoqConnection, control: bytes, end_stream: bool) -> None:
+        """A connection of the shared port whose hello named this stream: connect it, then
+        feed it every control byte it sent (the hello first, which admission parses)."""
+        self._hosted.add(connection)
+        refused = self._refused
+        self._on_connect(connection)
+        if self._refused == refused:  # not closed at once for a limit
+            self._on_control(connection, control, end_stream)
+
+    async def _prepare(self, identity: TlsIdentity) -> None:
+        """Everything but the socket: the rings, the broadcast core, admission."""
         if self._ring_name is not None:  # None: an audio-only stream
             await self._attach_rungs()
         try:
@@ -265,22 +300,16 @@ class SenderActor:
             on_select_rung=self._on_select_rung,
         )
         self._identity = identity
-        self._server = self._new_server()
-        try:
-            await self._server.start(
-                host, port, reuse_port=port != 0 if reuse_port is None else reuse_port
-            )
-        except BaseException:
-            self._close_sources()
-            raise
-        self._servers.append(self._server)
+
+    def _begin(self, host: str, port: int) -> str:
+        """Start sending; the URL viewers connect to."""
         self._task = asyncio.create_task(self._run(), name="send")
         self._url = str(
             StreamUrl(
                 host=advertised_host(host, ray.util.get_node_ip_address),
-                port=self._server.port,
+                port=port,
                 session_id=self._session_id,
-                fingerprint=identity.fingerprint,
+                fingerprint=self._identity.fingerprint,
             )
         )
         return self._url
@@ -376,7 +405,7 @@ class SenderActor:
 
     @property
     def _connections(self) -> list[RoqConnection]:
-        return [c for server in self._servers for c in server.connections]
+        return [c for server in self._servers for c in server.connections] + list(self._hosted)
 
     def _close_sources(self) -> None:
         for source in self._sources:
@@ -521,6 +550,7 @@ class SenderActor:
         return None
 
     def _on_disconnect(self, connection: RoqConnection) -> None:
+        self._hosted.discard(connection)
         self._departed_bytes += connection.stats.bytes_sent
         viewer = self._admitted.pop(connection, None)
         self._access.on_disconnect(connection)
@@ -702,7 +732,8 @@ class SenderActor:
             rung_rates=list(self._rung_rates or []),
             error=self._error,
             connections_refused=self._refused,
-            ports=[server.port for server in self._servers],
+            ports=[server.port for server in self._servers]
+            + ([self._hosted_port] if self._hosted_port is not None else []),
             access_refusals=dict(self._access.refusals),
             pending_requests=len(self._access.pending),
         )
@@ -749,6 +780,10 @@ class SenderActor:
         stats = await self.stats()
         for server in self._servers:
             await server.close()
+        # A shared port's server stays open for the other streams: close only this one's.
+        for connection in list(self._hosted):
+            connection.close(RoqErrorCode.ROQ_NO_ERROR, "stream stopped")
+            self._on_disconnect(connection)
         # Give aioquic a moment to put the CONNECTION_CLOSE on the wire.
         await asyncio.sleep(0.05)
         self._close_sources()

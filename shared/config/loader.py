@@ -2,7 +2,8 @@
 
 ``load_server_config(text, path)`` parses the TOML (``tomllib``), validates it against the
 tables of ``shared.config.schema`` (``msgspec.convert``), checks what spans streams (unique
-names, one stream per listen port), and returns a :class:`ServerConfig` whose streams carry
+names; streams sharing a listen port share its address, its certificate and its one sender
+process), and returns a :class:`ServerConfig` whose streams carry
 ready ``StreamConfig`` values.  Anything wrong raises one ``ConfigError`` of the form::
 
     server.toml:14: streams[1] (lobby).quality.framerate: Expected `int` <= 240, got 500
@@ -50,6 +51,9 @@ class StreamSpec(msgspec.Struct, frozen=True, kw_only=True):
     http: tuple[str, int] | None = None
     #: Where the stream's table begins in the file, for errors found when it starts.
     line: int = 0
+    #: Other streams of the file listen on the same port: one process serves them all and
+    #: gives each viewer the stream its URL names (``actors.port_listeners``).
+    shared_port: bool = False
 
 
 class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -161,6 +165,42 @@ def _stream_config(entry: StreamEntry, base: PurePath) -> StreamConfig:
     )
 
 
+def _check_sharing(
+    path: str,
+    lines: KeyLines,
+    raw: Any,
+    where: KeyPath,
+    entry: StreamEntry,
+    first_name: str,
+    first: StreamEntry,
+) -> None:
+    """``entry`` listens on ``first``'s port: allowed when they can share it.  One process
+    owns a shared port and presents one certificate on it, so both name the same address,
+    the same certificate, and one sender process each (the default)."""
+    problem: tuple[str, str] | None = None
+    if parse_address(entry.listen)[0] != parse_address(first.listen)[0]:
+        problem = (
+            "listen",
+            f"{entry.listen} takes stream {first_name!r}'s port on another host "
+            f"({first.listen}); streams sharing a port give the same address",
+        )
+    elif (entry.tls_cert, entry.tls_key) != (first.tls_cert, first.tls_key):
+        problem = (
+            "tls_cert",
+            f"shares a port with stream {first_name!r} but not its certificate; a shared "
+            "port presents one certificate, so give them the same tls_cert and tls_key",
+        )
+    elif entry.senders != 1 or first.senders != 1:
+        problem = (
+            "senders",
+            f"shares a port with stream {first_name!r}: one process serves a shared port, "
+            "so leave senders at 1",
+        )
+    if problem is not None:
+        key, message = problem
+        raise _located(path, lines, raw, (*where, key), message)
+
+
 def load_server_config(text: str, path: str = "server.toml") -> ServerConfig:
     """Parse and validate a configuration file's ``text``; ``path`` names it in errors and
     is the folder relative paths in it are taken from."""
@@ -179,7 +219,9 @@ def load_server_config(text: str, path: str = "server.toml") -> ServerConfig:
     base = PurePath(path).parent
     specs: list[StreamSpec] = []
     names: dict[str, int] = {}
-    ports: dict[tuple[str, int], str] = {}
+    #: port -> the first stream listening there, and its entry.
+    ports: dict[int, tuple[str, StreamEntry]] = {}
+    shared: set[int] = set()
     for index, entry in enumerate(parsed.streams):
         where: KeyPath = ("streams", index)
         if entry.name in names:
@@ -204,17 +246,10 @@ def load_server_config(text: str, path: str = "server.toml") -> ServerConfig:
                 raise _located(path, lines, raw, (*where, key), str(exc)) from None
         host, port = parse_address(entry.listen)
         if port != 0:
-            other = ports.get((host, port))
-            if other is not None:
-                raise _located(
-                    path,
-                    lines,
-                    raw,
-                    (*where, "listen"),
-                    f"{entry.listen} is stream {other!r}'s address too; give each stream "
-                    "its own port",
-                )
-            ports[(host, port)] = entry.name
+            first = ports.setdefault(port, (entry.name, entry))
+            if first[1] is not entry:
+                _check_sharing(path, lines, raw, where, entry, *first)
+                shared.add(port)
         try:
             config = _stream_config(entry, base)
         except ConfigError as exc:
@@ -231,6 +266,10 @@ def load_server_config(text: str, path: str = "server.toml") -> ServerConfig:
                 line=lines.line_of(where) or 0,
             )
         )
+    specs = [
+        msgspec.structs.replace(spec, shared_port=True) if spec.port in shared else spec
+        for spec in specs
+    ]
     return ServerConfig(
         path=path,
         streams=tuple(specs),

@@ -201,9 +201,10 @@ class StreamEntry(_Table, frozen=True, kw_only=True):
     name: Name
     #: As ``serve --source`` spells it: test, camera:N, camera:/dev/videoN, screen[...], file:PATH.
     source: str = "test"
-    #: The UDP address its viewers connect to.
+    #: The UDP address its viewers connect to.  Several streams may give the same one (one
+    #: process then serves them all there, with one certificate, by the stream each URL names).
     listen: Address = "127.0.0.1:4433"
-    #: Sender processes sharing that port (SO_REUSEPORT).
+    #: Sender processes sharing that port (SO_REUSEPORT); 1 on a port streams share.
     senders: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
     #: Higher is more important: under resource pressure lower priorities give way first.
     priority: Annotated[int, msgspec.Meta(ge=0, le=100)] = 0

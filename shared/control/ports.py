@@ -5,6 +5,9 @@ new viewers over them.  Two streams must never share one, though: their shards w
 same SO_REUSEPORT group and the kernel would hand one stream's viewers to the other's senders.
 So a fixed port belongs to one stream from its first sender's reservation until its last
 sender is released.  Port 0 (any free port) is never shared and needs no reservation.
+Streams that do share a port (``serve --config`` with one ``listen`` for several) do it
+through one process that owns the port (``actors.port_listeners``), which reserves it here
+for all of them.
 """
 
 from __future__ import annotations
