@@ -15,14 +15,19 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import msgspec
 import ray
 from ray.cluster_utils import Cluster
+from ray.util.placement_group import get_placement_group, placement_group_table
 
 from actors import StreamManager
-from actors.handles import EncoderHandle
+from actors.handles import EncoderHandle, RelayOriginHandle
 from actors.placement import NAMESPACE
 from actors.remote_shards import RemoteNode, StreamOrigin, actor_node
-from shared.models import Resolution, StreamConfig, StreamQuality
+from actors.stream_group import group_name
+from shared.control.shard_nodes import SHARD_RESOURCE
+from shared.errors import ResourceError
+from shared.models import Resolution, StreamConfig, StreamQuality, ViewerLimits
 from shared.pool.packet_ring import PacketRing
 from shared.pool.shm import list_segments, segment_name, sweep_stale_segments
 from shared.roq.tls import generate_self_signed
@@ -39,7 +44,14 @@ def start_cluster(workers: int) -> Cluster:
         head_node_args={"num_cpus": 2, "resources": {"head": 1}, "include_dashboard": False},
     )
     for index in range(workers):
-        cluster.add_node(num_cpus=1, resources={f"edge{index}": 1})
+        # Both workers are shard nodes, as the KubeRay manifest's ``shards`` group is; the
+        # last also declares a GPU (only Ray's resource: this machine has none, and an
+        # encoder placed there falls back to libx264).
+        cluster.add_node(
+            num_cpus=1,
+            num_gpus=1 if index == workers - 1 else 0,
+            resources={f"edge{index}": 1, SHARD_RESOURCE: 4},
+        )
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False)
     return cluster
@@ -92,6 +104,137 @@ async def relay_to_two_nodes(cluster: Cluster) -> dict[str, Any]:
         await manager.stop_stream(sid)
     findings["segments_left"] = list_segments(f"kz_{sid}_")
     return findings
+
+
+def node_labels(cluster: Cluster) -> dict[str, str]:
+    """``head``, ``edge0``, ``edge1`` by node id."""
+    assert cluster.head_node is not None
+    labels = {cluster.head_node.node_id: "head"}
+    labels |= {w.node_id: f"edge{i}" for i, w in enumerate(cluster.worker_nodes)}
+    return labels
+
+
+async def gone(name: str) -> bool:
+    """Whether no actor is named ``name`` (a killed actor's name is freed soon after)."""
+    deadline = asyncio.get_running_loop().time() + 10
+    while asyncio.get_running_loop().time() < deadline:
+        try:
+            ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+async def balanced_shards(cluster: Cluster) -> dict[str, Any]:
+    """Viewers added through the normal API (``add_viewer``), one seat per shard, so each
+    starts a shard: the pool places them on the shard nodes by load, starting one relay per
+    node.  Findings: where the stream and each viewer's shard run, each viewer's alternates,
+    frames decoded, packets each node received from the origin, and what is left after the
+    stream stops."""
+    findings: dict[str, Any] = {}
+    labels = node_labels(cluster)
+    limits = ViewerLimits(max_viewers_per_shard=1, max_shards=4)
+    async with StreamManager.start() as manager:
+        config = StreamConfig(quality=QVGA, viewers=limits)
+        sid = (await manager.start_camera_stream(config)).session_id
+        origin_node = actor_node(ray.get_actor(f"kz-{sid}-encoder", namespace=NAMESPACE))
+        findings["stream_node"] = labels[origin_node]
+        ring = PacketRing.attach(segment_name(sid, "video"))
+        before = ring.last_sequence()
+        viewers: list[Viewer] = []
+        try:
+            tickets = [await manager.add_viewer(sid, f"peer{i}") for i in range(4)]
+            findings["alternates"] = [len(StreamUrl.parse(t.url).alternates) for t in tickets]
+            viewers = [await Viewer.connect(t.url) for t in tickets]
+            await asyncio.gather(*(v.watch(seconds=60, frames=FRAMES) for v in viewers))
+            findings["frames"] = [v.frames_decoded for v in viewers]
+            findings["decode_errors"] = [v.report().decode_errors for v in viewers]
+            shard_of = {s.viewer_id: s.shard for s in await manager.get_viewer_status(sid)}
+            findings["shard_nodes"] = [
+                labels[actor_node(ray.get_actor(f"kz-{sid}-{shard_of[t.viewer_id]}", NAMESPACE))]
+                for t in tickets
+            ]
+            origin = RelayOriginHandle(ray.get_actor(f"kz-{sid}-relay", namespace=NAMESPACE))
+            served = await origin.stats()
+            relays = {tag: f"kz-{sid}-relay-{tag}" for tag in served.nodes}
+            findings["forwarded"] = {
+                labels[actor_node(ray.get_actor(name, namespace=NAMESPACE))]: (
+                    served.nodes[tag].packets_forwarded
+                )
+                for tag, name in relays.items()
+            }
+            findings["ring_packets"] = ring.last_sequence() - before
+        finally:
+            ring.close()
+            for viewer in viewers:
+                await viewer.close()
+        await manager.stop_stream(sid)
+        findings["relays_left"] = [
+            name for name in [f"kz-{sid}-relay", *relays.values()] if not await gone(name)
+        ]
+    findings["segments_left"] = list_segments(f"kz_{sid}_")
+    return findings
+
+
+def assigned_resources(actor: object) -> dict[str, float]:
+    """Run in an actor by ``__ray_call__``: what Ray reserved for it."""
+    return dict(ray.get_runtime_context().get_assigned_resources())
+
+
+async def gpu_encoder(cluster: Cluster) -> dict[str, Any]:
+    """Streams asking for hardware encoding on a cluster where one worker declares a GPU, with
+    two encoder sessions per GPU: two land there, each encoder holding half the GPU in its
+    stream's STRICT_PACK group beside its capture; a third is refused.  Findings: where their
+    actors run, what Ray reserved, the codec (libx264: no NVENC here), the refusal, and
+    whether the groups are removed when the streams stop."""
+    findings: dict[str, Any] = {}
+    labels = node_labels(cluster)
+    hardware = msgspec.structs.replace(QVGA, hardware_acceleration=True)
+    async with StreamManager.start(gpu_sessions_per_gpu=2) as manager:
+        sids = [
+            (await manager.start_camera_stream(StreamConfig(quality=hardware))).session_id
+            for _ in range(2)
+        ]
+        try:
+            await manager.start_camera_stream(StreamConfig(quality=hardware))
+        except ResourceError as exc:
+            findings["refused"] = str(exc)
+        findings["streams"] = []
+        for sid in sids:
+            capture = ray.get_actor(f"kz-{sid}-capture", namespace=NAMESPACE)
+            encoder_actor = ray.get_actor(f"kz-{sid}-encoder", namespace=NAMESPACE)
+            encoder = EncoderHandle(encoder_actor)
+            deadline = asyncio.get_running_loop().time() + 30
+            while (stats := await encoder.stats()).frames_encoded < FRAMES:
+                assert asyncio.get_running_loop().time() < deadline, "the encoder encodes nothing"
+                await asyncio.sleep(0.1)
+            group = placement_group_table(get_placement_group(group_name(sid)))
+            findings["streams"].append(
+                {
+                    "capture_node": labels[actor_node(capture)],
+                    "encoder_node": labels[actor_node(encoder_actor)],
+                    "encoder_gpu": (
+                        await encoder_actor.__ray_call__.remote(assigned_resources)
+                    ).get("GPU", 0.0),
+                    "codec": stats.codec,
+                    "group_strategy": group["strategy"],
+                    "group_bundles": list(group["bundles"].values()),
+                }
+            )
+        for sid in sids:
+            await manager.stop_stream(sid)
+        findings["groups_left"] = [sid for sid in sids if group_left(sid)]
+    return findings
+
+
+def group_left(session_id: str) -> bool:
+    """Whether the stream's placement group still exists (not removed)."""
+    try:
+        group = get_placement_group(group_name(session_id))
+    except ValueError:
+        return False
+    return bool(placement_group_table(group)["state"] != "REMOVED")
 
 
 async def node_loss(cluster: Cluster) -> dict[str, Any]:
@@ -156,6 +299,8 @@ async def node_loss(cluster: Cluster) -> dict[str, Any]:
 
 
 SCENARIOS: dict[str, Callable[[Cluster], Coroutine[Any, Any, dict[str, Any]]]] = {
+    "balanced_shards": balanced_shards,
+    "gpu_encoder": gpu_encoder,
     "relay_to_two_nodes": relay_to_two_nodes,
     "node_loss": node_loss,
 }
