@@ -20,6 +20,7 @@ from typing import Any
 import ray
 
 from actors.remote_shards import RemoteNode, StreamOrigin
+from shared.control.resources import ResourceSnapshot
 from shared.control.shard_nodes import SHARD_RESOURCE, ShardNode, choose_shard_node
 
 __all__ = ["ShardPlacer", "cluster_nodes"]
@@ -113,6 +114,23 @@ class ShardPlacer:
             if remote is not None:
                 await remote.close()
             await self._stop_origin_if_unused()
+
+    async def sample(self, pids: dict[str, dict[str, int]]) -> dict[str, ResourceSnapshot]:
+        """Each remote node's figures and its shards' (``pids``: node -> label -> pid),
+        sampled on that node by its relay; a node whose relay does not answer is left out."""
+        nodes = [(node, self.remote[node]) for node in pids if node in self.remote]
+        results = await asyncio.gather(
+            *(remote.relay.sample(pids[node]) for node, remote in nodes), return_exceptions=True
+        )
+        samples = {}
+        for (node, remote), result in zip(nodes, results, strict=True):
+            if isinstance(result, BaseException):
+                logger.warning(
+                    "stream %s: sampling node %s: %s", self.session_id, remote.tag, result
+                )
+                continue
+            samples[node] = result
+        return samples
 
     async def close(self) -> None:
         """Stop every relay and the origin (the pool stopped the shards)."""

@@ -47,6 +47,7 @@ from shared.control.balancer import (
     WaitForShard,
 )
 from shared.control.registry import ConnectionReport, RegistryEvent, ViewerRegistry
+from shared.control.resources import ProcessUsage, ResourceSnapshot
 from shared.errors import KizunaError, ResourceError
 from shared.models import ViewerLimits
 from shared.roq.tls import TlsIdentity
@@ -88,13 +89,13 @@ class Shard:
             except psutil.Error:
                 self._process = None
         elif self._sampled_at and now > self._sampled_at:
-            # A shard on another node is not a process here: its CPU stays unmeasured (0) and
-            # its bytes per second rank it.
-            try:
-                cpu = self._process.cpu_percent(None) if self._process is not None else 0.0
-                self.cpu_cores = cpu / 100
-            except psutil.Error:
-                self.cpu_cores = 0.0
+            # A shard on another node is no process here: its node's relay measures its CPU
+            # (``ShardPool._sample_remote``).
+            if self._process is not None:
+                try:
+                    self.cpu_cores = self._process.cpu_percent(None) / 100
+                except psutil.Error:
+                    self.cpu_cores = 0.0
             self.bytes_per_s = max(0, stats.bytes_sent - self._bytes) / (now - self._sampled_at)
         self._sampled_at, self._bytes, self.last = now, stats.bytes_sent, stats
 
@@ -120,6 +121,8 @@ class ShardPool:
     registry: ViewerRegistry = field(default_factory=ViewerRegistry)
     starting: int = 0
     _started: asyncio.Condition = field(default_factory=asyncio.Condition)
+    #: The last sample of each other node serving the stream (``_sample_remote``).
+    remote_usage: dict[str, ResourceSnapshot] = field(default_factory=dict)
     #: Shards spawned and not yet open: stopped too if the stream stops meanwhile.
     _opening: dict[str, SenderHandle] = field(default_factory=dict)
     #: Ports of dead shards nobody could take over yet (a new shard that did not open in
@@ -283,6 +286,7 @@ class ShardPool:
                 for peer in result.peers
             ]
             events += self.registry.reconcile(shard.shard_id, connections, now)
+        await self._sample_remote()
         for shard in lost:
             await self._release_node(shard.node_id, shard.shard_id)
             if not shard.node_id:  # a shard on another node: its viewers try their alt= URLs
@@ -361,7 +365,9 @@ class ShardPool:
         return [shard.handle for shard in self.shards.values()] + list(self._opening.values())
 
     def pids(self) -> dict[str, int]:
-        return {shard.shard_id: shard.pid for shard in self.shards.values()}
+        """The shards whose processes run on the supervisor's node (the monitor's psutil
+        cannot see the others)."""
+        return {shard.shard_id: shard.pid for shard in self.shards.values() if shard.local_pid}
 
     async def stop_all(self) -> list[SenderStats]:
         finals = []
@@ -373,6 +379,30 @@ class ShardPool:
         if self.placer is not None:
             await self.placer.close()
         return finals
+
+    async def _sample_remote(self) -> None:
+        """The CPU of shards on other nodes, sampled there (by each node's relay)."""
+        remote = [s for s in self.shards.values() if not s.local_pid]
+        if self.placer is None or not remote:
+            self.remote_usage = {}
+            return
+        pids: dict[str, dict[str, int]] = {}
+        for shard in remote:
+            pids.setdefault(shard.node_id, {})[shard.shard_id] = shard.pid
+        self.remote_usage = await self.placer.sample(pids)
+        for shard in remote:
+            sample = self.remote_usage.get(shard.node_id)
+            usage = (
+                next((p for p in sample.processes if p.label == shard.shard_id), None)
+                if sample
+                else None
+            )
+            if usage is not None:
+                shard.cpu_cores = usage.cpu_percent / 100
+
+    def remote_processes(self) -> list[ProcessUsage]:
+        """The shards on other nodes as their nodes last measured them (label: shard id)."""
+        return [p for sample in self.remote_usage.values() for p in sample.processes]
 
     async def _release_node(self, node_id: str, shard_id: str) -> None:
         """A shard on another node is gone: that node's relay goes with its last shard."""

@@ -1145,6 +1145,15 @@ class Supervisor:
             if stream.shards is not None
         ]
         snapshot = self._monitor.sample(pids, loads, traffic)
+        # Shards on other nodes, as those nodes measured them (``ShardPool.remote_processes``).
+        remote = [
+            msgspec.structs.replace(usage, label=f"{sid}/sender-{usage.label}")
+            for sid, stream in list(self._streams.items())
+            if stream.shards is not None
+            for usage in stream.shards.remote_processes()
+        ]
+        if remote:
+            snapshot = msgspec.structs.replace(snapshot, processes=[*snapshot.processes, *remote])
         self._history.add(snapshot)
         return snapshot
 

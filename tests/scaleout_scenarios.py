@@ -151,6 +151,12 @@ async def balanced_shards(cluster: Cluster) -> dict[str, Any]:
             findings["frames"] = [v.frames_decoded for v in viewers]
             findings["decode_errors"] = [v.report().decode_errors for v in viewers]
             shard_of = {s.viewer_id: s.shard for s in await manager.get_viewer_status(sid)}
+            # The monitor sees every shard, those on other nodes sampled there by their relay.
+            findings["shards_sampled"] = sorted(
+                p.label.removeprefix(f"{sid}/sender-")
+                for p in (await manager.resources()).processes
+                if p.label.startswith(f"{sid}/sender-") and p.alive
+            ) == sorted(shard_of.values())
             findings["shard_nodes"] = [
                 labels[actor_node(ray.get_actor(f"kz-{sid}-{shard_of[t.viewer_id]}", NAMESPACE))]
                 for t in tickets
@@ -169,6 +175,11 @@ async def balanced_shards(cluster: Cluster) -> dict[str, Any]:
             ring.close()
             for viewer in viewers:
                 await viewer.close()
+        # One relay crashes: its rings outlive it (their creator is dead) until the stream's
+        # stop sweeps them on that node.
+        crashed = sorted(relays)[0]
+        ray.kill(ray.get_actor(relays[crashed], namespace=NAMESPACE), no_restart=True)
+        findings["crashed_relay_rings"] = list_segments(f"kz_{sid}_{crashed}-")
         await manager.stop_stream(sid)
         findings["relays_left"] = [
             name for name in [f"kz-{sid}-relay", *relays.values()] if not await gone(name)

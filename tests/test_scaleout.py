@@ -47,6 +47,7 @@ def test_the_balancer_places_shards_on_both_shard_nodes_by_load(
     frames = found["frames"]
     assert isinstance(frames, list) and all(n >= FRAMES for n in frames), frames
     assert found["decode_errors"] == [0, 0, 0, 0]
+    assert found["shards_sampled"] is True
     # The first ticket had no other shard to name; each later one names the other node's.
     assert found["alternates"] == [0, 1, 1, 1]
     # Each node other than the stream's own got one relay, which received the stream once.
@@ -57,7 +58,9 @@ def test_the_balancer_places_shards_on_both_shard_nodes_by_load(
     assert isinstance(ring_packets, int)
     for node, count in forwarded.items():
         assert 0 < count <= ring_packets + GOP, (node, count, ring_packets)
-    # Stopping the stream stopped its relays and removed every segment, remote copies too.
+    # Stopping the stream stopped its relays and removed every segment, remote copies too,
+    # even those of a relay that had crashed (swept on its node).
+    assert found["crashed_relay_rings"] != []
     assert found["relays_left"] == []
     assert found["segments_left"] == []
 
