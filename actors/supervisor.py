@@ -1208,11 +1208,12 @@ class Supervisor:
                 (role, f"kz-{sid}-{role}", f"{sid}/{role}", pid)
                 for role, pid in stream.pids.items()
             ]
-            if stream.shards is not None:
-                labelled += [
-                    ("shard", f"kz-{sid}-{shard_id}", f"{sid}/sender-{shard_id}", pid)
-                    for shard_id, pid in stream.shards.pids().items()
-                ]
+            # Every shard, those on other nodes too (measured there: ``remote_processes``).
+            elsewhere: dict[str, str] = {}
+            for shard in stream.shards.shards.values() if stream.shards is not None else []:
+                label = f"{sid}/sender-{shard.shard_id}"
+                labelled.append(("shard", f"kz-{sid}-{shard.shard_id}", label, shard.pid))
+                elsewhere[label] = shard.node_id
             recorder_pids = self._recordings.pids()
             recorder_names = self._recordings.actor_names()
             labelled += [
@@ -1228,7 +1229,7 @@ class Supervisor:
                         role=role,
                         stream=sid,
                         name=name,
-                        node=stream.node_id,
+                        node=elsewhere.get(label) or stream.node_id,
                         pid=pid,
                         alive=used.alive if used is not None else True,
                         cpu_percent=used.cpu_percent if used is not None else 0.0,
