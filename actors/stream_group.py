@@ -97,6 +97,12 @@ class StreamGroup:
             return None
         return cls(group, _group_node(group))
 
+    @property
+    def encoder_gpus(self) -> float:
+        """The GPU share its encoder's bundle holds (0: none, or no encoder)."""
+        bundles = self.group.bundle_specs
+        return float(bundles[ENCODER_BUNDLE].get("GPU", 0)) if len(bundles) > 1 else 0.0
+
     def bundle(self, index: int) -> tuple[PlacementGroup, int]:
         """What ``spawn(bundle=...)`` takes to start an actor in bundle ``index``."""
         return self.group, index

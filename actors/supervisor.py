@@ -323,8 +323,8 @@ class Supervisor:
                 recorder = RecorderHandle(actor(role))
                 await attempt(recorder.stop, f"stop recorder {role}", f"stream {sid}")
                 recorder.kill()
-        nodes = [NodeInfo(node_id=record.node_id, cpus=float("inf"), alive=True)]
-        self._scheduler.place(sid, config.quality, nodes, prefer=record.node_id)
+        gpu = stream.group is not None and stream.group.encoder_gpus > 0
+        self._scheduler.restore(sid, config.quality, record.node_id, gpu=gpu)
         self._streams[sid] = stream
         stream.lifecycle.handle(StreamEvent.STARTED)
         self._watch(stream)

@@ -81,3 +81,12 @@ def test_a_stream_ray_placed_elsewhere_is_counted_there() -> None:
     scheduler.relocate("s", "cpu")
     assert (scheduler.node_of("s"), scheduler.load("gpu")) == ("cpu", 0)
     assert scheduler.load("cpu") > 0 and scheduler.gpu_sessions_used("cpu") == 1
+
+
+def test_a_restored_hardware_stream_keeps_its_gpu_session() -> None:
+    # A restarted supervisor counts the streams it takes back, sessions included.
+    scheduler = StreamScheduler(gpu_sessions_per_gpu=1)
+    scheduler.restore("old", HARDWARE, "gpu", gpu=True)
+    assert scheduler.gpu_share("old") == 1.0
+    with pytest.raises(ResourceError, match="gpu: 1 of 1"):
+        scheduler.place("new", HARDWARE, NODES)

@@ -156,6 +156,11 @@ class StreamScheduler:
     def _gpu_sessions_free(self, node: NodeInfo) -> int:
         return self._gpu_sessions(node) - self.gpu_sessions_used(node.node_id)
 
+    def restore(self, session_id: str, quality: StreamQuality, node_id: str, *, gpu: bool) -> None:
+        """Count a stream already running on ``node_id`` (a restarted supervisor taking it
+        back), with its GPU encoder session if it holds one; no check: it runs already."""
+        self._placements[session_id] = (node_id, pixel_rate(quality), gpu)
+
     def relocate(self, session_id: str, node_id: str) -> None:
         """The stream ended up on ``node_id`` (Ray took the placement as a hint)."""
         placement = self._placements.get(session_id)
