@@ -37,6 +37,7 @@ from actors.stages.relay import NodeRelayActor, RelayOriginActor
 from actors.stages.sender import SenderActor, SenderStats
 from actors.stages.webrtc import WebRTCShardActor, WebRTCStats
 from shared.capture.source import SourceInfo
+from shared.control.resources import ResourceSnapshot
 from shared.control.rung_targets import RungTarget
 from shared.media.scaler import Rung
 from shared.models import ConnectionQuality, RecordingSession, StreamQuality, StreamSource
@@ -295,6 +296,10 @@ class NodeRelayHandle(Handle[NodeRelayActor]):
 
     async def stats(self) -> ReceiverStats:
         return await self.call(NodeRelayActor.stats)
+
+    async def sample(self, pids: dict[str, int]) -> ResourceSnapshot:
+        """The relay's node, and the processes ``pids`` names there (psutil on that node)."""
+        return await self.call(NodeRelayActor.sample, pids)
 
     async def stop(self) -> ReceiverStats:
         return await self.call(NodeRelayActor.stop)

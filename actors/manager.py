@@ -33,6 +33,7 @@ from actors.supervisor import Supervisor
 from shared.auth.pending import PendingRequest
 from shared.control.overview import ServerOverview
 from shared.control.resources import ResourceSnapshot
+from shared.control.scheduler import DEFAULT_GPU_SESSIONS
 from shared.errors import ConfigError, ResourceError
 from shared.models import (
     RecordingConfig,
@@ -88,10 +89,14 @@ class StreamManager:
         max_streams: int = 16,
         dashboard: bool = False,
         token_secret: bytes | None = None,
+        gpu_sessions_per_gpu: int = DEFAULT_GPU_SESSIONS,
     ) -> AsyncIterator[StreamManager]:
         """``token_secret``: the key viewer tokens of token streams are signed with (default:
         ``KIZUNA_TOKEN_SECRET``, else the secret file ``kizuna-stream token`` also reads,
-        created on first use; see ``shared.auth.secret_file``)."""
+        created on first use; see ``shared.auth.secret_file``).  ``gpu_sessions_per_gpu``:
+        hardware encoder sessions one GPU takes (NVENC's cap on consumer cards; see
+        ``shared.control.scheduler``); a stream asking for hardware encoding is refused when
+        every GPU's are taken."""
         ensure_ray(address, num_cpus=num_cpus, dashboard=dashboard)
         supervisor = Handle[Supervisor](
             ray.remote(Supervisor)
@@ -107,7 +112,7 @@ class StreamManager:
                 max_restarts=-1,
                 max_concurrency=1000,
             )
-            .remote(max_streams, token_secret),
+            .remote(max_streams, token_secret, gpu_sessions_per_gpu),
             timeout=SUPERVISOR_CALL_TIMEOUT_S,
         )
         manager = cls(supervisor)

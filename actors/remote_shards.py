@@ -13,18 +13,23 @@ every such node.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from actors.calls import unwrap
 from actors.handles import EncoderHandle, NodeRelayHandle, RelayOriginHandle, SenderHandle
 from actors.placement import spawn
 from actors.stages.relay import NodeRelayActor, RelayOriginActor
 from actors.stages.sender import SenderActor
-from shared.pool.shm import segment_name
+from shared.pool.shm import segment_name, sweep_stale_segments
 from shared.roq.tls import TlsIdentity
 
-__all__ = ["RemoteNode", "StreamOrigin", "actor_node"]
+__all__ = ["RemoteNode", "StreamOrigin", "actor_node", "sweep_node"]
 
 logger = logging.getLogger(__name__)
 
@@ -121,13 +126,44 @@ class RemoteNode:
 
     async def close(self) -> None:
         """Stop the node's shards, then its relay (which removes the node's rings).  Each is
-        killed even when its stop fails, and one failure does not keep the others running."""
+        killed even when its stop fails, and one failure does not keep the others running.
+        A relay that could not stop (it crashed) left its rings behind: they are swept on its
+        node, if the node is still there."""
         handles: list[SenderHandle | NodeRelayHandle] = [*self.shards, self.relay]
+        relay_stopped = False
         for handle in handles:
             try:
                 await handle.stop()
+                relay_stopped = handle is self.relay
             except Exception as exc:
                 logger.warning("stopping %s of node %s failed: %s", handle.kind, self.tag, exc)
             finally:
                 handle.kill()
         self.shards.clear()
+        if not relay_stopped:
+            prefix = segment_name(self.origin.session_id, f"{self.tag}-")
+            try:
+                swept = await asyncio.wait_for(sweep_node(self.node_id, prefix), SWEEP_TIMEOUT_S)
+                if swept:
+                    logger.warning("node %s: removed %s its relay left", self.tag, swept)
+            except Exception as exc:  # the node is gone too: so are its segments
+                logger.info("node %s: no sweep of %s* (%s)", self.tag, prefix, unwrap(exc))
+
+
+#: How long a sweep on another node may take (a dead node fails it at once).
+SWEEP_TIMEOUT_S = 10.0
+
+
+def _sweep(prefix: str) -> list[str]:
+    return sweep_stale_segments(prefix)
+
+
+async def sweep_node(node_id: str, prefix: str) -> list[str]:
+    """Remove the stale segments named ``prefix...`` on ``node_id`` (their creator died):
+    the crash sweep the supervisor runs at start, on a node it does not run on."""
+    task = ray.remote(_sweep).options(
+        num_cpus=0,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
+    )
+    swept: list[str] = await task.remote(prefix)
+    return swept

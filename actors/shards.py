@@ -13,8 +13,10 @@ not a kernel hash).  This module does the I/O around two cores in ``shared.contr
   to a ticket; a connection that names none counts as anonymous.
 
 Each shard's load is what the balancer needs: its viewers (seats taken, from the registry), its
-CPU (psutil on the shard's process, on the supervisor's node where the stream's actors live)
-and its bytes per second.
+CPU (psutil on the shard's process, where it runs on the supervisor's node) and its bytes per
+second.  The shards the balancer adds run on the node ``actors.shard_placement`` chooses (the
+stream's own, or another reading a relay copy); a viewer's URL names one shard on each other
+node as an alternate endpoint.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import ray
 from actors.calls import unwrap
 from actors.handles import EncoderHandle, QualityHandle, SenderHandle
 from actors.placement import spawn
+from actors.shard_placement import ShardPlacer
 from actors.stages.sender import SenderActor, SenderStats
 from shared.auth.server import AccessSettings
 from shared.control.balancer import (
@@ -45,12 +48,16 @@ from shared.control.balancer import (
     WaitForShard,
 )
 from shared.control.registry import ConnectionReport, RegistryEvent, ViewerRegistry
+from shared.control.resources import ProcessUsage, ResourceSnapshot
 from shared.errors import KizunaError, ResourceError
 from shared.models import ViewerLimits
 from shared.roq.tls import TlsIdentity
 from shared.roq.url import StreamUrl
 
 logger = logging.getLogger(__name__)
+
+#: Most alternate endpoints in a viewer's URL (one per other node).
+MAX_ALTERNATES = 3
 
 
 @dataclass
@@ -70,23 +77,30 @@ class Shard:
     #: of that port's process (``actors.port_listeners``).  Such a shard is never retired,
     #: and when it dies the stream rejoins the port instead of moving it to a survivor.
     shared_port: int | None = None
+    #: The node it runs on ("": the stream's own node).
+    node_id: str = ""
+    #: Whether its pid is a process on the supervisor's node (psutil can measure it).
+    local_pid: bool = True
     _process: psutil.Process | None = None
     _sampled_at: float = 0.0
     _bytes: int = 0
 
     def sample(self, stats: SenderStats, now: float) -> None:
         """Fold one stats report and the process's CPU counter into the shard's load."""
-        if self._process is None:
+        if self._process is None and self.local_pid:
             try:
                 self._process = psutil.Process(self.pid)
                 self._process.cpu_percent(None)  # starts the counter
             except psutil.Error:
                 self._process = None
-        elif now > self._sampled_at:
-            try:
-                self.cpu_cores = self._process.cpu_percent(None) / 100
-            except psutil.Error:
-                self.cpu_cores = 0.0
+        elif self._sampled_at and now > self._sampled_at:
+            # A shard on another node is no process here: its node's relay measures its CPU
+            # (``ShardPool._sample_remote``).
+            if self._process is not None:
+                try:
+                    self.cpu_cores = self._process.cpu_percent(None) / 100
+                except psutil.Error:
+                    self.cpu_cores = 0.0
             self.bytes_per_s = max(0, stats.bytes_sent - self._bytes) / (now - self._sampled_at)
         self._sampled_at, self._bytes, self.last = now, stats.bytes_sent, stats
 
@@ -105,10 +119,15 @@ class ShardPool:
     limits: ViewerLimits = field(default_factory=ViewerLimits)
     #: Who may watch, and the key tokens are checked with; new shards start with the latest.
     access: AccessSettings | None = None
+    #: Places the shards the balancer starts across the cluster's nodes (None: all on the
+    #: stream's node); ``actors.shard_placement``.
+    placer: ShardPlacer | None = None
     shards: dict[str, Shard] = field(default_factory=dict)
     registry: ViewerRegistry = field(default_factory=ViewerRegistry)
     starting: int = 0
     _started: asyncio.Condition = field(default_factory=asyncio.Condition)
+    #: The last sample of each other node serving the stream (``_sample_remote``).
+    remote_usage: dict[str, ResourceSnapshot] = field(default_factory=dict)
     #: Shards spawned and not yet open: stopped too if the stream stops meanwhile.
     _opening: dict[str, SenderHandle] = field(default_factory=dict)
     #: Ports of dead shards nobody could take over yet (a new shard that did not open in
@@ -180,42 +199,64 @@ class ShardPool:
         return viewer_id, shard
 
     async def start_shard(self, port: int = 0, *, reuse_port: bool | None = None) -> Shard:
-        """Start one shard listening on ``port`` (0: any free port)."""
+        """Start one shard listening on ``port`` (0: any free port).  A shard on a free port
+        goes where the placer says; one on a given port (an address viewers were told, on the
+        stream's node) stays on the stream's node."""
         shard_id = f"shard-{uuid.uuid4().hex[:6]}"
         self.starting += 1
-        handle = self._opening[shard_id] = spawn(
-            SenderActor,
-            SenderHandle,
-            name=f"kz-{self.session_id}-{shard_id}",
-            node_id=self.node_id,
-        )(
-            session_id=self.session_id,
-            viewer_id=shard_id,
-            ring_name=self.video_ring,
-            encoder=self.encoder,
-            limits=self.limits,
-            access=self.access,
-            # The supervisor runs this pool: its own handle, for viewers' recording requests.
-            supervisor=ray.get_runtime_context().current_actor,
-        )
         try:
-            url = StreamUrl.parse(
-                await handle.call(SenderActor.open, self.host, port, self.identity, reuse_port)
-            )
-            pid = (await handle.stats()).pid
-            if self.quality is not None:
-                await self.quality.add_sender(shard_id, handle)
-        except BaseException:
-            await self._stop_handle(shard_id, handle)
-            raise
+            shard = await self._open_shard(shard_id, port, reuse_port)
         finally:
-            self._opening.pop(shard_id, None)
             self.starting -= 1
             async with self._started:
                 self._started.notify_all()
-        shard = Shard(shard_id, handle, url, url.port, pid, time.monotonic())
         self.shards[shard_id] = shard
         self.registry.add_shard(shard_id, time.monotonic())
+        return shard
+
+    async def _open_shard(self, shard_id: str, port: int, reuse_port: bool | None) -> Shard:
+        node_id, ring, prefix = self.node_id, self.video_ring, ""
+        try:
+            if self.placer is not None and not port and reuse_port is None:
+                node_id = await self.placer.choose()
+                if node_id != self.node_id:
+                    remote = await self.placer.acquire(node_id, shard_id)
+                    ring, prefix = remote.rings.get("video"), f"{remote.tag}-"
+            handle = self._opening[shard_id] = spawn(
+                SenderActor,
+                SenderHandle,
+                name=f"kz-{self.session_id}-{shard_id}",
+                node_id=node_id,
+            )(
+                session_id=self.session_id,
+                viewer_id=shard_id,
+                ring_name=ring,
+                encoder=self.encoder,
+                limits=self.limits,
+                access=self.access,
+                # The supervisor runs this pool: its own handle, for viewers' recording requests.
+                supervisor=ray.get_runtime_context().current_actor,
+                ring_prefix=prefix,
+            )
+            try:
+                url = StreamUrl.parse(
+                    await handle.call(SenderActor.open, self.host, port, self.identity, reuse_port)
+                )
+                pid = (await handle.stats()).pid
+                if self.quality is not None:
+                    await self.quality.add_sender(shard_id, handle)
+            except BaseException:
+                await self._stop_handle(shard_id, handle)
+                raise
+            finally:
+                self._opening.pop(shard_id, None)
+        except BaseException:
+            await self._release_node(node_id, shard_id)
+            raise
+        shard = Shard(shard_id, handle, url, url.port, pid, time.monotonic())
+        if node_id != self.node_id:
+            shard.node_id = node_id
+            shard.local_pid = node_id == ray.get_runtime_context().get_node_id()
         return shard
 
     # --- upkeep (the supervisor's health round) ------------------------------------------
@@ -254,12 +295,14 @@ class ShardPool:
                 for peer in result.peers
             ]
             events += self.registry.reconcile(shard.shard_id, connections, now)
+        await self._sample_remote()
         unjoined, self._unjoined = self._unjoined, []
         for shard in lost:
-            if shard.shared_port is None:
-                await self._adopt(shard)
-            else:
+            await self._release_node(shard.node_id, shard.shard_id)
+            if shard.shared_port is not None:
                 unjoined.append(shard)
+            elif not shard.node_id:  # a shard on another node: its viewers try their alt= URLs
+                await self._adopt(shard)
         for shard in unjoined:
             await self._rejoin(shard)
         for shard_id, (dead, ports) in list(self._unadopted.items()):
@@ -278,6 +321,7 @@ class ShardPool:
             if shard.adopted_ports:
                 await self._adopt(shard, ports=shard.adopted_ports)
             await self._stop_handle(shard_id, shard.handle)
+            await self._release_node(shard.node_id, shard_id)
         return reports, events
 
     async def _adopt(self, dead: Shard, *, ports: list[int] | None = None) -> None:
@@ -286,7 +330,9 @@ class ShardPool:
         know; the registry matches them again by their CNAME (RECONNECTING -> CONNECTED)."""
         ports = list(ports) if ports is not None else [dead.port, *dead.adopted_ports]
         try:
-            survivors = sorted(self.shards.values(), key=lambda s: (s.cpu_cores, s.bytes_per_s))
+            # A port is an address on the stream's node: only a shard there can listen on it.
+            local = [s for s in self.shards.values() if not s.node_id]
+            survivors = sorted(local, key=lambda s: (s.cpu_cores, s.bytes_per_s))
             if survivors:
                 heir = survivors[0]
                 for port in ports:
@@ -356,7 +402,9 @@ class ShardPool:
         return [shard.handle for shard in self.shards.values()] + list(self._opening.values())
 
     def pids(self) -> dict[str, int]:
-        return {shard.shard_id: shard.pid for shard in self.shards.values()}
+        """The shards whose processes run on the supervisor's node (the monitor's psutil
+        cannot see the others)."""
+        return {shard.shard_id: shard.pid for shard in self.shards.values() if shard.local_pid}
 
     async def stop_all(self) -> list[SenderStats]:
         finals = []
@@ -365,7 +413,52 @@ class ShardPool:
                 finals.append(await shard.handle.stop())
             except Exception as exc:
                 logger.warning("stream %s: could not stop %s: %s", self.session_id, shard_id, exc)
+        if self.placer is not None:
+            await self.placer.close()
         return finals
+
+    async def _sample_remote(self) -> None:
+        """The CPU of shards on other nodes, sampled there (by each node's relay)."""
+        remote = [s for s in self.shards.values() if not s.local_pid]
+        if self.placer is None or not remote:
+            self.remote_usage = {}
+            return
+        pids: dict[str, dict[str, int]] = {}
+        for shard in remote:
+            pids.setdefault(shard.node_id, {})[shard.shard_id] = shard.pid
+        self.remote_usage = await self.placer.sample(pids)
+        for shard in remote:
+            sample = self.remote_usage.get(shard.node_id)
+            usage = (
+                next((p for p in sample.processes if p.label == shard.shard_id), None)
+                if sample
+                else None
+            )
+            if usage is not None:
+                shard.cpu_cores = usage.cpu_percent / 100
+
+    def remote_processes(self) -> list[ProcessUsage]:
+        """The shards on other nodes as their nodes last measured them (label: shard id)."""
+        return [p for sample in self.remote_usage.values() for p in sample.processes]
+
+    async def _release_node(self, node_id: str, shard_id: str) -> None:
+        """A shard on another node is gone: that node's relay goes with its last shard."""
+        if self.placer is not None and node_id and node_id != self.node_id:
+            try:
+                await self.placer.release(node_id, shard_id)
+            except Exception as exc:
+                logger.warning("stream %s: releasing node %s: %s", self.session_id, node_id, exc)
+
+    def ticket_url(self, shard: Shard, viewer_id: str) -> StreamUrl:
+        """The URL of a viewer placed on ``shard``: its endpoint, then one shard on each other
+        node as an alternate (the least loaded there), which a viewer tries when its node is
+        lost.  Shards on the same node are no alternates: a dead one's port is taken over."""
+        others: dict[str, Shard] = {}
+        for other in sorted(self.shards.values(), key=lambda s: (s.cpu_cores, s.bytes_per_s)):
+            if other.node_id != shard.node_id:
+                others.setdefault(other.node_id, other)
+        alternates = [(s.url.host, s.url.port) for s in list(others.values())[:MAX_ALTERNATES]]
+        return shard.url.with_viewer(viewer_id).with_alternates(alternates)
 
     async def _stop_handle(self, shard_id: str, handle: SenderHandle) -> None:
         if self.quality is not None:

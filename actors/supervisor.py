@@ -54,6 +54,7 @@ from actors.port_listeners import PortListeners
 from actors.port_listeners import actor_name as port_actor_name
 from actors.recordings import Recordings, StreamContext
 from actors.recovery import RAY_RESTARTS, StageRecovery
+from actors.shard_placement import ShardPlacer
 from actors.shards import Shard, ShardPool
 from actors.stages.capture import CaptureActor
 from actors.stages.encoder import (
@@ -65,6 +66,7 @@ from actors.stages.encoder import (
 from actors.stages.quality import QualityActor, viewer_quality
 from actors.stages.sender import SenderActor
 from actors.stages.webrtc import WebRTCShardActor
+from actors.stream_group import CAPTURE_BUNDLE, ENCODER_BUNDLE, StreamGroup
 from shared.auth.control import RungInfo
 from shared.auth.pending import PendingRequest
 from shared.auth.secret_file import load_secret
@@ -86,7 +88,7 @@ from shared.control.resources import (
     StreamLoad,
     StreamTraffic,
 )
-from shared.control.scheduler import NodeInfo, StreamScheduler
+from shared.control.scheduler import DEFAULT_GPU_SESSIONS, NodeInfo, StreamScheduler
 from shared.control.session import StreamEvent, StreamLifecycle, StreamOperation
 from shared.control.stats import stage_failure, stream_stats
 from shared.control.stream_type import (
@@ -178,6 +180,8 @@ class _Stream:
     last_rungs: list[RungStats] = field(default_factory=list)
     #: Restarts its crashed capture, encoder and quality actors, once it is Active.
     recovery: StageRecovery | None = None
+    #: Holds its capture and encoder together on its node (``actors.stream_group``).
+    group: StreamGroup | None = None
 
     def handles(self) -> list[Handle[Any]]:
         stages: list[Handle[Any]] = [
@@ -188,12 +192,21 @@ class _Stream:
 
 
 class Supervisor:
-    def __init__(self, max_streams: int = 16, token_secret: bytes | None = None) -> None:
+    def __init__(
+        self,
+        max_streams: int = 16,
+        token_secret: bytes | None = None,
+        gpu_sessions_per_gpu: int = DEFAULT_GPU_SESSIONS,
+    ) -> None:
         """``token_secret``: the HS256 key viewer tokens are signed with (None: the default
-        secret file, ``shared.auth.secret_file``, created when a token stream first needs it)."""
+        secret file, ``shared.auth.secret_file``, created when a token stream first needs it).
+        ``gpu_sessions_per_gpu``: hardware encoder sessions one GPU takes
+        (``shared.control.scheduler``)."""
         self._token_secret = token_secret
         self._streams: dict[str, _Stream] = {}
-        self._scheduler = StreamScheduler(max_streams=max_streams)
+        self._scheduler = StreamScheduler(
+            max_streams=max_streams, gpu_sessions_per_gpu=gpu_sessions_per_gpu
+        )
         self._ports = ListenPorts()
         #: Ports several streams share, each owned by one process (``actors.port_listeners``).
         self._listeners = PortListeners(self._ports)
@@ -266,6 +279,7 @@ class Supervisor:
             screen=record.screen,
         )
         names = supervisor_state.stream_actor_names(sid)
+        stream.group = StreamGroup.find(sid)
 
         def actor(role: str) -> Any:
             return ray.get_actor(f"kz-{sid}-{role}", namespace=NAMESPACE)
@@ -315,8 +329,8 @@ class Supervisor:
                 recorder.kill()
         if await self._listeners.adopt(shards) is not None:  # its part of a shared port
             shards.rejoin = lambda dead: self._listeners.rejoin(shards, dead)
-        nodes = [NodeInfo(node_id=record.node_id, cpus=float("inf"), alive=True)]
-        self._scheduler.place(sid, config.quality, nodes, prefer=record.node_id)
+        gpu = stream.group is not None and stream.group.encoder_gpus > 0
+        self._scheduler.restore(sid, config.quality, record.node_id, gpu=gpu)
         self._streams[sid] = stream
         stream.lifecycle.handle(StreamEvent.STARTED)
         self._watch(stream)
@@ -373,6 +387,7 @@ class Supervisor:
                 cpus=float(n["Resources"].get("CPU", 0)),
                 alive=bool(n["Alive"]),
                 cpu_percent=self._measured_cpu(n["NodeID"]),
+                gpus=float(n["Resources"].get("GPU", 0)),
             )
             for n in ray.nodes()
         ]
@@ -427,8 +442,19 @@ class Supervisor:
         return stream.session
 
     async def _start_actors(self, stream: _Stream, pool_name: str, ring_name: str) -> None:
-        sid, config, node = stream.session.session_id, stream.config, stream.node_id
+        sid, config = stream.session.session_id, stream.config
         video = stream.session.stream_type is not StreamType.AUDIO
+        gpu_share = self._scheduler.gpu_share(sid)
+        group = stream.group = await StreamGroup.reserve(
+            sid, stream.node_id, video=video, encoder_gpus=gpu_share
+        )
+        if group.node_id != stream.node_id:  # the scheduler's node was only a soft target
+            logger.warning(
+                "stream %s placed on node %s, not %s", sid, group.node_id, stream.node_id
+            )
+            stream.node_id = group.node_id
+            self._scheduler.relocate(sid, group.node_id)
+        node = stream.node_id
 
         def name(role: str) -> str:
             return f"kz-{sid}-{role}"
@@ -444,6 +470,7 @@ class Supervisor:
             name=name("capture"),
             node_id=node,
             max_restarts=RAY_RESTARTS,
+            bundle=group.bundle(CAPTURE_BUNDLE),
         )(
             session_id=sid,
             source=stream.session.source,
@@ -466,12 +493,13 @@ class Supervisor:
             EncoderHandle,
             name=name("encoder"),
             node_id=node,
-            # A hardware encoder asks Ray for a GPU, but only where the chosen node has one:
-            # with hard node affinity, asking elsewhere would never schedule.
+            # A hardware encoder asks Ray for its share of a GPU, which its bundle holds (none
+            # where the scheduler found no GPU node: it encodes in software there).
             options=encoder_actor_options(
-                config.quality.hardware_acceleration, node_gpus=_node_gpus(node)
+                config.quality.hardware_acceleration, gpu_share=gpu_share
             ),
             max_restarts=RAY_RESTARTS,
+            bundle=group.bundle(ENCODER_BUNDLE),
         )(
             session_id=sid,
             quality=config.quality,
@@ -530,6 +558,10 @@ class Supervisor:
         )
 
     def _shard_pool(self, stream: _Stream, video_ring: str | None) -> ShardPool:
+        def tracks() -> list[str]:
+            rings = stream.context.ring_names if stream.context is not None else {"audio": ""}
+            return [role for role in rings if role != "frames"]
+
         return ShardPool(
             session_id=stream.session.session_id,
             node_id=stream.node_id,
@@ -540,7 +572,19 @@ class Supervisor:
             quality=stream.quality,
             limits=stream.config.viewers,
             access=self._access(stream),
+            placer=ShardPlacer(
+                stream.session.session_id, stream.node_id, tracks, self._shard_counts
+            ),
         )
+
+    def _shard_counts(self) -> dict[str, int]:
+        """Sender shards on each node, every stream's (what shard placement balances)."""
+        counts: dict[str, int] = {}
+        for stream in self._streams.values():
+            for shard in stream.shards.shards.values() if stream.shards is not None else []:
+                node = shard.node_id or stream.node_id
+                counts[node] = counts.get(node, 0) + 1
+        return counts
 
     async def stop_stream(self, session_id: str) -> StreamSession | None:
         """Stop a stream; stopping one that is already stopped (or unknown) does nothing.
@@ -596,6 +640,12 @@ class Supervisor:
         # Actors unlink what they created on a clean stop; this covers the ones that crashed.
         for name in stream.segments:
             unlink_segment(name)
+        if stream.group is not None:
+            try:
+                stream.group.remove()
+            except Exception as exc:
+                logger.warning("%s: could not remove its placement group: %s", context, exc)
+            stream.group = None
         self._scheduler.release(sid)
         await self._listeners.leave(sid)
         self._ports.release_stream(sid)
@@ -712,7 +762,7 @@ class Supervisor:
             # The port stays reserved only if the chosen shard listens on it.
             if port and not any(s.port == port for s in shards.shards.values()):
                 self._ports.release(session_id, port)
-        url = str(shard.url.with_viewer(viewer_id))
+        url = str(shards.ticket_url(shard, viewer_id))
         stream.viewers[viewer_id] = _Viewer(
             status=ViewerStatus(
                 viewer_id=viewer_id,
@@ -1117,6 +1167,15 @@ class Supervisor:
             if stream.shards is not None
         ]
         snapshot = self._monitor.sample(pids, loads, traffic)
+        # Shards on other nodes, as those nodes measured them (``ShardPool.remote_processes``).
+        remote = [
+            msgspec.structs.replace(usage, label=f"{sid}/sender-{usage.label}")
+            for sid, stream in list(self._streams.items())
+            if stream.shards is not None
+            for usage in stream.shards.remote_processes()
+        ]
+        if remote:
+            snapshot = msgspec.structs.replace(snapshot, processes=[*snapshot.processes, *remote])
         self._history.add(snapshot)
         return snapshot
 
@@ -1171,19 +1230,18 @@ class Supervisor:
                 (role, f"kz-{sid}-{role}", f"{sid}/{role}", pid)
                 for role, pid in stream.pids.items()
             ]
-            if stream.shards is not None:
-                labelled += [
-                    (
-                        "shard",
-                        # The stream's part of a shared port runs in that port's process.
-                        f"kz-{sid}-{shard.shard_id}"
-                        if shard.shared_port is None
-                        else port_actor_name(shard.port, shard.shared_port),
-                        f"{sid}/sender-{shard.shard_id}",
-                        shard.pid,
-                    )
-                    for shard in stream.shards.shards.values()
-                ]
+            # Every shard, those on other nodes too (measured there: ``remote_processes``).
+            elsewhere: dict[str, str] = {}
+            for shard in stream.shards.shards.values() if stream.shards is not None else []:
+                label = f"{sid}/sender-{shard.shard_id}"
+                # The stream's part of a shared port runs in that port's process.
+                name = (
+                    f"kz-{sid}-{shard.shard_id}"
+                    if shard.shared_port is None
+                    else port_actor_name(shard.port, shard.shared_port)
+                )
+                labelled.append(("shard", name, label, shard.pid))
+                elsewhere[label] = shard.node_id
             recorder_pids = self._recordings.pids()
             recorder_names = self._recordings.actor_names()
             labelled += [
@@ -1199,7 +1257,7 @@ class Supervisor:
                         role=role,
                         stream=sid,
                         name=name,
-                        node=stream.node_id,
+                        node=elsewhere.get(label) or stream.node_id,
                         pid=pid,
                         alive=used.alive if used is not None else True,
                         cpu_percent=used.cpu_percent if used is not None else 0.0,
@@ -1461,12 +1519,6 @@ def _viewer_overviews(stream: _Stream, shards: list[Any]) -> list[ViewerOverview
 def session_to_dict(session: StreamSession) -> dict[str, Any]:
     result: dict[str, Any] = msgspec.to_builtins(session)
     return result
-
-
-def _node_gpus(node_id: str) -> float:
-    return next(
-        (float(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n["NodeID"] == node_id), 0.0
-    )
 
 
 def _call_ready(supervisor: Any) -> None:

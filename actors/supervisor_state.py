@@ -25,6 +25,7 @@ import ray
 from ray.experimental import internal_kv
 
 from actors.placement import NAMESPACE
+from actors.stream_group import remove_stream_group
 from shared.models import ScreenConfig, StreamConfig, StreamSession
 from shared.pool.shm import list_segments, unlink_segment
 from shared.roq.tls import TlsIdentity
@@ -89,6 +90,7 @@ def kill_stream_actors(session_id: str) -> list[str]:
             killed.append(name)
         except ValueError:  # gone meanwhile
             continue
+    remove_stream_group(session_id)
     for segment in list_segments(f"kz_{session_id}_"):
         unlink_segment(segment)
     return killed

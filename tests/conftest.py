@@ -59,6 +59,18 @@ def stream_actors(session_id: str | None = None) -> list[str]:
     ]
 
 
+def stream_groups(session_id: str | None = None) -> list[str]:
+    """The stream placement groups (``actors.stream_group``) not yet removed."""
+    from ray.util import placement_group_table
+
+    prefix = f"kz-{session_id}-" if session_id else "kz-"
+    return [
+        group["name"]
+        for group in placement_group_table().values()
+        if group["name"].startswith(prefix) and group["state"] != "REMOVED"
+    ]
+
+
 def doorbells(prefix: str = "kz_") -> list[str]:
     """The segment doorbells (abstract UNIX sockets, ``shared.pool.doorbell``) bound on this
     host whose segment name starts with ``prefix``."""
@@ -111,7 +123,7 @@ def wait_for_no_leaks(
     old = since or ShmSnapshot(frozenset(), frozenset())
     deadline = time.monotonic() + timeout
     while True:
-        actors = stream_actors(session_id)
+        actors = stream_actors(session_id) + stream_groups(session_id)
         segments = [name for name in list_segments(prefix) if name not in old.segments]
         bells = [name for name in doorbells(prefix) if name not in old.doorbells]
         if session_id is None:

@@ -12,17 +12,23 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import msgspec
 import ray
 from ray.cluster_utils import Cluster
+from ray.util.placement_group import get_placement_group, placement_group_table
 
 from actors import StreamManager
-from actors.handles import EncoderHandle
+from actors.handles import EncoderHandle, RelayOriginHandle
 from actors.placement import NAMESPACE
 from actors.remote_shards import RemoteNode, StreamOrigin, actor_node
-from shared.models import Resolution, StreamConfig, StreamQuality
+from actors.stream_group import group_name
+from shared.control.shard_nodes import SHARD_RESOURCE
+from shared.errors import ResourceError
+from shared.models import Resolution, StreamConfig, StreamQuality, ViewerLimits
 from shared.pool.packet_ring import PacketRing
 from shared.pool.shm import list_segments, segment_name, sweep_stale_segments
 from shared.roq.tls import generate_self_signed
@@ -39,59 +45,191 @@ def start_cluster(workers: int) -> Cluster:
         head_node_args={"num_cpus": 2, "resources": {"head": 1}, "include_dashboard": False},
     )
     for index in range(workers):
-        cluster.add_node(num_cpus=1, resources={f"edge{index}": 1})
+        # Both workers are shard nodes, as the KubeRay manifest's ``shards`` group is; the
+        # last also declares a GPU (only Ray's resource: this machine has none, and an
+        # encoder placed there falls back to libx264).
+        cluster.add_node(
+            num_cpus=1,
+            num_gpus=1 if index == workers - 1 else 0,
+            resources={f"edge{index}": 1, SHARD_RESOURCE: 4},
+        )
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False)
     return cluster
 
 
-async def relay_to_two_nodes(cluster: Cluster) -> dict[str, Any]:
-    """A stream on one node; each of two other nodes gets one relay and two shards, each
-    shard a real viewer.  Findings: frames each viewer decoded, packets each node received
-    from the origin, and the origin ring's packet count over the same time."""
+def node_labels(cluster: Cluster) -> dict[str, str]:
+    """``head``, ``edge0``, ``edge1`` by node id, from each node's marker resource (the
+    cluster's worker set has no order)."""
+    labels = {}
+    for node in ray.nodes():
+        marks = [r for r in node["Resources"] if r == "head" or r.startswith("edge")]
+        if marks:
+            labels[node["NodeID"]] = marks[0]
+    return labels
+
+
+async def gone(name: str, timeout: float = 10) -> bool:
+    """Whether no actor is named ``name`` (a killed actor's name is freed soon after)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            return True
+        if asyncio.get_running_loop().time() >= deadline:
+            return False
+        await asyncio.sleep(0.1)
+
+
+async def balanced_shards(cluster: Cluster) -> dict[str, Any]:
+    """Viewers added through the normal API (``add_viewer``), one seat per shard, so each
+    starts a shard: the pool places them on the shard nodes by load, starting one relay per
+    node.  Findings: where the stream and each viewer's shard run, each viewer's alternates,
+    frames decoded, packets each node received from the origin, and what is left after the
+    stream stops."""
     findings: dict[str, Any] = {}
+    labels = node_labels(cluster)
+    limits = ViewerLimits(max_viewers_per_shard=1, max_shards=4, idle_shard_retire_s=1.0)
     async with StreamManager.start() as manager:
-        sid = (await manager.start_camera_stream(StreamConfig(quality=QVGA))).session_id
-        encoder_actor = ray.get_actor(f"kz-{sid}-encoder", namespace=NAMESPACE)
-        encoder = EncoderHandle(encoder_actor)
-        origin_node = actor_node(encoder_actor)
-        edges = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != origin_node]
-        findings["nodes"] = 1 + len(edges)
-        identity = generate_self_signed("127.0.0.1")
+        config = StreamConfig(quality=QVGA, viewers=limits)
+        sid = (await manager.start_camera_stream(config)).session_id
+        origin_node = actor_node(ray.get_actor(f"kz-{sid}-encoder", namespace=NAMESPACE))
+        findings["stream_node"] = labels[origin_node]
+        findings["nodes"] = sum(1 for node in ray.nodes() if node["Alive"])
         ring = PacketRing.attach(segment_name(sid, "video"))
         before = ring.last_sequence()
-        origin = await StreamOrigin.start(sid, origin_node, ["video"])
-        nodes: list[RemoteNode] = []
         viewers: list[Viewer] = []
         try:
-            for index, node_id in enumerate(edges):
-                node = await RemoteNode.open(origin, node_id, f"e{index}")
-                nodes.append(node)
-                for _ in range(2):
-                    _, url = await node.add_shard(encoder, identity, host="127.0.0.1")
-                    viewers.append(await Viewer.connect(url))
+            tickets = [await manager.add_viewer(sid, f"peer{i}") for i in range(4)]
+            findings["alternates"] = [len(StreamUrl.parse(t.url).alternates) for t in tickets]
+            viewers = [await Viewer.connect(t.url) for t in tickets]
             await asyncio.gather(*(v.watch(seconds=60, frames=FRAMES) for v in viewers))
             findings["frames"] = [v.frames_decoded for v in viewers]
             findings["decode_errors"] = [v.report().decode_errors for v in viewers]
-            served = await origin.handle.stats()
-            findings["forwarded"] = {
-                tag: stats.packets_forwarded for tag, stats in sorted(served.nodes.items())
-            }
-            # Every packet the encoder wrote from before the first subscription to now.
-            findings["ring_packets"] = ring.last_sequence() - before
-            findings["relay_delay_p99_ms"] = [
-                (await node.relay.stats()).delay_p99_ms for node in nodes
+            shard_of = {s.viewer_id: s.shard for s in await manager.get_viewer_status(sid)}
+            # The monitor sees every shard, those on other nodes sampled there by their relay.
+            findings["shards_sampled"] = sorted(
+                p.label.removeprefix(f"{sid}/sender-")
+                for p in (await manager.resources()).processes
+                if p.label.startswith(f"{sid}/sender-") and p.alive
+            ) == sorted(shard_of.values())
+            findings["shard_nodes"] = [
+                labels[actor_node(ray.get_actor(f"kz-{sid}-{shard_of[t.viewer_id]}", NAMESPACE))]
+                for t in tickets
             ]
+            overview = await manager.overview()
+            findings["status_shard_nodes"] = sorted(
+                labels[a.node] for a in overview.actors if a.role == "shard" and a.stream == sid
+            )
+            origin = RelayOriginHandle(ray.get_actor(f"kz-{sid}-relay", namespace=NAMESPACE))
+            served = await origin.stats()
+            relays = {tag: f"kz-{sid}-relay-{tag}" for tag in served.nodes}
+            relay_nodes = {
+                actor_node(ray.get_actor(name, namespace=NAMESPACE)): tag
+                for tag, name in relays.items()
+            }
+            findings["forwarded"] = {
+                labels[node]: served.nodes[tag].packets_forwarded
+                for node, tag in relay_nodes.items()
+            }
+            findings["ring_packets"] = ring.last_sequence() - before
         finally:
             ring.close()
             for viewer in viewers:
                 await viewer.close()
-            for node in nodes:
-                await node.close()
-            await origin.stop()
+        # The viewers will leave, and the idle shards retire, youngest first, down to the
+        # oldest (the first ticket's); a node's relay goes with its last shard.  The relay of a
+        # node that keeps no shard crashes first: its rings outlive it (their creator is
+        # dead) until that node's last shard goes, when they are swept there.
+        retained = findings["shard_nodes"][0]
+        crashed = next(tag for node, tag in relay_nodes.items() if labels[node] != retained)
+        ray.kill(ray.get_actor(relays[crashed], namespace=NAMESPACE), no_restart=True)
+        findings["crashed_relay_rings"] = list_segments(f"kz_{sid}_{crashed}-")
+        for ticket in tickets:
+            await manager.remove_viewer(sid, ticket.viewer_id)
+        # The relay that should be left: the retained shard's node's, unless that node is
+        # the stream's own.
+        expected = sorted({retained} - {findings["stream_node"]})
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:
+            shards = [a for a in (await manager.overview()).actors if a.role == "shard"]
+            up = [n for n, tag in relay_nodes.items() if not await gone(relays[tag], 0)]
+            alive = sorted(labels[n] for n in up)
+            rings = list_segments(f"kz_{sid}_{crashed}-")
+            settled = len(shards) == 1 and alive == expected and not rings
+            if settled or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        findings["shards_after_retiring"] = len(shards)
+        findings["relays_after_retiring"] = alive
+        findings["crashed_rings_after_retiring"] = rings
         await manager.stop_stream(sid)
+        findings["relays_left"] = [
+            name for name in [f"kz-{sid}-relay", *relays.values()] if not await gone(name)
+        ]
     findings["segments_left"] = list_segments(f"kz_{sid}_")
     return findings
+
+
+def assigned_resources(actor: object) -> dict[str, float]:
+    """Run in an actor by ``__ray_call__``: what Ray reserved for it."""
+    return dict(ray.get_runtime_context().get_assigned_resources())
+
+
+async def gpu_encoder(cluster: Cluster) -> dict[str, Any]:
+    """Streams asking for hardware encoding on a cluster where one worker declares a GPU, with
+    two encoder sessions per GPU: two land there, each encoder holding half the GPU in its
+    stream's STRICT_PACK group beside its capture; a third is refused.  Findings: where their
+    actors run, what Ray reserved, the codec (libx264: no NVENC here), the refusal, and
+    whether the groups are removed when the streams stop."""
+    findings: dict[str, Any] = {}
+    labels = node_labels(cluster)
+    hardware = msgspec.structs.replace(QVGA, hardware_acceleration=True)
+    async with StreamManager.start(gpu_sessions_per_gpu=2) as manager:
+        sids = [
+            (await manager.start_camera_stream(StreamConfig(quality=hardware))).session_id
+            for _ in range(2)
+        ]
+        try:
+            await manager.start_camera_stream(StreamConfig(quality=hardware))
+        except ResourceError as exc:
+            findings["refused"] = str(exc)
+        findings["streams"] = []
+        for sid in sids:
+            capture = ray.get_actor(f"kz-{sid}-capture", namespace=NAMESPACE)
+            encoder_actor = ray.get_actor(f"kz-{sid}-encoder", namespace=NAMESPACE)
+            encoder = EncoderHandle(encoder_actor)
+            deadline = asyncio.get_running_loop().time() + 30
+            while (stats := await encoder.stats()).frames_encoded < 1:
+                assert asyncio.get_running_loop().time() < deadline, "the encoder encodes nothing"
+                await asyncio.sleep(0.1)
+            group = placement_group_table(get_placement_group(group_name(sid)))
+            findings["streams"].append(
+                {
+                    "capture_node": labels[actor_node(capture)],
+                    "encoder_node": labels[actor_node(encoder_actor)],
+                    "encoder_gpu": (
+                        await encoder_actor.__ray_call__.remote(assigned_resources)
+                    ).get("GPU", 0.0),
+                    "codec": stats.codec,
+                    "group_strategy": group["strategy"],
+                    "group_bundles": list(group["bundles"].values()),
+                }
+            )
+        for sid in sids:
+            await manager.stop_stream(sid)
+        findings["groups_left"] = [sid for sid in sids if group_left(sid)]
+    return findings
+
+
+def group_left(session_id: str) -> bool:
+    """Whether the stream's placement group still exists (not removed)."""
+    try:
+        group = get_placement_group(group_name(session_id))
+    except ValueError:
+        return False
+    return bool(placement_group_table(group)["state"] != "REMOVED")
 
 
 async def node_loss(cluster: Cluster) -> dict[str, Any]:
@@ -156,7 +294,8 @@ async def node_loss(cluster: Cluster) -> dict[str, Any]:
 
 
 SCENARIOS: dict[str, Callable[[Cluster], Coroutine[Any, Any, dict[str, Any]]]] = {
-    "relay_to_two_nodes": relay_to_two_nodes,
+    "balanced_shards": balanced_shards,
+    "gpu_encoder": gpu_encoder,
     "node_loss": node_loss,
 }
 
@@ -168,7 +307,9 @@ def main(names: list[str]) -> None:
     findings: dict[str, Any] = {}
     try:
         for name in names:
+            started = time.monotonic()
             findings[name] = asyncio.run(SCENARIOS[name](cluster))
+            print(f"{name}: {time.monotonic() - started:.1f} s", file=sys.stderr)
     finally:
         ray.shutdown()
         cluster.shutdown()

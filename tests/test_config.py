@@ -26,6 +26,7 @@ def test_the_example_loads_with_every_setting() -> None:
     assert [s.name for s in config.streams] == ["lobby", "desk"]
     assert config.max_streams == 8
     assert config.cpu_admission_percent == 90
+    assert config.gpu_sessions_per_gpu == 5
     assert config.secret_file == str(EXAMPLE.parent / "token.secret")
     lobby, desk = config.streams
     assert (lobby.listen_host, lobby.port, lobby.senders, lobby.priority) == (

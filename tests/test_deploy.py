@@ -15,6 +15,7 @@ import ray
 import yaml
 
 from actors.cli.main import build_parser
+from shared.control.shard_nodes import SHARD_RESOURCE
 from shared.roq.url import ADVERTISE_ENV
 from tests.test_pipeline import REPO
 
@@ -105,6 +106,21 @@ def test_encoder_nodes_offer_ray_a_gpu_that_kubernetes_schedules() -> None:
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert "video" in env["NVIDIA_DRIVER_CAPABILITIES"].split(",")  # NVENC
+
+
+def test_only_the_shard_workers_are_marked_as_shard_nodes() -> None:
+    cluster, _ = load_all(DEPLOY / "kuberay" / "raycluster.yaml")
+    marked = {}
+    for group in cluster["spec"]["workerGroupSpecs"]:
+        # KubeRay passes the value to `ray start --resources`: a JSON object, quoted.
+        raw = group["rayStartParams"].get("resources")
+        marked[group["groupName"]] = json.loads(json.loads(raw)) if raw else {}
+    assert "resources" not in cluster["spec"]["headGroupSpec"]["rayStartParams"]
+    assert marked["shards"][SHARD_RESOURCE] >= 1
+    assert SHARD_RESOURCE not in marked["encoders"]
+    [config] = load_all(DEPLOY / "ray" / "cluster.yaml")
+    types = config["available_node_types"]
+    assert {name for name, t in types.items() if SHARD_RESOURCE in t["resources"]} == {"shards"}
 
 
 def test_the_launcher_config_has_its_node_types_and_starts_ray_advertising_addresses() -> None:

@@ -216,19 +216,17 @@ def test_a_runtime_failure_switches_to_software_with_a_keyframe_and_no_lost_fram
     assert "device lost (injected)" in encoder.fallback_reason
 
 
-def test_encoder_actor_asks_ray_for_a_gpu_only_when_the_encoder_needs_one_and_the_node_has_it() -> (
-    None
-):
+def test_encoder_actor_asks_for_its_gpu_share_only_when_the_encoder_needs_one() -> None:
     def capabilities(chosen: str) -> EncoderCapabilities:
         return EncoderCapabilities(encoders=(), chosen=chosen)
 
     assert needs_gpu("h264_nvenc") and not needs_gpu("h264_qsv") and not needs_gpu("libx264")
-    assert encoder_actor_options(capabilities("h264_nvenc"), node_gpus=1) == {"num_gpus": 1}
-    assert encoder_actor_options(capabilities("h264_nvenc"), node_gpus=0) == {}
-    assert encoder_actor_options(capabilities("libx264"), node_gpus=8) == {}
-    assert encoder_actor_options("h264_amf", node_gpus=1) == {"num_gpus": 1}
-    assert encoder_actor_options(True, node_gpus=2) == {"num_gpus": 1}
-    assert encoder_actor_options(False, node_gpus=2) == {}
+    assert encoder_actor_options(capabilities("h264_nvenc"), gpu_share=0.5) == {"num_gpus": 0.5}
+    assert encoder_actor_options(capabilities("h264_nvenc"), gpu_share=0) == {}
+    assert encoder_actor_options(capabilities("libx264"), gpu_share=1) == {}
+    assert encoder_actor_options("h264_amf", gpu_share=1) == {"num_gpus": 1}
+    assert encoder_actor_options(True, gpu_share=1 / 3) == {"num_gpus": 1 / 3}
+    assert encoder_actor_options(False, gpu_share=1) == {}
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:

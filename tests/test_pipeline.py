@@ -37,7 +37,13 @@ from shared.models import (
     ViewerStatus,
 )
 from shared.viewer.client import DecodedFrame, Viewer
-from tests.conftest import require_tool, shm_snapshot, stream_actors, wait_for_no_leaks
+from tests.conftest import (
+    require_tool,
+    shm_snapshot,
+    stream_actors,
+    stream_groups,
+    wait_for_no_leaks,
+)
 
 pytestmark = pytest.mark.ray
 
@@ -138,6 +144,8 @@ def test_the_issue_example_starts_lists_and_stops(ray_cluster: str) -> None:
                 lambda s: s.stats.frames_encoded > 0,
                 "a frame encoded",
             )
+            # Capture and encoder hold their resources together in the stream's group.
+            assert stream_groups(sid) == [f"kz-{sid}-pg"]
             stopped = await manager.stop_stream(sid)
             assert stopped is not None and stopped.state is StreamState.STOPPED
             assert stopped.stats.frames_encoded > 0 and stopped.error is None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 
@@ -20,9 +21,10 @@ GOP = 60
 
 @pytest.fixture(scope="module")
 def findings() -> dict[str, dict[str, object]]:
-    """Both scenarios, on one three-node cluster (the node loss last)."""
+    """Every scenario, on one three-node cluster (the node loss last)."""
+    scenarios = ["balanced_shards", "gpu_encoder", "node_loss"]
     result = subprocess.run(
-        [sys.executable, "-m", "tests.scaleout_scenarios", "relay_to_two_nodes", "node_loss"],
+        [sys.executable, "-m", "tests.scaleout_scenarios", *scenarios],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -33,25 +35,63 @@ def findings() -> dict[str, dict[str, object]]:
     return found
 
 
-def test_each_node_receives_the_stream_once_and_serves_its_viewers(
+def test_the_balancer_places_shards_on_both_shard_nodes_by_load(
     findings: dict[str, dict[str, object]],
 ) -> None:
-    found = findings["relay_to_two_nodes"]
+    found = findings["balanced_shards"]
     assert found["nodes"] == 3
-    # Two nodes, two shards each, a real viewer on each shard: all decode, none broken.
+    # Four viewers through add_viewer, one seat per shard: four shards, two on each worker
+    # (the shard nodes; the head is none), whichever node the stream itself runs on.
+    nodes = found["shard_nodes"]
+    assert isinstance(nodes, list)
+    assert Counter(nodes) == {"edge0": 2, "edge1": 2}, nodes
     frames = found["frames"]
-    assert isinstance(frames, list) and len(frames) == 4
-    assert all(n >= FRAMES for n in frames), frames
+    assert isinstance(frames, list) and all(n >= FRAMES for n in frames), frames
     assert found["decode_errors"] == [0, 0, 0, 0]
+    assert found["shards_sampled"] is True
+    assert found["status_shard_nodes"] == sorted(nodes)  # `status` shows where each runs
+    # The first ticket had no other shard to name; each later one names the other node's.
+    assert found["alternates"] == [0, 1, 1, 1]
+    # Each node other than the stream's own got one relay, which received the stream once.
     forwarded = found["forwarded"]
-    assert isinstance(forwarded, dict) and sorted(forwarded) == ["e0", "e1"]
+    assert isinstance(forwarded, dict)
+    assert sorted(forwarded) == sorted({"edge0", "edge1"} - {found["stream_node"]})
     ring_packets = found["ring_packets"]
     assert isinstance(ring_packets, int)
     for node, count in forwarded.items():
-        # Once per node: a node's two shards share its copy.  Per shard it would be twice the
-        # encoder's output; the subscriber's start at the newest keyframe adds at most a GOP.
         assert 0 < count <= ring_packets + GOP, (node, count, ring_packets)
+    # The viewers gone, the idle shards retired down to the first ticket's, and a node's
+    # relay went with its last shard: only the retained shard's node (if it is not the
+    # stream's own) still has one.
+    assert found["shards_after_retiring"] == 1
+    assert found["relays_after_retiring"] == sorted({nodes[0]} - {found["stream_node"]})
+    # A relay that crashed (on a node that kept no shard) left its rings; they were swept on
+    # its node when its last shard retired.
+    assert found["crashed_relay_rings"] != []
+    assert found["crashed_rings_after_retiring"] == []
+    # Stopping the stream stopped its relays and removed every segment, remote copies too.
+    assert found["relays_left"] == []
     assert found["segments_left"] == []
+
+
+def test_a_hardware_stream_lands_on_the_gpu_node_sharing_its_gpu(
+    findings: dict[str, dict[str, object]],
+) -> None:
+    found = findings["gpu_encoder"]
+    streams = found["streams"]
+    assert isinstance(streams, list) and len(streams) == 2
+    for stream in streams:
+        # Capture and encoder together, on the one node declaring a GPU.
+        assert stream["capture_node"] == stream["encoder_node"] == "edge1", stream
+        # Two sessions per GPU: each encoder holds half of it, in its group's encoder bundle.
+        assert stream["encoder_gpu"] == 0.5
+        assert stream["group_strategy"] == "STRICT_PACK"
+        assert stream["group_bundles"] == [{"CPU": 0.05}, {"CPU": 0.25, "GPU": 0.5}]
+        # No NVENC on this machine: the encoder fell back to software, as it should.
+        assert stream["codec"] == "libx264"
+    refused = found["refused"]
+    assert isinstance(refused, str) and "every GPU encoder session is taken" in refused
+    assert found["groups_left"] == []
 
 
 def test_losing_a_node_moves_its_viewer_to_a_surviving_node(

@@ -286,6 +286,7 @@ async def serve(
         address=args.address or server.address,
         token_secret=secret,
         max_streams=max(server.max_streams, len(server.streams)),
+        gpu_sessions_per_gpu=server.gpu_sessions_per_gpu,
     ) as manager:
         if server.cpu_admission_percent is not None:
             await manager.set_admission(server.cpu_admission_percent)

@@ -64,15 +64,16 @@ def ladder_ring_names(session_id: str, rungs: Sequence[Rung] | int) -> list[str]
 
 
 def encoder_actor_options(
-    choice: EncoderCapabilities | str | bool, *, node_gpus: float
+    choice: EncoderCapabilities | str | bool, *, gpu_share: float
 ) -> dict[str, Any]:
-    """Ray options for the encoder actor: a GPU when the encoder needs one.
+    """Ray options for the encoder actor: a share of a GPU when the encoder needs one.
 
     ``choice`` is the probe's result for that node, an encoder name, or simply whether the
     stream asks for hardware acceleration (the actor then probes once placed, and needs the
     GPU visible to find NVENC: Ray hides GPUs from actors that did not ask for one).
-    ``node_gpus`` is the ``GPU`` resource of the node the stream is pinned to; without one no
-    GPU is asked for, since a hard node affinity plus a GPU the node lacks never schedules.
+    ``gpu_share`` is the fraction of a GPU the scheduler gave the stream
+    (``StreamScheduler.gpu_share``: one encoder session's worth; 0 where it placed the
+    stream on a node without a GPU, where asking for one would never schedule).
     """
     if isinstance(choice, EncoderCapabilities):
         wanted = needs_gpu(choice.chosen)
@@ -80,7 +81,7 @@ def encoder_actor_options(
         wanted = needs_gpu(choice)
     else:
         wanted = choice
-    return {"num_gpus": 1} if wanted and node_gpus >= 1 else {}
+    return {"num_gpus": gpu_share} if wanted and gpu_share > 0 else {}
 
 
 def ring_capacity(bitrate: int) -> int:

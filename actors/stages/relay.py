@@ -25,6 +25,7 @@ import os
 
 import ray
 
+from shared.control.resources import ResourceMonitor, ResourceSnapshot
 from shared.pool.shm import segment_name
 from shared.relay.link import ReceiverStats, RelayReceiver, RelayServer, ServerStats
 
@@ -64,7 +65,8 @@ class RelayOriginActor:
 
 
 class NodeRelayActor:
-    """Copies a stream's tracks from its origin into this node's rings."""
+    """Copies a stream's tracks from its origin into this node's rings, and samples the node
+    for the supervisor (whose own monitor sees only its node's processes)."""
 
     def __init__(
         self, session_id: str, origin: tuple[str, int], tracks: list[str], node_tag: str
@@ -74,6 +76,7 @@ class NodeRelayActor:
         self._receiver = RelayReceiver(
             origin, session_id, relay_ring_names(session_id, node_tag, tracks), node=node_tag
         )
+        self._monitor: ResourceMonitor | None = None
 
     async def open(self) -> dict[str, str]:
         """Subscribe and create the local rings; their names, by track."""
@@ -82,6 +85,12 @@ class NodeRelayActor:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def sample(self, pids: dict[str, int]) -> ResourceSnapshot:
+        """This node's figures and those of the processes ``pids`` names (the shards here)."""
+        if self._monitor is None:
+            self._monitor = ResourceMonitor()
+        return self._monitor.sample(pids)
 
     def stats(self) -> ReceiverStats:
         return self._receiver.stats()

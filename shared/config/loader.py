@@ -63,6 +63,7 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     address: str | None = None
     max_streams: int = 16
     cpu_admission_percent: float | None = None
+    gpu_sessions_per_gpu: int = 3
 
 
 def _located(path: str, lines: KeyLines, raw: Any, where: KeyPath, message: str) -> ConfigError:
@@ -277,4 +278,5 @@ def load_server_config(text: str, path: str = "server.toml") -> ServerConfig:
         address=parsed.server.address,
         max_streams=parsed.server.max_streams,
         cpu_admission_percent=parsed.server.cpu_admission_percent,
+        gpu_sessions_per_gpu=parsed.server.gpu_sessions_per_gpu,
     )

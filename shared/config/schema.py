@@ -248,6 +248,8 @@ class ServerEntry(_Table, frozen=True, kw_only=True):
     #: Refuse new streams while the node's CPU (averaged over the monitor's window) is at or
     #: above this percentage; unset: the encoding budget alone decides.
     cpu_admission_percent: Annotated[float, msgspec.Meta(gt=0, le=100)] | None = None
+    #: Hardware encoder sessions one GPU takes (NVENC allows a few per consumer card).
+    gpu_sessions_per_gpu: Annotated[int, msgspec.Meta(ge=1, le=64)] = 3
 
 
 class ServerFile(_Table, frozen=True, kw_only=True):
