@@ -126,6 +126,9 @@ class ShardPool:
     registry: ViewerRegistry = field(default_factory=ViewerRegistry)
     starting: int = 0
     _started: asyncio.Condition = field(default_factory=asyncio.Condition)
+    #: One refresh at a time: the health round and ``overview`` both refresh, and two
+    #: interleaved at their awaits would both retire (pop) the same idle shard.
+    _refreshing: asyncio.Lock = field(default_factory=asyncio.Lock)
     #: The last sample of each other node serving the stream (``_sample_remote``).
     remote_usage: dict[str, ResourceSnapshot] = field(default_factory=dict)
     #: Shards spawned and not yet open: stopped too if the stream stops meanwhile.
@@ -264,6 +267,10 @@ class ShardPool:
     async def refresh(self) -> tuple[list[SenderStats], list[RegistryEvent]]:
         """Poll every shard, reconcile the registry, retire idle extra shards; a shard that
         died is dropped and its viewers marked reconnecting."""
+        async with self._refreshing:
+            return await self._refresh()
+
+    async def _refresh(self) -> tuple[list[SenderStats], list[RegistryEvent]]:
         events: list[RegistryEvent] = []
         reports: list[SenderStats] = []
         shards = list(self.shards.values())

@@ -282,6 +282,7 @@ async def node_loss(cluster: Cluster) -> dict[str, Any]:
             findings["origin_nodes"] = sorted((await origin.handle.stats()).nodes)
             findings["lost_segments"] = list_segments(f"kz_{sid}_{lost_node.tag}-")
             findings["swept"] = sweep_stale_segments(f"kz_{sid}_{lost_node.tag}-")
+            findings["lost_segments_after_sweep"] = list_segments(f"kz_{sid}_{lost_node.tag}-")
         finally:
             if viewer is not None:
                 await viewer.close()

@@ -105,7 +105,8 @@ def test_losing_a_node_moves_its_viewer_to_a_surviving_node(
     assert found["frames_after"] == FRAMES
     assert found["decode_errors"] == 0
     assert found["origin_nodes"] == ["e1"]  # the lost node's relay subscription is gone
-    # Its ring outlived it only because test nodes share /dev/shm; the crash sweep takes it.
-    lost = found["lost_segments"]
-    assert isinstance(lost, list) and len(lost) == 1 and lost == found["swept"]
+    # Its ring can outlive it only because test nodes share /dev/shm (whether it does depends
+    # on how fast the removed raylet's workers die): whatever is left, the crash sweep takes.
+    assert found["lost_segments"] == found["swept"]
+    assert found["lost_segments_after_sweep"] == []
     assert found["segments_left"] == []
