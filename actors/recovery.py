@@ -49,6 +49,7 @@ from actors.handles import Handle
 from actors.recordings import Recordings
 from actors.stages.encoder import EncoderActor
 from actors.stages.sender import SenderActor
+from shared.control.pressure import PressureDecision
 from shared.control.restart_policy import RestartPolicy
 from shared.errors import CrashLoopError
 from shared.models import StreamState
@@ -91,10 +92,14 @@ class StageRecovery:
         *,
         fail: Callable[[_Stream, BaseException], None],
         running: Callable[[], bool],
+        pressure: Callable[[], PressureDecision | None] = lambda: None,
     ) -> None:
         """``fail`` moves the stream to Error; ``running`` says whether the stream is still
-        the supervisor's and not stopping (a restart then has nothing to do)."""
+        the supervisor's and not stopping (a restart then has nothing to do); ``pressure``
+        gives the stream's CPU-pressure steps in force (None: it does not shed), which a
+        restarted quality controller is told again."""
         self._stream = stream
+        self._pressure = pressure
         self._recordings = recordings
         self._fail = fail
         self._running = running
@@ -220,10 +225,15 @@ class StageRecovery:
         if stream.session.quality != stream.config.quality:  # adjusted since it started
             await encoder.configure(stream.session.quality)
         await self._reattach_shards(await encoder.rung_names())
+        if stream.quality is not None:
+            # The new process runs the configured ladder: what the controller had told the
+            # old one (targets, paused rungs, a lowered frame rate) is told again.
+            await stream.quality.reapply()
         await self._recordings.next_segment(stream.session.session_id)
 
     async def _restart_quality(self) -> None:
-        """The controller learns the ladder again and gets the shards it steers."""
+        """The controller learns the ladder again, gets the shards it steers and the
+        pressure steps in force (its targets it works out again in its next rounds)."""
         stream = self._stream
         quality = stream.quality
         assert quality is not None
@@ -231,6 +241,9 @@ class StageRecovery:
         if stream.shards is not None:
             for shard_id, shard in list(stream.shards.shards.items()):
                 await quality.add_sender(shard_id, shard.handle)
+        state = self._pressure()
+        if state is not None and state.level > 0:
+            await quality.apply_pressure(state)
 
     async def _reattach_shards(self, rings: list[str]) -> None:
         shards = [] if self._stream.shards is None else list(self._stream.shards.shards.values())

@@ -49,6 +49,7 @@ from actors.handles import (
     WebRTCHandle,
 )
 from actors.metrics import StreamMetrics
+from actors.node_pressure import StreamPressure
 from actors.placement import NAMESPACE, spawn
 from actors.recordings import Recordings, StreamContext
 from actors.recovery import RAY_RESTARTS, StageRecovery
@@ -92,7 +93,13 @@ from shared.control.stream_type import (
     stream_type_after_switch,
     stream_type_of,
 )
-from shared.errors import ConfigError, KizunaError, PermissionError, StreamNotFoundError
+from shared.errors import (
+    ConfigError,
+    KizunaError,
+    PermissionError,
+    ResourceError,
+    StreamNotFoundError,
+)
 from shared.media.scaler import plan_ladder
 from shared.models import (
     AccessMode,
@@ -198,6 +205,8 @@ class Supervisor:
         #: ``status`` and the Ray metrics read.
         self._history = ResourceHistory()
         self._metrics: StreamMetrics | None = None
+        #: CPU pressure on this node: its streams that shed give way by priority.
+        self._pressure = StreamPressure()
         self._node_id = ray.get_runtime_context().get_node_id()
         self._health: asyncio.Task[None] | None = None
         self._recordings = Recordings()
@@ -314,6 +323,15 @@ class Supervisor:
         self._streams[sid] = stream
         stream.lifecycle.handle(StreamEvent.STARTED)
         self._watch(stream)
+        if stream.quality is not None and record.node_id == self._node_id:
+            # The steps the dead supervisor had shed died with it: the stream starts again
+            # from nothing shed, and sheds again if the pressure is still there.
+            ladder = plan_ladder(config.quality, config.rungs)
+            top = ladder.rungs[0]
+            self._pressure.add(sid, config, framerate=top.framerate, rungs=len(ladder.rungs))
+            state = self._pressure.state(sid)
+            if state is not None and (await stream.quality.pressure())[0] > 0:
+                await stream.quality.apply_pressure(state)
 
     def _watch(self, stream: _Stream) -> None:
         """Restart the stream's stages when they crash (``actors.recovery``)."""
@@ -322,6 +340,7 @@ class Supervisor:
             stream,
             self._recordings,
             fail=self._fail,
+            pressure=lambda: self._pressure.state(sid),
             # A paused stream's stages are restarted too (capture is paused again after).
             running=lambda: (
                 self._streams.get(sid) is stream
@@ -379,6 +398,12 @@ class Supervisor:
         # (a rejected ladder after place() would leak its slot).
         ladder = plan_ladder(config.quality, config.rungs)
         node_id = self._scheduler.place(session_id, config.quality, nodes, prefer=self._node_id)
+        if node_id == self._node_id:  # the node whose pressure is measured
+            try:
+                self._pressure.admit(session_id, config)
+            except ResourceError:
+                self._scheduler.release(session_id)
+                raise
         pool_name = segment_name(session_id, "frames")
         ring_names = ladder_ring_names(session_id, ladder.rungs)
         ring_name = ring_names[0]
@@ -417,6 +442,11 @@ class Supervisor:
             stream.lifecycle.handle(StreamEvent.STARTED)
             self._record(stream, complete=True)
             self._watch(stream)
+            if stream.quality is not None and node_id == self._node_id:
+                top = ladder.rungs[0]
+                self._pressure.add(
+                    session_id, config, framerate=top.framerate, rungs=len(ladder.rungs)
+                )
         logger.info("stream %s active on node %s", session_id, node_id)
         return stream.session
 
@@ -498,7 +528,6 @@ class Supervisor:
             session_id=sid,
             encoder=encoder,
             ceiling_bitrate=config.quality.bitrate,
-            shed_under_pressure=config.shed_under_pressure,
             content_aware=config.content_aware_targets,
         )
         stream.pids["quality"] = await quality.start()
@@ -591,6 +620,7 @@ class Supervisor:
         for name in stream.segments:
             unlink_segment(name)
         self._scheduler.release(sid)
+        self._pressure.remove(sid)
         self._ports.release_stream(sid)
         supervisor_state.delete(self._name, sid)
 
@@ -1113,10 +1143,16 @@ class Supervisor:
     async def _publish(self) -> None:
         """Sample the resources (into the history) and publish the Ray metrics: once per
         health round, off every per-frame path."""
-        overview = self._build_overview(await self.resources())
+        snapshot = await self.resources()
+        await self._pressure.on_sample(snapshot.cpu_percent, snapshot.taken_at, self._quality_of)
+        overview = self._build_overview(snapshot)
         if self._metrics is None:
             self._metrics = StreamMetrics()
         self._metrics.publish(overview)
+
+    def _quality_of(self, session_id: str) -> QualityHandle | None:
+        stream = self._streams.get(session_id)
+        return stream.quality if stream is not None else None
 
     async def overview(self) -> ServerOverview:
         """Every stream with its rungs, viewers and figures, and every actor of the server
@@ -1327,6 +1363,7 @@ class Supervisor:
             if stream.lifecycle.running and not crashed:
                 self._fail(stream, exc)
             return
+        self._pressure.note_encoder(stream.session.session_id, encoder_stats.frames_dropped)
         failure = stage_failure(capture_stats, encoder_stats, senders)
         if failure is not None:
             self._fail(stream, RuntimeError(failure))
