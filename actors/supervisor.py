@@ -322,6 +322,11 @@ class Supervisor:
         self._scheduler.place(sid, config.quality, nodes, prefer=record.node_id)
         self._streams[sid] = stream
         stream.lifecycle.handle(StreamEvent.STARTED)
+        if record.session.state is StreamState.PAUSED:
+            # Paused when the old supervisor died: its capture still waits (asked again, in
+            # case it was restarted meanwhile), and resume works as before.
+            await stream.capture.pause()
+            stream.lifecycle.handle(StreamEvent.PAUSE)
         self._watch(stream)
         if stream.quality is not None and record.node_id == self._node_id:
             # The steps the dead supervisor had shed died with it: the stream starts again
@@ -658,6 +663,7 @@ class Supervisor:
             except Exception as exc:
                 self._fail(stream, exc)
                 raise unwrap(exc) from None
+            self._record(stream, complete=True)  # a restarted supervisor keeps it paused
         logger.info("stream %s paused", session_id)
         return stream.session
 
@@ -678,6 +684,7 @@ class Supervisor:
             except Exception as exc:
                 self._fail(stream, exc)
                 raise unwrap(exc) from None
+            self._record(stream, complete=True)
         logger.info("stream %s resumed", session_id)
         return stream.session
 
@@ -694,6 +701,7 @@ class Supervisor:
         applied = await stream.encoder.configure(quality)
         await stream.quality.set_ceiling(applied.bitrate)
         stream.session.quality = applied
+        self._record(stream, complete=True)  # what a restarted supervisor (and encoder) use
         return stream.session
 
     async def get_active_streams(self) -> list[StreamSession]:
