@@ -18,8 +18,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+import ray
+
 from actors.handles import QualityHandle
 from shared.control.pressure import NodePressure, PressureConfig, PressureDecision
+from shared.errors import KizunaError
 from shared.models import StreamConfig
 
 logger = logging.getLogger(__name__)
@@ -45,7 +48,11 @@ class StreamPressure:
     def add(self, session_id: str, config: StreamConfig, *, framerate: int, rungs: int) -> None:
         if config.shed_under_pressure:
             self.core.add_stream(
-                session_id, priority=config.priority, framerate=framerate, rungs=rungs
+                session_id,
+                priority=config.priority,
+                framerate=framerate,
+                rungs=rungs,
+                label=config.name or session_id,
             )
 
     def remove(self, session_id: str) -> None:
@@ -82,5 +89,10 @@ class StreamPressure:
         if quality is None:
             logger.warning("stream %s: no quality controller for %s", decision.stream, decision)
             return decision
-        await quality.apply_pressure(decision)
+        try:
+            await quality.apply_pressure(decision)
+        except (ray.exceptions.RayError, KizunaError, TimeoutError) as exc:
+            # A controller being restarted: its restart is given the steps in force
+            # (``actors.recovery``), this one among them.
+            logger.warning("stream %s: pressure step not applied yet: %s", decision.stream, exc)
         return decision

@@ -77,6 +77,7 @@ from shared.control.overview import (
     ViewerOverview,
 )
 from shared.control.ports import ListenPorts
+from shared.control.pressure import PressureConfig
 from shared.control.registry import ConnectionReport, RegistryEvent, ViewerState
 from shared.control.resources import (
     ResourceHistory,
@@ -1142,6 +1143,10 @@ class Supervisor:
         if cpu_percent is not None and not 0 < cpu_percent <= 100:
             raise ConfigError(f"admission threshold {cpu_percent}% must be in (0, 100]")
         self._scheduler.cpu_admission_percent = cpu_percent
+
+    async def set_pressure(self, config: PressureConfig | None) -> None:
+        """The thresholds of this node's pressure policy (None: the defaults)."""
+        self._pressure.core.reconfigure(config or PressureConfig())
 
     def _measured_cpu(self, node_id: str) -> float | None:
         """A node's CPU over the window; only the supervisor's own node is measured."""

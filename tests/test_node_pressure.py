@@ -195,3 +195,61 @@ def test_the_shell_applies_each_step_to_its_stream_and_leaves_streams_that_do_no
         assert shell.state("lobby") is None
 
     asyncio.run(main())
+
+
+# -- through the real supervisor ---------------------------------------------------------------
+
+
+@pytest.mark.ray
+def test_the_supervisor_sheds_the_lower_priority_stream_first_and_refuses_one_it_cannot_fit(
+    ray_cluster: str,
+) -> None:
+    """Two streams that shed, priorities 0 and 5, on the session's cluster; thresholds so low
+    that the node is under pressure as soon as it is measured.  The priority-0 stream gives
+    way first (its quality controller halves its frame rate), then the priority-5 one; a new
+    stream of priority 3 is refused, naming the stream below it that has nothing left."""
+    import asyncio
+
+    from actors import StreamManager
+    from shared.control.pressure import PressureConfig
+    from shared.models import Resolution, StreamConfig, StreamQuality
+    from tests.conftest import wait_for_no_leaks
+    from tests.test_pipeline import eventually
+
+    quality = StreamQuality(resolution=Resolution(160, 90), framerate=30, bitrate=100_000)
+
+    async def main() -> list[str]:
+        async with StreamManager.start() as manager:
+            sids = []
+            for name, priority in (("low", 0), ("high", 5)):
+                config = StreamConfig(
+                    name=name, quality=quality, priority=priority, shed_under_pressure=True
+                )
+                sids.append((await manager.start_camera_stream(config)).session_id)
+            # One step each (the frame rate); steps 3 s apart, so the order can be seen.
+            await manager.set_pressure(
+                PressureConfig(enter_percent=1.0, exit_percent=0.5, enter_hold_s=0.5, settle_s=3.0)
+            )
+
+            async def levels() -> dict[str, int]:
+                return {s.name: s.stats.pressure_level for s in await manager.get_active_streams()}
+
+            first = await eventually(levels, lambda lv: sum(lv.values()) >= 1, "a step")
+            assert first == {"low": 1, "high": 0}
+            both = await eventually(levels, lambda lv: lv["high"] == 1, "the second step")
+            assert both == {"low": 1, "high": 1}
+            low = next(s for s in await manager.get_active_streams() if s.name == "low")
+            assert low.stats.pressure_reason.endswith(
+                "frame rate 30 -> 15 fps (priority 0, below 1 other stream(s))"
+            )
+            with pytest.raises(ResourceError, match=r"low \(priority 0\) has shed all it can"):
+                await manager.start_camera_stream(
+                    StreamConfig(quality=quality, priority=3, shed_under_pressure=True)
+                )
+            await manager.set_pressure(None)
+            for sid in sids:
+                await manager.stop_stream(sid)
+            return sids
+
+    for sid in asyncio.run(main()):
+        wait_for_no_leaks(sid)

@@ -148,14 +148,23 @@ class _Taken(msgspec.Struct, kw_only=True):
 class _StreamSteps:
     """One stream's steps (module doc) and those of them in force."""
 
-    __slots__ = ("framerate", "order", "priority", "steps", "stream", "taken")
+    __slots__ = ("framerate", "label", "order", "priority", "steps", "stream", "taken")
 
     def __init__(
-        self, stream: str, *, priority: int, framerate: int, rungs: int, order: int, minimum: int
+        self,
+        stream: str,
+        *,
+        priority: int,
+        framerate: int,
+        rungs: int,
+        order: int,
+        minimum: int,
+        label: str = "",
     ) -> None:
         if framerate < 1 or rungs < 1:
             raise ConfigError(f"need a frame rate and a rung, got {framerate} fps, {rungs} rungs")
         self.stream = stream
+        self.label = label or stream
         self.priority = priority
         self.framerate = framerate
         self.order = order
@@ -189,8 +198,8 @@ class _StreamSteps:
 
     def describe(self) -> str:
         if self.saturated:
-            return f"{self.stream} (priority {self.priority}) has shed all it can"
-        return f"{self.stream} (priority {self.priority})"
+            return f"{self.label} (priority {self.priority}) has shed all it can"
+        return f"{self.label} (priority {self.priority})"
 
 
 class NodePressure:
@@ -214,8 +223,11 @@ class NodePressure:
 
     # -- members ------------------------------------------------------------------------------
 
-    def add_stream(self, stream: str, *, priority: int, framerate: int, rungs: int) -> None:
-        """A stream that sheds under pressure, its top rung at ``framerate``, ``rungs`` rungs."""
+    def add_stream(
+        self, stream: str, *, priority: int, framerate: int, rungs: int, label: str = ""
+    ) -> None:
+        """A stream that sheds under pressure, its top rung at ``framerate``, ``rungs`` rungs;
+        ``label`` names it in refusals (default: ``stream``)."""
         if stream in self._streams:
             raise ConfigError(f"stream {stream} is already under the pressure policy")
         self._added += 1
@@ -226,7 +238,14 @@ class NodePressure:
             rungs=rungs,
             order=self._added,
             minimum=self.config.min_framerate,
+            label=label,
         )
+
+    def reconfigure(self, config: PressureConfig) -> None:
+        """New thresholds from now on (the steps in force stay; the restore hold restarts)."""
+        self.config = config
+        self._exit_hold = config.exit_hold_s
+        self._restored_at = None
 
     def remove_stream(self, stream: str) -> None:
         """The stream stopped: its steps go with it (nothing to undo)."""
