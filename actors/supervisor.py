@@ -335,6 +335,7 @@ class Supervisor:
             ladder = plan_ladder(config.quality, config.rungs)
             top = ladder.rungs[0]
             self._pressure.add(sid, config, framerate=top.framerate, rungs=len(ladder.rungs))
+            self._pressure.core.set_paused(sid, stream.lifecycle.state is StreamState.PAUSED)
             state = self._pressure.state(sid)
             if state is not None and (await stream.quality.pressure())[0] > 0:
                 await stream.quality.apply_pressure(state)
@@ -665,6 +666,7 @@ class Supervisor:
                 self._fail(stream, exc)
                 raise unwrap(exc) from None
             self._record(stream, complete=True)  # a restarted supervisor keeps it paused
+            self._pressure.core.set_paused(session_id, True)
         logger.info("stream %s paused", session_id)
         return stream.session
 
@@ -686,6 +688,7 @@ class Supervisor:
                 self._fail(stream, exc)
                 raise unwrap(exc) from None
             self._record(stream, complete=True)
+            self._pressure.core.set_paused(session_id, False)
         logger.info("stream %s resumed", session_id)
         return stream.session
 

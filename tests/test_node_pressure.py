@@ -129,6 +129,19 @@ def test_a_new_stream_is_refused_when_nothing_below_it_can_make_room() -> None:
     assert "at or above 85%" in message
     assert "lobby (priority 0) has shed all it can" in message
     node.admit("urgent", 20)  # main (10) still has steps: it gives way to this one
+    node.set_paused("main", True)  # paused, it encodes nothing: no room to make
+    with pytest.raises(ResourceError, match=r"main \(priority 10\) is paused"):
+        node.admit("urgent", 20)
+
+
+def test_a_paused_stream_is_passed_over_it_has_nothing_to_shed() -> None:
+    node = node_of(("main", 10), ("lobby", 0))
+    node.set_paused("lobby", True)
+    shed = drive(node, ["main"], lambda t: 95.0, 0.0, 5.0)
+    assert [d.stream for d in shed] == ["main", "main"]
+    node.set_paused("lobby", False)
+    shed = drive(node, ["main", "lobby"], lambda t: 95.0, 6.0, 12.0)
+    assert [d.stream for d in shed] == ["lobby", "lobby"]
 
 
 def test_state_says_what_is_in_force_for_a_restarted_actor() -> None:

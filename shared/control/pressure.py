@@ -148,7 +148,7 @@ class _Taken(msgspec.Struct, kw_only=True):
 class _StreamSteps:
     """One stream's steps (module doc) and those of them in force."""
 
-    __slots__ = ("framerate", "label", "order", "priority", "steps", "stream", "taken")
+    __slots__ = ("framerate", "label", "order", "paused", "priority", "steps", "stream", "taken")
 
     def __init__(
         self,
@@ -165,6 +165,8 @@ class _StreamSteps:
             raise ConfigError(f"need a frame rate and a rung, got {framerate} fps, {rungs} rungs")
         self.stream = stream
         self.label = label or stream
+        #: A paused stream encodes nothing: shedding its work would save nothing.
+        self.paused = False
         self.priority = priority
         self.framerate = framerate
         self.order = order
@@ -197,6 +199,8 @@ class _StreamSteps:
         return tuple(s.value for s in in_force if s.action is PressureAction.RETIRE_RUNG)
 
     def describe(self) -> str:
+        if self.paused:
+            return f"{self.label} (priority {self.priority}) is paused"
         if self.saturated:
             return f"{self.label} (priority {self.priority}) has shed all it can"
         return f"{self.label} (priority {self.priority})"
@@ -246,6 +250,13 @@ class NodePressure:
         self.config = config
         self._exit_hold = config.exit_hold_s
         self._restored_at = None
+
+    def set_paused(self, stream: str, paused: bool) -> None:
+        """A paused stream costs no encoder time: it is never picked to shed (nor counted as
+        able to give way), until it resumes.  Its steps in force stay."""
+        steps = self._streams.get(stream)
+        if steps is not None:
+            steps.paused = paused
 
     def remove_stream(self, stream: str) -> None:
         """The stream stopped: its steps go with it (nothing to undo)."""
@@ -298,7 +309,7 @@ class NodePressure:
         return self._smoothed is not None and self._smoothed >= self.config.enter_percent
 
     def _to_shed(self) -> _StreamSteps | None:
-        candidates = [s for s in self._streams.values() if not s.saturated]
+        candidates = [s for s in self._streams.values() if not s.saturated and not s.paused]
         return min(candidates, key=lambda s: (s.priority, s.level, s.order), default=None)
 
     def _to_restore(self) -> _StreamSteps | None:
@@ -314,12 +325,12 @@ class NodePressure:
         if not self.under_pressure:
             return
         lower = [s for s in self._streams.values() if s.priority < priority]
-        if any(not s.saturated for s in lower):
+        if any(not s.saturated and not s.paused for s in lower):
             return  # they give way first
         cpu, enter = self._smoothed or 0.0, self.config.enter_percent
         if lower:
             why = "; ".join(s.describe() for s in sorted(lower, key=lambda s: s.order))
-            what = f"every stream of lower priority has shed all it can ({why})"
+            what = f"no stream of lower priority has work left to give ({why})"
         else:
             what = f"no running stream has a priority lower than {priority} to give way to it"
         raise ResourceError(
