@@ -23,12 +23,13 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import psutil
 import ray
 
-from actors.calls import unwrap
+from actors.calls import call, unwrap
 from actors.handles import EncoderHandle, QualityHandle, SenderHandle
 from actors.placement import spawn
 from actors.stages.sender import SenderActor, SenderStats
@@ -109,6 +110,10 @@ class ShardPool:
     #: Ports of dead shards nobody could take over yet (a new shard that did not open in
     #: time on a loaded node): tried again each round, since their viewers keep coming back.
     _unadopted: dict[str, tuple[Shard, list[int]]] = field(default_factory=dict)
+    #: Called the moment a shard's process dies (its ``watch`` call fails), so the owner can
+    #: run its health round, which hands the dead shard's ports on, now rather than later.
+    on_death: Callable[[], None] | None = None
+    _watchers: dict[str, asyncio.Task[None]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         limits = self.limits
@@ -207,7 +212,28 @@ class ShardPool:
         shard = Shard(shard_id, handle, url, url.port, pid, time.monotonic())
         self.shards[shard_id] = shard
         self.registry.add_shard(shard_id, time.monotonic())
+        self.watch(shard)
         return shard
+
+    def watch(self, shard: Shard) -> None:
+        """Keep one ``watch`` call in flight to the shard: Ray fails it when the process dies,
+        and ``on_death`` is told at once."""
+        if self.on_death is None:
+            return
+
+        async def guard() -> None:
+            try:
+                await call(shard.handle.actor.watch.remote(), None)
+            except ray.exceptions.RayActorError:
+                if self.shards.get(shard.shard_id) is shard and self.on_death is not None:
+                    self.on_death()
+
+        self._watchers[shard.shard_id] = asyncio.create_task(guard(), name=shard.shard_id)
+
+    def _unwatch(self, shard_id: str) -> None:
+        task = self._watchers.pop(shard_id, None)
+        if task is not None:
+            task.cancel()
 
     # --- upkeep (the supervisor's health round) ------------------------------------------
 
@@ -229,6 +255,7 @@ class ShardPool:
                         "stream %s: %s died: %s", self.session_id, shard.shard_id, unwrap(result)
                     )
                     self.shards.pop(shard.shard_id, None)
+                    self._unwatch(shard.shard_id)
                     events += self.registry.shard_lost(shard.shard_id, now)
                     lost.append(shard)
                     continue
@@ -253,6 +280,7 @@ class ShardPool:
         events += self.registry.expire(now)
         for shard_id in self.balancer.retire(self.loads(), now):
             shard = self.shards.pop(shard_id)
+            self._unwatch(shard_id)
             events += self.registry.shard_lost(shard_id, now)
             logger.info("stream %s: retiring idle %s", self.session_id, shard_id)
             # Its own port had no viewer for the idle time and goes with it (a new viewer
@@ -321,6 +349,8 @@ class ShardPool:
         return {shard.shard_id: shard.pid for shard in self.shards.values()}
 
     async def stop_all(self) -> list[SenderStats]:
+        for shard_id in list(self._watchers):
+            self._unwatch(shard_id)
         finals = []
         for shard_id, shard in list(self.shards.items()):
             try:

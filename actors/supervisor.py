@@ -23,6 +23,7 @@ the typed handles of ``actors.handles``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -210,6 +211,8 @@ class Supervisor:
         self._pressure = StreamPressure()
         self._node_id = ray.get_runtime_context().get_node_id()
         self._health: asyncio.Task[None] | None = None
+        #: Set to run the health round now (a shard died), not at its next interval.
+        self._health_wake = asyncio.Event()
         self._recordings = Recordings()
         removed = sweep_stale_segments()
         if removed:
@@ -570,6 +573,8 @@ class Supervisor:
             quality=stream.quality,
             limits=stream.config.viewers,
             access=self._access(stream),
+            # A shard that dies wakes the health round, which hands its port on at once.
+            on_death=self._health_wake.set,
         )
 
     async def stop_stream(self, session_id: str) -> StreamSession | None:
@@ -1419,7 +1424,10 @@ class Supervisor:
 
     async def _health_loop(self) -> None:
         while True:
-            await asyncio.sleep(HEALTH_INTERVAL_S)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(HEALTH_INTERVAL_S):
+                    await self._health_wake.wait()
+            self._health_wake.clear()
             for stream in list(self._streams.values()):
                 if stream.lifecycle.state in (StreamState.ACTIVE, StreamState.PAUSED):
                     await self._refresh_stats(stream)

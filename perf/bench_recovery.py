@@ -169,7 +169,14 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown kinds {unknown}; choose from {', '.join(KINDS)}")
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="kizuna")
+        # A cluster of its own ("local"), never one another program on this machine started.
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            namespace="kizuna",
+        )
     try:
         rows = asyncio.run(run(kinds, args.viewer_idle_timeout))
     finally:

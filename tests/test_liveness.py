@@ -14,7 +14,12 @@ import pytest
 from shared.errors import ConfigError
 from shared.rtp.sender import SR_INTERVAL_S, VIDEO_TRACK, BroadcastSender
 from shared.viewer.client import Viewer, ViewerReport
-from shared.viewer.liveness import SILENCE_BOUND_S, SilenceTimer
+from shared.viewer.liveness import (
+    QUICK_ATTEMPTS,
+    SILENCE_BOUND_S,
+    SilenceTimer,
+    reconnect_attempts,
+)
 from tests.impairment import ImpairmentRelay
 from tests.test_roq_loopback import Broadcast, collect, until
 
@@ -157,6 +162,33 @@ def test_a_paused_stream_sends_srs_alone_and_its_viewers_are_never_dropped() -> 
     sent = shard(frames_until=2.0, dies_at=20.0, lag_s=0.1)
     fired = silence_at([at + ONE_WAY_S for at in sent], until=30.0)
     assert fired is not None and 20.0 < fired <= 20.0 + SILENCE_BOUND_S + 0.011
+
+
+def test_reconnects_try_quickly_first_with_a_fresh_handshake_then_back_off() -> None:
+    attempts = list(itertools.islice(reconnect_attempts(2, rtt_s=0.001, timeout_s=10.0), 12))
+    quick, slow = attempts[:QUICK_ATTEMPTS], attempts[QUICK_ATTEMPTS:]
+    # Short and close together: a new Initial at least every 0.6 s while the server is
+    # replaced, where one attempt's own resends would back off (0.2, 0.4, 0.8, 1.6 s).
+    assert all(delay + timeout <= 0.6 for delay, timeout, _ in quick)
+    # Then the connect timeout, the pause doubling once both endpoints have failed.
+    assert [(d, t) for d, t, _ in slow] == [
+        (0.25, 10.0),
+        (0.25, 10.0),
+        (0.5, 10.0),
+        (0.5, 10.0),
+        (1.0, 10.0),
+        (1.0, 10.0),
+    ]
+    # Every endpoint in turn, from the one that served last (offset 0).
+    assert [offset % 2 for _, _, offset in attempts] == [0, 1] * 6
+
+
+def test_a_long_path_gets_quick_attempts_long_enough_for_its_handshake() -> None:
+    _, timeout, _ = next(reconnect_attempts(1, rtt_s=0.3, timeout_s=10.0))
+    assert timeout == pytest.approx(0.9)  # three of its round trips
+    assert next(reconnect_attempts(1, rtt_s=9.0, timeout_s=5.0))[1] == 5.0  # never past it
+    with pytest.raises(ConfigError, match="needs an endpoint"):
+        next(reconnect_attempts(0))
 
 
 # -- the viewer shell on loopback --------------------------------------------------------------

@@ -84,13 +84,12 @@ from shared.viewer.decoding import (
     read_frame_stamp,
 )
 from shared.viewer.latency import LatencyStats
-from shared.viewer.liveness import SilenceTimer
+from shared.viewer.liveness import SilenceTimer, reconnect_attempts
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DecodedAudio", "DecodedFrame", "Viewer", "ViewerReport", "read_frame_stamp"]
 
-RECONNECT_FIRST_DELAY_S, RECONNECT_MAX_DELAY_S = 0.25, 4.0
 #: QUIC idle timeout of a viewer connection: how soon a dead path is noticed.
 VIEWER_IDLE_TIMEOUT_S = 5.0
 
@@ -585,21 +584,25 @@ class Viewer:
         if self._closing or not self._reconnect_enabled or not dropped:
             return False
         deadline = time.monotonic() + self._reconnect_timeout_s
-        delay = RECONNECT_FIRST_DELAY_S
         # The endpoint that served last first, then the URL's alternates in turn (shards of
-        # the stream on other nodes); the backoff grows once every endpoint has failed.
+        # the stream on other nodes): quick attempts first, then a backoff that grows once
+        # every endpoint has failed (``shared.viewer.liveness.reconnect_attempts``).
         endpoints = self.url.endpoints
-        attempt = 0
-        while time.monotonic() + delay < deadline and not self._closing:
+        attempts = reconnect_attempts(
+            len(endpoints),
+            rtt_s=self._client.rtt_ms / 1000,
+            timeout_s=self._connect_options.get("timeout", 10.0),
+        )
+        for delay, timeout, offset in attempts:
+            if time.monotonic() + delay >= deadline or self._closing:
+                break
             await asyncio.sleep(delay)
-            index = (self._endpoint + attempt) % len(endpoints)
+            index = (self._endpoint + offset) % len(endpoints)
             host, port = endpoints[index]
+            options = self._connect_options | {"timeout": timeout}
             try:
-                client = await RoqClient.connect(host, port, **self._connect_options)
+                client = await RoqClient.connect(host, port, **options)
             except NetworkError:
-                attempt += 1
-                if attempt % len(endpoints) == 0:
-                    delay = min(delay * 2, RECONNECT_MAX_DELAY_S)
                 continue
             self._endpoint = index
             try:

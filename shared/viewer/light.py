@@ -76,7 +76,7 @@ from shared.rtp.rtcp import RTCP_PSFB, RTCP_RR, RTCP_RTPFB
 from shared.rtp.sender import AUDIO_TRACK, VIDEO_TRACK
 from shared.viewer.access import ViewerAccess
 from shared.viewer.latency import LatencyStats
-from shared.viewer.liveness import SilenceTimer
+from shared.viewer.liveness import SilenceTimer, reconnect_attempts
 
 __all__ = [
     "LATE_AFTER_S",
@@ -97,7 +97,6 @@ DELAY_WARMUP_FRAMES = 30
 #: QUIC idle timeout of a light viewer's connection, as the real viewer's: how soon a dead
 #: path is noticed (and reconnected).
 IDLE_TIMEOUT_S = 5.0
-RECONNECT_FIRST_DELAY_S, RECONNECT_MAX_DELAY_S = 0.25, 4.0
 #: Video RTP timestamps whose latest arrival is remembered while their frame is incomplete.
 #: Frames complete in order within the jitter buffer's budget, so a few seconds of video is
 #: plenty; the bound keeps duplicates of released frames from growing it.
@@ -420,36 +419,38 @@ class LightViewer:
             self._silence.reset()
             self.reconnects += 1
 
-    async def _connect(self, *, first: bool = False, endpoint: int = 0) -> RoqClient:
+    async def _connect(
+        self, *, first: bool = False, endpoint: int = 0, timeout: float | None = None
+    ) -> RoqClient:
         gate = self._gate or contextlib.nullcontext()
         async with gate:
             if first:
                 self.started_at = time.monotonic()
             host, port = self.url.endpoints[endpoint]
-            client = await RoqClient.connect(host, port, **self._options)
+            options = self._options if timeout is None else self._options | {"timeout": timeout}
+            client = await RoqClient.connect(host, port, **options)
         self._endpoint = endpoint
         self.access.new_connection()
         client.send_control(self.access.hello())
         return client
 
     async def _reconnect(self) -> RoqClient:
-        """A new connection after a drop, retried with exponential backoff until cancelled: the
-        endpoint that served last first, then the URL's alternates in turn; the backoff grows
-        once every endpoint has failed."""
-        delay = RECONNECT_FIRST_DELAY_S
-        endpoints, attempt, first = len(self.url.endpoints), 0, self._endpoint
-        while True:
+        """A new connection after a drop, retried until cancelled: the endpoint that served
+        last first, then the URL's alternates in turn; quick attempts, then a backoff
+        (``shared.viewer.liveness.reconnect_attempts``)."""
+        endpoints, first = len(self.url.endpoints), self._endpoint
+        rtt_s = self._client.rtt_ms / 1000 if self._client is not None else 0.0
+        attempts = reconnect_attempts(endpoints, rtt_s=rtt_s, timeout_s=self._options["timeout"])
+        for delay, timeout, offset in attempts:
             await asyncio.sleep(delay)
             try:
-                client = await self._connect(endpoint=(first + attempt) % endpoints)
+                client = await self._connect(endpoint=(first + offset) % endpoints, timeout=timeout)
             except NetworkError as exc:
                 self.reason = str(exc)
-                attempt += 1
-                if attempt % endpoints == 0:
-                    delay = min(delay * 2, RECONNECT_MAX_DELAY_S)
                 continue
             self.reason = None
             return client
+        raise AssertionError("reconnect_attempts never ends")
 
     async def _watch(self, client: RoqClient) -> None:
         """Packets to the session until the connection closes; feedback as it falls due."""

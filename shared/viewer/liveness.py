@@ -1,4 +1,4 @@
-"""When a viewer should give up on a silent server and reconnect (a sans-I/O core).
+"""When a viewer should give up on a silent server, and how it tries to come back (sans-I/O).
 
 Theory of operation
 ===================
@@ -34,14 +34,36 @@ one timer at :meth:`SilenceTimer.deadline`; when it fires it passes in the newes
 asks :meth:`SilenceTimer.expired`.  An event loop runs the I/O it has ready before its due
 timers, so a viewer whose own loop stalled reads what came meanwhile before it judges the
 server: its own stall is not taken for the server's silence.  The core reads no clock.
+
+Coming back: :func:`reconnect_attempts` says how long to wait before each attempt, how long the
+attempt may take, and which endpoint it tries (the one that served, then the URL's
+alternates in turn).  A dropped viewer's server is usually being replaced at that moment (a
+shard taking over the port a second or so after the crash), and while nothing listens on the
+port the handshake's Initial packets are lost; within one attempt QUIC resends them on its
+probe timer, which doubles each time (RFC 9002 §6.2.1: 0.2, 0.4, 0.8, 1.6 s after the
+first), so one long attempt may sit out a second and more after the new server is up.  The
+first :data:`QUICK_ATTEMPTS` attempts are therefore short (:data:`QUICK_ATTEMPT_S`, or three
+of the old connection's smoothed RTTs on a long path: a handshake takes one, RFC 9001 §4) and
+close together, each with a fresh
+Initial; after them, attempts take the connect timeout and back off exponentially, as before.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from shared.errors import ConfigError
 from shared.rtp.sender import SR_INTERVAL_S
 
-__all__ = ["MISSED_REPORTS", "PTO_MULTIPLE", "SILENCE_BOUND_S", "SilenceTimer"]
+__all__ = [
+    "MISSED_REPORTS",
+    "PTO_MULTIPLE",
+    "QUICK_ATTEMPTS",
+    "SILENCE_BOUND_S",
+    "ReconnectAttempt",
+    "SilenceTimer",
+    "reconnect_attempts",
+]
 
 #: Report intervals of silence after which the server is taken for gone.
 MISSED_REPORTS = 3
@@ -93,3 +115,40 @@ class SilenceTimer:
         """Whether the server has been silent for longer than the bound at ``now``."""
         deadline = self.deadline(pto_s)
         return deadline is not None and now >= deadline
+
+
+#: Short attempts made first after a drop, a fresh handshake each (module doc).
+QUICK_ATTEMPTS = 6
+#: How long a quick attempt waits for its handshake (at least; see :func:`reconnect_attempts`).
+QUICK_ATTEMPT_S = 0.5
+#: The pause before each quick attempt.
+QUICK_DELAY_S = 0.1
+#: The backoff after the quick attempts: first pause, and the most it grows to.
+BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.25, 4.0
+
+#: ``(pause before it, how long it may take, which endpoint: an offset from the one that
+#: served last)``.
+ReconnectAttempt = tuple[float, float, int]
+
+
+def reconnect_attempts(
+    endpoints: int, *, rtt_s: float = 0.0, timeout_s: float = 10.0
+) -> Iterator[ReconnectAttempt]:
+    """The attempts to reconnect after a drop, endless (the shell stops at its deadline):
+    :data:`QUICK_ATTEMPTS` short ones, then ``timeout_s`` each with exponential backoff,
+    growing once every one of the ``endpoints`` has failed.  ``rtt_s``: the dropped
+    connection's smoothed RTT, which stretches a quick attempt on a long path.  (Not its probe
+    timeout: on a busy machine its RTT variance swells that past a second.)"""
+    if endpoints < 1:
+        raise ConfigError("a viewer needs an endpoint to reconnect to")
+    quick = min(max(QUICK_ATTEMPT_S, 3 * rtt_s), timeout_s)
+    attempt = 0
+    for _ in range(QUICK_ATTEMPTS):
+        yield QUICK_DELAY_S, quick, attempt
+        attempt += 1
+    delay = BACKOFF_FIRST_S
+    while True:
+        yield delay, timeout_s, attempt
+        attempt += 1
+        if attempt % endpoints == 0:
+            delay = min(delay * 2, BACKOFF_MAX_S)
