@@ -40,8 +40,8 @@ class StreamPressure:
         self._late = 0
 
     def admit(self, session_id: str, config: StreamConfig) -> None:
-        """ResourceError when the node is under pressure and no stream of lower priority than
-        ``config``'s can give way (only for a stream that sheds: module doc)."""
+        """ResourceError when the node is under pressure and no stream of ``config``'s priority
+        or lower can give way (only for a stream that sheds: module doc)."""
         if config.shed_under_pressure:
             self.core.admit(session_id, config.priority)
 

@@ -118,8 +118,9 @@ def test_a_new_stream_is_refused_when_nothing_below_it_can_make_room() -> None:
     drive(node, ["main", "lobby"], lambda t: 95.0, 0.0, 2.0)
     assert node.under_pressure and node.state("lobby").level == 1
     node.admit("new", 5)  # the lobby can still give way
-    with pytest.raises(ResourceError, match="no running stream has a priority lower than 0"):
-        node.admit("new", 0)  # the lowest cannot push anyone
+    node.admit("new", 0)  # and take turns with an equal
+    with pytest.raises(ResourceError, match="no running stream of priority -1 or lower"):
+        node.admit("new", -1)  # below everyone: nobody to push
     drive(node, ["main", "lobby"], lambda t: 95.0, 3.0, 8.0)
     assert node.state("lobby").level == 3
     with pytest.raises(ResourceError) as refused:

@@ -25,8 +25,8 @@ while one below it can still give way.  The next step restored is the last step 
 highest-priority stream that has one taken (among equals, the one with the most taken, then
 the latest), so the lowest priorities get their work back last.  A new stream that wants to
 run while the node is under pressure (:meth:`NodePressure.admit`) is refused with
-:class:`~shared.errors.ResourceError`, naming why, unless a stream of lower priority still has
-a step to shed for it.
+:class:`~shared.errors.ResourceError`, naming why, unless a stream of its priority or lower
+still has a step to shed for it.
 
 *Shedding.*  The CPU is smoothed (exponential, time constant ``smoothing_s``, so one busy
 sample does not act).  A step is taken when the smoothed CPU has stayed at or above
@@ -320,19 +320,20 @@ class NodePressure:
 
     def admit(self, stream: str, priority: int) -> None:
         """Whether a new stream of ``priority`` may start now: always, unless the node is under
-        pressure and no stream of lower priority has a step left to shed to make room for it
-        (then :class:`ResourceError` says why)."""
+        pressure and no stream of that priority or lower has a step left to shed to make room
+        for it (then :class:`ResourceError` says why).  Streams of its own priority count: they
+        would take turns with it, as equals do when shedding."""
         if not self.under_pressure:
             return
-        lower = [s for s in self._streams.values() if s.priority < priority]
+        lower = [s for s in self._streams.values() if s.priority <= priority]
         if any(not s.saturated and not s.paused for s in lower):
             return  # they give way first
         cpu, enter = self._smoothed or 0.0, self.config.enter_percent
         if lower:
             why = "; ".join(s.describe() for s in sorted(lower, key=lambda s: s.order))
-            what = f"no stream of lower priority has work left to give ({why})"
+            what = f"no stream of its priority or lower has work left to give ({why})"
         else:
-            what = f"no running stream has a priority lower than {priority} to give way to it"
+            what = f"no running stream of priority {priority} or lower can give way to it"
         raise ResourceError(
             f"cannot start stream {stream}: the node's CPU is {cpu:.0f}%, at or above "
             f"{enter:.0f}%, and {what}"
