@@ -37,6 +37,7 @@ from actors.stages.relay import NodeRelayActor, RelayOriginActor
 from actors.stages.sender import SenderActor, SenderStats
 from actors.stages.webrtc import WebRTCShardActor, WebRTCStats
 from shared.capture.source import SourceInfo
+from shared.control.pressure import PressureDecision
 from shared.control.resources import ResourceSnapshot
 from shared.control.rung_targets import RungTarget
 from shared.media.scaler import Rung
@@ -266,6 +267,14 @@ class QualityHandle(Handle[QualityActor]):
     async def pressure(self) -> tuple[int, str]:
         """CPU-pressure steps in force, and the last step's reason."""
         return await self.call(QualityActor.pressure)
+
+    async def apply_pressure(self, decision: PressureDecision) -> None:
+        """The stream's pressure steps in force after the supervisor's ``decision``."""
+        await self.call(QualityActor.apply_pressure, decision)
+
+    async def reapply(self) -> None:
+        """After an encoder restart: targets, paused rungs and frame rate to the new one."""
+        await self.call(QualityActor.reapply)
 
     async def stop(self) -> None:
         await self.call(QualityActor.stop)

@@ -32,6 +32,7 @@ from actors.placement import NAMESPACE, SUPERVISOR_PREFIX
 from actors.supervisor import Supervisor
 from shared.auth.pending import PendingRequest
 from shared.control.overview import ServerOverview
+from shared.control.pressure import PressureConfig
 from shared.control.resources import ResourceSnapshot
 from shared.control.scheduler import DEFAULT_GPU_SESSIONS
 from shared.errors import ConfigError, ResourceError
@@ -291,6 +292,11 @@ class StreamManager:
         """Refuse new streams (ResourceError) while the node's measured CPU is at or above
         ``cpu_percent``; None turns the check off."""
         await self._supervisor.call(Supervisor.set_admission, cpu_percent)
+
+    async def set_pressure(self, config: PressureConfig | None) -> None:
+        """The thresholds at which the node's streams that shed under pressure give way,
+        lowest priority first (``shared.control.pressure``); None: the defaults."""
+        await self._supervisor.call(Supervisor.set_pressure, config)
 
     async def overview(self) -> ServerOverview:
         """Every stream with its figures and every actor with its role, node and pid."""

@@ -24,8 +24,12 @@ crashed writer's segment stays behind (its readers still map it); the restarted 
 the same name, which reclaims the dead creator's segment (``shared.pool.shm.create_segment``),
 so there is never a second segment nor a leaked one.  Its readers then re-attach: the encoder
 to a new frame pool (``EncoderActor.reattach_pool``), the shards to new rings
-(``SenderActor.reattach``; the restarted encoder carries on the stream's pts, so the viewers'
-RTP timestamps run on), and recordings continue in their next segment.
+(``SenderActor.reattach``, and the WebRTC shard's feeds, ``WebRTCShardActor.reattach``; the
+restarted encoder carries on the stream's pts, so the viewers' RTP timestamps run on), and
+recordings continue in their next segment.  The quality controller then tells the new encoder
+what it had told the old one (``QualityActor.reapply``: targets, paused rungs, a frame rate
+lowered under pressure); a restarted quality controller is given the stream's pressure steps
+in force by the supervisor.
 
 How a crash is noticed: the supervisor keeps one ``watch`` call in flight to each actor, which
 Ray fails the moment the process dies; no polling interval adds to the recovery time.  Each
@@ -49,8 +53,10 @@ from actors.handles import Handle
 from actors.recordings import Recordings
 from actors.stages.encoder import EncoderActor
 from actors.stages.sender import SenderActor
+from actors.stages.webrtc import WebRTCShardActor
+from shared.control.pressure import PressureDecision
 from shared.control.restart_policy import RestartPolicy
-from shared.errors import CrashLoopError
+from shared.errors import CrashLoopError, KizunaError
 from shared.models import StreamState
 from shared.pool.shm import segment_name
 
@@ -68,8 +74,15 @@ BACK_POLL_S = 0.05
 
 
 async def until_back(handle: Handle[Any], timeout: float = RESTART_TIMEOUT_S) -> None:
-    """Wait for Ray to have restarted ``handle``'s actor: calls made meanwhile fail with
-    ActorUnavailableError, not wait.  TimeoutError past ``timeout``."""
+    """Wait for Ray to have restarted ``handle``'s actor; TimeoutError past ``timeout``.
+
+    While Ray restarts an actor, a call to it does not wait: it fails with
+    ``ActorUnavailableError`` ("The actor is restarting", or an RpcError from the dead
+    process's connection), which is retried here and only that.  ``ActorDiedError`` means Ray
+    will not bring it back (no restart left, or killed with ``no_restart``): it is raised at
+    once, and the stream fails with it.  (Ray's own ``tests/test_actor_unavailable.py`` pins
+    both: Unavailable during a restart, Died once the restarts are spent.)  A constructor that
+    hangs answers nothing: that is the timeout."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -79,6 +92,8 @@ async def until_back(handle: Handle[Any], timeout: float = RESTART_TIMEOUT_S) ->
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the actor was not back within {timeout:g} s") from None
             await asyncio.sleep(BACK_POLL_S)
+        except TimeoutError:
+            raise TimeoutError(f"the actor was not back within {timeout:g} s") from None
 
 
 class StageRecovery:
@@ -91,10 +106,14 @@ class StageRecovery:
         *,
         fail: Callable[[_Stream, BaseException], None],
         running: Callable[[], bool],
+        pressure: Callable[[], PressureDecision | None] = lambda: None,
     ) -> None:
         """``fail`` moves the stream to Error; ``running`` says whether the stream is still
-        the supervisor's and not stopping (a restart then has nothing to do)."""
+        the supervisor's and not stopping (a restart then has nothing to do); ``pressure``
+        gives the stream's CPU-pressure steps in force (None: it does not shed), which a
+        restarted quality controller is told again."""
         self._stream = stream
+        self._pressure = pressure
         self._recordings = recordings
         self._fail = fail
         self._running = running
@@ -220,10 +239,15 @@ class StageRecovery:
         if stream.session.quality != stream.config.quality:  # adjusted since it started
             await encoder.configure(stream.session.quality)
         await self._reattach_shards(await encoder.rung_names())
+        if stream.quality is not None:
+            # The new process runs the configured ladder: what the controller had told the
+            # old one (targets, paused rungs, a lowered frame rate) is told again.
+            await stream.quality.reapply()
         await self._recordings.next_segment(stream.session.session_id)
 
     async def _restart_quality(self) -> None:
-        """The controller learns the ladder again and gets the shards it steers."""
+        """The controller learns the ladder again, gets the shards it steers and the
+        pressure steps in force (its targets it works out again in its next rounds)."""
         stream = self._stream
         quality = stream.quality
         assert quality is not None
@@ -231,8 +255,22 @@ class StageRecovery:
         if stream.shards is not None:
             for shard_id, shard in list(stream.shards.shards.items()):
                 await quality.add_sender(shard_id, shard.handle)
+        state = self._pressure()
+        if state is not None and state.level > 0:
+            await quality.apply_pressure(state)
 
     async def _reattach_shards(self, rings: list[str]) -> None:
+        webrtc = self._stream.webrtc
+        if webrtc is not None:
+            try:
+                await webrtc.call(WebRTCShardActor.reattach, rings)
+            except (ray.exceptions.RayError, KizunaError) as exc:
+                # Its browsers lose the picture until they reconnect; the stream goes on.
+                logger.warning(
+                    "stream %s: the WebRTC shard did not re-attach: %s",
+                    self._stream.session.session_id,
+                    unwrap(exc),
+                )
         shards = [] if self._stream.shards is None else list(self._stream.shards.shards.values())
         results = await asyncio.gather(
             *(s.handle.call(SenderActor.reattach, rings) for s in shards), return_exceptions=True

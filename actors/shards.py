@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import psutil
 import ray
 
-from actors.calls import unwrap
+from actors.calls import call, unwrap
 from actors.handles import EncoderHandle, QualityHandle, SenderHandle
 from actors.placement import spawn
 from actors.shard_placement import ShardPlacer
@@ -140,6 +140,10 @@ class ShardPool:
     #: ``actors.port_listeners`` when the stream joins one); shards it could not yet.
     rejoin: Callable[[Shard], Awaitable[Shard]] | None = None
     _unjoined: list[Shard] = field(default_factory=list)
+    #: Called the moment a shard's process dies (its ``watch`` call fails), so the owner can
+    #: run its health round, which hands the dead shard's ports on, now rather than later.
+    on_death: Callable[[], None] | None = None
+    _watchers: dict[str, asyncio.Task[None]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         limits = self.limits
@@ -215,6 +219,7 @@ class ShardPool:
                 self._started.notify_all()
         self.shards[shard_id] = shard
         self.registry.add_shard(shard_id, time.monotonic())
+        self.watch(shard)
         return shard
 
     async def _open_shard(self, shard_id: str, port: int, reuse_port: bool | None) -> Shard:
@@ -262,6 +267,26 @@ class ShardPool:
             shard.local_pid = node_id == ray.get_runtime_context().get_node_id()
         return shard
 
+    def watch(self, shard: Shard) -> None:
+        """Keep one ``watch`` call in flight to the shard: Ray fails it when the process dies,
+        and ``on_death`` is told at once."""
+        if self.on_death is None:
+            return
+
+        async def guard() -> None:
+            try:
+                await call(shard.handle.actor.watch.remote(), None)
+            except ray.exceptions.RayActorError:
+                if self.shards.get(shard.shard_id) is shard and self.on_death is not None:
+                    self.on_death()
+
+        self._watchers[shard.shard_id] = asyncio.create_task(guard(), name=shard.shard_id)
+
+    def _unwatch(self, shard_id: str) -> None:
+        task = self._watchers.pop(shard_id, None)
+        if task is not None:
+            task.cancel()
+
     # --- upkeep (the supervisor's health round) ------------------------------------------
 
     async def refresh(self) -> tuple[list[SenderStats], list[RegistryEvent]]:
@@ -286,6 +311,7 @@ class ShardPool:
                         "stream %s: %s died: %s", self.session_id, shard.shard_id, unwrap(result)
                     )
                     self.shards.pop(shard.shard_id, None)
+                    self._unwatch(shard.shard_id)
                     events += self.registry.shard_lost(shard.shard_id, now)
                     lost.append(shard)
                     continue
@@ -320,6 +346,7 @@ class ShardPool:
             if self.shards[shard_id].shared_port is not None:
                 continue  # the stream's address on a shared port: it stays
             shard = self.shards.pop(shard_id)
+            self._unwatch(shard_id)
             events += self.registry.shard_lost(shard_id, now)
             logger.info("stream %s: retiring idle %s", self.session_id, shard_id)
             # Its own port had no viewer for the idle time and goes with it (a new viewer
@@ -414,6 +441,8 @@ class ShardPool:
         return {shard.shard_id: shard.pid for shard in self.shards.values() if shard.local_pid}
 
     async def stop_all(self) -> list[SenderStats]:
+        for shard_id in list(self._watchers):
+            self._unwatch(shard_id)
         finals = []
         for shard_id, shard in list(self.shards.items()):
             try:

@@ -23,6 +23,7 @@ the typed handles of ``actors.handles``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -49,6 +50,7 @@ from actors.handles import (
     WebRTCHandle,
 )
 from actors.metrics import StreamMetrics
+from actors.node_pressure import StreamPressure
 from actors.placement import NAMESPACE, spawn
 from actors.port_listeners import PortListeners
 from actors.port_listeners import actor_name as port_actor_name
@@ -80,6 +82,7 @@ from shared.control.overview import (
     ViewerOverview,
 )
 from shared.control.ports import ListenPorts
+from shared.control.pressure import PressureConfig
 from shared.control.registry import ConnectionReport, RegistryEvent, ViewerState
 from shared.control.resources import (
     ResourceHistory,
@@ -96,7 +99,13 @@ from shared.control.stream_type import (
     stream_type_after_switch,
     stream_type_of,
 )
-from shared.errors import ConfigError, KizunaError, PermissionError, StreamNotFoundError
+from shared.errors import (
+    ConfigError,
+    KizunaError,
+    PermissionError,
+    ResourceError,
+    StreamNotFoundError,
+)
 from shared.media.scaler import plan_ladder
 from shared.models import (
     AccessMode,
@@ -215,8 +224,12 @@ class Supervisor:
         #: ``status`` and the Ray metrics read.
         self._history = ResourceHistory()
         self._metrics: StreamMetrics | None = None
+        #: CPU pressure on this node: its streams that shed give way by priority.
+        self._pressure = StreamPressure()
         self._node_id = ray.get_runtime_context().get_node_id()
         self._health: asyncio.Task[None] | None = None
+        #: Set to run the health round now (a shard died), not at its next interval.
+        self._health_wake = asyncio.Event()
         self._recordings = Recordings()
         removed = sweep_stale_segments()
         if removed:
@@ -333,7 +346,22 @@ class Supervisor:
         self._scheduler.restore(sid, config.quality, record.node_id, gpu=gpu)
         self._streams[sid] = stream
         stream.lifecycle.handle(StreamEvent.STARTED)
+        if record.session.state is StreamState.PAUSED:
+            # Paused when the old supervisor died: its capture still waits (asked again, in
+            # case it was restarted meanwhile), and resume works as before.
+            await stream.capture.pause()
+            stream.lifecycle.handle(StreamEvent.PAUSE)
         self._watch(stream)
+        if stream.quality is not None and record.node_id == self._node_id:
+            # The steps the dead supervisor had shed died with it: the stream starts again
+            # from nothing shed, and sheds again if the pressure is still there.
+            ladder = plan_ladder(config.quality, config.rungs)
+            top = ladder.rungs[0]
+            self._pressure.add(sid, config, framerate=top.framerate, rungs=len(ladder.rungs))
+            self._pressure.core.set_paused(sid, stream.lifecycle.state is StreamState.PAUSED)
+            state = self._pressure.state(sid)
+            if state is not None and (await stream.quality.pressure())[0] > 0:
+                await stream.quality.apply_pressure(state)
 
     def _watch(self, stream: _Stream) -> None:
         """Restart the stream's stages when they crash (``actors.recovery``)."""
@@ -342,6 +370,7 @@ class Supervisor:
             stream,
             self._recordings,
             fail=self._fail,
+            pressure=lambda: self._pressure.state(sid),
             # A paused stream's stages are restarted too (capture is paused again after).
             running=lambda: (
                 self._streams.get(sid) is stream
@@ -400,6 +429,12 @@ class Supervisor:
         # (a rejected ladder after place() would leak its slot).
         ladder = plan_ladder(config.quality, config.rungs)
         node_id = self._scheduler.place(session_id, config.quality, nodes, prefer=self._node_id)
+        if node_id == self._node_id:  # the node whose pressure is measured
+            try:
+                self._pressure.admit(session_id, config)
+            except ResourceError:
+                self._scheduler.release(session_id)
+                raise
         pool_name = segment_name(session_id, "frames")
         ring_names = ladder_ring_names(session_id, ladder.rungs)
         ring_name = ring_names[0]
@@ -438,6 +473,11 @@ class Supervisor:
             stream.lifecycle.handle(StreamEvent.STARTED)
             self._record(stream, complete=True)
             self._watch(stream)
+            if stream.quality is not None and node_id == self._node_id:
+                top = ladder.rungs[0]
+                self._pressure.add(
+                    session_id, config, framerate=top.framerate, rungs=len(ladder.rungs)
+                )
         logger.info("stream %s active on node %s", session_id, node_id)
         return stream.session
 
@@ -532,7 +572,6 @@ class Supervisor:
             session_id=sid,
             encoder=encoder,
             ceiling_bitrate=config.quality.bitrate,
-            shed_under_pressure=config.shed_under_pressure,
             content_aware=config.content_aware_targets,
         )
         stream.pids["quality"] = await quality.start()
@@ -575,6 +614,8 @@ class Supervisor:
             placer=ShardPlacer(
                 stream.session.session_id, stream.node_id, tracks, self._shard_counts
             ),
+            # A shard that dies wakes the health round, which hands its port on at once.
+            on_death=self._health_wake.set,
         )
 
     def _shard_counts(self) -> dict[str, int]:
@@ -648,6 +689,7 @@ class Supervisor:
             stream.group = None
         self._scheduler.release(sid)
         await self._listeners.leave(sid)
+        self._pressure.remove(sid)
         self._ports.release_stream(sid)
         supervisor_state.delete(self._name, sid)
 
@@ -685,6 +727,8 @@ class Supervisor:
             except Exception as exc:
                 self._fail(stream, exc)
                 raise unwrap(exc) from None
+            self._record(stream, complete=True)  # a restarted supervisor keeps it paused
+            self._pressure.core.set_paused(session_id, True)
         logger.info("stream %s paused", session_id)
         return stream.session
 
@@ -705,6 +749,8 @@ class Supervisor:
             except Exception as exc:
                 self._fail(stream, exc)
                 raise unwrap(exc) from None
+            self._record(stream, complete=True)
+            self._pressure.core.set_paused(session_id, False)
         logger.info("stream %s resumed", session_id)
         return stream.session
 
@@ -721,6 +767,7 @@ class Supervisor:
         applied = await stream.encoder.configure(quality)
         await stream.quality.set_ceiling(applied.bitrate)
         stream.session.quality = applied
+        self._record(stream, complete=True)  # what a restarted supervisor (and encoder) use
         return stream.session
 
     async def get_active_streams(self) -> list[StreamSession]:
@@ -1186,6 +1233,10 @@ class Supervisor:
             raise ConfigError(f"admission threshold {cpu_percent}% must be in (0, 100]")
         self._scheduler.cpu_admission_percent = cpu_percent
 
+    async def set_pressure(self, config: PressureConfig | None) -> None:
+        """The thresholds of this node's pressure policy (None: the defaults)."""
+        self._pressure.core.reconfigure(config or PressureConfig())
+
     def _measured_cpu(self, node_id: str) -> float | None:
         """A node's CPU over the window; only the supervisor's own node is measured."""
         usage = self._history.node() if node_id == self._node_id else None
@@ -1194,10 +1245,16 @@ class Supervisor:
     async def _publish(self) -> None:
         """Sample the resources (into the history) and publish the Ray metrics: once per
         health round, off every per-frame path."""
-        overview = self._build_overview(await self.resources())
+        snapshot = await self.resources()
+        await self._pressure.on_sample(snapshot.cpu_percent, snapshot.taken_at, self._quality_of)
+        overview = self._build_overview(snapshot)
         if self._metrics is None:
             self._metrics = StreamMetrics()
         self._metrics.publish(overview)
+
+    def _quality_of(self, session_id: str) -> QualityHandle | None:
+        stream = self._streams.get(session_id)
+        return stream.quality if stream is not None else None
 
     async def overview(self) -> ServerOverview:
         """Every stream with its rungs, viewers and figures, and every actor of the server
@@ -1415,6 +1472,7 @@ class Supervisor:
             if stream.lifecycle.running and not crashed:
                 self._fail(stream, exc)
             return
+        self._pressure.note_encoder(stream.session.session_id, encoder_stats.frames_dropped)
         failure = stage_failure(capture_stats, encoder_stats, senders)
         if failure is not None:
             self._fail(stream, RuntimeError(failure))
@@ -1454,7 +1512,10 @@ class Supervisor:
 
     async def _health_loop(self) -> None:
         while True:
-            await asyncio.sleep(HEALTH_INTERVAL_S)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(HEALTH_INTERVAL_S):
+                    await self._health_wake.wait()
+            self._health_wake.clear()
             for stream in list(self._streams.values()):
                 if stream.lifecycle.state in (StreamState.ACTIVE, StreamState.PAUSED):
                     await self._refresh_stats(stream)

@@ -16,10 +16,13 @@ sender shard, recorder) is killed with SIGKILL, and the viewer's decoded frames 
 The recorder's row also has ``recording_resumed_s``: from the kill to its next segment holding
 a frame.  Target (reported, not asserted): ``recover_s`` <= 3 s for every kind.
 
-A SIGKILLed shard sends its viewers no CONNECTION_CLOSE: the viewer learns of its death only
-from its QUIC idle timeout (``VIEWER_IDLE_TIMEOUT_S``, RFC 9000 §10.1), then reconnects to the
-address it knows, which a survivor or a new shard serves by then.  ``--viewer-idle-timeout``
-sets that timeout for the bench's viewer, to show how much of the shard's figure it is.
+A SIGKILLed shard sends its viewers no CONNECTION_CLOSE: the viewer learns of its death from
+its silence timer (``shared.viewer.liveness``: nothing, not even the SR the shard sends every
+0.5 s, for 1.5 s), then reconnects to the address it knows, which a survivor or a new shard
+serves by then.  Each row says how many of the viewer's reconnects during it came from the
+silence timer (``viewer_silences``) and in all (``viewer_reconnects``).
+``--viewer-idle-timeout`` sets the viewer's QUIC idle timeout (RFC 9000 §10.1; 5 s), the
+backstop behind the silence timer.
 
 Usage: python -m perf.bench_recovery [--kinds capture,encoder,...] [--viewer-idle-timeout S]
 [--json]
@@ -83,12 +86,13 @@ async def pid_of(manager: StreamManager, sid: str, kind: str, recording: str) ->
 
 
 async def kill_and_measure(
-    manager: StreamManager, sid: str, kind: str, recording: str, log: FrameLog
+    manager: StreamManager, sid: str, kind: str, recording: str, log: FrameLog, viewer: Viewer
 ) -> dict[str, Any]:
     await asyncio.sleep(SETTLE_S)
     segments = len((await manager.get_recording_status(recording)).segments)
     pid = await pid_of(manager, sid, kind, recording)
     index = len(log.frames)
+    before = viewer.report()
     killed_wall, killed = time.time(), time.monotonic()
     os.kill(pid, signal.SIGKILL)
     row: dict[str, Any] = {"kind": kind}
@@ -106,7 +110,13 @@ async def kill_and_measure(
     ]
     pause = max(b - a for a, b in itertools.pairwise(times))
     lost = max(0, round(pause * QUALITY.framerate) - 1)
-    row |= {"recover_s": round(decoded_at - killed, 3), "frames_lost": lost}
+    after = viewer.report()
+    row |= {
+        "recover_s": round(decoded_at - killed, 3),
+        "frames_lost": lost,
+        "viewer_silences": after.silences - before.silences,
+        "viewer_reconnects": after.reconnects - before.reconnects,
+    }
     if kind == "recorder":
         while time.monotonic() < deadline:
             status = await manager.get_recording_status(recording)
@@ -135,7 +145,9 @@ async def run(kinds: list[str], idle_timeout: float | None) -> list[dict[str, An
                 )
                 for kind in kinds:
                     rows.append(
-                        await kill_and_measure(manager, sid, kind, recording.session_id, log)
+                        await kill_and_measure(
+                            manager, sid, kind, recording.session_id, log, viewer
+                        )
                     )
                 await manager.stop_recording(recording.session_id)
             finally:
@@ -157,7 +169,14 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown kinds {unknown}; choose from {', '.join(KINDS)}")
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="kizuna")
+        # A cluster of its own ("local"), never one another program on this machine started.
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            namespace="kizuna",
+        )
     try:
         rows = asyncio.run(run(kinds, args.viewer_idle_timeout))
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import random
+import time
 from typing import cast
 
 import pytest
@@ -63,6 +64,15 @@ class QueuedClient:
     malformed = 0
     rtt_ms = 0.0
     termination = (0, "stream stopped")
+    probe_timeout_s = 0.0
+    abandoned: str | None = None
+
+    @property
+    def last_received_at(self) -> float:
+        return time.monotonic()  # in memory: never silent
+
+    def abandon(self, reason: str) -> None:
+        self.abandoned = reason
 
     def __init__(self, items: collections.deque[tuple[int, bytes, float]]) -> None:
         self._items = items

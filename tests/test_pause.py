@@ -107,8 +107,10 @@ def test_pause_keeps_viewers_connected_without_new_frames_and_resume_brings_them
                 # Frames already on their way may still land; after that, none.
                 await frames_over(viewer, 1.0)
                 assert await frames_over(viewer, 2.0) == 0
-                # The connection stayed: the viewer is neither cut nor reconnecting.
+                # The connection stayed: the viewer is neither cut nor reconnecting.  Its shard
+                # sent SRs all the while, so its silence timer (1.5 s) never gave up on it.
                 assert viewer.termination is None
+                assert (viewer.report().silences, viewer.report().reconnects) == (0, 0)
                 [seen] = await manager.get_viewer_status(sid)
                 assert seen.state == "connected"
                 assert (await manager.get_stream(sid)).state is StreamState.PAUSED

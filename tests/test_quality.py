@@ -232,28 +232,39 @@ class FakeShard:
 
 
 def test_cpu_pressure_halves_the_frame_rate_then_retires_the_top_rung_and_restores_both() -> None:
-    """The quality actor applies the pressure policy's steps (the policy's timing is tested
-    with literal times in test_pressure.py): frame rate first, then rung 0 retired (paused in
-    the encoder, every shard's viewers capped at rung 1), undone in reverse as the CPU falls."""
+    """The quality actor applies the node's pressure steps for its stream (the policy's timing
+    is tested with literal times in test_pressure.py and test_node_pressure.py): frame rate
+    first, then rung 0 retired (paused in the encoder, every shard's viewers capped at rung 1),
+    undone in reverse as the CPU falls."""
     import asyncio
     from typing import Any, cast
 
     from actors.stages.quality import QualityActor
+    from shared.control.pressure import NodePressure
 
     async def main() -> None:
         encoder = FakePressuredEncoder([2_000_000, 600_000])
         shard_a, shard_b = FakeShard(), FakeShard()
-        actor = QualityActor("s", cast(Any, encoder), 2_000_000, shed_under_pressure=True)
+        actor = QualityActor("s", cast(Any, encoder), 2_000_000)
         await actor._plan()
         actor.add_sender("a", cast(Any, shard_a))
         actor.add_sender("b", cast(Any, shard_b))
+        node = NodePressure()
+        node.add_stream("s", priority=0, framerate=30, rungs=2)
+
+        async def sample(cpu: float, now: float) -> None:
+            decision = node.on_sample(cpu, now)
+            if decision is not None:
+                await actor.apply_pressure(decision)
+                await actor.apply_pressure(decision)  # again: nothing more is sent
+
         t = 1000.0
         for _ in range(40):  # the node pinned at 97 % for 20 s
             t += 0.5
-            await actor.on_cpu(97.0, t)
+            await sample(97.0, t)
         assert encoder.framerates == [15]
         assert shard_a.floors == shard_b.floors == [1]
-        assert (0, True) in encoder.paused
+        assert encoder.paused.count((0, True)) == 1
         level, reason = actor.pressure()
         assert level == 2 and "CPU" in reason
         # A targets round resumes neither the retired rung nor pauses the one its viewers
@@ -265,7 +276,7 @@ def test_cpu_pressure_halves_the_frame_rate_then_retires_the_top_rung_and_restor
         # The load goes away: rung 0 comes back first, then the frame rate.
         for _ in range(600):
             t += 0.5
-            await actor.on_cpu(20.0, t)
+            await sample(20.0, t)
         assert shard_a.floors == shard_b.floors == [1, 0]
         assert encoder.paused[-1] == (0, False)
         assert encoder.framerates == [15, 30]
@@ -274,19 +285,41 @@ def test_cpu_pressure_halves_the_frame_rate_then_retires_the_top_rung_and_restor
     asyncio.run(main())
 
 
-def test_a_stream_that_does_not_shed_never_reacts_to_cpu() -> None:
+def test_a_restarted_encoder_is_told_the_targets_pauses_and_frame_rate_again() -> None:
+    """After an encoder restart the new process runs its configured ladder: the controller
+    sends it the lowered frame rate, the retired and paused rungs and every rung's target."""
     import asyncio
     from typing import Any, cast
 
     from actors.stages.quality import QualityActor
+    from shared.control.pressure import NodePressure
 
     async def main() -> None:
-        encoder = FakePressuredEncoder([2_000_000, 600_000])
-        actor = QualityActor("s", cast(Any, encoder), 2_000_000)
+        old = FakePressuredEncoder([2_000_000, 600_000, 200_000])
+        actor = QualityActor("s", cast(Any, old), 2_000_000)
         await actor._plan()
-        for step in range(40):
-            await actor.on_cpu(100.0, 1000.0 + step)
-        assert encoder.framerates == [] and encoder.paused == [] and actor.pressure() == (0, "")
+        shard_a = FakeShard()
+        actor.add_sender("a", cast(Any, shard_a))
+        node = NodePressure()
+        node.add_stream("s", priority=0, framerate=30, rungs=3)
+        for step in range(6):  # pinned: the frame rate halved, then rung 0 retired
+            decision = node.on_sample(99.0, float(step))
+            if decision is not None:
+                await actor.apply_pressure(decision)
+        assert node.state("s").retired_rungs == (0,)
+        # Viewers on rung 1 at 500 kbps: its target trims; rung 2 unwatched, paused.
+        await actor.apply([cast(Any, shard([(1, 500_000)]))], now=10.0)
+        trimmed = {rung: bps for rung, bps in old.set}
+        assert 1 in trimmed and (2, True) in old.paused
+        restarted = FakePressuredEncoder([2_000_000, 600_000, 200_000])
+        actor._encoder = cast(Any, restarted)  # the same handle, a new process behind it
+        await actor.reapply()
+        assert restarted.framerates == [15]
+        assert {(0, True), (2, True)} <= set(restarted.paused)
+        assert (1, True) not in restarted.paused
+        assert dict(restarted.set) == {t.rung: t.target_bps for t in actor.targets()}
+        assert dict(restarted.set)[1] == trimmed[1]
+        assert shard_a.floors[-1] == 1
 
     asyncio.run(main())
 

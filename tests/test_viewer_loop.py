@@ -46,6 +46,16 @@ class MemoryClient:
     malformed = 0
     rtt_ms = 0.0
     termination = (0, "stream stopped")
+    probe_timeout_s = 0.0
+    abandoned: str | None = None
+
+    @property
+    def last_received_at(self) -> float:
+        return time.monotonic()  # in memory: never silent (the silence timer never fires)
+
+    def abandon(self, reason: str) -> None:
+        self.abandoned = reason
+        self.end()
 
     def __init__(self) -> None:
         self._queue: collections.deque[tuple[int, bytes, float] | None] = collections.deque()

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import av
@@ -422,6 +422,53 @@ def test_opus_from_the_audio_ring_reaches_the_peer_unencoded_beside_the_video(
             assert opus_calls["pack"] >= 100 and opus_calls["encode"] == 0
             received = opus_calls["received"]
             assert len(received) >= 100 and set(received) <= set(sent)
+
+    asyncio.run(main())
+
+
+class PushedTrack:
+    """Stands in for a peer's track: what a feed pushes to it."""
+
+    def __init__(self) -> None:
+        self.pushed: list[bytes] = []
+
+    def on(self, event: str, callback: Callable[[], None]) -> None:
+        pass
+
+    def push(self, data: bytes, pts: int, *, keyframe: bool, rung: int) -> None:
+        self.pushed.append(data)
+
+    def stop(self) -> None:
+        pass
+
+
+def test_a_feed_reads_the_ring_its_restarted_encoder_made_anew() -> None:
+    """An encoder restart re-creates its rings under the same names (``actors.recovery``):
+    a feed re-attached reads the new ring, and the peer's track, still subscribed, gets it."""
+
+    async def main() -> None:
+        name = segment_name(uuid.uuid4().hex[:10], "video")
+        old = PacketRing.create(name, capacity_bytes=1 << 20)
+        feed = RingFeed(PacketRing.attach(name), "video")
+        track = PushedTrack()
+        feed.attach(cast(Any, track))
+        feed.start()
+        new: PacketRing | None = None
+        try:
+            old.append(b"before", pts=0, capture_us=0, monotonic_us=0, keyframe=True)
+            await until(lambda: track.pushed == [b"before"], "the old ring's packet")
+            old.unlink()  # the encoder died: its restart creates the ring anew
+            old.close()
+            new = PacketRing.create(name, capacity_bytes=1 << 20)
+            new.append(b"idr", pts=3000, capture_us=0, monotonic_us=0, keyframe=True)
+            feed.reattach()  # from the new ring's latest keyframe on
+            new.append(b"after", pts=6000, capture_us=0, monotonic_us=0, keyframe=False)
+            await until(lambda: track.pushed[1:] == [b"idr", b"after"], "the new ring's packets")
+        finally:
+            await feed.close()
+            if new is not None:
+                new.unlink()
+                new.close()
 
     asyncio.run(main())
 

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
@@ -20,6 +21,12 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+
+#: How long a command waits for the Ray cluster at ``--address`` to answer at all: Ray's own
+#: connect retries for about a minute before it gives up on an address nobody serves.
+CONNECT_DEADLINE_S = 5.0
+#: Ray's GCS port and Ray Client's, when an address names none.
+RAY_GCS_PORT, RAY_CLIENT_PORT = 6379, 10001
 
 T = TypeVar("T")
 
@@ -171,6 +178,51 @@ async def consume_until_stopped(
             raise result
 
 
+def cluster_endpoint(address: str) -> tuple[str, int] | None:
+    """The host and port a Ray address reaches (``host[:port]``, ``[v6][:port]`` or
+    ``ray://host[:port]``), to try before Ray does; None for ``auto`` and ``local``, which Ray
+    resolves from this machine and fails on at once when nothing runs.  UsageError for a port
+    that is not a number."""
+    if address in ("auto", "local"):
+        return None
+    default = RAY_GCS_PORT
+    if address.startswith("ray://"):
+        address, default = address.removeprefix("ray://"), RAY_CLIENT_PORT
+    address = address.rstrip("/")
+    if address.startswith("["):  # [v6] or [v6]:port
+        host, _, rest = address[1:].partition("]")
+        port = rest.removeprefix(":") or str(default)
+    elif address.count(":") == 1:
+        host, port = address.split(":")
+    else:
+        host, port = address, str(default)
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"--address {address!r} is not host:port")
+    return host, int(port)
+
+
+def check_reachable(address: str, deadline_s: float = CONNECT_DEADLINE_S) -> None:
+    """KizunaError, within ``deadline_s``, when nothing accepts a connection at ``address``
+    (a wrong host or port): Ray itself would retry for a minute before saying anything."""
+    endpoint = cluster_endpoint(address)
+    if endpoint is None:
+        return
+    try:
+        with socket.create_connection(endpoint, timeout=deadline_s):
+            pass
+    except TimeoutError:
+        raise KizunaError(
+            f"cannot reach the Ray cluster at {address}: no answer within {deadline_s:g} s; "
+            "check --address (or RAY_ADDRESS)"
+        ) from None
+    except OSError as exc:
+        why = exc.strerror or str(exc) or type(exc).__name__
+        raise KizunaError(
+            f"cannot reach the Ray cluster at {address}: {why.lower()}; "
+            "check --address (or RAY_ADDRESS)"
+        ) from None
+
+
 def find_supervisor(address: str | None, server: str | None = None) -> Any:
     """The Ray handle of a running server's supervisor: joins the Ray cluster at ``address``
     (else RAY_ADDRESS, else the one a ``serve`` on this machine started) and looks the
@@ -181,6 +233,7 @@ def find_supervisor(address: str | None, server: str | None = None) -> Any:
 
     address = address or os.environ.get("RAY_ADDRESS") or "auto"
     if not ray.is_initialized():
+        check_reachable(address)
         try:
             ray.init(
                 address=address,

@@ -20,12 +20,13 @@ it back as soon as the picture moves (the rules are the core's).  No call is mad
 the encoder keeps the figures, this polls them with the stats call it makes anyway.
 
 It also classifies each shard's connections (``classify_connection``) for the viewers' status,
-and answers CPU pressure (the design's "Resource Constraints" strategy): each round it feeds
-the node's CPU and the frames the encoder had to skip to
-:class:`shared.control.pressure.PressurePolicy` and applies its steps, each logged with its
-reason: the top rung's frame rate halved (the encoder reconfigured), then the top rungs
-retired (paused in the encoder, and every shard's viewers capped below them, moving down at an
-IDR), and undone in reverse when the pressure passes.
+and applies the CPU-pressure steps the supervisor decides for the stream (the design's
+"Resource Constraints" strategy; the node's streams shed by priority in
+:class:`shared.control.pressure.NodePressure`): the top rung's frame rate halved (the encoder
+reconfigured), then the top rungs retired (paused in the encoder, and every shard's viewers
+capped below them, moving down at an IDR), and undone in reverse when the pressure passes.
+After an encoder restart (:meth:`QualityActor.reapply`) it gives the new encoder process what
+the old one had been told: the rungs' targets, the paused rungs, the lowered frame rate.
 """
 
 from __future__ import annotations
@@ -39,9 +40,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import msgspec
-import psutil
 
-from shared.control.pressure import PressureAction, PressureDecision, PressurePolicy
+from shared.control.pressure import PressureDecision
 from shared.control.quality import FLOOR_FRACTION, ViewerFeedback, classify_connection
 from shared.control.rung_targets import (
     RungBounds,
@@ -114,17 +114,14 @@ class QualityActor:
         session_id: str,
         encoder: EncoderHandle,
         ceiling_bitrate: int,
-        shed_under_pressure: bool = False,
         content_aware: bool = False,
     ) -> None:
         """``ceiling_bitrate``: rung 0's configured rate (the stream's quality);
-        ``shed_under_pressure``: answer the node's CPU pressure (``StreamConfig``);
         ``content_aware``: let each rung's target follow the encoder's complexity signal
         (module doc).  Off by default, as shedding is in the library: the test suite and the
         benchmarks measure the ladder they configured, and the moving test pattern they
         encode is easy content (libx264 codes it at QP 1 to 8 at 1024x576 and 1.5 Mbps,
         measured), whose top rung would drop to its floor."""
-        self._shed = shed_under_pressure
         self._content_aware = content_aware
         self._session_id = session_id
         self._encoder = encoder
@@ -137,9 +134,11 @@ class QualityActor:
         self.last_targets: list[RungTarget] = []
         #: Each rung's pause as last applied to the encoder.
         self._paused: dict[int, bool] = {}
-        self._pressure: PressurePolicy | None = None
         self._top: StreamQuality | None = None
-        self._encoder_dropped: int | None = None
+        #: The pressure steps in force: the top rung's frame rate as applied (None: as
+        #: configured) and the rungs retired.
+        self._framerate: int | None = None
+        self._retired: tuple[int, ...] = ()
         #: Pressure steps taken and undone, newest last (the stream's stats show the last).
         self.decisions: list[PressureDecision] = []
 
@@ -161,10 +160,6 @@ class QualityActor:
             bitrate=self._ceiling,
             quality_preset=top.preset,
         )
-        if self._shed:
-            self._pressure = PressurePolicy(
-                framerate=top.framerate, rungs=len(ladder), now=time.monotonic()
-            )
 
     def add_sender(self, viewer_id: str, handle: SenderHandle) -> None:
         self._senders[viewer_id] = handle
@@ -196,18 +191,7 @@ class QualityActor:
                 logger.warning("quality poll for %s failed", self._session_id, exc_info=True)
 
     async def _poll(self) -> None:
-        # One stats call a round serves both the content signal and the pressure policy.
-        encoder = (
-            await self._encoder.stats()
-            if self._pressure is not None or self._content_aware
-            else None
-        )
-        if self._pressure is not None and encoder is not None:
-            dropped, self._encoder_dropped = self._encoder_dropped, encoder.frames_dropped
-            # Frames the encoder had to skip (it fell behind the source) are late frames.
-            late = max(0, encoder.frames_dropped - dropped) if dropped is not None else 0
-            # The node's CPU since the previous round (psutil's non-blocking form).
-            await self.on_cpu(psutil.cpu_percent(None), time.monotonic(), late_frames=late)
+        encoder = await self._encoder.stats() if self._content_aware else None
         reports: list[SenderStats] = []
         for shard_id, handle in list(self._senders.items()):
             stats = await handle.stats()
@@ -237,7 +221,7 @@ class QualityActor:
         assert targets is not None, "start() plans the ladder"
         count = len(targets.bounds)
         # Viewers still on a rung retired under pressure are on their way to the floor's.
-        floor = len(self._pressure.retired_rungs) if self._pressure is not None else 0
+        floor = len(self._retired)
         viewers = [
             ViewerRung(
                 rung=max(min(peer.rung, count - 1), floor),
@@ -253,7 +237,7 @@ class QualityActor:
         self.last_targets = targets.update(viewers, now=now, complexity=complexity)
         for target in self.last_targets:
             was = self._paused.get(target.rung, False)
-            if self._pressure is not None and target.rung in self._pressure.retired_rungs:
+            if target.rung in self._retired:
                 continue  # retired under CPU pressure: stays paused whoever asks
             # A rung nobody watches costs no encoder time; resumed, it starts at an IDR.  A
             # pause is applied again every round: a viewer's IDR request resumes a rung in the
@@ -279,34 +263,55 @@ class QualityActor:
         last = self.decisions[-1]
         return last.level, last.reason
 
-    async def on_cpu(self, cpu_percent: float, now: float, *, late_frames: int = 0) -> None:
-        """One CPU sample for the pressure policy; a step it takes is applied here."""
-        policy = self._pressure
-        if policy is None:
-            return
-        decision = policy.on_sample(min(max(cpu_percent, 0.0), 100.0), now, late_frames=late_frames)
-        if decision is None:
-            return
-        self.decisions = [*self.decisions[-31:], decision]
-        logger.warning("stream %s: %s (%s)", self._session_id, decision.action, decision.reason)
-        if decision.action in (PressureAction.LOWER_FRAMERATE, PressureAction.RESTORE_FRAMERATE):
-            assert self._top is not None
+    async def apply_pressure(self, decision: PressureDecision) -> None:
+        """Bring the encoder and the shards to the steps in force after ``decision`` (the
+        supervisor's, ``shared.control.pressure.NodePressure``): the top rung's frame rate,
+        and the rungs retired from the top.  Idempotent: what is already so is not sent again,
+        so the supervisor may send a restarted controller the stream's state as it stands."""
+        if not self.decisions or self.decisions[-1] != decision:
+            self.decisions = [*self.decisions[-31:], decision]
+            logger.warning("stream %s: %s (%s)", self._session_id, decision.action, decision.reason)
+        top = self._top
+        assert top is not None, "start() plans the ladder"
+        framerate = None if decision.framerate == top.framerate else decision.framerate
+        if framerate != self._framerate:
             await self._encoder.configure(
-                msgspec.structs.replace(self._top, framerate=decision.framerate)
+                msgspec.structs.replace(top, framerate=decision.framerate)
             )
-            return
-        retired = decision.retired_rungs
-        floor = len(retired)  # the policy retires from the top: rung 0, then 1, ...
-        for handle in list(self._senders.values()):
-            await handle.set_rung_floor(floor)
+            self._framerate = framerate
+        await self._retire(decision.retired_rungs)
+
+    async def _retire(self, retired: tuple[int, ...], *, force: bool = False) -> None:
+        # The policy retires from the top: rung 0, then 1, ...; the floor is their count.
+        floor, was = len(retired), len(self._retired)
+        if floor != was or force:
+            for handle in list(self._senders.values()):
+                await handle.set_rung_floor(floor)
         for rung in retired:
-            await self._encoder.set_paused(rung, True)
-            self._paused[rung] = True
-        if decision.action is PressureAction.RESTORE_RUNG:
-            # The rung that came back is the one just above the new floor; the targets'
-            # next round pauses it again if nobody is to watch it (never rung 0).
-            await self._encoder.set_paused(floor, False)
-            self._paused[floor] = False
+            if force or rung not in self._retired:
+                await self._encoder.set_paused(rung, True)
+                self._paused[rung] = True
+        for rung in range(floor, was):
+            # A rung that came back; the targets' next round pauses it again if nobody is to
+            # watch it (never rung 0).
+            await self._encoder.set_paused(rung, False)
+            self._paused[rung] = False
+        self._retired = retired
+
+    async def reapply(self) -> None:
+        """The encoder restarted (``actors.recovery``): it runs its configured ladder again,
+        every rung running at its configured rate.  Tell it what its predecessor had been
+        told: the lowered frame rate, the rungs retired or paused, each rung's target."""
+        top = self._top
+        assert top is not None, "start() plans the ladder"
+        if self._framerate is not None:
+            await self._encoder.configure(msgspec.structs.replace(top, framerate=self._framerate))
+        await self._retire(self._retired, force=True)
+        for rung, paused in sorted(self._paused.items()):
+            if paused and rung not in self._retired:
+                await self._encoder.set_paused(rung, True)
+        for target in self.last_targets:
+            await self._encoder.set_bitrate(target.target_bps, target.rung)
 
     async def watch(self) -> None:
         """Returns never: the supervisor keeps this call in flight, and Ray fails it the

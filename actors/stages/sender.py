@@ -715,6 +715,12 @@ class SenderActor:
         stats.access = self._access.state_of(connection)
         return stats
 
+    async def watch(self) -> None:
+        """Returns never: the supervisor keeps this call in flight, and Ray fails it the
+        moment this process dies, so a dead shard's port is handed on at once, not at the
+        next health round (``actors.shards``)."""
+        await asyncio.Event().wait()
+
     async def stats(self) -> SenderStats:
         peers = [self._peer_stats(c) for c in self._connections]
         return SenderStats(

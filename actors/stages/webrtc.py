@@ -200,6 +200,14 @@ class WebRTCShardActor:
         """End the peers of a removed viewer; how many."""
         return 0 if self._endpoint is None else await self._endpoint.close_viewer(viewer_id)
 
+    async def reattach(self, names: list[str]) -> int:
+        """The rings named were re-created by a restarted encoder (``actors.recovery``): each
+        feed of one reads the new ring; browsers stay connected.  How many were re-attached."""
+        feeds = [feed for feed in self._feeds if feed.ring.name in names]
+        for feed in feeds:
+            feed.reattach()
+        return len(feeds)
+
     async def _close(self) -> None:
         if self._endpoint is not None:
             await self._endpoint.close()

@@ -1,20 +1,32 @@
 """Resource pressure, sans-I/O: shed encoder work in steps before frames are late, and restore it.
 
 The design's "Resource Constraints" recovery strategy.  The node's CPU (``ResourceMonitor``'s
-``cpu_percent``) and the count of frames that came out late are fed to
-:class:`PressurePolicy`; it answers with :class:`PressureDecision` steps, each carrying the
-reason to log and show in the stream's stats.  One job: when and what to shed; the shell
-applies a decision (the encoder's frame rate, the rung selectors' caps and the encoder's
-retired rungs).
+``cpu_percent``) and the count of frames that came out late are fed to :class:`NodePressure`,
+which holds every stream of the node that sheds under pressure; it answers with
+:class:`PressureDecision` steps, each naming its stream and carrying the reason to log and
+show in that stream's stats.  One job: when, and whose, and what to shed; the shell (the
+supervisor, ``actors.node_pressure``) applies a decision through the stream's quality
+controller (the encoder's frame rate, the rung selectors' caps and the encoder's retired
+rungs).  :class:`PressurePolicy` is the same policy for one stream alone.
 
 Theory of operation
 -------------------
-*Steps*, in the order they are taken (and undone in reverse):
+*Steps* of one stream, in the order they are taken (and undone in reverse):
 
 1. lower the top rung's frame rate to half (not below ``min_framerate``): the cheapest loss
    to a viewer, and it halves rung 0's encoder time, the largest share of the ladder's;
 2. retire rung 0, then rung 1, ...: each removes one encoder (its viewers move down a rung,
    the shell caps their selectors).  The lowest rung is never retired.
+
+*Whose step.*  Each stream has a ``priority`` (higher is more important).  The next step shed
+is the next step of the lowest-priority stream that has one left (among equals, the one with
+the fewest steps taken, then the first added), so a stream of higher priority loses nothing
+while one below it can still give way.  The next step restored is the last step of the
+highest-priority stream that has one taken (among equals, the one with the most taken, then
+the latest), so the lowest priorities get their work back last.  A new stream that wants to
+run while the node is under pressure (:meth:`NodePressure.admit`) is refused with
+:class:`~shared.errors.ResourceError`, naming why, unless a stream of its priority or lower
+still has a step to shed for it.
 
 *Shedding.*  The CPU is smoothed (exponential, time constant ``smoothing_s``, so one busy
 sample does not act).  A step is taken when the smoothed CPU has stayed at or above
@@ -45,9 +57,15 @@ import math
 
 import msgspec
 
-from shared.errors import ConfigError
+from shared.errors import ConfigError, ResourceError
 
-__all__ = ["PressureAction", "PressureConfig", "PressureDecision", "PressurePolicy"]
+__all__ = [
+    "NodePressure",
+    "PressureAction",
+    "PressureConfig",
+    "PressureDecision",
+    "PressurePolicy",
+]
 
 
 class PressureAction(enum.StrEnum):
@@ -94,21 +112,24 @@ class PressureConfig(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class PressureDecision(msgspec.Struct, frozen=True, kw_only=True):
-    """One step taken or undone, and the state after it."""
+    """One step taken or undone, and the state of its stream after it."""
 
     at: float
     action: PressureAction
-    #: Steps in force after this decision (0: nothing shed).
+    #: The stream's steps in force after this decision (0: nothing shed).
     level: int
-    #: The top rung's frame rate after it.
+    #: The stream's top rung's frame rate after it.
     framerate: int
-    #: Rungs retired after it.
+    #: The stream's rungs retired after it.
     retired_rungs: tuple[int, ...]
     #: The smoothed CPU when it was decided.
     cpu_percent: float
     late_frames: int
     #: Why, in words: for the log and the stream's stats.
     reason: str
+    #: The stream it applies to ("" for a :class:`PressurePolicy`) and its priority.
+    stream: str = ""
+    priority: int = 0
 
 
 class _Step(msgspec.Struct, kw_only=True):
@@ -124,30 +145,74 @@ class _Taken(msgspec.Struct, kw_only=True):
     saved: float | None = None
 
 
-class PressurePolicy:
-    """The stream's resource-pressure steps (module doc)."""
+class _StreamSteps:
+    """One stream's steps (module doc) and those of them in force."""
+
+    __slots__ = ("framerate", "label", "order", "paused", "priority", "steps", "stream", "taken")
 
     def __init__(
         self,
+        stream: str,
         *,
+        priority: int,
         framerate: int,
         rungs: int,
-        now: float,
-        config: PressureConfig | None = None,
-        history: int = 32,
+        order: int,
+        minimum: int,
+        label: str = "",
     ) -> None:
         if framerate < 1 or rungs < 1:
             raise ConfigError(f"need a frame rate and a rung, got {framerate} fps, {rungs} rungs")
-        self.config = config or PressureConfig()
+        self.stream = stream
+        self.label = label or stream
+        #: A paused stream encodes nothing: shedding its work would save nothing.
+        self.paused = False
+        self.priority = priority
         self.framerate = framerate
-        self._steps: list[_Step] = []
-        lowered = max(self.config.min_framerate, framerate // 2)
+        self.order = order
+        self.steps: list[_Step] = []
+        lowered = max(minimum, framerate // 2)
         if lowered < framerate:
-            self._steps.append(_Step(action=PressureAction.LOWER_FRAMERATE, value=lowered))
-        self._steps.extend(
+            self.steps.append(_Step(action=PressureAction.LOWER_FRAMERATE, value=lowered))
+        self.steps.extend(
             _Step(action=PressureAction.RETIRE_RUNG, value=rung) for rung in range(rungs - 1)
         )
-        self._taken: list[_Taken] = []
+        self.taken: list[_Taken] = []
+
+    @property
+    def level(self) -> int:
+        return len(self.taken)
+
+    @property
+    def saturated(self) -> bool:
+        return self.level == len(self.steps)
+
+    @property
+    def current_framerate(self) -> int:
+        in_force = self.steps[: self.level]
+        lowered = [s.value for s in in_force if s.action is PressureAction.LOWER_FRAMERATE]
+        return lowered[0] if lowered else self.framerate
+
+    @property
+    def retired_rungs(self) -> tuple[int, ...]:
+        in_force = self.steps[: self.level]
+        return tuple(s.value for s in in_force if s.action is PressureAction.RETIRE_RUNG)
+
+    def describe(self) -> str:
+        if self.paused:
+            return f"{self.label} (priority {self.priority}) is paused"
+        if self.saturated:
+            return f"{self.label} (priority {self.priority}) has shed all it can"
+        return f"{self.label} (priority {self.priority})"
+
+
+class NodePressure:
+    """The pressure steps of every stream on one node that sheds (module doc)."""
+
+    def __init__(self, *, config: PressureConfig | None = None, history: int = 32) -> None:
+        self.config = config or PressureConfig()
+        self._streams: dict[str, _StreamSteps] = {}
+        self._added = 0
         self._smoothed: float | None = None
         self._last_sample: float | None = None
         self._above_since: float | None = None
@@ -157,42 +222,130 @@ class PressurePolicy:
         self._restored_at: float | None = None
         #: The latest decisions, oldest first, for the stats.
         self.decisions: collections.deque[PressureDecision] = collections.deque(maxlen=history)
+        #: Each stream's latest decision: its steps in force (:meth:`state`).
+        self._last: dict[str, PressureDecision] = {}
 
-    # -- state ------------------------------------------------------------------------------
+    # -- members ------------------------------------------------------------------------------
+
+    def add_stream(
+        self, stream: str, *, priority: int, framerate: int, rungs: int, label: str = ""
+    ) -> None:
+        """A stream that sheds under pressure, its top rung at ``framerate``, ``rungs`` rungs;
+        ``label`` names it in refusals (default: ``stream``)."""
+        if stream in self._streams:
+            raise ConfigError(f"stream {stream} is already under the pressure policy")
+        self._added += 1
+        self._streams[stream] = _StreamSteps(
+            stream,
+            priority=priority,
+            framerate=framerate,
+            rungs=rungs,
+            order=self._added,
+            minimum=self.config.min_framerate,
+            label=label,
+        )
+
+    def reconfigure(self, config: PressureConfig) -> None:
+        """New thresholds from now on (the steps in force stay; the restore hold restarts)."""
+        self.config = config
+        self._exit_hold = config.exit_hold_s
+        self._restored_at = None
+
+    def set_paused(self, stream: str, paused: bool) -> None:
+        """A paused stream costs no encoder time: it is never picked to shed (nor counted as
+        able to give way), until it resumes.  Its steps in force stay."""
+        steps = self._streams.get(stream)
+        if steps is not None:
+            steps.paused = paused
+
+    def remove_stream(self, stream: str) -> None:
+        """The stream stopped: its steps go with it (nothing to undo)."""
+        self._streams.pop(stream, None)
+        self._last.pop(stream, None)
+
+    def __contains__(self, stream: object) -> bool:
+        return stream in self._streams
+
+    def state(self, stream: str) -> PressureDecision:
+        """The stream's steps in force now, as a decision (a shell re-applies it to a
+        restarted actor): its latest, or one with nothing shed before its first."""
+        steps = self._streams[stream]
+        last = self._last.get(stream)
+        if last is not None:
+            return last
+        return PressureDecision(
+            at=self._last_sample or 0.0,
+            action=PressureAction.RESTORE_FRAMERATE,
+            level=steps.level,
+            framerate=steps.current_framerate,
+            retired_rungs=steps.retired_rungs,
+            cpu_percent=round(self._smoothed or 0.0, 1),
+            late_frames=0,
+            reason="nothing shed",
+            stream=stream,
+            priority=steps.priority,
+        )
+
+    # -- state ----------------------------------------------------------------------------------
 
     @property
     def level(self) -> int:
-        return len(self._taken)
-
-    @property
-    def current_framerate(self) -> int:
-        lowered = [s.value for s in self._in_force() if s.action is PressureAction.LOWER_FRAMERATE]
-        return lowered[0] if lowered else self.framerate
-
-    @property
-    def retired_rungs(self) -> tuple[int, ...]:
-        return tuple(s.value for s in self._in_force() if s.action is PressureAction.RETIRE_RUNG)
+        """Steps in force, every stream's together."""
+        return sum(steps.level for steps in self._streams.values())
 
     @property
     def saturated(self) -> bool:
-        """Every step is taken: nothing more to shed."""
-        return self.level == len(self._steps)
+        """Every stream has shed every step: nothing more to shed."""
+        return all(steps.saturated for steps in self._streams.values())
 
     @property
     def cpu_percent(self) -> float | None:
         """The smoothed CPU."""
         return self._smoothed
 
-    def _in_force(self) -> list[_Step]:
-        return self._steps[: len(self._taken)]
+    @property
+    def under_pressure(self) -> bool:
+        """The smoothed CPU is at or above ``enter_percent``."""
+        return self._smoothed is not None and self._smoothed >= self.config.enter_percent
 
-    # -- samples ----------------------------------------------------------------------------
+    def _to_shed(self) -> _StreamSteps | None:
+        candidates = [s for s in self._streams.values() if not s.saturated and not s.paused]
+        return min(candidates, key=lambda s: (s.priority, s.level, s.order), default=None)
+
+    def _to_restore(self) -> _StreamSteps | None:
+        candidates = [s for s in self._streams.values() if s.taken]
+        return max(
+            candidates, key=lambda s: (s.priority, s.level, s.taken[-1].at, s.order), default=None
+        )
+
+    def admit(self, stream: str, priority: int) -> None:
+        """Whether a new stream of ``priority`` may start now: always, unless the node is under
+        pressure and no stream of that priority or lower has a step left to shed to make room
+        for it (then :class:`ResourceError` says why).  Streams of its own priority count: they
+        would take turns with it, as equals do when shedding."""
+        if not self.under_pressure:
+            return
+        lower = [s for s in self._streams.values() if s.priority <= priority]
+        if any(not s.saturated and not s.paused for s in lower):
+            return  # they give way first
+        cpu, enter = self._smoothed or 0.0, self.config.enter_percent
+        if lower:
+            why = "; ".join(s.describe() for s in sorted(lower, key=lambda s: s.order))
+            what = f"no stream of its priority or lower has work left to give ({why})"
+        else:
+            what = f"no running stream of priority {priority} or lower can give way to it"
+        raise ResourceError(
+            f"cannot start stream {stream}: the node's CPU is {cpu:.0f}%, at or above "
+            f"{enter:.0f}%, and {what}"
+        )
+
+    # -- samples --------------------------------------------------------------------------------
 
     def on_sample(
         self, cpu_percent: float, now: float, *, late_frames: int = 0
     ) -> PressureDecision | None:
         """One CPU sample (0..100, the node's) and the frames that came out late since the
-        previous one; a decision when a step is taken or undone."""
+        previous one (any stream's); a decision when a step is taken or undone."""
         if not 0 <= cpu_percent <= 100 or late_frames < 0:
             raise ConfigError(f"CPU {cpu_percent}% or late frames {late_frames} out of range")
         config = self.config
@@ -211,23 +364,25 @@ class PressurePolicy:
             self._below_since = now
         if now - self._last_step_at < config.settle_s:
             return None
-        if late_frames > 0 and not self.saturated:
-            return self._shed(cpu, now, late_frames, f"{late_frames} frames came out late")
+        shed = self._to_shed()
+        if late_frames > 0 and shed is not None:
+            return self._shed(shed, cpu, now, late_frames, f"{late_frames} frames came out late")
         above = self._above_since
-        if above is not None and now - above >= config.enter_hold_s and not self.saturated:
+        if above is not None and now - above >= config.enter_hold_s and shed is not None:
             reason = (
                 f"CPU {cpu:.0f}% at or above {config.enter_percent:.0f}% for {now - above:.1f} s"
             )
-            return self._shed(cpu, now, late_frames, reason)
+            return self._shed(shed, cpu, now, late_frames, reason)
         below = self._below_since
-        if below is not None and now - below >= self._exit_hold and self._taken:
-            saved = self._taken[-1].saved or 0.0
+        restore = self._to_restore()
+        if below is not None and now - below >= self._exit_hold and restore is not None:
+            saved = restore.taken[-1].saved or 0.0
             if cpu + saved < config.enter_percent - config.restore_margin:
                 reason = (
                     f"CPU {cpu:.0f}% at or under {config.exit_percent:.0f}% for "
                     f"{now - below:.1f} s, and the {saved:.0f} points the step saved fit"
                 )
-                return self._restore(cpu, now, reason)
+                return self._restore(restore, cpu, now, reason)
         return None
 
     def _smooth(self, cpu: float, now: float) -> float:
@@ -241,55 +396,127 @@ class PressurePolicy:
         return self._smoothed
 
     def _measure_saving(self, cpu: float, now: float) -> None:
-        if self._taken:
-            last = self._taken[-1]
-            if last.saved is None and now - last.at >= self.config.settle_s:
-                last.saved = max(last.cpu_before - cpu, 0.0)
+        for steps in self._streams.values():
+            if steps.taken:
+                last = steps.taken[-1]
+                if last.saved is None and now - last.at >= self.config.settle_s:
+                    last.saved = max(last.cpu_before - cpu, 0.0)
 
     def _decision(
-        self, action: PressureAction, cpu: float, now: float, late: int, reason: str
+        self,
+        steps: _StreamSteps,
+        action: PressureAction,
+        cpu: float,
+        now: float,
+        late: int,
+        reason: str,
     ) -> PressureDecision:
         decision = PressureDecision(
             at=now,
             action=action,
-            level=self.level,
-            framerate=self.current_framerate,
-            retired_rungs=self.retired_rungs,
+            level=steps.level,
+            framerate=steps.current_framerate,
+            retired_rungs=steps.retired_rungs,
             cpu_percent=round(cpu, 1),
             late_frames=late,
             reason=reason,
+            stream=steps.stream,
+            priority=steps.priority,
         )
         self.decisions.append(decision)
+        self._last[steps.stream] = decision
         return decision
 
-    def _shed(self, cpu: float, now: float, late: int, why: str) -> PressureDecision:
+    def _others(self, steps: _StreamSteps) -> str:
+        """Why this stream and not another: said when others share the node."""
+        higher = [s for s in self._streams.values() if s.priority > steps.priority]
+        if not higher:
+            return ""
+        return f" (priority {steps.priority}, below {len(higher)} other stream(s))"
+
+    def _shed(
+        self, steps: _StreamSteps, cpu: float, now: float, late: int, why: str
+    ) -> PressureDecision:
         config = self.config
-        step = self._steps[self.level]
+        step = steps.steps[steps.level]
         if self._restored_at is not None and now - self._restored_at < config.revert_window_s:
             # The restore did not last: wait twice as long before the next one.
             self._exit_hold = min(self._exit_hold * 2, config.max_exit_hold_s)
             self._restored_at = None
-        self._taken.append(_Taken(at=now, cpu_before=cpu))
+        steps.taken.append(_Taken(at=now, cpu_before=cpu))
         self._last_step_at = now
         self._above_since = None
         self._below_since = None
         if step.action is PressureAction.LOWER_FRAMERATE:
-            what = f"frame rate {self.framerate} -> {step.value} fps"
+            what = f"frame rate {steps.framerate} -> {step.value} fps"
         else:
             what = f"rung {step.value} retired"
-        return self._decision(step.action, cpu, now, late, f"{why}: {what}")
+        reason = f"{why}: {what}{self._others(steps)}"
+        return self._decision(steps, step.action, cpu, now, late, reason)
 
-    def _restore(self, cpu: float, now: float, why: str) -> PressureDecision:
-        step = self._steps[self.level - 1]
-        self._taken.pop()
+    def _restore(self, steps: _StreamSteps, cpu: float, now: float, why: str) -> PressureDecision:
+        step = steps.steps[steps.level - 1]
+        steps.taken.pop()
         self._last_step_at = now
         self._restored_at = now
         self._above_since = None
         self._below_since = None
         if step.action is PressureAction.LOWER_FRAMERATE:
             action = PressureAction.RESTORE_FRAMERATE
-            what = f"frame rate {step.value} -> {self.framerate} fps"
+            what = f"frame rate {step.value} -> {steps.framerate} fps"
         else:
             action = PressureAction.RESTORE_RUNG
             what = f"rung {step.value} restored"
-        return self._decision(action, cpu, now, 0, f"{why}: {what}")
+        return self._decision(steps, action, cpu, now, 0, f"{why}: {what}")
+
+
+class PressurePolicy:
+    """The pressure steps of one stream alone: a :class:`NodePressure` of that one stream."""
+
+    def __init__(
+        self,
+        *,
+        framerate: int,
+        rungs: int,
+        now: float,
+        config: PressureConfig | None = None,
+        history: int = 32,
+    ) -> None:
+        self._node = NodePressure(config=config, history=history)
+        self._node.add_stream("", priority=0, framerate=framerate, rungs=rungs)
+        self._steps = self._node._streams[""]
+        self.config = self._node.config
+        self.framerate = framerate
+
+    @property
+    def decisions(self) -> collections.deque[PressureDecision]:
+        return self._node.decisions
+
+    @property
+    def level(self) -> int:
+        return self._steps.level
+
+    @property
+    def current_framerate(self) -> int:
+        return self._steps.current_framerate
+
+    @property
+    def retired_rungs(self) -> tuple[int, ...]:
+        return self._steps.retired_rungs
+
+    @property
+    def saturated(self) -> bool:
+        """Every step is taken: nothing more to shed."""
+        return self._steps.saturated
+
+    @property
+    def cpu_percent(self) -> float | None:
+        """The smoothed CPU."""
+        return self._node.cpu_percent
+
+    def on_sample(
+        self, cpu_percent: float, now: float, *, late_frames: int = 0
+    ) -> PressureDecision | None:
+        """One CPU sample (0..100, the node's) and the frames that came out late since the
+        previous one; a decision when a step is taken or undone."""
+        return self._node.on_sample(cpu_percent, now, late_frames=late_frames)

@@ -34,6 +34,7 @@ from aioquic.asyncio.client import connect
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer
 from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import NetworkAddress
 from aioquic.quic.events import (
     ConnectionTerminated,
     DatagramFrameReceived,
@@ -188,6 +189,9 @@ class _RoqProtocol(QuicConnectionProtocol):
         self.peer_fingerprint: str | None = None
         self.streams_opened = 0
         self.frames_cancelled = 0
+        #: When the newest UDP datagram of this connection arrived (monotonic): any sign of
+        #: life from the peer, an ACK included (``shared.viewer.liveness``).
+        self.last_received_at = time.monotonic()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -196,6 +200,10 @@ class _RoqProtocol(QuicConnectionProtocol):
             # goes through transmit(), which sends what the collector holds.
             self._udp = cast(QueueingTransport, transport)
             self._transport = cast(asyncio.DatagramTransport, self._collector)
+
+    def datagram_received(self, data: bytes | str, addr: NetworkAddress) -> None:
+        self.last_received_at = time.monotonic()
+        super().datagram_received(data, addr)
 
     @property
     def datagrams_ok(self) -> bool:
@@ -628,6 +636,8 @@ class RoqClient:
         self._ready = asyncio.Event()
         self.overflow = 0
         self.closed = False
+        #: Why this end gave up on the connection (:meth:`abandon`), None if it has not.
+        self.abandoned: str | None = None
         protocol.on_packet = self._enqueue
         protocol.on_closed = self._on_closed
         for flow_id, packet in protocol.early:
@@ -652,6 +662,8 @@ class RoqClient:
         self._ready.set()
 
     def _on_closed(self) -> None:
+        if self.closed:
+            return  # abandoned first: the reader already has its end
         self.closed = True
         self._queue.append(None)
         self._ready.set()
@@ -782,6 +794,28 @@ class RoqClient:
     @property
     def rtt_ms(self) -> float:
         return _rtt_s(self._protocol) * 1000
+
+    @property
+    def last_received_at(self) -> float:
+        """When the newest datagram from the server arrived (monotonic)."""
+        return self._protocol.last_received_at
+
+    @property
+    def probe_timeout_s(self) -> float:
+        """QUIC's probe timeout without backoff (RFC 9002 §6.2.1), 0 if aioquic hides it."""
+        recovery = getattr(self._protocol._quic, "_loss", None)
+        probe_timeout = getattr(recovery, "get_probe_timeout", None)
+        return float(probe_timeout()) if callable(probe_timeout) else 0.0
+
+    def abandon(self, reason: str) -> None:
+        """Give up on a connection whose server has gone silent: close it (a CONNECTION_CLOSE
+        the server gets if it is alive after all) and end the reader's packets now, not after
+        QUIC's closing period.  :attr:`abandoned` says why; the viewer counts it a drop."""
+        if self.closed:
+            return
+        self.abandoned = reason
+        self._protocol.close(error_code=RoqErrorCode.ROQ_NO_ERROR, reason_phrase=reason)
+        self._on_closed()
 
     async def close(self) -> None:
         if not self.closed:

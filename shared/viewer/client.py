@@ -32,9 +32,11 @@ says nothing and the viewer watches as before.  A refused viewer's :meth:`media`
 connection, and :attr:`Viewer.refusal_reason` says why in the server's words.
 
 Each test-source picture carries its capture timestamp (``shared.capture.stamp``), so the viewer reads
-capture-to-decode latency from the picture alone.  When the connection drops (QUIC idle
-timeout) the viewer reconnects with exponential backoff, pinning the same certificate; a stream
-the server ends on purpose ends :meth:`media`, once the frames already received are decoded.
+capture-to-decode latency from the picture alone.  When the connection drops (the server
+silent past the SRs it owes, :mod:`shared.viewer.liveness`, or QUIC's idle timeout) the viewer
+reconnects with exponential backoff, pinning the same certificate, to the endpoint that served
+it and then the URL's alternates; a stream the server ends on purpose ends :meth:`media`, once
+the frames already received are decoded.
 """
 
 from __future__ import annotations
@@ -82,12 +84,12 @@ from shared.viewer.decoding import (
     read_frame_stamp,
 )
 from shared.viewer.latency import LatencyStats
+from shared.viewer.liveness import SilenceTimer, reconnect_attempts
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DecodedAudio", "DecodedFrame", "Viewer", "ViewerReport", "read_frame_stamp"]
 
-RECONNECT_FIRST_DELAY_S, RECONNECT_MAX_DELAY_S = 0.25, 4.0
 #: QUIC idle timeout of a viewer connection: how soon a dead path is noticed.
 VIEWER_IDLE_TIMEOUT_S = 5.0
 
@@ -123,6 +125,9 @@ class ViewerReport(msgspec.Struct, kw_only=True):
     rtt_ms: float = 0.0
     first_frame_s: float | None = None
     reconnects: int = 0
+    silences: int = 0
+    """Connections given up because the server went silent past the bound
+    (:mod:`shared.viewer.liveness`), each followed by a reconnect."""
     audio_frames_decoded: int = 0
     audio_frames_dropped: int = 0
     audio_decode_errors: int = 0
@@ -203,6 +208,10 @@ class Viewer:
         self._wake = asyncio.Event()
         self._receiving: asyncio.Task[Received] | None = None
         self._connection_closed = False
+        #: Whether the server has gone silent past what it owes (its SRs): the one timer
+        #: armed at its deadline gives the connection up (:mod:`shared.viewer.liveness`).
+        self._silence = SilenceTimer()
+        self._silence_timer: asyncio.TimerHandle | None = None
         self._latency = LatencyStats()
         self._report = ViewerReport(url=str(url), mode=client.mode)
         self._started = started
@@ -330,6 +339,9 @@ class Viewer:
             self._receiving.add_done_callback(lambda _: self._wake.set())
 
     def _on_packet(self, flow_id: int, data: bytes, arrival: float) -> None:
+        if not self._silence.armed:  # the connection's first media: now SRs are owed
+            self._silence.heard(arrival, media=True)
+            self._arm_silence()
         self.received_window.add(arrival, len(data))
         self._submit(self._session.on_packet(flow_id, data, arrival))
 
@@ -357,6 +369,35 @@ class Viewer:
         if self._decoding.skipping_to_keyframe:
             # The decoder dropped frames to catch up: a PLI beats the next periodic keyframe.
             self._session.request_keyframe(VIDEO_TRACK.flow_id, now)
+
+    def _arm_silence(self) -> None:
+        deadline = self._silence.deadline(self._client.probe_timeout_s)
+        if deadline is None or self._closing:
+            return
+        loop = asyncio.get_running_loop()
+        # call_at runs after the I/O the loop already has ready, so what arrived while this
+        # viewer's own loop was busy is stamped before the server is judged.
+        self._silence_timer = loop.call_at(deadline, self._on_silence_timer)
+
+    def _on_silence_timer(self) -> None:
+        self._silence_timer = None
+        client = self._client
+        silence = self._silence
+        silence.heard(client.last_received_at)
+        pto_s = client.probe_timeout_s
+        if not silence.expired(time.monotonic(), pto_s):
+            self._arm_silence()
+            return
+        bound = silence.bound(pto_s)
+        logger.info("%s: nothing from the server for %.2f s: reconnecting", self.url, bound)
+        self._report.silences += 1
+        client.abandon(f"server silent for {bound:.2f} s")
+        self._wake.set()
+
+    def _cancel_silence(self) -> None:
+        if self._silence_timer is not None:
+            self._silence_timer.cancel()
+            self._silence_timer = None
 
     # -- decoded items back ----------------------------------------------------------------------
 
@@ -533,26 +574,35 @@ class Viewer:
 
     async def _reconnect(self) -> bool:
         """After the connection ended: reconnect with backoff if it dropped; False to stop."""
+        self._cancel_silence()
         termination = self._client.termination
-        dropped = termination is None or termination[1] == "Idle timeout"
+        dropped = (
+            self._client.abandoned is not None
+            or termination is None
+            or termination[1] == "Idle timeout"
+        )
         if self._closing or not self._reconnect_enabled or not dropped:
             return False
         deadline = time.monotonic() + self._reconnect_timeout_s
-        delay = RECONNECT_FIRST_DELAY_S
         # The endpoint that served last first, then the URL's alternates in turn (shards of
-        # the stream on other nodes); the backoff grows once every endpoint has failed.
+        # the stream on other nodes): quick attempts first, then a backoff that grows once
+        # every endpoint has failed (``shared.viewer.liveness.reconnect_attempts``).
         endpoints = self.url.endpoints
-        attempt = 0
-        while time.monotonic() + delay < deadline and not self._closing:
+        attempts = reconnect_attempts(
+            len(endpoints),
+            rtt_s=self._client.rtt_ms / 1000,
+            timeout_s=self._connect_options.get("timeout", 10.0),
+        )
+        for delay, timeout, offset in attempts:
+            if time.monotonic() + delay >= deadline or self._closing:
+                break
             await asyncio.sleep(delay)
-            index = (self._endpoint + attempt) % len(endpoints)
+            index = (self._endpoint + offset) % len(endpoints)
             host, port = endpoints[index]
+            options = self._connect_options | {"timeout": timeout}
             try:
-                client = await RoqClient.connect(host, port, **self._connect_options)
+                client = await RoqClient.connect(host, port, **options)
             except NetworkError:
-                attempt += 1
-                if attempt % len(endpoints) == 0:
-                    delay = min(delay * 2, RECONNECT_MAX_DELAY_S)
                 continue
             self._endpoint = index
             try:
@@ -561,6 +611,7 @@ class Viewer:
                 logger.debug("closing the old connection: %s", exc)
             self._client = client
             self._connection_closed = False
+            self._silence.reset()
             self._session.new_connection()
             self._report.reconnects += 1
             if self.access is not None:
@@ -656,6 +707,7 @@ class Viewer:
         """Leave the stream: close the connection and end the decode thread (the frame it is
         decoding finishes first)."""
         self._closing = True
+        self._cancel_silence()
         if self._receiving is not None:
             self._receiving.cancel()
             self._receiving = None

@@ -47,8 +47,9 @@ on the control stream (:mod:`shared.viewer.access`).  No task reads the answers:
 in, without waiting, whenever packets are, when the connection ends and when a report is made,
 so a light viewer costs no more than before; media is never made to wait for them.
 
-A connection that drops (QUIC idle timeout, nothing said) is reconnected with backoff, as the
-real viewer does; one the server closes with a reason (a refusal, the stream stopping) ends the
+A connection that drops (the server silent past the SRs it owes, :mod:`shared.viewer.liveness`,
+or QUIC's idle timeout; nothing said) is reconnected with backoff, as the real viewer does, to
+the endpoint that served it and then the URL's alternates; one the server closes with a reason (a refusal, the stream stopping) ends the
 viewer, and the reason is kept for its report: a refusal's in the server's words
 (``"<reason>: <text>"``).  A failed first connection is reported, not
 retried: it is what the operator runs the test to find.
@@ -75,6 +76,7 @@ from shared.rtp.rtcp import RTCP_PSFB, RTCP_RR, RTCP_RTPFB
 from shared.rtp.sender import AUDIO_TRACK, VIDEO_TRACK
 from shared.viewer.access import ViewerAccess
 from shared.viewer.latency import LatencyStats
+from shared.viewer.liveness import SilenceTimer, reconnect_attempts
 
 __all__ = [
     "LATE_AFTER_S",
@@ -95,7 +97,6 @@ DELAY_WARMUP_FRAMES = 30
 #: QUIC idle timeout of a light viewer's connection, as the real viewer's: how soon a dead
 #: path is noticed (and reconnected).
 IDLE_TIMEOUT_S = 5.0
-RECONNECT_FIRST_DELAY_S, RECONNECT_MAX_DELAY_S = 0.25, 4.0
 #: Video RTP timestamps whose latest arrival is remembered while their frame is incomplete.
 #: Frames complete in order within the jitter buffer's budget, so a few seconds of video is
 #: plenty; the bound keeps duplicates of released frames from growing it.
@@ -314,6 +315,8 @@ class LightViewerReport(msgspec.Struct, kw_only=True):
     lost: int = 0
     bytes: int = 0
     reconnects: int = 0
+    silences: int = 0
+    """Connections given up because the server went silent (see ``reconnects``)."""
     rtp_packets: int = 0
     audio_frames: int = 0
     frames_dropped: int = 0
@@ -369,6 +372,11 @@ class LightViewer:
         self._client: RoqClient | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
+        self._silence = SilenceTimer()
+        self._silence_timer: asyncio.TimerHandle | None = None
+        self.silences = 0
+        #: Which of ``url.endpoints`` serves now (0: the URL's own; others after a move).
+        self._endpoint = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self.state = CONNECTING
         self.reason: str | None = None
@@ -392,7 +400,11 @@ class LightViewer:
             termination = self._client.termination
             self._disarm()
             reason = self.access.refusal_reason(termination)
-            if reason is None and termination is not None and termination[1] != "Idle timeout":
+            dropped = self._client.abandoned is not None or (
+                termination is None or termination[1] == "Idle timeout"
+            )
+            if reason is None and not dropped:
+                assert termination is not None
                 reason = termination[1] or f"QUIC error {termination[0]:#x}"
             if reason is not None:
                 # On purpose, with a reason: a refusal, the stream stopping.  Not retried.
@@ -404,31 +416,41 @@ class LightViewer:
                 await self._client.close()
             self._client = client
             self.core.new_connection()
+            self._silence.reset()
             self.reconnects += 1
 
-    async def _connect(self, *, first: bool = False) -> RoqClient:
+    async def _connect(
+        self, *, first: bool = False, endpoint: int = 0, timeout: float | None = None
+    ) -> RoqClient:
         gate = self._gate or contextlib.nullcontext()
         async with gate:
             if first:
                 self.started_at = time.monotonic()
-            client = await RoqClient.connect(self.url.host, self.url.port, **self._options)
+            host, port = self.url.endpoints[endpoint]
+            options = self._options if timeout is None else self._options | {"timeout": timeout}
+            client = await RoqClient.connect(host, port, **options)
+        self._endpoint = endpoint
         self.access.new_connection()
         client.send_control(self.access.hello())
         return client
 
     async def _reconnect(self) -> RoqClient:
-        """A new connection after a drop, retried with exponential backoff until cancelled."""
-        delay = RECONNECT_FIRST_DELAY_S
-        while True:
+        """A new connection after a drop, retried until cancelled: the endpoint that served
+        last first, then the URL's alternates in turn; quick attempts, then a backoff
+        (``shared.viewer.liveness.reconnect_attempts``)."""
+        endpoints, first = len(self.url.endpoints), self._endpoint
+        rtt_s = self._client.rtt_ms / 1000 if self._client is not None else 0.0
+        attempts = reconnect_attempts(endpoints, rtt_s=rtt_s, timeout_s=self._options["timeout"])
+        for delay, timeout, offset in attempts:
             await asyncio.sleep(delay)
             try:
-                client = await self._connect()
+                client = await self._connect(endpoint=(first + offset) % endpoints, timeout=timeout)
             except NetworkError as exc:
                 self.reason = str(exc)
-                delay = min(delay * 2, RECONNECT_MAX_DELAY_S)
                 continue
             self.reason = None
             return client
+        raise AssertionError("reconnect_attempts never ends")
 
     async def _watch(self, client: RoqClient) -> None:
         """Packets to the session until the connection closes; feedback as it falls due."""
@@ -437,6 +459,9 @@ class LightViewer:
             item = await client.receive_timed()
             if item is None:
                 return
+            if not self._silence.armed:  # the connection's first media: now SRs are owed
+                self._silence.heard(item[2], media=True)
+                self._arm_silence(client)
             core.on_packet(*item)
             while (item := client.receive_nowait()) is not None:
                 core.on_packet(*item)
@@ -485,6 +510,26 @@ class LightViewer:
         # asyncio may run a timer a clock tick early; the deadline has come all the same.
         self._arm(max(time.monotonic(), self._timer_at))
 
+    def _arm_silence(self, client: RoqClient) -> None:
+        deadline = self._silence.deadline(client.probe_timeout_s)
+        if deadline is not None and self._loop is not None:
+            # call_at runs after the I/O the loop already has ready: a busy loop's backlog is
+            # stamped before the server is judged.
+            self._silence_timer = self._loop.call_at(deadline, self._on_silence_timer, client)
+
+    def _on_silence_timer(self, client: RoqClient) -> None:
+        self._silence_timer = None
+        if client is not self._client:
+            return
+        silence = self._silence
+        silence.heard(client.last_received_at)
+        pto_s = client.probe_timeout_s
+        if not silence.expired(time.monotonic(), pto_s):
+            self._arm_silence(client)
+            return
+        self.silences += 1
+        client.abandon(f"server silent for {silence.bound(pto_s):.2f} s")
+
     def _tick(self, client: RoqClient, now: float) -> None:
         rtt_ms = client.rtt_ms
         self._rtt_ms = rtt_ms
@@ -495,6 +540,9 @@ class LightViewer:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._silence_timer is not None:
+            self._silence_timer.cancel()
+            self._silence_timer = None
 
     async def close(self) -> None:
         """Leave: stop the timer, close the connection (after :meth:`run` was cancelled)."""
@@ -526,6 +574,7 @@ class LightViewer:
             lost=core.packets_lost,
             bytes=core.bytes_received,
             reconnects=self.reconnects,
+            silences=self.silences,
             rtp_packets=core.rtp_packets,
             audio_frames=core.audio_frames,
             frames_dropped=core.frames_dropped,

@@ -124,6 +124,30 @@ class RingFeed:
                 for track in list(self._tracks):
                     track.push(packet.data, packet.pts, keyframe=packet.keyframe, rung=self.rung)
 
+    def reattach(self) -> None:
+        """The ring's writer (the encoder) restarted and created its ring anew under the same
+        name (``actors.recovery``): read the new one, from its latest keyframe on (audio: its
+        next packet).  The peers' tracks stay subscribed; video asks for a keyframe."""
+        ring = PacketRing.attach(self.ring.name)
+        try:
+            bell = ring.listen()
+            start: Literal["next", "latest_keyframe"] = (
+                "latest_keyframe" if self.kind == "video" else "next"
+            )
+            reader = PacketRingReader(ring, start=start)
+        except BaseException:
+            ring.close()
+            raise
+        old_bell, old_ring = self._bell, self.ring
+        self.ring, self._bell, self._reader = ring, bell, reader
+        if self._task is not None:
+            bell.watch(asyncio.get_running_loop(), self._wakeup.set)
+        old_bell.close()
+        old_ring.close()
+        if self.kind == "video":
+            self.keyframe_needed()
+        self._wakeup.set()
+
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
