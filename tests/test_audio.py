@@ -222,6 +222,44 @@ def test_a_tone_is_captured_encoded_into_the_ring_and_decoded(playing: PulseServ
     assert stats.packets >= len(packets) and stats.sample_rate == 48_000
 
 
+def test_a_paused_pipeline_encodes_nothing_and_resumes_where_its_clock_stopped(
+    playing: PulseServer,
+) -> None:
+    """The stream's Paused state for audio: the device is still read (its blocks counted as
+    let go), nothing reaches the ring, and after the resume the RTP clock goes on from the
+    last packet while the capture stamps jump by the pause."""
+    session = fresh_session_id()
+    ring = PacketRing.create(segment_name(session, "audio"), capacity_bytes=1 << 20)
+    reader = PacketRingReader(ring)
+    config = AudioConfig(sample_rate=48_000, channels=2, bitrate=64_000)
+    pipeline = AudioPipeline(DeviceAudioSource(config), ring, bitrate=config.bitrate)
+    pipeline.start()
+    try:
+        before = read_ring(reader, 25)
+        pipeline.pause()
+        # Whatever the encoder had in hand when the pause came may still land; then nothing.
+        deadline = time.monotonic() + 30
+        while pipeline.stats().paused_blocks < 3:
+            assert time.monotonic() < deadline, "no block read while paused"
+            time.sleep(0.01)
+        before += reader.read_available().packets
+        paused = pipeline.stats()
+        while pipeline.stats().paused_blocks < paused.paused_blocks + 25:  # about 0.5 s more
+            assert time.monotonic() < deadline, "the device stopped being read while paused"
+            time.sleep(0.01)
+        assert reader.read_available().packets == []
+        assert pipeline.stats().packets == paused.packets
+        pipeline.resume()
+        after = read_ring(reader, 10)
+    finally:
+        stats = pipeline.stop()
+        ring.close()
+        ring.unlink()
+    assert stats.error is None and stats.paused_blocks >= 28
+    assert after[0].pts == before[-1].pts + 960  # the RTP clock did not run during the pause
+    assert after[0].capture_us - before[-1].capture_us > 400_000  # capture time did
+
+
 def test_a_missing_audio_device_is_a_capture_error_naming_it(pulse: PulseServer) -> None:
     with pytest.raises(
         CaptureError, match="audio input 'no-such-microphone' does not exist"
@@ -255,6 +293,15 @@ def test_the_capture_actor_runs_audio_alone_and_with_video(playing: PulseServer)
         encoder = FakeEncoder()
         await actor.start(encoder if video else None)
         packets = await read_ring_async(reader, 50)
+        # Paused, the actor lets the microphone's blocks go, video or not; resumed, it
+        # encodes again.
+        await actor.pause()
+        deadline = time.monotonic() + 30
+        while (paused := (await actor.stats()).audio) is None or paused.paused_blocks < 5:
+            assert time.monotonic() < deadline, "audio still encoded while paused"
+            await asyncio.sleep(0.01)
+        await actor.resume()
+        packets += await read_ring_async(reader, 10)
         stats = await actor.stop()
         packets += reader.read_available().packets  # stop joined the audio thread: all here
         ring.close()

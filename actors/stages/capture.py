@@ -394,8 +394,11 @@ class CaptureActor:
     async def pause(self) -> None:
         """Stop writing frames until :meth:`resume` (the stream's Paused state).  The source
         stays open and the pool keeps its last picture, so nothing downstream is torn down:
-        the encoder simply gets no new frame, and viewers keep the last one on screen."""
+        the encoder simply gets no new frame, and viewers keep the last one on screen.  Audio
+        stops too: its device is still read (and let go) so the resume starts from now."""
         self._live.clear()
+        if self._audio is not None:
+            self._audio.pause()
 
     async def resume(self) -> None:
         """Capture again; the encoder is asked for a keyframe so every viewer (and one that
@@ -403,6 +406,8 @@ class CaptureActor:
         if self._live.is_set():
             return
         self._live.set()
+        if self._audio is not None:
+            self._audio.resume()
         if self._encoder is not None:
             self._encoder.request_keyframe(None)
 

@@ -103,6 +103,8 @@ class AudioStats(msgspec.Struct, kw_only=True):
     #: Times the sample-count clock was re-anchored to the measured time.
     reanchors: int = 0
     last_capture_us: int = 0
+    #: Blocks read and let go while the stream was paused (nothing of them is encoded).
+    paused_blocks: int = 0
     #: A finite source (a file without loop) reached its end.
     ended: bool = False
     error: str | None = None
@@ -317,6 +319,9 @@ class AudioPipeline:
             sample_rate=source.sample_rate, channels=source.channels, bitrate=bitrate
         )
         self._stop = threading.Event()
+        #: Set while the stream is paused: blocks are still read, so the device's buffer
+        #: never overflows and the resume starts from the present, but none is encoded.
+        self._paused = threading.Event()
         self._thread: threading.Thread | None = None
         self._rate = source.sample_rate
         self._ticks_per_sample = OPUS_CLOCK // source.sample_rate
@@ -340,6 +345,9 @@ class AudioPipeline:
             while not self._stop.is_set():
                 block = self.source.read(timeout=0.1)
                 if block is None:
+                    continue
+                if self._paused.is_set():
+                    self._stats.paused_blocks += 1
                     continue
                 self._stats.blocks += 1
                 self._note_block(block)
@@ -381,6 +389,16 @@ class AudioPipeline:
             blocks.popleft()
         first, monotonic_us = blocks[0]
         return monotonic_us + (sample - first) * 1_000_000 // self._rate
+
+    def pause(self) -> None:
+        """Encode nothing until :meth:`resume` (the stream's Paused state).  The packets'
+        timestamps go on from where they stopped (they count encoded samples), and each
+        packet's capture stamp stays that of its own samples, so the pause is a gap in
+        capture time, not in the RTP clock, as a paused recording expects."""
+        self._paused.set()
+
+    def resume(self) -> None:
+        self._paused.clear()
 
     def stats(self) -> AudioStats:
         stats = msgspec.structs.replace(self._stats)
