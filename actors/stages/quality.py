@@ -142,6 +142,8 @@ class QualityActor:
         self._encoder_dropped: int | None = None
         #: Pressure steps taken and undone, newest last (the stream's stats show the last).
         self.decisions: list[PressureDecision] = []
+        #: The rungs' needs each shard was last given (content-aware).
+        self._needs_sent: dict[str, list[int]] = {}
 
     async def start(self) -> int:
         """Learn the ladder and start the control loop; the actor's pid."""
@@ -171,6 +173,7 @@ class QualityActor:
 
     def remove_sender(self, viewer_id: str) -> None:
         self._senders.pop(viewer_id, None)
+        self._needs_sent.pop(viewer_id, None)
         self._connection.pop(viewer_id, None)
 
     async def set_ceiling(self, bitrate: int) -> None:
@@ -251,6 +254,8 @@ class QualityActor:
             if peer.estimate_bps > 0
         ]
         self.last_targets = targets.update(viewers, now=now, complexity=complexity)
+        if self._content_aware:
+            await self._send_needs(targets.needs())
         for target in self.last_targets:
             was = self._paused.get(target.rung, False)
             if self._pressure is not None and target.rung in self._pressure.retired_rungs:
@@ -271,6 +276,15 @@ class QualityActor:
                 logger.info("stream %s rung %d: %s", self._session_id, target.rung, target.reason)
                 await self._encoder.set_bitrate(target.target_bps, target.rung)
         return self.last_targets
+
+    async def _send_needs(self, needs: list[int]) -> None:
+        """Each shard whose viewers' selectors have other rates than the rungs' needs gets
+        them (a shard added since, or needs that moved): a viewer then compares its estimate
+        with what its rung really needs (``RungSelector.set_rates``)."""
+        for shard_id, handle in list(self._senders.items()):
+            if self._needs_sent.get(shard_id) != needs:
+                await handle.set_rung_rates(needs)
+                self._needs_sent[shard_id] = list(needs)
 
     def pressure(self) -> tuple[int, str]:
         """Steps in force and the last decision's reason ("" when none was ever taken)."""
