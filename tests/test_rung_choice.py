@@ -522,10 +522,13 @@ def test_a_check_that_offered_too_little_or_was_not_paced_tells_nothing() -> Non
 
 def test_no_hold_checks_on_a_rung_sending_its_rate_on_the_lowest_or_when_switched_off() -> None:
     selector = checked_selector()
-    selector.set_sending(1_300_000)  # over 80 % of 1.5 Mbps: GCC sees the path itself
+    selector.set_sending(1_300_000)  # over 80 % of 1.5 Mbps (an IDR): GCC sees the path itself
     at(selector, 1.0)
     assert selector.check_target(1.0) is None
-    assert selector.next_deadline() == 2.0  # only the feedback timeout
+    assert selector.next_deadline() == 1.25  # looked at again soon, not a second on
+    selector.set_sending(600_000)  # the IDR out of the last second: the check goes then
+    at(selector, 1.25)
+    assert selector.check_target(1.25) == 1_800_000
     lowest = RungSelector(RATES, now=0.0, start_rung=2, cap=2)
     lowest.set_sending(100_000)
     lowest.on_estimate(2_000_000, loss=0.0, rtt_s=0.05, now=0.0)

@@ -93,7 +93,7 @@ to the highest rung the last check's delivery rate carries, and the switch carri
 (:attr:`RungSwitch.capacity_bps`) for the estimator to come down to, or the viewer would be let
 straight back up by an estimate that never saw the cap.  One short check alone moves
 nothing: on a loaded machine a receiver that stalled mid-cluster stretches its arrivals.  A
-check costs one cluster, ``max(5, 30 ms)`` of padding at 1.2x the rung's rate (3.2 % of a
+check costs one cluster, ``max(5, 30 ms)`` of padding at 1.2x the rung's rate (3.8 % of a
 1.5 Mbps rung's rate, once a second), and only while the rung leaves that much unused.
 
 *Back-off.*  An up-switch undone within ``revert_window_s`` (a step down from the rung it went
@@ -489,10 +489,9 @@ class RungSelector:
         config = self.config
         interval = config.check_interval_s
         sending = self._sending
-        eligible = (
+        checked = (
             interval is not None
             and sending is not None
-            and sending < config.app_limited * self._rates[self.rung]
             and self._pin is None
             and self.pending is None
             and self._doubt_since is None
@@ -500,15 +499,22 @@ class RungSelector:
             and self._estimate is not None
             and self.probe_target(now) is None
         )
-        if not eligible:
+        if not checked:
             self._check_at = None
             self._check_due = False
             self._short_checks = 0
-        elif self._check_at is None and not self._check_due:
-            assert interval is not None
+            return
+        assert interval is not None and sending is not None
+        if self._check_at is None and not self._check_due:
             self._check_at = now + interval
         elif self._check_at is not None and now >= self._check_at:
-            self._check_at, self._check_due = None, True
+            if sending < config.app_limited * self._rates[self.rung]:
+                self._check_at, self._check_due = None, True
+            else:
+                # Sending its rate for now (an IDR within the last second, the GOP is 2 s):
+                # GCC sees the path itself.  Looked at again soon, not a whole interval on, or
+                # a check would never fall between two IDRs.
+                self._check_at = now + config.confirm_s
 
     def on_timer(self, now: float) -> RungSwitch | None:
         """Run at :meth:`next_deadline`: feedback timeout, holds expiring."""
