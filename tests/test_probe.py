@@ -313,3 +313,25 @@ def test_bad_input_is_refused() -> None:
         probe.update(estimate_bps=0, wanted_bps=1_000_000, now=0.0)
     with pytest.raises(ConfigError):
         probe.update(estimate_bps=1_000_000, wanted_bps=-1, now=0.0)
+
+
+def test_a_cluster_a_stalled_receiver_read_at_once_tells_nothing_of_what_was_offered() -> None:
+    """A viewer whose loop stalled reads a whole cluster in one go: its arrival times are
+    bunched, far faster than anything was sent.  Not a measurement: nothing offered counts
+    (the rung selector must not read it as a path that failed to carry the rate)."""
+    probe = ProbeController(now=0.0)
+    probe.update(estimate_bps=4_000_000, wanted_bps=None, check_bps=1_800_000, now=0.0)
+    times = send_cluster(probe, 0.0)
+    arrivals = [(seq, 200_000 + seq) for seq in range(len(times))]  # 1 µs apart
+    result = probe.on_transport_feedback(arrivals, now=0.3)
+    assert result is not None and result.estimate_bps is None and not result.measured
+    assert result.send_bps == pytest.approx(1_800_000, rel=0.01)
+    assert result.offered_bps == 0
+    # A cluster the path dropped most of is a measurement: what it offered stands.
+    probe.update(estimate_bps=4_000_000, wanted_bps=None, check_bps=1_800_000, now=1.0)
+    times = send_cluster(probe, 1.0, first_seq=100)
+    lost: list[tuple[int, int | None]] = [(100 + i, None) for i in range(len(times))]
+    lost[0] = (100, 1_000_000)
+    result = probe.on_transport_feedback(lost, now=1.3)
+    assert result is not None and result.measured and result.estimate_bps is None
+    assert result.offered_bps == pytest.approx(1_800_000, rel=0.01)

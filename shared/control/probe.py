@@ -150,12 +150,16 @@ class ProbeResult(msgspec.Struct, frozen=True, kw_only=True):
     check: bool = False
     #: False: the cluster was given up unsent (the shell could not pace it, module doc).
     paced: bool = True
+    #: False: its spans could not be believed (delivered over twice as fast as it was sent,
+    #: as when a stalled receiver reads a whole cluster at once, or spread over a second).
+    measured: bool = True
 
     @property
     def offered_bps(self) -> int:
         """The rate the cluster really offered the path: what was measured leaving while it
-        was out (media leaving with it counts), not its schedule (module doc)."""
-        return self.send_bps
+        was out (media leaving with it counts), not its schedule (module doc); 0 when the
+        cluster measured nothing (unpaced, or spans not believed), so it tells nothing."""
+        return self.send_bps if self.paced and self.measured else 0
 
     @property
     def saturated(self) -> bool:
@@ -426,7 +430,9 @@ class ProbeController:
 def _measure(cluster: _Cluster) -> ProbeResult:
     """libwebrtc's ProbeBitrateEstimator on one cluster (module doc)."""
 
-    def failed(reason: str, send_bps: int = 0, receive_bps: int = 0) -> ProbeResult:
+    def failed(
+        reason: str, send_bps: int = 0, receive_bps: int = 0, *, measured: bool = True
+    ) -> ProbeResult:
         return ProbeResult(
             cluster_id=cluster.id,
             started_at=cluster.first_due,
@@ -436,6 +442,7 @@ def _measure(cluster: _Cluster) -> ProbeResult:
             estimate_bps=None,
             reason=reason,
             check=cluster.check,
+            measured=measured,
         )
 
     sent = sorted(cluster.sent.values())
@@ -452,7 +459,8 @@ def _measure(cluster: _Cluster) -> ProbeResult:
     receive_span = (received[-1][0] - received[0][0]) / 1e6
     if receive_span <= 0 or receive_span > MAX_SPAN_S or send_span > MAX_SPAN_S:
         return failed(
-            f"spans out of range: sent over {send_span:.3f} s, received over {receive_span:.3f} s"
+            f"spans out of range: sent over {send_span:.3f} s, received over {receive_span:.3f} s",
+            measured=False,
         )
     # A packet's bytes are sent after its send time and received by its arrival: the last
     # packet's bytes are outside the send span, the first packet's outside the receive span.
@@ -467,6 +475,7 @@ def _measure(cluster: _Cluster) -> ProbeResult:
             f"received at {receive_bps} bps, over twice the {send_bps} bps sent",
             send_bps,
             receive_bps,
+            measured=False,
         )
     if receive_bps < SATURATED_RATIO * send_bps:
         estimate = int(TARGET_UTILISATION * receive_bps)
