@@ -167,7 +167,14 @@ def measure(step_s: float) -> dict[str, Any]:
     """Both runs (adaptive, then the rung-0 baseline) on one Ray cluster."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, namespace="kizuna", log_to_driver=False)
+    # address="local": a fresh cluster of its own, never one another process left running.
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        namespace="kizuna",
+        log_to_driver=False,
+    )
     try:
         adaptive = asyncio.run(_run_once(step_s, pin_top=False))
         baseline = asyncio.run(_run_once(step_s, pin_top=True))
