@@ -446,8 +446,10 @@ def at(selector: RungSelector, now: float) -> RungSwitch | None:
 
 
 def checked_selector() -> RungSelector:
-    """On rung 1 (1.5 Mbps, at its cap), estimate 2 Mbps, sending 0.6 Mbps since t=0."""
-    selector = RungSelector(RATES, now=0.0, start_rung=1, cap=1)
+    """On rung 1 (1.5 Mbps, at its cap), estimate 2 Mbps, sending 0.6 Mbps since t=0; a
+    check confirming a short one 0.25 s after it."""
+    config = RungSelectorConfig(confirm_s=0.25)
+    selector = RungSelector(RATES, now=0.0, start_rung=1, cap=1, config=config)
     selector.set_sending(600_000)
     assert selector.on_estimate(2_000_000, loss=0.0, rtt_s=0.05, now=0.0) is None
     return selector

@@ -176,8 +176,10 @@ class RungSelectorConfig(msgspec.Struct, frozen=True, kw_only=True):
     doc: hold checks); None: no hold checks."""
     app_limited: float = 0.8
     """A rung sending less than this fraction of its rate is checked."""
-    confirm_s: float = 0.25
-    """After a check that came back short, the next follows this soon."""
+    confirm_s: float = 0.1
+    """After a check that came back short, the next follows this soon (two checks in a row
+    guard against a receiver stalled mid-cluster, which a moment later is unlikely to
+    recur; waiting longer only delays the step down)."""
     checks_to_step_down: int = 2
     """Short checks in a row that move the viewer down."""
 
