@@ -17,7 +17,9 @@ running rung's bitrate over the last two seconds and the average QP libx264 repo
 those frames (:func:`rung_complexity`) go to the core as its complexity signal, so a rung
 showing a still or simple picture is given less than its configured rate (its need) and gets
 it back as soon as the picture moves (the rules are the core's).  No call is made per frame:
-the encoder keeps the figures, this polls them with the stats call it makes anyway.
+the encoder keeps the figures, this polls them with the stats call it makes anyway.  Each
+shard is also given the rungs' needs whenever they move (``SenderHandle.set_rung_rates``), so
+every viewer's rung choice weighs its estimate against what its rung needs now.
 
 It also classifies each shard's connections (``classify_connection``) for the viewers' status,
 and answers CPU pressure (the design's "Resource Constraints" strategy): each round it feeds
