@@ -193,6 +193,11 @@ class SenderHandle(Handle[SenderActor]):
         """Pin a viewer to ``rung`` (None: unpin); how many connections it applied to."""
         return await self.call(SenderActor.pin_rung, peer_or_viewer, rung)
 
+    async def set_rung_rates(self, rates: list[int]) -> None:
+        """What each rung needs now (content-aware targets), top first: the rates every
+        viewer's rung choice compares its estimate against."""
+        await self.call(SenderActor.set_rung_rates, rates)
+
     async def stop(self) -> SenderStats:
         return await self.call(SenderActor.stop)
 

@@ -72,6 +72,8 @@ async def _run_once(step_s: float, *, pin_top: bool) -> dict[str, Any]:
                 stderr=subprocess.PIPE,
             )  # fmt: skip
             samples: list[tuple[float, int, int, int]] = []  # (t, rung, bytes, switches)
+            reasons: list[tuple[float, str]] = []  # (t, why the last rung change was wanted)
+            peer = None
             try:
                 started = None
                 while started is None:
@@ -94,6 +96,8 @@ async def _run_once(step_s: float, *, pin_top: bool) -> dict[str, Any]:
                     stats = await shard.stats()
                     peer = next(p for p in stats.peers if p.viewer_id == ticket.viewer_id)
                     samples.append((now, peer.rung, peer.bytes_sent, peer.rung_switches))
+                    if peer.rung_reason and (not reasons or reasons[-1][1] != peer.rung_reason):
+                        reasons.append((round(now, 2), peer.rung_reason))
                     await asyncio.sleep(SAMPLE_S)
             finally:
                 viewer.send_signal(signal.SIGINT)
@@ -105,7 +109,16 @@ async def _run_once(step_s: float, *, pin_top: bool) -> dict[str, Any]:
     if not lines:
         raise ResourceError(f"the viewer printed nothing: {err.decode()[-2000:]}")
     report = json.loads(lines[-1])["report"]
-    return _figures(samples, report, step_s)
+    figures = _figures(samples, report, step_s)
+    if peer is not None:
+        # What probing and hold checks cost and how often the shell could not pace them.
+        figures["probe_overhead"] = round(peer.padding_bytes / max(peer.bytes_sent, 1), 4)
+        figures["probe_clusters"] = peer.probe_clusters
+        figures["probe_restarts"] = peer.probe_restarts
+        figures["probes_unpaced"] = peer.probes_unpaced
+        figures["checks_short"] = peer.checks_short
+    figures["rung_reasons"] = reasons
+    return figures
 
 
 def _first(samples: list[tuple[float, int, int, int]], after: float, rung: int) -> float | None:
@@ -154,7 +167,14 @@ def measure(step_s: float) -> dict[str, Any]:
     """Both runs (adaptive, then the rung-0 baseline) on one Ray cluster."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, namespace="kizuna", log_to_driver=False)
+    # address="local": a fresh cluster of its own, never one another process left running.
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        namespace="kizuna",
+        log_to_driver=False,
+    )
     try:
         adaptive = asyncio.run(_run_once(step_s, pin_top=False))
         baseline = asyncio.run(_run_once(step_s, pin_top=True))

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import pytest
 
+from shared.control.rung_choice import RungSelectorConfig
 from shared.errors import ConfigError
 from shared.rtp.adaptation import MAX_PADDING, padding_sizes
 from shared.rtp.feedback import TransportFeedbackRecorder
@@ -56,9 +57,19 @@ class Run:
     """A ladder sent for ``seconds``, every viewer's packets arriving 20 ms later, feedback
     every 50 ms, keyframe requests honoured on the rung's next frame."""
 
-    def __init__(self, caps: Sequence[int], initial_bps: int = 2_000_000) -> None:
+    def __init__(
+        self,
+        caps: Sequence[int],
+        initial_bps: int = 2_000_000,
+        *,
+        selector_config: RungSelectorConfig | None = None,
+    ) -> None:
         self.sender = BroadcastSender(
-            [VIDEO_TRACK], initial_bps=initial_bps, rng=random.Random(3), rung_rates=RATES
+            [VIDEO_TRACK],
+            initial_bps=initial_bps,
+            rng=random.Random(3),
+            rung_rates=RATES,
+            selector_config=selector_config,
         )
         self.connections = [FakeConnection() for _ in caps]
         self.recorders = [TransportFeedbackRecorder(0x5EED) for _ in caps]
@@ -70,6 +81,22 @@ class Run:
         self._frame = 0
         self._next_frame_at = 0.0
         self._delivered = [0] * len(caps)
+        #: The path's capacity (None: uncapped): a FIFO bottleneck before the 20 ms delay.
+        self.capacity_bps: float | None = None
+        self._free = [0.0] * len(caps)
+        #: Per viewer: (arrival µs, transport sequence) through the bottleneck, not yet arrived.
+        self._in_flight: list[list[tuple[int, int]]] = [[] for _ in caps]
+
+    def join(self) -> FakeConnection:
+        """A viewer joining now (no cap)."""
+        connection = FakeConnection()
+        self.connections.append(connection)
+        self.recorders.append(TransportFeedbackRecorder(0x5EED))
+        self._delivered.append(0)
+        self._free.append(0.0)
+        self._in_flight.append([])
+        self.sender.add(connection, self.now)
+        return connection
 
     def run(self, seconds: float) -> None:
         end = self.now + seconds
@@ -112,8 +139,16 @@ class Run:
             for sent_at, data in connection.media[self._delivered[index] :]:
                 sequence = transport_sequence(RtpPacket.parse(data))
                 assert sequence is not None
-                recorder.on_packet(sequence, int((sent_at + 0.02) * 1e6))
+                leaves = sent_at
+                if self.capacity_bps is not None:
+                    leaves = max(sent_at, self._free[index]) + len(data) * 8 / self.capacity_bps
+                    self._free[index] = leaves
+                self._in_flight[index].append((int((leaves + 0.02) * 1e6), sequence))
             self._delivered[index] = len(connection.media)
+            flight = self._in_flight[index]
+            while flight and flight[0][0] <= now * 1e6:
+                arrival, sequence = flight.pop(0)
+                recorder.on_packet(sequence, arrival)
             for packet in recorder.build():
                 self.sender.on_rtcp(connection, packet.serialize(), now)
 
@@ -176,7 +211,7 @@ def test_a_cap_lowers_a_viewer_at_the_low_rungs_idr() -> None:
     run.run(3.0)
     peer = run.sender.peers[connection]
     assert peer.rung == 0
-    before = len(connection.media)
+    before = len(rungs_received(connection))  # frames so far (padding has no payload)
     run.sender.set_cap(connection, 1, run.now)
     assert 1 in run.sender.take_keyframe_rungs()  # the low rung's IDR, asked for at once
     run.keyframes_due.add(1)
@@ -205,6 +240,125 @@ def test_probe_padding_is_padding_only_and_repeats_the_last_sequence_number() ->
         assert packet.sequence_number == previous.sequence_number
         assert packet.ssrc == previous.ssrc
         assert transport_sequence(packet) is not None
+
+
+class StalledRun(Run):
+    """A :class:`Run` whose shell does nothing (no poll, no frame, no feedback) between
+    ``stall[0]`` and ``stall[1]``: a timer that fired late on a loaded machine."""
+
+    def __init__(self, caps: Sequence[int], *, initial_bps: int, stall: tuple[float, float]):
+        super().__init__(caps, initial_bps=initial_bps)
+        self.stall = stall
+
+    def run(self, seconds: float) -> None:
+        end = self.now + seconds
+        while self.now < end - 1e-9:
+            if self.stall[0] <= self.now + 0.005 < self.stall[1]:
+                self.now = round(self.now + 0.005, 6)
+                continue
+            super().run(0.005)
+
+
+def test_a_probe_cluster_cut_by_a_stalled_shell_goes_out_whole_at_its_rate() -> None:
+    """The first cluster (1 Mbps from 50 ms, a packet every 9.6 ms) is cut by an 80 ms stall
+    of the shell after its third packet.  Measured across the stall it went out at 0.46 Mbps
+    and failed, which backed probing off for a second; started again after the stall, it
+    goes out at its rate and the viewer climbs on."""
+    run = StalledRun(caps=[0], initial_bps=500_000, stall=(0.07, 0.15))
+    (connection,) = run.connections
+    peer = run.sender.peers[connection]
+    assert peer.adaptation is not None
+    probe = peer.adaptation.probe
+    results = []
+    for _ in range(200):
+        run.run(0.005)
+        if probe.last_result is not None and probe.last_result not in results:
+            results.append(probe.last_result)
+    assert probe.cluster_restarts == 1 and probe.clusters_unpaced == 0
+    first = results[0]
+    assert first.started_at >= 0.15 and first.target_bps == 1_000_000
+    assert first.send_bps >= 0.95 * first.target_bps and first.estimate_bps is not None
+    assert probe.probes_failed == 0 and len(results) >= 2  # the next one followed at once
+
+
+@pytest.mark.parametrize("checks", [True, False])
+def test_hold_checks_move_a_viewer_whose_rung_sends_under_the_cap_at_once(checks: bool) -> None:
+    """Easy content: the top rung (1 Mbps) sends a fraction of its rate, so a cap of 0.6 Mbps
+    builds no queue and GCC's estimate stays where the probes put it.  With hold checks the
+    viewer goes down within 1.2 s of the cap (two checks, a second apart at most, the second
+    0.1 s after the first) and stays down; without them nothing moves (on the real path
+    only the next periodic IDR, overflowing the bottleneck's queue, would show the cap)."""
+    config = None if checks else RungSelectorConfig(check_interval_s=None)
+    run = Run(caps=[0], initial_bps=500_000, selector_config=config)
+    (connection,) = run.connections
+    peer = run.sender.peers[connection]
+    adaptation = peer.adaptation
+    assert adaptation is not None
+    run.run(4.0)
+    assert peer.rung == 0 and peer.sent_window.rate_bps(run.now) < 0.8 * RATES[0]
+    run.capacity_bps = 600_000
+    capped_at = run.now
+    moved_at = None
+    while run.now < capped_at + 4.0:
+        run.run(0.005)
+        if moved_at is None and peer.rung == 1:
+            moved_at = run.now
+    if not checks:
+        assert moved_at is None and adaptation.selector.checks_short == 0
+        return
+    assert moved_at is not None and moved_at - capped_at < 1.2
+    # The checks found it (their second cluster's queue may make GCC's own estimate fall
+    # first, or the two short results move it).
+    assert adaptation.selector.checks_short >= 1
+    # The estimate came down to what the checks measured: no climbing straight back.
+    assert peer.rung == 1 and adaptation.selector.switches_down == 1
+    assert peer.estimator.estimate_bps < 0.95 * RATES[0]
+
+
+def test_hold_checks_on_an_open_path_leave_the_viewer_on_its_rung() -> None:
+    run = Run(caps=[0], initial_bps=500_000)
+    (connection,) = run.connections
+    peer = run.sender.peers[connection]
+    adaptation = peer.adaptation
+    assert adaptation is not None
+    run.run(4.0)
+    assert peer.rung == 0
+    clusters, padding = adaptation.probe.clusters_sent, adaptation.padding_bytes
+    run.run(6.0)
+    assert peer.rung == 0 and adaptation.selector.switches == 1  # the climb only
+    assert adaptation.selector.checks_short == 0
+    # One check a second, each 30 ms at 1.2 Mbps: 5 packets of 1200 bytes.
+    assert adaptation.probe.clusters_sent - clusters == 6
+    assert adaptation.padding_bytes - padding == pytest.approx(6 * 5 * 1200, rel=0.02)
+
+
+def test_a_viewer_weighs_its_path_against_what_its_rung_needs_now() -> None:
+    """Content-aware needs (``RungTargets.needs``) reach the viewers' selectors: on a 0.6 Mbps
+    path a still picture whose top rung needs 0.5 Mbps keeps the top rung (its checks
+    carry 0.6 Mbps); once the picture moves and the rung needs its 1 Mbps again, the checks
+    come back short and the viewer goes down."""
+    run = Run(caps=[0], initial_bps=500_000)
+    (connection,) = run.connections
+    peer = run.sender.peers[connection]
+    adaptation = peer.adaptation
+    assert adaptation is not None
+    run.run(4.0)
+    assert peer.rung == 0
+    run.sender.set_rung_rates([500_000, 300_000])
+    assert adaptation.selector.rates == (500_000, 300_000)
+    newcomer = run.sender.peers[run.join()].adaptation
+    assert newcomer is not None and newcomer.selector.rates == (500_000, 300_000)
+    run.capacity_bps = 600_000
+    run.run(4.0)
+    assert peer.rung == 0 and adaptation.selector.checks_short == 0
+    run.sender.set_rung_rates(list(RATES))
+    raised_at = run.now
+    while peer.rung == 0 and run.now < raised_at + 3.0:
+        run.run(0.005)
+    assert peer.rung == 1 and run.now - raised_at < 1.5
+    assert adaptation.last_reason.startswith("2 hold checks of rung 0's 1.00 Mbps")
+    with pytest.raises(ConfigError, match="1 rung rates"):
+        run.sender.set_rung_rates([500_000])
 
 
 def test_padding_sizes_add_up_within_the_padding_limit() -> None:
@@ -252,12 +406,8 @@ def test_a_floor_retires_the_top_rung_for_everyone_and_lifting_it_gives_each_its
     run.sender.set_floor(1, run.now)
     run.run(1.0)
     assert run.sender.peers[free].rung == 1 and run.sender.peers[capped].rung == 1
-    before = len(free.media)
-    late = FakeConnection()
-    run.connections.append(late)
-    run.recorders.append(TransportFeedbackRecorder(0x5EED))
-    run._delivered.append(0)
-    run.sender.add(late, run.now)
+    before = len(rungs_received(free))
+    late = run.join()
     run.run(2.0)
     assert set(rungs_received(free)[before:][-5:]) == {1}
     assert set(rungs_received(late)) == {1}  # never the retired rung

@@ -111,3 +111,17 @@ def test_feedback_recorder_splits_where_a_delta_would_overflow() -> None:
 def test_estimator_limits() -> None:
     with pytest.raises(ConfigError):
         BandwidthEstimator(initial_bps=10, now=0.0)
+
+
+def test_a_measured_capacity_lowers_the_estimate_and_never_raises_it() -> None:
+    """Hold checks that saturated the path (``shared.control.rung_choice``): an estimate left
+    above what an application-limited sender never filled comes down to the capacity."""
+    estimator = BandwidthEstimator(initial_bps=500_000, now=0.0)
+    estimator.on_probe_result(2_000_000, now=1.0)
+    assert estimator.estimate_bps == 2_000_000
+    estimator.on_capacity(950_000, now=2.0)
+    assert estimator.estimate_bps == 950_000
+    estimator.on_capacity(3_000_000, now=3.0)  # more than the estimate: nothing to lower
+    assert estimator.estimate_bps == 950_000
+    with pytest.raises(ConfigError):
+        estimator.on_capacity(0, now=4.0)

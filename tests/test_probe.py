@@ -95,7 +95,8 @@ def test_an_unsaturated_cluster_measures_what_was_sent_and_the_ceiling_caps_it()
     )
     assert result is not None and result.estimate_bps is not None
     assert result.estimate_bps == pytest.approx(3_750_000, rel=0.01)
-    assert not result.saturated and result.offered_bps == result.target_bps == 3_750_000
+    assert not result.saturated and result.target_bps == 3_750_000
+    assert result.offered_bps == pytest.approx(3_750_000, rel=0.01)
     assert probe.probes_failed == 0
     # It confirmed what was wanted: no further probing for this goal.
     probe.update(estimate_bps=result.estimate_bps, wanted_bps=3_000_000, now=0.2)
@@ -198,15 +199,112 @@ def test_media_sent_during_a_cluster_counts_toward_it() -> None:
 def test_a_train_sent_in_one_instant_is_measured_by_its_dispersion() -> None:
     probe = ProbeController(now=0.0)
     probe.update(estimate_bps=1_000_000, wanted_bps=3_600_000, now=0.0)
-    # A shell whose timer is coarser than the cluster: it sends the whole cluster in one go.
-    padding = probe.take_probes(1.0) + probe.take_probes(1.05)
-    count = len(padding)
-    for seq, packet in enumerate(padding):
-        probe.on_packet_sent(seq, packet.size, 1.05)
+    # A shell that stamps every send of a cluster with one time (its pass's start).
+    count = 0
+    now = 1.0
+    while (deadline := probe.next_deadline()) is not None and deadline < now + 0.5:
+        now = max(now, deadline)
+        for packet in probe.take_probes(now):
+            probe.on_packet_sent(count, packet.size, 1.0)
+            count += 1
     assert count == 7
-    arrivals = bottleneck([1.05] * count, capacity_bps=1_500_000)
+    arrivals = bottleneck([1.0] * count, capacity_bps=1_500_000)
     result = probe.on_transport_feedback(list(enumerate(arrivals)), now=1.2)
     assert result is not None and result.estimate_bps == pytest.approx(1_500_000, rel=0.01)
+
+
+def send_with_stall(
+    probe: ProbeController, start: float, *, stall_after: int, stall_s: float
+) -> list[tuple[int, float]]:
+    """Hand out a cluster's padding at its deadlines, but the shell's timer fires
+    ``stall_s`` late once, after ``stall_after`` packets: (sequence, send time) of all sent."""
+    sent: list[tuple[int, float]] = []
+    now, stalled = start, False
+    while True:
+        for packet in probe.take_probes(now):
+            probe.on_packet_sent(len(sent), packet.size, now)
+            sent.append((len(sent), now))
+        deadline = probe.next_deadline()
+        if deadline is None or deadline > now + 0.5:
+            return sent
+        if len(sent) == stall_after and not stalled:
+            stalled = True
+            deadline += stall_s
+        now = deadline
+
+
+def test_a_stall_in_the_middle_of_a_cluster_starts_it_again_at_its_rate() -> None:
+    """A cluster scheduled at 2 Mbps whose shell stalled 100 ms after 3 packets: without
+    the restart it measures 4.8 ms x 6 + 100 ms of sending, 0.6 Mbps, and says nothing about
+    2 Mbps; with it, the packets after the stall are a whole cluster at 2 Mbps."""
+    probe = ProbeController(now=0.0)
+    probe.update(estimate_bps=1_000_000, wanted_bps=3_600_000, now=0.0)
+    sent = send_with_stall(probe, 0.0, stall_after=3, stall_s=0.1)
+    assert probe.cluster_restarts == 1
+    # The 3 before the stall, then a whole cluster of 7 from the late wake-up on.
+    assert len(sent) == 3 + 7
+    restarted = sent[3:]
+    assert restarted[0][1] > 0.1
+    times = bottleneck([t for _, t in sent], 10_000_000)
+    arrivals = dict(zip((s for s, _ in sent), times, strict=True))
+    result = probe.on_transport_feedback(list(arrivals.items()), now=0.3)
+    assert result is not None and result.paced
+    assert result.send_bps == pytest.approx(2_000_000, rel=0.01)
+    assert result.offered_bps == result.send_bps
+    assert result.estimate_bps == pytest.approx(2_000_000, rel=0.01)
+    assert result.started_at == restarted[0][1]
+
+
+def test_a_packet_a_little_late_goes_with_the_next_and_the_cluster_keeps_its_start() -> None:
+    probe = ProbeController(now=0.0)
+    probe.update(estimate_bps=1_000_000, wanted_bps=3_600_000, now=0.0)
+    sent = send_with_stall(probe, 0.0, stall_after=3, stall_s=0.008)  # under 10 ms late
+    assert probe.cluster_restarts == 0 and len(sent) == 7
+    assert sent[3][1] == sent[4][1]  # caught up: two leave together
+    arrivals = bottleneck([t for _, t in sent], 10_000_000)
+    result = probe.on_transport_feedback(list(enumerate(arrivals)), now=0.3)
+    assert result is not None and result.started_at == 0.0
+    assert result.send_bps == pytest.approx(2_000_000, rel=0.01)
+
+
+def test_a_cluster_the_shell_cannot_pace_is_given_up_without_back_off() -> None:
+    probe = ProbeController(now=0.0)
+    probe.update(estimate_bps=1_000_000, wanted_bps=3_600_000, now=0.0)
+    now = 0.0
+    for _ in range(3):  # every wake-up after the first packet 50 ms late
+        assert len(probe.take_probes(now)) == 1
+        deadline = probe.next_deadline()
+        assert deadline is not None
+        now = deadline + 0.05
+    assert probe.take_probes(now) == []
+    assert probe.cluster_restarts == 2 and probe.clusters_unpaced == 1
+    assert probe.next_deadline() == now  # the result is handed out at once
+    result = probe.on_timer(now)
+    assert result is not None and not result.paced and result.estimate_bps is None
+    assert result.offered_bps == 0  # says nothing about the path
+    assert probe.probes_failed == 0 and not probe.probing
+    assert probe.next_deadline() == pytest.approx(now + PROBE_INTERVAL_S)
+
+
+def test_a_hold_check_goes_out_whatever_the_estimate_and_leaves_the_back_off_alone() -> None:
+    probe = ProbeController(now=0.0)
+    # The estimate has what is wanted (nothing to probe for), but a check is asked.
+    probe.update(estimate_bps=4_000_000, wanted_bps=None, check_bps=1_800_000, now=1.0)
+    assert probe.next_deadline() == 1.0
+    times = send_cluster(probe, 1.0)
+    assert len(times) == 6  # 1.8 Mbps for 30 ms
+    assert times[1] - times[0] == pytest.approx(1200 * 8 / 1_800_000)
+    probe.update(estimate_bps=4_000_000, wanted_bps=None, check_bps=None, now=1.05)
+    arrivals = bottleneck(times, capacity_bps=1_000_000)
+    result = probe.on_transport_feedback(list(enumerate(arrivals)), now=1.2)
+    assert result is not None and result.check and result.saturated
+    assert result.estimate_bps == pytest.approx(950_000, rel=0.01)
+    assert probe.probes_failed == 0
+    assert probe.next_deadline() is None  # one check per request
+    # A check asked and withdrawn before it started sends nothing.
+    probe.update(estimate_bps=4_000_000, wanted_bps=None, check_bps=1_800_000, now=2.0)
+    probe.update(estimate_bps=4_000_000, wanted_bps=None, check_bps=None, now=2.0)
+    assert probe.take_probes(2.0) == [] and probe.next_deadline() is None
 
 
 def test_bad_input_is_refused() -> None:
@@ -215,3 +313,25 @@ def test_bad_input_is_refused() -> None:
         probe.update(estimate_bps=0, wanted_bps=1_000_000, now=0.0)
     with pytest.raises(ConfigError):
         probe.update(estimate_bps=1_000_000, wanted_bps=-1, now=0.0)
+
+
+def test_a_cluster_a_stalled_receiver_read_at_once_tells_nothing_of_what_was_offered() -> None:
+    """A viewer whose loop stalled reads a whole cluster in one go: its arrival times are
+    bunched, far faster than anything was sent.  Not a measurement: nothing offered counts
+    (the rung selector must not read it as a path that failed to carry the rate)."""
+    probe = ProbeController(now=0.0)
+    probe.update(estimate_bps=4_000_000, wanted_bps=None, check_bps=1_800_000, now=0.0)
+    times = send_cluster(probe, 0.0)
+    arrivals = [(seq, 200_000 + seq) for seq in range(len(times))]  # 1 µs apart
+    result = probe.on_transport_feedback(arrivals, now=0.3)
+    assert result is not None and result.estimate_bps is None and not result.measured
+    assert result.send_bps == pytest.approx(1_800_000, rel=0.01)
+    assert result.offered_bps == 0
+    # A cluster the path dropped most of is a measurement: what it offered stands.
+    probe.update(estimate_bps=4_000_000, wanted_bps=None, check_bps=1_800_000, now=1.0)
+    times = send_cluster(probe, 1.0, first_seq=100)
+    lost: list[tuple[int, int | None]] = [(100 + i, None) for i in range(len(times))]
+    lost[0] = (100, 1_000_000)
+    result = probe.on_transport_feedback(lost, now=1.3)
+    assert result is not None and result.measured and result.estimate_bps is None
+    assert result.offered_bps == pytest.approx(1_800_000, rel=0.01)

@@ -226,9 +226,13 @@ class FakePressuredEncoder(FakeLadderEncoder):
 class FakeShard:
     def __init__(self) -> None:
         self.floors: list[int] = []
+        self.rates: list[list[int]] = []
 
     async def set_rung_floor(self, floor: int) -> None:
         self.floors.append(floor)
+
+    async def set_rung_rates(self, rates: list[int]) -> None:
+        self.rates.append(rates)
 
 
 def test_cpu_pressure_halves_the_frame_rate_then_retires_the_top_rung_and_restores_both() -> None:
@@ -386,10 +390,13 @@ def test_a_content_aware_actor_lowers_a_still_rung_and_restores_it_when_it_moves
 
     from actors.stages.quality import QualityActor, rung_complexity
 
+    sent = FakeShard()
+
     async def main() -> list[tuple[int, int]]:
         encoder = FakeLadderEncoder([2_000_000, 600_000])
         actor = QualityActor("s", cast(Any, encoder), 2_000_000, content_aware=True)
         await actor._plan()
+        actor.add_sender("shard-1", cast(Any, sent))
         viewers = [cast(Any, shard([(0, 5_000_000)]))]
         # A still picture: the whole 2 Mbps at QP 9, i.e. 1 Mbps would code it at QP 15 and
         # 0.7 Mbps at the reference QP 18.  Rung 1 paused (nobody on it).
@@ -403,3 +410,10 @@ def test_a_content_aware_actor_lowers_a_still_rung_and_restores_it_when_it_moves
         return encoder.set
 
     assert asyncio.run(main()) == [(0, 1_000_000), (0, 2_000_000)]
+    # The shard's viewers were given each rung's need as it moved (once per change): the
+    # configured rates, the still picture's lowered need, the configured rate again.
+    assert sent.rates == [
+        [2_000_000, 600_000],
+        [1_000_000, 600_000],
+        [2_000_000, 600_000],
+    ]

@@ -438,3 +438,114 @@ def test_bad_input_is_refused() -> None:
         selector.set_rates((1, 2))
     with pytest.raises(ConfigError):
         selector.set_pin(5, now=0.0)
+
+
+def at(selector: RungSelector, now: float) -> RungSwitch | None:
+    """A feedback at ``now`` with the estimate unchanged (2 Mbps)."""
+    return selector.on_estimate(2_000_000, loss=0.0, rtt_s=0.05, now=now)
+
+
+def checked_selector() -> RungSelector:
+    """On rung 1 (1.5 Mbps, at its cap), estimate 2 Mbps, sending 0.6 Mbps since t=0; a
+    check confirming a short one 0.25 s after it."""
+    config = RungSelectorConfig(confirm_s=0.25)
+    selector = RungSelector(RATES, now=0.0, start_rung=1, cap=1, config=config)
+    selector.set_sending(600_000)
+    assert selector.on_estimate(2_000_000, loss=0.0, rtt_s=0.05, now=0.0) is None
+    return selector
+
+
+def check_result(
+    selector: RungSelector, estimate: int | None, now: float, *, offered: int = 1_800_000
+) -> RungSwitch | None:
+    saturated = estimate is not None and estimate < 0.9 * offered
+    return selector.on_probe_result(
+        estimate, offered_bps=offered, saturated=saturated, started_at=now, now=now, check=True
+    )
+
+
+def test_a_rung_sending_under_its_rate_gets_a_hold_check_every_second() -> None:
+    selector = checked_selector()
+    assert selector.check_target(0.0) is None
+    assert selector.next_deadline() == 1.0
+    assert at(selector, 1.0) is None
+    # At 1.2x the rung's rate, asked for until the result comes back.
+    assert selector.check_target(1.0) == selector.check_target(1.1) == 1_800_000
+    assert selector.next_deadline() == 2.0  # the feedback timeout; the check is out
+    assert check_result(selector, 1_700_000, 1.1) is None  # the path carries it
+    assert selector.check_target(1.1) is None
+    at(selector, 1.5)
+    assert selector.next_deadline() == pytest.approx(2.1)  # the next check, a second on
+
+
+def test_two_short_hold_checks_in_a_row_step_down_to_what_the_path_carries() -> None:
+    """A 1 Mbps cap under a rung that sends 0.6 Mbps: GCC's estimate stays at 2 Mbps (nothing
+    it sends overuses the path), the checks find 0.95 Mbps, and the viewer goes down to the
+    rung that fits at once, not at the next IDR that would overflow the queue."""
+    selector = checked_selector()
+    at(selector, 1.0)
+    assert check_result(selector, 950_000, 1.1) is None  # one short: confirmed soon
+    assert selector.next_deadline() == pytest.approx(1.35)
+    at(selector, 1.35)
+    assert selector.check_target(1.35) == 1_800_000
+    switch = check_result(selector, 950_000, 1.45)
+    assert switch is not None and (switch.from_rung, switch.to_rung) == (1, 2)
+    assert switch.capacity_bps == 950_000
+    assert switch.reason.startswith("2 hold checks of rung 1's 1.50 Mbps came back short")
+    assert selector.checks_short == 2 and selector.check_target(1.45) is None
+
+
+def test_a_short_check_then_one_that_carries_moves_nothing() -> None:
+    selector = checked_selector()
+    at(selector, 1.0)
+    assert check_result(selector, 950_000, 1.1) is None
+    at(selector, 1.35)
+    assert check_result(selector, 1_700_000, 1.45) is None
+    at(selector, 2.45)
+    assert check_result(selector, 950_000, 2.55) is None  # one short again: not two in a row
+    assert selector.pending is None and selector.rung == 1
+
+
+def test_a_check_that_offered_too_little_or_was_not_paced_tells_nothing() -> None:
+    selector = checked_selector()
+    at(selector, 1.0)
+    assert check_result(selector, 950_000, 1.1) is None
+    at(selector, 1.35)
+    # Sent at 1.0 Mbps (the shell fell behind), delivered all of it: says nothing of 1.5.
+    assert check_result(selector, 1_000_000, 1.45, offered=1_000_000) is None
+    at(selector, 2.45)
+    # Given up unpaced: nothing offered, nothing found.
+    assert check_result(selector, None, 2.5, offered=0) is None
+    assert selector.pending is None
+    at(selector, 3.5)
+    switch = check_result(selector, 950_000, 3.6)  # the second short in a row
+    assert switch is not None and switch.to_rung == 2
+
+
+def test_no_hold_checks_on_a_rung_sending_its_rate_on_the_lowest_or_when_switched_off() -> None:
+    selector = checked_selector()
+    selector.set_sending(1_300_000)  # over 80 % of 1.5 Mbps (an IDR): GCC sees the path itself
+    at(selector, 1.0)
+    assert selector.check_target(1.0) is None
+    assert selector.next_deadline() == 1.25  # looked at again soon, not a second on
+    selector.set_sending(600_000)  # the IDR out of the last second: the check goes then
+    at(selector, 1.25)
+    assert selector.check_target(1.25) == 1_800_000
+    lowest = RungSelector(RATES, now=0.0, start_rung=2, cap=2)
+    lowest.set_sending(100_000)
+    lowest.on_estimate(2_000_000, loss=0.0, rtt_s=0.05, now=0.0)
+    at(lowest, 1.0)
+    assert lowest.check_target(1.0) is None  # nowhere lower to go
+    off = RungSelector(
+        RATES, now=0.0, start_rung=1, cap=1, config=RungSelectorConfig(check_interval_s=None)
+    )
+    off.set_sending(600_000)
+    off.on_estimate(2_000_000, loss=0.0, rtt_s=0.05, now=0.0)
+    at(off, 1.0)
+    assert off.check_target(1.0) is None
+    # Probing for a higher rung serves as the check: none while it may go up.
+    climbing = RungSelector(RATES, now=0.0, start_rung=1)
+    climbing.set_sending(600_000)
+    climbing.on_estimate(2_000_000, loss=0.0, rtt_s=0.05, now=0.0)
+    at(climbing, 1.0)
+    assert climbing.probe_target(1.0) is not None and climbing.check_target(1.0) is None

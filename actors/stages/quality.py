@@ -17,7 +17,9 @@ running rung's bitrate over the last two seconds and the average QP libx264 repo
 those frames (:func:`rung_complexity`) go to the core as its complexity signal, so a rung
 showing a still or simple picture is given less than its configured rate (its need) and gets
 it back as soon as the picture moves (the rules are the core's).  No call is made per frame:
-the encoder keeps the figures, this polls them with the stats call it makes anyway.
+the encoder keeps the figures, this polls them with the stats call it makes anyway.  Each
+shard is also given the rungs' needs whenever they move (``SenderHandle.set_rung_rates``), so
+every viewer's rung choice weighs its estimate against what its rung needs now.
 
 It also classifies each shard's connections (``classify_connection``) for the viewers' status,
 and applies the CPU-pressure steps the supervisor decides for the stream (the design's
@@ -141,6 +143,8 @@ class QualityActor:
         self._retired: tuple[int, ...] = ()
         #: Pressure steps taken and undone, newest last (the stream's stats show the last).
         self.decisions: list[PressureDecision] = []
+        #: The rungs' needs each shard was last given (content-aware).
+        self._needs_sent: dict[str, list[int]] = {}
 
     async def start(self) -> int:
         """Learn the ladder and start the control loop; the actor's pid."""
@@ -166,6 +170,7 @@ class QualityActor:
 
     def remove_sender(self, viewer_id: str) -> None:
         self._senders.pop(viewer_id, None)
+        self._needs_sent.pop(viewer_id, None)
         self._connection.pop(viewer_id, None)
 
     async def set_ceiling(self, bitrate: int) -> None:
@@ -235,6 +240,8 @@ class QualityActor:
             if peer.estimate_bps > 0
         ]
         self.last_targets = targets.update(viewers, now=now, complexity=complexity)
+        if self._content_aware:
+            await self._send_needs(targets.needs())
         for target in self.last_targets:
             was = self._paused.get(target.rung, False)
             if target.rung in self._retired:
@@ -255,6 +262,15 @@ class QualityActor:
                 logger.info("stream %s rung %d: %s", self._session_id, target.rung, target.reason)
                 await self._encoder.set_bitrate(target.target_bps, target.rung)
         return self.last_targets
+
+    async def _send_needs(self, needs: list[int]) -> None:
+        """Each shard whose viewers' selectors have other rates than the rungs' needs gets
+        them (a shard added since, or needs that moved): a viewer then compares its estimate
+        with what its rung really needs (``RungSelector.set_rates``)."""
+        for shard_id, handle in list(self._senders.items()):
+            if self._needs_sent.get(shard_id) != needs:
+                await handle.set_rung_rates(needs)
+                self._needs_sent[shard_id] = list(needs)
 
     def pressure(self) -> tuple[int, str]:
         """Steps in force and the last decision's reason ("" when none was ever taken)."""

@@ -105,6 +105,14 @@ class PeerStatus(PeerStats, kw_only=True):
     probe_clusters: int = 0
     padding_bytes: int = 0
     """Probe padding sent to it (``shared.rtp.adaptation``)."""
+    probe_restarts: int = 0
+    """Probe clusters started again after a late timer (``shared.control.probe``)..."""
+    probes_unpaced: int = 0
+    """...and given up, unpaced."""
+    checks_short: int = 0
+    """Hold checks of its rung that came back short (``shared.control.rung_choice``)."""
+    rung_reason: str = ""
+    """Why its last change of rung was wanted."""
 
 
 class SenderStats(msgspec.Struct, kw_only=True):
@@ -637,6 +645,14 @@ class SenderActor:
         self._broadcast.set_floor(floor, now)
         self._forward_keyframe_request(now)
 
+    async def set_rung_rates(self, rates: list[int]) -> None:
+        """Each rung's need now, top first (the quality actor's content-aware targets,
+        ``RungTargets.needs``): every viewer's rung choice, present and future, compares its
+        estimate with what its rung really needs, not the configured rate."""
+        if len(self._rung_rates or []) < 2:
+            return  # one rung: no choice to inform
+        self._broadcast.set_rung_rates(rates)
+
     async def pin_rung(self, peer_or_viewer: str, rung: int | None) -> int:
         """Pin a viewer to ``rung`` (``ViewerPermissions.can_control_quality``), or unpin it
         (None); its cap still wins.  How many connections it applied to."""
@@ -711,6 +727,10 @@ class SenderActor:
                 stats.rung_switches = selector.switches
                 stats.probe_clusters = adaptation.probe.clusters_sent
                 stats.padding_bytes = adaptation.padding_bytes
+                stats.probe_restarts = adaptation.probe.cluster_restarts
+                stats.probes_unpaced = adaptation.probe.clusters_unpaced
+                stats.checks_short = selector.checks_short
+                stats.rung_reason = adaptation.last_reason
         stats.viewer_id = self._access.viewer_of(connection) or stats.viewer_id
         stats.access = self._access.state_of(connection)
         return stats

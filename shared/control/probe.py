@@ -37,6 +37,27 @@ says when the next is).  Every packet the sender sends while the cluster is out 
 it (:meth:`ProbeController.on_packet_sent`, media too), as libwebrtc's pacer tags media it sends
 during a probe with the cluster's id: the cluster measures the path, not the padding.
 
+*Paced, or not at all.*  The shell hands the padding out when its timer fires, and on a loaded
+machine a timer can fire tens of milliseconds late.  A packet a little late goes with the next
+ones (the bottleneck's dispersion of a short train still measures the path), but a stall in
+the middle of a cluster leaves a hole in it: measured from its first packet to its last, a
+cluster scheduled at 1.5 Mbps went out at 0.3 Mbps (seen on the real path of
+``perf.abr_network``), which says nothing about whether the path carries 1.5.  So, as
+libwebrtc's ``BitrateProber`` drops a cluster it is more than ``max_probe_delay`` late for
+(10 ms), a cluster whose next packet is handed out more than :data:`MAX_PROBE_DELAY_S` after
+it was due starts again from that moment, its packets so far left out of its measurement; a
+cluster that has to start again more than :data:`MAX_CLUSTER_RESTARTS` times is given up
+with a result that says so (``paced`` False, no estimate), which is not a failed probe: the
+path was never measured, and the next probe goes after :data:`PROBE_INTERVAL_S` with no back-off.
+What a cluster offered the path is what was measured leaving (:attr:`ProbeResult.offered_bps`),
+never its schedule.
+
+*Hold checks* (:meth:`ProbeController.update`'s ``check_bps``): one cluster at a given rate,
+sent as soon as no other is out, whatever the estimate: the rung selector asks for one to
+learn whether the path still carries a rung that is sending less than its rate (module doc
+of :mod:`shared.control.rung_choice`).  Its result goes to the caller like any other, marked
+``check``, and changes nothing in the probing's own back-off.
+
 *What it found* (libwebrtc ``ProbeBitrateEstimator::HandleProbeAndEstimateBitrate``).  Once
 every packet of the cluster is reported by transport-wide feedback
 (draft-holmer-rmcat-transport-wide-cc-extensions-01), or :data:`RESULT_TIMEOUT_S` after its
@@ -98,6 +119,11 @@ SATURATED_RATIO: Final = 0.9
 TARGET_UTILISATION: Final = 0.95
 #: Spans longer than this do not measure a burst (libwebrtc ``kMaxProbeInterval``: 1 s).
 MAX_SPAN_S: Final = 1.0
+#: A padding packet handed out later than this after it was due restarts its cluster
+#: (libwebrtc ``BitrateProberConfig::max_probe_delay``: 10 ms).
+MAX_PROBE_DELAY_S: Final = 0.01
+#: Restarts after which a cluster is given up (the shell cannot pace it now).
+MAX_CLUSTER_RESTARTS: Final = 2
 
 
 class ProbePacket(msgspec.Struct, frozen=True, kw_only=True):
@@ -120,12 +146,20 @@ class ProbeResult(msgspec.Struct, frozen=True, kw_only=True):
     estimate_bps: int | None
     #: Why the result is what it is, for the logs.
     reason: str
+    #: A hold check (``check_bps``), not a probe for headroom.
+    check: bool = False
+    #: False: the cluster was given up unsent (the shell could not pace it, module doc).
+    paced: bool = True
+    #: False: its spans could not be believed (delivered over twice as fast as it was sent,
+    #: as when a stalled receiver reads a whole cluster at once, or spread over a second).
+    measured: bool = True
 
     @property
     def offered_bps(self) -> int:
-        """The rate the cluster offered the path: its padding schedule, or what was really
-        sent while it was out (media leaving with it counts), whichever is higher."""
-        return max(self.target_bps, self.send_bps)
+        """The rate the cluster really offered the path: what was measured leaving while it
+        was out (media leaving with it counts), not its schedule (module doc); 0 when the
+        cluster measured nothing (unpaced, or spans not believed), so it tells nothing."""
+        return self.send_bps if self.paced and self.measured else 0
 
     @property
     def saturated(self) -> bool:
@@ -136,19 +170,23 @@ class ProbeResult(msgspec.Struct, frozen=True, kw_only=True):
 class _Cluster:
     __slots__ = (
         "arrivals",
+        "check",
         "closed_at",
         "count",
         "first_due",
         "id",
         "interval_s",
+        "restarts",
         "sent",
         "taken",
         "target_bps",
     )
 
-    def __init__(self, cluster_id: int, target_bps: int, now: float) -> None:
+    def __init__(self, cluster_id: int, target_bps: int, now: float, *, check: bool) -> None:
         self.id = cluster_id
         self.target_bps = target_bps
+        self.check = check
+        self.restarts = 0
         self.count = max(
             MIN_PROBE_PACKETS, math.ceil(target_bps * CLUSTER_S / 8 / PROBE_PACKET_SIZE)
         )
@@ -164,6 +202,14 @@ class _Cluster:
 
     def next_due(self) -> float:
         return self.first_due + self.taken * self.interval_s
+
+    def restart(self, now: float) -> None:
+        """Start the schedule again at ``now``; what was sent so far is not measured."""
+        self.restarts += 1
+        self.first_due = now
+        self.taken = 0
+        self.sent.clear()
+        self.arrivals.clear()
 
     @property
     def sending(self) -> bool:
@@ -186,6 +232,13 @@ class ProbeController:
         self._repeat_bps: int | None = None
         self.clusters_sent = 0
         self.probes_failed = 0
+        #: Clusters started again after a late timer, and clusters given up (module doc).
+        self.cluster_restarts = 0
+        self.clusters_unpaced = 0
+        #: The hold check asked for and not yet started: (rate, when asked).
+        self._check: tuple[int, float] | None = None
+        #: A result to hand out at the next :meth:`on_timer` (a cluster given up).
+        self._unpaced: ProbeResult | None = None
         self.last_result: ProbeResult | None = None
 
     @property
@@ -193,12 +246,29 @@ class ProbeController:
         """A cluster is out (sending, or waiting for its feedback)."""
         return self._cluster is not None
 
-    def update(self, *, estimate_bps: int, wanted_bps: int | None, now: float) -> None:
-        """The current estimate, and the rate the caller wants confirmed (None: nothing)."""
+    def update(
+        self,
+        *,
+        estimate_bps: int,
+        wanted_bps: int | None,
+        now: float,
+        check_bps: int | None = None,
+    ) -> None:
+        """The current estimate, the rate the caller wants confirmed (None: nothing), and a
+        hold check to send (``check_bps``: one cluster at that rate as soon as none is out;
+        None asks for none, and withdraws one not yet started)."""
         if estimate_bps <= 0:
             raise ConfigError(f"an estimate must be positive, got {estimate_bps} bps")
         if wanted_bps is not None and wanted_bps <= 0:
             raise ConfigError(f"a wanted rate must be positive, got {wanted_bps} bps")
+        if check_bps is not None and check_bps <= 0:
+            raise ConfigError(f"a check rate must be positive, got {check_bps} bps")
+        if check_bps is None:
+            self._check = None
+        elif self._cluster is not None and self._cluster.check:
+            pass  # that check is out: its result answers this request
+        elif self._check is None or self._check[0] != check_bps:
+            self._check = (check_bps, now)
         if wanted_bps is not None and wanted_bps != self._goal:
             # A new goal is not the one earlier probes fell short of: no back-off carried over.
             # (The same goal asked for again after a pause keeps its back-off.)
@@ -224,11 +294,15 @@ class ProbeController:
 
     def next_deadline(self) -> float | None:
         """When :meth:`take_probes` next has something to do (None: nothing planned)."""
+        if self._unpaced is not None:
+            return self._unpaced.started_at
         cluster = self._cluster
         if cluster is not None:
             if cluster.closed_at is None:
                 return cluster.next_due()
             return cluster.closed_at + RESULT_TIMEOUT_S
+        if self._check is not None:
+            return self._check[1]
         if self._wanted is not None and self._estimate < self._wanted:
             return self._next_probe_at
         return None
@@ -240,11 +314,21 @@ class ProbeController:
         number) and reports it to :meth:`on_packet_sent`, as every other packet it sends.
         At :meth:`next_deadline` the caller runs :meth:`on_timer` first, then this.
         """
-        if self._wants_cluster(now):
-            self._start(now)
+        if self._cluster is None and self._check is not None and self._unpaced is None:
+            rate, self._check = self._check[0], None
+            self._start(now, rate, check=True)
+        elif self._wants_cluster(now) and self._unpaced is None:
+            self._start(now, None, check=False)
         cluster = self._cluster
         if cluster is None or not cluster.sending:
             return []
+        if cluster.taken and now - cluster.next_due() > MAX_PROBE_DELAY_S:
+            # A stall left a hole in the cluster (module doc): again from now, or give up.
+            if cluster.restarts >= MAX_CLUSTER_RESTARTS:
+                self._give_up(cluster, now)
+                return []
+            cluster.restart(now)
+            self.cluster_restarts += 1
         due: list[ProbePacket] = []
         while cluster.sending and cluster.next_due() <= now:
             cluster.taken += 1
@@ -253,13 +337,32 @@ class ProbeController:
             cluster.closed_at = now
         return due
 
-    def _start(self, now: float) -> None:
-        rate = self._repeat_bps or int(self._estimate * PROBE_SCALE)
-        rate = min(rate, self._ceiling())
-        self._cluster = _Cluster(self._next_cluster_id, rate, now)
+    def _start(self, now: float, rate: int | None, *, check: bool) -> None:
+        if rate is None:
+            rate = self._repeat_bps or int(self._estimate * PROBE_SCALE)
+            rate = min(rate, self._ceiling())
+            self._repeat_bps = None
+        self._cluster = _Cluster(self._next_cluster_id, rate, now, check=check)
         self._next_cluster_id += 1
-        self._repeat_bps = None
         self.clusters_sent += 1
+
+    def _give_up(self, cluster: _Cluster, now: float) -> None:
+        """The shell could not pace the cluster: no measurement, no back-off (module doc)."""
+        self._cluster = None
+        self.clusters_unpaced += 1
+        self._unpaced = ProbeResult(
+            cluster_id=cluster.id,
+            started_at=now,
+            target_bps=cluster.target_bps,
+            send_bps=0,
+            receive_bps=0,
+            estimate_bps=None,
+            reason=f"not paced: restarted {cluster.restarts} times after late timers",
+            check=cluster.check,
+            paced=False,
+        )
+        if not cluster.check:
+            self._next_probe_at = now + PROBE_INTERVAL_S
 
     def on_packet_sent(self, transport_sequence: int, size: int, now: float) -> None:
         """Every packet the sender sends (media, padding, retransmission), with its size."""
@@ -285,7 +388,12 @@ class ProbeController:
         return self._finish(cluster, now)
 
     def on_timer(self, now: float) -> ProbeResult | None:
-        """A cluster whose feedback did not all come back is judged at its deadline."""
+        """A cluster whose feedback did not all come back is judged at its deadline; a
+        cluster given up unpaced is reported here."""
+        if self._unpaced is not None:
+            result, self._unpaced = self._unpaced, None
+            self.last_result = result
+            return result
         cluster = self._cluster
         if cluster is None or cluster.closed_at is None:
             return None
@@ -297,6 +405,8 @@ class ProbeController:
         self._cluster = None
         result = _measure(cluster)
         self.last_result = result
+        if cluster.check:
+            return result  # the selector's question: nothing for the probing's back-off
         estimate = result.estimate_bps
         if estimate is not None and self._wanted is not None:
             if estimate >= self._wanted:
@@ -320,7 +430,9 @@ class ProbeController:
 def _measure(cluster: _Cluster) -> ProbeResult:
     """libwebrtc's ProbeBitrateEstimator on one cluster (module doc)."""
 
-    def failed(reason: str, send_bps: int = 0, receive_bps: int = 0) -> ProbeResult:
+    def failed(
+        reason: str, send_bps: int = 0, receive_bps: int = 0, *, measured: bool = True
+    ) -> ProbeResult:
         return ProbeResult(
             cluster_id=cluster.id,
             started_at=cluster.first_due,
@@ -329,6 +441,8 @@ def _measure(cluster: _Cluster) -> ProbeResult:
             receive_bps=receive_bps,
             estimate_bps=None,
             reason=reason,
+            check=cluster.check,
+            measured=measured,
         )
 
     sent = sorted(cluster.sent.values())
@@ -337,13 +451,16 @@ def _measure(cluster: _Cluster) -> ProbeResult:
         for seq, arrival in cluster.arrivals.items()
         if arrival is not None
     )
+    send_span = sent[-1][0] - sent[0][0] if sent else 0.0
     if len(sent) < 2 or len(received) < MIN_RECEIVED_FRACTION * len(sent):
-        return failed(f"{len(received)} of {len(sent)} probe packets received")
-    send_span = sent[-1][0] - sent[0][0]
+        # What it offered still counts: a cluster the path dropped says it was too much.
+        offered = int(sum(size for _, size in sent[:-1]) * 8 / send_span) if send_span > 0 else 0
+        return failed(f"{len(received)} of {len(sent)} probe packets received", offered)
     receive_span = (received[-1][0] - received[0][0]) / 1e6
     if receive_span <= 0 or receive_span > MAX_SPAN_S or send_span > MAX_SPAN_S:
         return failed(
-            f"spans out of range: sent over {send_span:.3f} s, received over {receive_span:.3f} s"
+            f"spans out of range: sent over {send_span:.3f} s, received over {receive_span:.3f} s",
+            measured=False,
         )
     # A packet's bytes are sent after its send time and received by its arrival: the last
     # packet's bytes are outside the send span, the first packet's outside the receive span.
@@ -358,6 +475,7 @@ def _measure(cluster: _Cluster) -> ProbeResult:
             f"received at {receive_bps} bps, over twice the {send_bps} bps sent",
             send_bps,
             receive_bps,
+            measured=False,
         )
     if receive_bps < SATURATED_RATIO * send_bps:
         estimate = int(TARGET_UTILISATION * receive_bps)
@@ -373,4 +491,5 @@ def _measure(cluster: _Cluster) -> ProbeResult:
         receive_bps=receive_bps,
         estimate_bps=estimate,
         reason=reason,
+        check=cluster.check,
     )

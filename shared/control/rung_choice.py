@@ -71,6 +71,31 @@ worst.  (Measured on the real path of ``perf.abr_network``, a veth capped at 1 M
 last periodic IDR, and the probe sent then came back at 0.94 Mbps 0.1 s later; waiting out
 the grace instead moved the viewer 2.04 s after the cap, and ``down_s`` missed its 2 s.)
 
+*Hold checks.*  GCC only sees a path's capacity when the sender fills it.  A rung whose
+content is easy sends well under its rate between keyframes (the test pattern's 1.5 Mbps top
+rung sends 0.5 to 1.0 Mbps), so when the path's capacity falls under the rung's rate but not
+under what it sends, nothing queues, the estimate stays where probes put it, and the cap shows
+only when the next periodic IDR overflows the bottleneck's queue: on the real path of
+``perf.abr_network`` (1 Mbps under the 1.5 Mbps rung) the viewer moved 0.9 to 2.9 s after the
+cap, depending on where in the GOP the cap fell.  So while the rung sends under
+``app_limited`` of its rate (:meth:`RungSelector.set_sending`, the shell's last second of
+media), is not the lowest, and no probing for a higher rung is wanted (that probing, at or
+above this rate, answers the same question), the selector asks every ``check_interval_s``
+for a *hold check* (:meth:`RungSelector.check_target`): one probe cluster at ``up_headroom``
+x the rung's rate, sent whatever the estimate, as libwebrtc probes periodically while its
+sender is application-limited (its ALR probes, every 5 s there; 1 s here so a step down
+comes within the 2 s the project targets).  A check *comes back short* by the measure that
+answers a doubt: delivered under the rung's hold rate with the path saturated, or offered at
+least that rate (measured leaving, ``shared.control.probe``: a cluster the shell could not
+pace says nothing) and came back under it or failed.  After a short check the next follows
+``confirm_s`` later; ``checks_to_step_down`` short ones in a row move the viewer down at once,
+to the highest rung the last check's delivery rate carries, and the switch carries that rate
+(:attr:`RungSwitch.capacity_bps`) for the estimator to come down to, or the viewer would be let
+straight back up by an estimate that never saw the cap.  One short check alone moves
+nothing: on a loaded machine a receiver that stalled mid-cluster stretches its arrivals.  A
+check costs one cluster, ``max(5, 30 ms)`` of padding at 1.2x the rung's rate (3.8 % of a
+1.5 Mbps rung's rate, once a second), and only while the rung leaves that much unused.
+
 *Back-off.*  An up-switch undone within ``revert_window_s`` (a step down from the rung it went
 to) doubles that rung's hold, up to ``max_up_hold_s``; a rung kept through the window gets its
 base hold back.  A path that passes the probes but not the switch (an IDR larger than its
@@ -146,6 +171,17 @@ class RungSelectorConfig(msgspec.Struct, frozen=True, kw_only=True):
     idr_grace_s: float = 1.5
     """A fall of the estimate (without loss) this soon after an IDR the viewer got is checked
     with a probe, for at most this long, before the viewer steps down (module doc)."""
+    check_interval_s: float | None = 1.0
+    """A rung sending under ``app_limited`` of its rate gets a hold check this often (module
+    doc: hold checks); None: no hold checks."""
+    app_limited: float = 0.8
+    """A rung sending less than this fraction of its rate is checked."""
+    confirm_s: float = 0.1
+    """After a check that came back short, the next follows this soon (two checks in a row
+    guard against a receiver stalled mid-cluster, which a moment later is unlikely to
+    recur; waiting longer only delays the step down)."""
+    checks_to_step_down: int = 2
+    """Short checks in a row that move the viewer down."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.down_tolerance < 1:
@@ -171,6 +207,12 @@ class RungSelectorConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError(f"max_up_hold_s {self.max_up_hold_s} is under up_hold_s")
         if self.queue_delay_s <= 0 or self.settle_s < 0 or not 0 <= self.low_loss < 1:
             raise ConfigError("queue_delay_s must be positive, settle_s and low_loss not negative")
+        if self.check_interval_s is not None and self.check_interval_s <= 0:
+            raise ConfigError(f"check_interval_s must be positive, got {self.check_interval_s}")
+        if not 0 < self.app_limited <= 1 or self.confirm_s <= 0 or self.checks_to_step_down < 1:
+            raise ConfigError(
+                "app_limited must be in (0, 1], confirm_s positive, checks_to_step_down >= 1"
+            )
 
 
 class RungSwitch(msgspec.Struct, frozen=True, kw_only=True):
@@ -181,6 +223,9 @@ class RungSwitch(msgspec.Struct, frozen=True, kw_only=True):
     requested_at: float
     #: Why, for the logs and the stats.
     reason: str
+    #: What a hold check measured the path at, when that is why the viewer goes down: the
+    #: estimate is not to stand above it (``shared.rtp.adaptation``).
+    capacity_bps: int | None = None
 
     @property
     def up(self) -> bool:
@@ -270,6 +315,15 @@ class RungSelector:
         self._above_since: dict[int, float] = {}
         self._hold: dict[int, float] = {}
         self._last_up: _Up | None = None
+        #: The media rate the viewer is being sent (None: not known, no hold checks).
+        self._sending: int | None = None
+        #: When the next hold check is due (None: none is planned).
+        self._check_at: float | None = None
+        #: A hold check is due and its result not yet in.
+        self._check_due = False
+        self._short_checks = 0
+        #: Hold checks that came back short, in all.
+        self.checks_short = 0
         self.switches_up = 0
         self.switches_down = 0
         self.failed_ups = 0
@@ -290,6 +344,13 @@ class RungSelector:
         if self._rates and len(rates) != len(self._rates):
             raise ConfigError(f"{len(rates)} rates for a {len(self._rates)}-rung ladder")
         self._rates = rates
+
+    def set_sending(self, rate_bps: int) -> None:
+        """The media rate the viewer is being sent now (its last second): a rung sending
+        well under its rate gets hold checks (module doc)."""
+        if rate_bps < 0:
+            raise ConfigError(f"a sending rate must not be negative, got {rate_bps} bps")
+        self._sending = rate_bps
 
     @property
     def rates(self) -> tuple[int, ...]:
@@ -348,6 +409,7 @@ class RungSelector:
         saturated: bool,
         started_at: float,
         now: float,
+        check: bool = False,
     ) -> RungSwitch | None:
         """A probe cluster's result (``shared.control.probe.ProbeResult``): its estimate (None
         when it failed), the rate it offered the path, whether the path saturated under it,
@@ -356,7 +418,10 @@ class RungSelector:
         delivered under the rung's hold rate with the path saturated, or offered at least that
         rate and came back under it or failed.  The viewer then steps down now, not at the end
         of the grace (module doc).  A result that lifts the estimate needs nothing here: the
-        estimator takes it, and the selector sees it with the next estimate."""
+        estimator takes it, and the selector sees it with the next estimate.  A hold check's
+        result (``check``) is judged by the same measure (module doc: hold checks)."""
+        if check:
+            return self._on_check(estimate_bps, offered_bps, saturated, now)
         since = self._doubt_since
         if since is None or started_at < since or self._estimate is None:
             return None
@@ -368,6 +433,90 @@ class RungSelector:
         found = "failed" if estimate_bps is None else f"found {estimate_bps / _MBPS:.2f} Mbps"
         self._doubt_answer = f"a probe at {offered_bps / _MBPS:.2f} Mbps {found}"
         return self._evaluate(now)
+
+    def _on_check(
+        self, estimate_bps: int | None, offered_bps: int, saturated: bool, now: float
+    ) -> RungSwitch | None:
+        config = self.config
+        if not self._check_due or config.check_interval_s is None:
+            return None  # no longer checking (switched, pinned, sending its rate)
+        self._check_due = False
+        hold = self._rates[self.rung] * (1 - config.down_tolerance)
+        if estimate_bps is not None and estimate_bps >= hold:
+            self._short_checks = 0
+            self._check_at = now + config.check_interval_s
+            return None
+        if not saturated and offered_bps < hold:
+            self._check_at = now + config.check_interval_s  # offered too little to tell
+            return None
+        self._short_checks += 1
+        self.checks_short += 1
+        if self._short_checks < config.checks_to_step_down:
+            self._check_at = now + config.confirm_s
+            return None
+        self._short_checks = 0
+        self._check_at = None
+        last = len(self._rates) - 1
+        found = "failed" if estimate_bps is None else f"found {estimate_bps / _MBPS:.2f} Mbps"
+        if estimate_bps is None:
+            target = min(self.rung + 1, last)
+            capacity = self._rates[target]
+        else:
+            capacity = estimate_bps
+            holding = (
+                r
+                for r in range(self.rung + 1, last + 1)
+                if capacity >= self._rates[r] * (1 - config.down_tolerance)
+            )
+            target = next(holding, last)
+        reason = (
+            f"{config.checks_to_step_down} hold checks of rung {self.rung}'s "
+            f"{self._rates[self.rung] / _MBPS:.2f} Mbps came back short (the last at "
+            f"{offered_bps / _MBPS:.2f} Mbps {found}) while it sent "
+            f"{(self._sending or 0) / _MBPS:.2f} Mbps"
+        )
+        switch = self._want(target, now, reason, capacity_bps=capacity)
+        self._update_check(now)
+        return switch
+
+    def check_target(self, now: float) -> int | None:
+        """The rate of the hold check due (for the ProbeController), else None: asked for
+        until its result comes back (:meth:`on_probe_result` with ``check``)."""
+        if not self._check_due:
+            return None
+        return int(self._rates[self.rung] * self.config.up_headroom)
+
+    def _update_check(self, now: float) -> None:
+        """Start or stop the hold checks of the rung the viewer is on (module doc)."""
+        config = self.config
+        interval = config.check_interval_s
+        sending = self._sending
+        checked = (
+            interval is not None
+            and sending is not None
+            and self._pin is None
+            and self.pending is None
+            and self._doubt_since is None
+            and self.rung < len(self._rates) - 1
+            and self._estimate is not None
+            and self.probe_target(now) is None
+        )
+        if not checked:
+            self._check_at = None
+            self._check_due = False
+            self._short_checks = 0
+            return
+        assert interval is not None and sending is not None
+        if self._check_at is None and not self._check_due:
+            self._check_at = now + interval
+        elif self._check_at is not None and now >= self._check_at:
+            if sending < config.app_limited * self._rates[self.rung]:
+                self._check_at, self._check_due = None, True
+            else:
+                # Sending its rate for now (an IDR within the last second, the GOP is 2 s):
+                # GCC sees the path itself.  Looked at again soon, not a whole interval on, or
+                # a check would never fall between two IDRs.
+                self._check_at = now + config.confirm_s
 
     def on_timer(self, now: float) -> RungSwitch | None:
         """Run at :meth:`next_deadline`: feedback timeout, holds expiring."""
@@ -422,6 +571,7 @@ class RungSelector:
         self.last_switch = pending
         self._idr_at = now
         self._doubt_since = self._doubt_answer = None
+        self._check_at, self._check_due, self._short_checks = None, False, 0
         self._above_since.clear()
         if pending.up:
             self.switches_up += 1
@@ -493,6 +643,8 @@ class RungSelector:
         deadlines.extend(since + self._hold_s(r) for r, since in self._above_since.items())
         if self._doubt_since is not None:
             deadlines.append(self._doubt_since + self.config.idr_grace_s)
+        if self._check_at is not None:
+            deadlines.append(self._check_at)
         return min(deadlines, default=None)
 
     def _holds(self, rung: int) -> bool:
@@ -505,6 +657,11 @@ class RungSelector:
         return next((r for r in range(start, last + 1) if self._holds(r)), last)
 
     def _evaluate(self, now: float) -> RungSwitch | None:
+        switch = self._choose(now)
+        self._update_check(now)
+        return switch
+
+    def _choose(self, now: float) -> RungSwitch | None:
         config = self.config
         last_up = self._last_up
         if last_up is not None and now - last_up.at >= config.revert_window_s:
@@ -585,14 +742,22 @@ class RungSelector:
                 return rung, reason
         return self.rung, ""
 
-    def _want(self, target: int, now: float, reason: str) -> RungSwitch | None:
+    def _want(
+        self, target: int, now: float, reason: str, *, capacity_bps: int | None = None
+    ) -> RungSwitch | None:
         if target == self.rung:
             self.pending = None
             self._keyframe_asked_at = None
             return None
         if self.pending is not None and self.pending.to_rung == target:
             return None
-        switch = RungSwitch(from_rung=self.rung, to_rung=target, requested_at=now, reason=reason)
+        switch = RungSwitch(
+            from_rung=self.rung,
+            to_rung=target,
+            requested_at=now,
+            reason=reason,
+            capacity_bps=capacity_bps,
+        )
         self.pending = switch
         self._keyframe_asked_at = None
         if not switch.up:

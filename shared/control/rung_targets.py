@@ -49,9 +49,10 @@ viewer's rung changes):
    ``min_bps``); as soon as it produces ``content_recover`` of that need, the need is the
    configured rate again, at once.
 
-   The need caps the target.  It is also what the rung's viewers' selectors should be given
-   as its rate (:meth:`~shared.control.rung_choice.RungSelector.set_rates`): a still
-   picture's top rung then fits a viewer whose path would not carry it in motion.
+   The need caps the target.  It is also the rate the viewers' selectors weigh their
+   estimates against (:meth:`needs`; the quality actor gives it to every shard, which hands
+   it to :meth:`~shared.control.rung_choice.RungSelector.set_rates`): a still picture's top
+   rung then fits a viewer whose path would not carry it in motion.
 5. *Deadband.*  A target moves only by ``min_change`` or more of the current one (an encoder
    reconfiguration has a cost), except onto a bound.
 

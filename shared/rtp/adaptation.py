@@ -93,8 +93,13 @@ class PeerAdaptation:
         result = self.probe.on_transport_feedback(feedback.arrivals(), now)
         self._on_probe_result(estimator, result, now)
 
-    def decide(self, estimator: BandwidthEstimator, now: float) -> RungSwitch | None:
-        """The selector on the estimator's new estimate (after a feedback)."""
+    def decide(
+        self, estimator: BandwidthEstimator, now: float, *, sending_bps: int | None = None
+    ) -> RungSwitch | None:
+        """The selector on the estimator's new estimate (after a feedback); ``sending_bps``:
+        the media rate the viewer is being sent (its hold checks need it)."""
+        if sending_bps is not None:
+            self.selector.set_sending(sending_bps)
         switch = self.selector.on_estimate(
             estimator.estimate_bps, loss=estimator.loss, rtt_s=estimator.rtt_s, now=now
         )
@@ -102,8 +107,12 @@ class PeerAdaptation:
         self._update_probe(estimator, now)
         return switch
 
-    def on_timer(self, estimator: BandwidthEstimator, now: float) -> RungSwitch | None:
-        """Run at :meth:`next_deadline`: a cluster's result overdue, holds and timeouts."""
+    def on_timer(
+        self, estimator: BandwidthEstimator, now: float, *, sending_bps: int | None = None
+    ) -> RungSwitch | None:
+        """Run at :meth:`next_deadline`: a cluster's result overdue, holds, timeouts, checks."""
+        if sending_bps is not None:
+            self.selector.set_sending(sending_bps)
         self._on_probe_result(estimator, self.probe.on_timer(now), now)
         switch = self.selector.on_timer(now)
         self._note(switch)
@@ -117,17 +126,20 @@ class PeerAdaptation:
         selector (a cluster that found a doubted rung does not hold moves the viewer down)."""
         if result is None:
             return
-        if result.estimate_bps is not None:
+        if result.estimate_bps is not None and not result.check:
             estimator.on_probe_result(result.estimate_bps, now)
-        self._note(
-            self.selector.on_probe_result(
-                result.estimate_bps,
-                offered_bps=result.offered_bps,
-                saturated=result.saturated,
-                started_at=result.started_at,
-                now=now,
-            )
+        switch = self.selector.on_probe_result(
+            result.estimate_bps,
+            offered_bps=result.offered_bps,
+            saturated=result.saturated,
+            started_at=result.started_at,
+            now=now,
+            check=result.check,
         )
+        if switch is not None and switch.capacity_bps is not None:
+            # Down for what hold checks measured: the estimate must not stay above it.
+            estimator.on_capacity(switch.capacity_bps, now)
+        self._note(switch)
 
     def _note(self, switch: RungSwitch | None) -> None:
         if switch is not None:
@@ -137,6 +149,7 @@ class PeerAdaptation:
         self.probe.update(
             estimate_bps=estimator.estimate_bps,
             wanted_bps=self.selector.probe_target(now),
+            check_bps=self.selector.check_target(now),
             now=now,
         )
 

@@ -227,6 +227,21 @@ class BandwidthEstimator:
         self._loss_bps = max(self._loss_bps, value)
         self._last_update = now
 
+    def on_capacity(self, capacity_bps: int, now: float) -> None:
+        """The path was measured to carry no more than ``capacity_bps`` (hold checks that
+        saturated it, ``shared.control.rung_choice``): the estimate is lowered to it if above.
+
+        An application-limited sender's estimate is not lowered by GCC itself while what it
+        sends fits the path (§5.5 only holds it under 1.5x the acknowledged rate), so without
+        this the estimate would stand above a capacity just measured, and the viewer moved
+        down for it would be let straight back up."""
+        if capacity_bps <= 0:
+            raise ConfigError(f"a capacity must be positive, got {capacity_bps} bps")
+        value = float(min(max(capacity_bps, self.min_bps), self.max_bps))
+        self._delay_bps = min(self._delay_bps, value)
+        self._loss_bps = min(self._loss_bps, value)
+        self._last_update = now
+
     def on_receiver_report(self, fraction_lost: float, now: float) -> None:
         """RR loss, used only while no transport-wide feedback is coming."""
         if self.packets_reported == 0:

@@ -387,7 +387,7 @@ class PeerSender:
         self._refresh(now)
         if transport_feedback and self.adaptation is not None:
             # Down within one feedback interval (shared.control.rung_choice).
-            self.adaptation.decide(self.estimator, now)
+            self.adaptation.decide(self.estimator, now, sending_bps=self.sent_window.rate_bps(now))
         return out
 
     def _on_report(self, report: RtcpReceiverReport | RtcpSenderReport, now: float) -> None:
@@ -494,6 +494,9 @@ class BroadcastSender:
         if any(rate <= 0 for rate in self.rung_rates):
             raise ConfigError(f"rung rates must be positive, got {self.rung_rates}")
         self.selector_config = selector_config
+        #: What each rung needs now (content-aware, :meth:`set_rung_rates`): the rates the
+        #: viewers' rung choices use; the configured ``rung_rates`` until told otherwise.
+        self.rung_needs = list(self.rung_rates)
         #: Per rung: its SPS/PPS differ from the other rungs' (another resolution).
         self._parameter_sets = [ParameterSets() for _ in range(max(len(self.rung_rates), 1))]
         self.peers: dict[MediaConnection, PeerSender] = {}
@@ -537,7 +540,7 @@ class BroadcastSender:
         self._caps[connection] = cap
         if self.adaptive:
             adaptation = PeerAdaptation(
-                self.rung_rates,
+                self.rung_needs,
                 now=now,
                 cap=max(cap, self.floor),
                 start_rung=start_rung,
@@ -595,6 +598,20 @@ class BroadcastSender:
                 cap = max(self._caps.get(connection, 0), floor)
                 peer.adaptation.set_cap(cap, peer.estimator, now)
                 self._after_adaptation(connection, peer, now)
+
+    def set_rung_rates(self, rates: Sequence[int]) -> None:
+        """Each rung's need now, top first (``shared.control.rung_targets``: a still picture
+        needs less than the configured rate): every viewer's selector, and every newcomer's,
+        compares its estimate against these from its next feedback on."""
+        needs = [int(rate) for rate in rates]
+        if len(needs) != len(self.rung_rates) or any(rate <= 0 for rate in needs):
+            raise ConfigError(
+                f"{len(needs)} rung rates {needs} for a {len(self.rung_rates)}-rung ladder"
+            )
+        self.rung_needs = needs
+        for peer in self.peers.values():
+            if peer.adaptation is not None:
+                peer.adaptation.selector.set_rates(needs)
 
     def set_pin(self, connection: MediaConnection, rung: int | None, now: float) -> None:
         """Pin the viewer to ``rung`` (None: unpin); the cap still wins."""
@@ -721,7 +738,9 @@ class BroadcastSender:
             del due[connection]
             peer = self.peers[connection]
             assert peer.adaptation is not None
-            peer.adaptation.on_timer(peer.estimator, now)
+            peer.adaptation.on_timer(
+                peer.estimator, now, sending_bps=peer.sent_window.rate_bps(now)
+            )
             self._after_adaptation(connection, peer, now)
 
     def poll(self, now: float, wall_now: float) -> None:
