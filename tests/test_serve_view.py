@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -162,16 +163,24 @@ def test_serve_one_address_many_viewers_then_ctrl_c(ray_cluster: str, tmp_path: 
 
 
 def test_serve_and_view_bad_input_are_one_clear_line(ray_cluster: str) -> None:
-    for args, message in (
+    cases = [
         (["serve", "--listen", "nowhere"], "expected HOST:PORT"),
         (["serve", "--senders", "0"], "--senders"),
         (["serve", "--cert", "x.pem"], "--cert and --key"),
         (["view", "http://example.com"], "must start with roq://"),
         (["view", "roq://127.0.0.1:9/x", "--frames", "0"], "--frames"),
-    ):
-        result = subprocess.run(cli(*args), cwd=REPO, capture_output=True, text=True, timeout=60)
-        assert result.returncode in (1, 2), result.stderr
-        assert message in result.stderr and "Traceback" not in result.stderr
+    ]
+
+    def run(args: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(cli(*args), cwd=REPO, capture_output=True, text=True, timeout=60)
+
+    # Each command is its own process, as a user runs it; they run side by side (each is
+    # mostly the interpreter starting), and each answer is checked on its own.
+    with ThreadPoolExecutor(len(cases)) as pool:
+        results = list(pool.map(run, [args for args, _ in cases]))
+    for (args, message), result in zip(cases, results, strict=True):
+        assert result.returncode in (1, 2), (args, result.stderr)
+        assert message in result.stderr and "Traceback" not in result.stderr, args
 
 
 def test_view_of_nothing_is_a_network_error() -> None:

@@ -107,8 +107,9 @@ def test_streams_list_add_pause_resume_remove(ray_cluster: str) -> None:
 
 def test_streams_usage_errors_are_one_clear_line() -> None:
     import subprocess
+    from concurrent.futures import ThreadPoolExecutor
 
-    for args, message in (
+    cases = [
         (["pause"], "streams pause needs the stream's id or name (streams list)"),
         (["add"], "streams add needs --source SPEC or --config FILE"),
         (
@@ -116,12 +117,20 @@ def test_streams_usage_errors_are_one_clear_line() -> None:
             "--priority must be between 0 and 100, got 101",
         ),
         (["list", "--source", "test"], "--config and --source are for streams add, not list"),
-    ):
-        result = subprocess.run(
+    ]
+
+    def run(args: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
             [sys.executable, "-m", "actors.cli", "streams", *args],
             cwd=REPO,
             capture_output=True,
             text=True,
+            timeout=60,
         )
-        assert result.returncode == 2, result.stderr
+
+    # Each its own process, as a user runs it; side by side, each answer checked on its own.
+    with ThreadPoolExecutor(len(cases)) as pool:
+        results = list(pool.map(run, [args for args, _ in cases]))
+    for (args, message), result in zip(cases, results, strict=True):
+        assert result.returncode == 2, (args, result.stderr)
         assert result.stderr.strip() == f"kizuna-stream: error: {message}"
