@@ -366,7 +366,17 @@ class ShardPool:
         try:
             # A port is an address on the stream's node: only a shard there can listen on it.
             local = [s for s in self.shards.values() if not s.node_id]
-            survivors = sorted(local, key=lambda s: (s.cpu_cores, s.bytes_per_s))
+            # The fewest viewers really connected first (the dead shard's viewers are about
+            # to join them), then CPU and traffic: a shard's CPU at a few viewers is too
+            # small and noisy a figure to rank by on its own.
+            counts = self.registry.per_shard()
+
+            def load(shard: Shard) -> tuple[int, float, float]:
+                count = counts.get(shard.shard_id)
+                live = count.connected + count.anonymous if count is not None else 0
+                return live, shard.cpu_cores, shard.bytes_per_s
+
+            survivors = sorted(local, key=load)
             if survivors:
                 heir = survivors[0]
                 for port in ports:
