@@ -68,6 +68,13 @@ def test_metrics_reach_prometheus_and_admission_reads_the_monitor(ray_cluster: s
                         and value(s, "ray_kizuna_stream_viewers", stream="metered") == 1
                         and (value(s, "ray_kizuna_viewer_bytes_sent", viewer=ticket.viewer_id) or 0)
                         > 0
+                        # Every series checked below, present (their values are checked there):
+                        # one export can carry the first gauges of a health round before the
+                        # encoder's first bitrate figure.
+                        and (value(s, "ray_kizuna_stream_bitrate_bps", stream="metered") or 0) > 0
+                        and value(s, "ray_kizuna_rung_target_bitrate_bps", stream="metered")
+                        is not None
+                        and value(s, "ray_kizuna_node_cpu_percent") is not None
                     ),
                     "the stream's metrics on the Prometheus endpoint",
                     timeout=90,
