@@ -293,6 +293,13 @@ class RelayOriginHandle(Handle[RelayOriginActor]):
         """Serve the stream's rings; the (node address, port) other nodes subscribe at."""
         return await self.call(RelayOriginActor.open)
 
+    async def address(self) -> tuple[str, int]:
+        """Where an open origin listens (what ``open`` returned)."""
+        return await self.call(RelayOriginActor.address)
+
+    async def tracks(self) -> list[str]:
+        return await self.call(RelayOriginActor.tracks)
+
     async def stats(self) -> ServerStats:
         return await self.call(RelayOriginActor.stats)
 

@@ -7,25 +7,45 @@ shard placed on another node starts the stream's :class:`~actors.remote_shards.S
 rings); further shards there read the same copy.  When a node's last shard goes, its relay goes
 (and its rings with it); when the last remote node goes, the origin does.  On a one-node cluster
 nothing here starts anything: every shard is placed on the stream's own node.
+
+A supervisor restarted after its crash rebuilds its placers with :meth:`ShardPlacer.adopt`: the
+origin and relays its predecessor started are found by their names (a relay's tag is in its
+name, its node is asked of the GCS), and the shards it took back are matched to their node's
+relay by the node they run on (one relay per node and stream).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 
-from actors.remote_shards import RemoteNode, StreamOrigin
+from actors.calls import unwrap
+from actors.placement import NAMESPACE
+from actors.remote_shards import (
+    RemoteNode,
+    StreamOrigin,
+    discard_relay,
+    origin_name,
+    relay_name,
+    sweep_relay_rings,
+)
 from shared.control.resources import ResourceSnapshot
 from shared.control.shard_nodes import SHARD_RESOURCE, ShardNode, choose_shard_node
+from shared.pool.shm import segment_name
 
 __all__ = ["ShardPlacer", "cluster_nodes"]
 
 logger = logging.getLogger(__name__)
+
+#: The tags :meth:`ShardPlacer.acquire` gives nodes (``n1``, ``n2``..): never reused within a
+#: stream, so a relay just killed (whose name Ray frees a moment later) never blocks the next.
+_TAG = re.compile(r"n(\d+)")
 
 
 def cluster_nodes(
@@ -99,6 +119,78 @@ class ShardPlacer:
                 )
             self.users.setdefault(node_id, set()).add(shard_id)
             return remote
+
+    async def adopt(self, names: list[str], shard_nodes: dict[str, str]) -> set[str]:
+        """After the supervisor's crash, take back the stream's origin and relays (found among
+        ``names``, the stream's actor names) and which of the shards taken back read each
+        (``shard_nodes``: shard id -> node).  A node keeps its relay while a shard there reads
+        it; a relay no shard reads, a second one on a node, or any relay left without an
+        origin is stopped.  Returns the shards on other nodes left with no relay: the caller
+        stops them (their viewers go on at their URLs' alternates)."""
+        prefix = relay_name(self.session_id, "")
+        tags = sorted(
+            (name.removeprefix(prefix) for name in names if name.startswith(prefix)),
+            key=lambda tag: (0, int(m.group(1))) if (m := _TAG.fullmatch(tag)) else (1, 0),
+        )
+        for tag in tags:
+            if match := _TAG.fullmatch(tag):
+                self._tags = max(self._tags, int(match.group(1)))
+        remote = {shard: node for shard, node in shard_nodes.items() if node != self.node_id}
+        async with self._lock:
+            origin = None
+            if origin_name(self.session_id) in names:
+                try:
+                    origin = await StreamOrigin.find(self.session_id)
+                except Exception as exc:
+                    logger.warning(
+                        "stream %s: its relay origin does not answer: %s",
+                        self.session_id,
+                        unwrap(exc),
+                    )
+                    try:
+                        dead = ray.get_actor(origin_name(self.session_id), namespace=NAMESPACE)
+                        ray.kill(dead, no_restart=True)
+                    except ValueError:
+                        pass  # gone meanwhile
+            for tag in tags:
+                node = None
+                if origin is not None:
+                    try:
+                        node = await RemoteNode.find(origin, tag)
+                    except Exception as exc:
+                        logger.warning(
+                            "stream %s: relay %s does not answer: %s",
+                            self.session_id,
+                            tag,
+                            unwrap(exc),
+                        )
+                if node is None:
+                    await discard_relay(self.session_id, tag)
+                elif node.node_id in self.remote or node.node_id not in remote.values():
+                    await node.close()  # a duplicate (its start was cut short), or unread
+                else:
+                    self.remote[node.node_id] = node
+            self.origin = origin
+            orphans = set()
+            for shard, node_id in remote.items():
+                if node_id in self.remote:
+                    self.users.setdefault(node_id, set()).add(shard)
+                else:
+                    orphans.add(shard)
+            await self._stop_origin_if_unused()
+        # A relay that died with no one to stop it left its rings on its node (they are its
+        # shards' only source, and a new relay there, tagged anew, would not use them).
+        for node_id in sorted({remote[shard] for shard in orphans}):
+            await sweep_relay_rings(node_id, segment_name(self.session_id, "n"), node_id[:8])
+        if self.remote or orphans:
+            logger.warning(
+                "stream %s: took back relays on %d nodes, %d shards there; %d without a relay",
+                self.session_id,
+                len(self.remote),
+                sum(map(len, self.users.values())),
+                len(orphans),
+            )
+        return orphans
 
     async def release(self, node_id: str, shard_id: str) -> None:
         """``shard_id`` on ``node_id`` is gone: the node's relay goes with its last shard."""

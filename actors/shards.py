@@ -419,6 +419,27 @@ class ShardPool:
             )
             self._unjoined.append(dead)  # again at the next round
 
+    async def adopt(self, shards: list[Shard], names: list[str]) -> None:
+        """After the supervisor's crash: take back ``shards`` (found by name; each with the
+        node it runs on) and the relays those on other nodes read (``names``: the stream's
+        actor names, ``ShardPlacer.adopt``).  A shard whose node's relay is gone is stopped:
+        it would serve nothing, and its viewers go on at their URLs' alternates."""
+        orphans: set[str] = set()
+        if self.placer is not None:
+            orphans = await self.placer.adopt(
+                names, {s.shard_id: s.node_id for s in shards if s.node_id}
+            )
+        now = time.monotonic()
+        for shard in shards:
+            if shard.shard_id in orphans:
+                logger.warning(
+                    "stream %s: %s lost its node's relay: stopped", self.session_id, shard.shard_id
+                )
+                await self._stop_handle(shard.shard_id, shard.handle)
+                continue
+            self.shards[shard.shard_id] = shard
+            self.registry.add_shard(shard.shard_id, now)
+
     async def attach(self, shard: Shard) -> None:
         """A shard started elsewhere (the stream's part of a shared port) joins the pool."""
         if self.quality is not None:

@@ -56,6 +56,7 @@ from actors.port_listeners import PortListeners
 from actors.port_listeners import actor_name as port_actor_name
 from actors.recordings import Recordings, StreamContext
 from actors.recovery import RAY_RESTARTS, StageRecovery
+from actors.remote_shards import actor_record
 from actors.shard_placement import ShardPlacer
 from actors.shards import Shard, ShardPool
 from actors.stages.capture import CaptureActor
@@ -319,27 +320,34 @@ class Supervisor:
                 encoder=encoder,
             )
         shards = stream.shards = self._shard_pool(stream, ring_name)
+        found: list[Shard] = []
         for name in names:
             role = name.removeprefix(f"kz-{sid}-")
             if role.startswith("shard-"):
                 handle = SenderHandle(actor(role))
                 stats = await handle.stats()
                 url = StreamUrl.parse(stats.url)
-                now = time.monotonic()
+                node, started = await asyncio.to_thread(actor_record, handle.actor)
+                # Its age, not the adoption's moment: idle shards retire youngest first.
+                now = time.monotonic() - max(0.0, time.time() - started)
                 shard = Shard(role, handle, url, url.port, stats.pid, now)
                 shard.adopted_ports = [p for p in stats.ports if p != url.port]
-                shards.shards[role] = shard
-                shards.registry.add_shard(role, now)
+                if node != stream.node_id:  # reads its node's relay copy
+                    shard.node_id, shard.local_pid = node, node == self._node_id
+                found.append(shard)
             elif role == "webrtc":
                 stream.webrtc = WebRTCHandle(actor(role))
             elif role == "relay" or role.startswith("relay-") or "-shard" in role:
-                continue  # a relay or a remote node's shard: their owner (remote_shards) runs them
+                # A relay (the pool's placer takes it back below), or a shard a RemoteNode
+                # started itself (not the pool's).
+                continue
             elif role not in ("capture", "encoder", "quality"):
                 # A recorder: what it wrote is finished cleanly; its recording's bookkeeping
                 # died with the old supervisor.
                 recorder = RecorderHandle(actor(role))
                 await attempt(recorder.stop, f"stop recorder {role}", f"stream {sid}")
                 recorder.kill()
+        await shards.adopt(found, names)
         if await self._listeners.adopt(shards) is not None:  # its part of a shared port
             shards.rejoin = lambda dead: self._listeners.rejoin(shards, dead)
         gpu = stream.group is not None and stream.group.encoder_gpus > 0

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -26,6 +28,7 @@ from actors.handles import EncoderHandle, RelayOriginHandle
 from actors.placement import NAMESPACE
 from actors.remote_shards import RemoteNode, StreamOrigin, actor_node
 from actors.stream_group import group_name
+from actors.supervisor_state import stream_actor_names
 from shared.control.shard_nodes import SHARD_RESOURCE
 from shared.errors import ResourceError
 from shared.models import Resolution, StreamConfig, StreamQuality, ViewerLimits
@@ -82,15 +85,39 @@ async def gone(name: str, timeout: float = 10) -> bool:
         await asyncio.sleep(0.1)
 
 
+def _pid(actor: object) -> int:
+    return os.getpid()
+
+
+async def restart_supervisor(manager: StreamManager, sid: str) -> bool:
+    """SIGKILL the supervisor's process and wait until its restarted self has taken ``sid``
+    back; whether it is a new process."""
+    supervisor = manager._supervisor.actor
+    pid = await supervisor.__ray_call__.remote(_pid)
+    os.kill(pid, signal.SIGKILL)  # every node of this cluster is this machine
+    deadline = asyncio.get_running_loop().time() + 60
+    while True:
+        try:
+            if [s.session_id for s in await manager.get_active_streams()] == [sid]:
+                break
+        except Exception:  # still restarting: Ray answers "unavailable"
+            pass
+        assert asyncio.get_running_loop().time() < deadline, "the supervisor did not come back"
+        await asyncio.sleep(0.2)
+    return bool(await supervisor.__ray_call__.remote(_pid) != pid)
+
+
 async def balanced_shards(cluster: Cluster) -> dict[str, Any]:
     """Viewers added through the normal API (``add_viewer``), one seat per shard, so each
     starts a shard: the pool places them on the shard nodes by load, starting one relay per
-    node.  Findings: where the stream and each viewer's shard run, each viewer's alternates,
-    frames decoded, packets each node received from the origin, and what is left after the
-    stream stops."""
+    node.  Then the supervisor is killed: its restarted self takes back the shards, the relays
+    and which shards read which, and places two more viewers with them.  Findings: where the
+    stream and each viewer's shard run, each viewer's alternates, frames decoded (before and
+    after the restart), packets each node received from the origin, the relays after the
+    restart, and what is left after the stream stops."""
     findings: dict[str, Any] = {}
     labels = node_labels(cluster)
-    limits = ViewerLimits(max_viewers_per_shard=1, max_shards=4, idle_shard_retire_s=1.0)
+    limits = ViewerLimits(max_viewers_per_shard=1, max_shards=6, idle_shard_retire_s=1.0)
     async with StreamManager.start() as manager:
         config = StreamConfig(quality=QVGA, viewers=limits)
         sid = (await manager.start_camera_stream(config)).session_id
@@ -100,6 +127,7 @@ async def balanced_shards(cluster: Cluster) -> dict[str, Any]:
         ring = PacketRing.attach(segment_name(sid, "video"))
         before = ring.last_sequence()
         viewers: list[Viewer] = []
+        later: list[Any] = []  # the viewers' tickets after the restart
         try:
             tickets = [await manager.add_viewer(sid, f"peer{i}") for i in range(4)]
             findings["alternates"] = [len(StreamUrl.parse(t.url).alternates) for t in tickets]
@@ -134,10 +162,51 @@ async def balanced_shards(cluster: Cluster) -> dict[str, Any]:
                 for node, tag in relay_nodes.items()
             }
             findings["ring_packets"] = ring.last_sequence() - before
+            # The supervisor crashes with shards and relays on both workers.  Its restarted
+            # self must know the relays and which shards read them: the shards two more
+            # viewers start (the stream's node, if a worker, takes the first; the other
+            # worker the second) read the relay already there, no second one; and what
+            # follows (a node's relay going with its last shard, the stop) runs on what it
+            # rebuilt.
+            relay_prefix = f"kz-{sid}-relay"
+            relays_before = sorted(n for n in stream_actor_names(sid) if n.startswith(relay_prefix))
+            findings["supervisor_restarted"] = await restart_supervisor(manager, sid)
+            overview = await manager.overview()
+            findings["status_shard_nodes_after_restart"] = sorted(
+                labels[a.node] for a in overview.actors if a.role == "shard" and a.stream == sid
+            )
+            later += [await manager.add_viewer(sid, f"later{i}") for i in range(2)]
+            shard_of = {s.viewer_id: s.shard for s in await manager.get_viewer_status(sid)}
+            findings["later_shard_nodes"] = sorted(
+                labels[actor_node(ray.get_actor(f"kz-{sid}-{shard_of[t.viewer_id]}", NAMESPACE))]
+                for t in later
+            )
+            decoded = [v.frames_decoded for v in viewers]
+            viewers += [await Viewer.connect(t.url) for t in later]
+            decoded += [0, 0]
+            await asyncio.gather(
+                *(
+                    v.watch(seconds=60, frames=n + FRAMES)
+                    for v, n in zip(viewers, decoded, strict=True)
+                )
+            )
+            findings["frames_after_restart"] = [
+                v.frames_decoded - n for v, n in zip(viewers, decoded, strict=True)
+            ]
+            findings["reconnects_after_restart"] = [v.report().reconnects for v in viewers]
+            findings["decode_errors_after_restart"] = [v.report().decode_errors for v in viewers]
+            relays_after = sorted(n for n in stream_actor_names(sid) if n.startswith(relay_prefix))
+            findings["same_relays_after_restart"] = relays_after == relays_before
+            findings["relays_after_restart"] = len(relays_after)
         finally:
             ring.close()
-            for viewer in viewers:
-                await viewer.close()
+            # The first ticket's viewer leaves last: its shard is the oldest, and the last to
+            # go idle too, so it is the one that stays even when the others' shards go idle
+            # in an earlier health round (the restarted supervisor counts the four first
+            # viewers as anonymous connections, idle as soon as a shard reports them gone).
+            await asyncio.gather(*(viewer.close() for viewer in viewers[1:]))
+            if viewers:
+                await viewers[0].close()
         # The viewers will leave, and the idle shards retire, youngest first, down to the
         # oldest (the first ticket's); a node's relay goes with its last shard.  The relay of a
         # node that keeps no shard crashes first: its rings outlive it (their creator is
@@ -146,7 +215,7 @@ async def balanced_shards(cluster: Cluster) -> dict[str, Any]:
         crashed = next(tag for node, tag in relay_nodes.items() if labels[node] != retained)
         ray.kill(ray.get_actor(relays[crashed], namespace=NAMESPACE), no_restart=True)
         findings["crashed_relay_rings"] = list_segments(f"kz_{sid}_{crashed}-")
-        for ticket in tickets:
+        for ticket in tickets + later:
             await manager.remove_viewer(sid, ticket.viewer_id)
         # The relay that should be left: the retained shard's node's, unless that node is
         # the stream's own.
@@ -168,6 +237,8 @@ async def balanced_shards(cluster: Cluster) -> dict[str, Any]:
         findings["relays_left"] = [
             name for name in [f"kz-{sid}-relay", *relays.values()] if not await gone(name)
         ]
+        findings["actors_left"] = stream_actor_names(sid)
+        findings["group_left"] = group_left(sid)
     findings["segments_left"] = list_segments(f"kz_{sid}_")
     return findings
 

@@ -14,6 +14,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
+import uuid
 from pathlib import Path
 
 import msgspec
@@ -21,6 +24,7 @@ import psutil
 import pytest
 
 from actors import StreamManager
+from actors.shard_placement import ShardPlacer
 from shared.models import (
     RecordingConfig,
     Resolution,
@@ -28,9 +32,10 @@ from shared.models import (
     StreamQuality,
     StreamState,
 )
+from shared.pool.shm import list_segments, segment_name, unlink_segment
 from shared.viewer.client import Viewer
 from tests.conftest import shm_snapshot, stream_actors, wait_for_no_leaks
-from tests.test_pipeline import eventually
+from tests.test_pipeline import REPO, eventually
 
 pytestmark = pytest.mark.ray
 
@@ -267,3 +272,40 @@ async def _active_or_none(manager: StreamManager) -> list[str] | None:
         return [s.session_id for s in await manager.get_active_streams()]
     except Exception:  # still restarting
         return None
+
+
+def test_a_restarted_supervisor_stops_a_remote_shard_whose_relay_is_gone(
+    ray_cluster: str,
+) -> None:
+    """``ShardPlacer.adopt`` as a restarted supervisor runs it, for a shard on another node
+    whose relay died with no one to stop it: the shard is handed back to be stopped (its
+    viewers go on at their ``alt=`` endpoints), no origin or relay is kept, the next relay's
+    tag is past the dead one's, and the rings the dead relay left on that node are swept.
+    (Taking back live relays is the three-node ``balanced_shards`` scenario.)"""
+    import ray
+
+    sid = uuid.uuid4().hex[:10]
+    ring = segment_name(sid, "n3-video")
+    # Made by a process that is gone, as the rings of a killed relay are.
+    script = (
+        "import os; from shared.pool.packet_ring import PacketRing; "
+        f"PacketRing.create({ring!r}, capacity_bytes=1 << 16); os._exit(0)"
+    )
+    subprocess.run([sys.executable, "-c", script], cwd=REPO, check=True, timeout=60)
+    assert list_segments(f"kz_{sid}_") == [ring]
+    here = ray.get_runtime_context().get_node_id()
+    placer = ShardPlacer(sid, "the-streams-own-node", lambda: ["video"], dict)
+    orphans = asyncio.run(
+        placer.adopt(
+            [f"kz-{sid}-relay-n3"],  # listed a moment ago, gone since
+            {"shard-away": here, "shard-home": "the-streams-own-node"},
+        )
+    )
+    try:
+        assert orphans == {"shard-away"}
+        assert placer.origin is None and placer.remote == {} and placer.users == {}
+        assert placer._tags == 3
+        assert list_segments(f"kz_{sid}_") == []
+    finally:
+        for name in list_segments(f"kz_{sid}_"):
+            unlink_segment(name)

@@ -60,6 +60,22 @@ def test_the_balancer_places_shards_on_both_shard_nodes_by_load(
     assert isinstance(ring_packets, int)
     for node, count in forwarded.items():
         assert 0 < count <= ring_packets + GOP, (node, count, ring_packets)
+    # The supervisor was killed (SIGKILL) with shards and relays on both workers, and came
+    # back as a new process: it took the shards back where they run (not all on the stream's
+    # node), and the relays with them.  Two more viewers started a shard on each worker,
+    # reading the relay already there: no second relay, no second origin (which, had the
+    # restarted supervisor not known the first, would have failed on its name).
+    assert found["supervisor_restarted"] is True
+    assert found["status_shard_nodes_after_restart"] == sorted(nodes)
+    assert found["later_shard_nodes"] == ["edge0", "edge1"]
+    assert found["same_relays_after_restart"] is True
+    assert found["relays_after_restart"] == 1 + len(forwarded)  # the origin, one per node
+    # Every viewer decodes on: the four the shards served throughout, never cut, and the two
+    # new ones.
+    after = found["frames_after_restart"]
+    assert isinstance(after, list) and len(after) == 6 and all(n >= FRAMES for n in after), after
+    assert found["reconnects_after_restart"] == [0] * 6
+    assert found["decode_errors_after_restart"] == [0] * 6
     # The viewers gone, the idle shards retired down to the first ticket's, and a node's
     # relay went with its last shard: only the retained shard's node (if it is not the
     # stream's own) still has one.
@@ -69,8 +85,11 @@ def test_the_balancer_places_shards_on_both_shard_nodes_by_load(
     # its node when its last shard retired.
     assert found["crashed_relay_rings"] != []
     assert found["crashed_rings_after_retiring"] == []
-    # Stopping the stream stopped its relays and removed every segment, remote copies too.
+    # Stopping the stream (by the restarted supervisor) stopped its relays, every other actor
+    # and its placement group, and removed every segment, remote copies too.
     assert found["relays_left"] == []
+    assert found["actors_left"] == []
+    assert found["group_left"] is False
     assert found["segments_left"] == []
 
 

@@ -42,12 +42,22 @@ class RelayOriginActor:
 
     def __init__(self, session_id: str, rings: dict[str, str]) -> None:
         self._session_id = session_id
+        self._tracks = list(rings)
         self._server = RelayServer(session_id, rings)
 
     async def open(self) -> tuple[str, int]:
         """Listen; the (node address, port) remote nodes connect to."""
         await self._server.start()
+        return self.address()
+
+    def address(self) -> tuple[str, int]:
+        """Where it listens (what ``open`` returned): how a supervisor restarted after a crash
+        finds it again."""
         return ray.util.get_node_ip_address(), self._server.port
+
+    def tracks(self) -> list[str]:
+        """The tracks it serves."""
+        return list(self._tracks)
 
     def pid(self) -> int:
         return os.getpid()
