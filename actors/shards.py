@@ -46,6 +46,7 @@ from shared.control.balancer import (
     StartShard,
     UseShard,
     WaitForShard,
+    heir,
 )
 from shared.control.registry import ConnectionReport, RegistryEvent, ViewerRegistry
 from shared.control.resources import ProcessUsage, ResourceSnapshot
@@ -169,6 +170,7 @@ class ShardPool:
                 ShardLoad(
                     shard_id=shard.shard_id,
                     viewers=count.viewers if count else 0,
+                    live=count.live if count else 0,
                     cpu_cores=shard.cpu_cores,
                     bytes_per_s=shard.bytes_per_s,
                     started_at=shard.started_at,
@@ -365,28 +367,18 @@ class ShardPool:
         ports = list(ports) if ports is not None else [dead.port, *dead.adopted_ports]
         try:
             # A port is an address on the stream's node: only a shard there can listen on it.
-            local = [s for s in self.shards.values() if not s.node_id]
-            # The fewest viewers really connected first (the dead shard's viewers are about
-            # to join them), then CPU and traffic: a shard's CPU at a few viewers is too
-            # small and noisy a figure to rank by on its own.
-            counts = self.registry.per_shard()
-
-            def load(shard: Shard) -> tuple[int, float, float]:
-                count = counts.get(shard.shard_id)
-                live = count.connected + count.anonymous if count is not None else 0
-                return live, shard.cpu_cores, shard.bytes_per_s
-
-            survivors = sorted(local, key=load)
-            if survivors:
-                heir = survivors[0]
+            local = {s.shard_id for s in self.shards.values() if not s.node_id}
+            chosen = heir([load for load in self.loads() if load.shard_id in local])
+            if chosen is not None:
+                successor = self.shards[chosen.shard_id]
                 for port in ports:
-                    await heir.handle.call(SenderActor.listen_also, self.host, port)
-                heir.adopted_ports += ports
+                    await successor.handle.call(SenderActor.listen_also, self.host, port)
+                successor.adopted_ports += ports
             else:
-                heir = await self.start_shard(ports[0], reuse_port=True)
+                successor = await self.start_shard(ports[0], reuse_port=True)
                 for port in ports[1:]:
-                    await heir.handle.call(SenderActor.listen_also, self.host, port)
-                heir.adopted_ports += ports[1:]
+                    await successor.handle.call(SenderActor.listen_also, self.host, port)
+                successor.adopted_ports += ports[1:]
         except (KizunaError, OSError, ray.exceptions.RayError, TimeoutError) as exc:
             logger.warning(
                 "stream %s: nobody took over %s's ports %s yet: %s",
@@ -400,7 +392,7 @@ class ShardPool:
         logger.info(
             "stream %s: %s serves %s's ports %s",
             self.session_id,
-            heir.shard_id,
+            successor.shard_id,
             dead.shard_id,
             ports,
         )

@@ -16,6 +16,7 @@ from shared.control.balancer import (
     StartShard,
     UseShard,
     WaitForShard,
+    heir,
 )
 from shared.errors import ConfigError
 
@@ -353,3 +354,24 @@ def test_rate_refusal_says_when_to_retry() -> None:
 def test_bad_rate_limit_is_a_config_error(rate: float, burst: int, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         ConnectionRateLimiter(rate_per_s=rate, burst=burst)
+
+
+# -- the heir to a dead shard's ports ---------------------------------------------------------
+
+
+def test_a_dead_shards_ports_go_to_the_survivor_serving_the_fewest_live_connections() -> None:
+    # C holds only a ticket nobody used; B serves a viewer.  C's CPU sample happens to read
+    # higher (at one viewer CPU is noise): live connections rank first, so C inherits.
+    busy = msgspec.structs.replace(shard("B", viewers=1, cpu=0.02, bps=2e5), live=1)
+    idle = msgspec.structs.replace(shard("C", viewers=1, cpu=0.03, bps=0.0), live=0)
+    chosen = heir([busy, idle])
+    assert chosen is not None and chosen.shard_id == "C"
+
+
+def test_among_equally_live_survivors_the_heir_is_the_least_cpu_then_traffic() -> None:
+    a = shard("A", cpu=0.2, bps=1e5)
+    b = shard("B", cpu=0.1, bps=9e5)
+    c = shard("C", cpu=0.1, bps=1e5)
+    chosen = heir([a, b, c])
+    assert chosen is not None and chosen.shard_id == "C"
+    assert heir([]) is None

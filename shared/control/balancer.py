@@ -91,6 +91,7 @@ __all__ = [
     "StartShard",
     "UseShard",
     "WaitForShard",
+    "heir",
 ]
 
 #: Tokens are compared with this slack: 0.1 s (0.7 - 0.6) at 10/s is 0.9999999999999998 tokens.
@@ -103,6 +104,8 @@ class ShardLoad(msgspec.Struct, frozen=True, kw_only=True):
     shard_id: str
     #: Seats taken: live viewers, pending tickets and unidentified connections.
     viewers: int
+    #: Of those, the connections it serves now (no pending ticket, no viewer away).
+    live: int = 0
     #: Measured CPU of the shard process, in cores (0.35 = 35 % of one core).
     cpu_cores: float
     #: Bytes per second the shard sends, all viewers together.
@@ -198,6 +201,15 @@ Placement = UseShard | StartShard | WaitForShard | Refuse
 
 def _subject(stream_name: str | None) -> str:
     return f"stream {stream_name}" if stream_name else "the stream"
+
+
+def heir(loads: Sequence[ShardLoad]) -> ShardLoad | None:
+    """The survivor to take a dead shard's ports (its viewers are about to reconnect there):
+    the fewest live connections, then CPU, then traffic.  Not CPU first: at a few viewers a
+    shard's CPU sample is too small and noisy a figure to rank by on its own."""
+    if not loads:
+        return None
+    return min(loads, key=lambda s: (s.live, s.cpu_cores, s.bytes_per_s, s.shard_id))
 
 
 def _least_loaded(loads: Sequence[ShardLoad]) -> ShardLoad:

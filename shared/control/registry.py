@@ -160,6 +160,12 @@ class ShardCount(msgspec.Struct, frozen=True, kw_only=True):
         """Seats taken: what ``ShardLoad.viewers`` is."""
         return self.pending + self.reconnecting + self.connected + self.anonymous
 
+    @property
+    def live(self) -> int:
+        """Connections it serves now (tickets not yet used and viewers away left out): what
+        ``ShardLoad.live`` is."""
+        return self.connected + self.anonymous
+
 
 class RegistryEvent(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     """Base of what :class:`ViewerRegistry` reports; ``at`` is the ``now`` that saw it."""
